@@ -1,0 +1,252 @@
+"""The configuration schema: one dataclass per config group, plus validation.
+
+These dataclasses are the whole user-facing schema (DESIGN §2). Hydra composes YAML files in
+`configs/` on top of them (registration happens in `train.py`, so importing the package never
+imports Hydra); the library only ever sees these plain dataclasses. Every allowed value exists
+here from the start; values whose feature has not landed yet are rejected by `validate` with a
+clear message rather than silently ignored.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List
+
+from .errors import ConfigError, require
+
+MODEL_PRESETS = ("tiny", "llama_125m", "tinyllama_1b", "llama3_8b")
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
+DATA_SOURCES = ("stdlib", "files", "hf", "synthetic")
+PRECISIONS = ("auto", "fp32", "bf16")
+AC_MODES = ("none", "full", "selective")
+ZERO_STAGES = (0, 2, 3)
+BACKENDS = ("auto", "nccl", "gloo")
+SCHEDULES = ("cosine", "linear", "constant")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    ffn_hidden: int = 688
+    vocab_size: int = 8192  # embedding rows; rounded up to a multiple of 128 by the model
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    sp: int = 1
+    dp: int = -1  # -1: whatever the world size leaves after tp * sp
+    zero: int = 0
+    backend: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"
+    seq_len: int = 256
+    document_mask: bool = False
+    paths: List[str] = field(default_factory=list)  # data=files: .txt/.jsonl/.parquet
+    text_field: str = "text"  # column holding the text in jsonl/parquet/hf rows
+    hf_name: str = ""  # data=hf: a hub dataset name or a local dataset script/dir
+    hf_config: str = ""
+    hf_split: str = "train"
+    max_docs: int = 0  # 0 = every document; caps what is read (useful for streaming sources)
+    val_fraction: float = 0.02  # share of documents held out for validation (split by document)
+    cache_dir: str = "~/.cache/ulysses_train"
+    tokenizer_path: str = ""  # an existing sentencepiece .model; "" = train one on the corpus
+    tokenizer_sample_bytes: int = 8_000_000
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    global_batch_size: int = 8  # sequences per optimizer step, whole job
+    micro_batch_size: int = 4  # sequences per dp rank per forward
+    seed: int = 0
+    precision: str = "auto"
+    grad_clip: float = 1.0  # 0 = off
+    activation_checkpointing: str = "none"
+    compile: bool = False
+    exit_after_steps: int = 0  # 0 = off; else stop (with a checkpoint) after this many steps
+    val_every: int = 100  # 0 = off
+    val_batches: int = 4
+    deterministic: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # 0 = no periodic saves (the last step, exit_after_steps still save)
+    keep: int = 3
+    resume: str = "auto"  # auto | never | PATH to a step directory
+    async_save: bool = False
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "ulysses_train"
+    name: str = ""
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    progress: bool = True  # tqdm bar on rank 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests; never set these in a real run."""
+
+    crash_in_save_at_step: int = 0  # hard-exit mid-save (files written, not yet committed)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+def _one_of(value, allowed, key: str) -> None:
+    require(value in allowed, key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(value, key: str) -> None:
+    require(value > 0, key, f"must be positive, got {value}")
+
+
+def _finite(value: float, key: str, lo: float | None = None, hi: float | None = None) -> None:
+    require(math.isfinite(value), key, f"must be a finite number, got {value}")
+    if lo is not None:
+        require(value >= lo, key, f"must be >= {lo}, got {value}")
+    if hi is not None:
+        require(value <= hi, key, f"must be <= {hi}, got {value}")
+
+
+def _not_yet(flag: bool, key: str, value, issue: str) -> None:
+    require(not flag, key, f"{value!r} is not supported yet ({issue}); leave it at its default")
+
+
+def validate_model(m: ModelConfig) -> None:
+    for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
+        _positive(getattr(m, key), f"model.{key}")
+    require(m.d_model % m.n_heads == 0, "model.d_model",
+            f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    require((m.d_model // m.n_heads) % 2 == 0, "model.d_model",
+            f"head dim {m.d_model // m.n_heads} must be even for rotary embeddings")
+    require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+            f"model.n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}")
+    _finite(m.rope_theta, "model.rope_theta")
+    _positive(m.rope_theta, "model.rope_theta")
+    _finite(m.norm_eps, "model.norm_eps")
+    _positive(m.norm_eps, "model.norm_eps")
+    _finite(m.init_std, "model.init_std")
+    _positive(m.init_std, "model.init_std")
+    _one_of(m.rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
+    _not_yet(m.rope_scaling != "none", "model.rope_scaling", m.rope_scaling, "long-context work")
+
+
+def validate_parallel(p: ParallelConfig, world_size: int) -> None:
+    _positive(p.tp, "parallel.tp")
+    _positive(p.sp, "parallel.sp")
+    require(p.dp == -1 or p.dp > 0, "parallel.dp", f"must be -1 (the rest) or positive, got {p.dp}")
+    _one_of(p.zero, ZERO_STAGES, "parallel.zero")
+    _one_of(p.backend, BACKENDS, "parallel.backend")
+    _not_yet(p.tp > 1, "parallel.tp", p.tp, "tensor parallel")
+    _not_yet(p.sp > 1, "parallel.sp", p.sp, "Ulysses sequence parallel")
+    _not_yet(p.zero != 0, "parallel.zero", p.zero, "ZeRO sharding")
+    require(world_size == 1, "parallel", f"world size {world_size}: multi-process training is "
+            "not supported yet; run a single process (python train.py)")
+    require(p.dp in (-1, 1), "parallel.dp", f"dp={p.dp} needs {p.dp} processes; this run has 1")
+
+
+def validate_data(d: DataConfig) -> None:
+    _one_of(d.name, DATA_SOURCES, "data.name")
+    _positive(d.seq_len, "data.seq_len")
+    _not_yet(d.document_mask, "data.document_mask", True, "document masking")
+    require(d.name != "files" or len(d.paths) > 0, "data.paths",
+            "data=files needs at least one path, e.g. data.paths=[corpus.jsonl]")
+    require(d.name != "hf" or bool(d.hf_name), "data.hf_name",
+            "data=hf needs a dataset name, e.g. data.hf_name=wikitext")
+    require(d.max_docs >= 0, "data.max_docs", f"must be >= 0 (0 = all), got {d.max_docs}")
+    _finite(d.val_fraction, "data.val_fraction", 0.0, 0.5)
+    _positive(d.tokenizer_sample_bytes, "data.tokenizer_sample_bytes")
+    require(bool(d.cache_dir), "data.cache_dir", "must name a directory")
+
+
+def validate_train(t: TrainConfig, dp: int) -> None:
+    for key in ("steps", "global_batch_size", "micro_batch_size", "val_batches"):
+        _positive(getattr(t, key), f"train.{key}")
+    require(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
+            f"{t.global_batch_size} is not divisible by micro_batch_size x dp = "
+            f"{t.micro_batch_size} x {dp}")
+    _one_of(t.precision, PRECISIONS, "train.precision")
+    _finite(t.grad_clip, "train.grad_clip", 0.0)
+    _one_of(t.activation_checkpointing, AC_MODES, "train.activation_checkpointing")
+    _not_yet(t.activation_checkpointing != "none", "train.activation_checkpointing",
+             t.activation_checkpointing, "long-context work")
+    _not_yet(t.compile, "train.compile", True, "long-context work")
+    require(t.exit_after_steps >= 0, "train.exit_after_steps", f"must be >= 0, got {t.exit_after_steps}")
+    require(t.val_every >= 0, "train.val_every", f"must be >= 0 (0 = off), got {t.val_every}")
+
+
+def validate_optim(o: OptimConfig) -> None:
+    _finite(o.lr, "optim.lr")
+    _positive(o.lr, "optim.lr")
+    _finite(o.min_lr_ratio, "optim.min_lr_ratio", 0.0, 1.0)
+    _one_of(o.schedule, SCHEDULES, "optim.schedule")
+    require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _finite(o.weight_decay, "optim.weight_decay", 0.0)
+    _finite(o.beta1, "optim.beta1", 0.0)
+    require(o.beta1 < 1, "optim.beta1", f"must be < 1, got {o.beta1}")
+    _finite(o.beta2, "optim.beta2", 0.0)
+    require(o.beta2 < 1, "optim.beta2", f"must be < 1, got {o.beta2}")
+    _finite(o.eps, "optim.eps")
+    _positive(o.eps, "optim.eps")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Check every key; raise `ConfigError` naming the first bad one. Needs no process group."""
+    validate_model(cfg.model)
+    validate_parallel(cfg.parallel, world_size)
+    validate_data(cfg.data)
+    dp = cfg.parallel.dp if cfg.parallel.dp > 0 else max(1, world_size // (cfg.parallel.tp * cfg.parallel.sp))
+    validate_train(cfg.train, dp)
+    validate_optim(cfg.optim)
+    c = cfg.checkpoint
+    require(c.every >= 0, "checkpoint.every", f"must be >= 0 (0 = off), got {c.every}")
+    _positive(c.keep, "checkpoint.keep")
+    require(bool(c.resume), "checkpoint.resume", "must be auto, never or a checkpoint path")
+    _not_yet(c.async_save, "checkpoint.async_save", True, "async checkpointing")
+    _positive(cfg.logging.every, "logging.every")
+    _one_of(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
+    require(cfg.debug.crash_in_save_at_step >= 0, "debug.crash_in_save_at_step", "must be >= 0")
