@@ -9,6 +9,7 @@ clear message rather than silently ignored.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import List
 
@@ -246,6 +247,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     require(c.every >= 0, "checkpoint.every", f"must be >= 0 (0 = off), got {c.every}")
     _positive(c.keep, "checkpoint.keep")
     require(bool(c.resume), "checkpoint.resume", "must be auto, never or a checkpoint path")
+    require(c.resume in ("auto", "never") or os.path.isdir(os.path.expanduser(c.resume)),
+            "checkpoint.resume", f"{c.resume} does not exist; give auto, never or a "
+            "checkpoints/step_* directory")
     _not_yet(c.async_save, "checkpoint.async_save", True, "async checkpointing")
     _positive(cfg.logging.every, "logging.every")
     _one_of(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install what this checkout needs into the active Python environment, skipping what is there.
+# An existing torch (CUDA or CPU) is kept; without one we install the release we test against.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(command -v python || command -v python3)}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "setup: installing torch 2.13.0" >&2
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+# Commands run from the repo root import this checkout directly; only dependencies are needed.
+if ! "$PY" -c "import hydra, omegaconf, datasets, sentencepiece, wandb, tqdm, filelock, pytest, pyarrow" 2>/dev/null; then
+  echo "setup: pip install -e '.[dev]'" >&2
+  "$PY" -m pip install -q -e ".[dev]"
+fi

@@ -1,0 +1,42 @@
+"""Shared test helpers: small configs and a way to run train.py as a user would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from ulysses_train.config import Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small enough to train a step in milliseconds on CPU, big enough to exercise GQA and accumulation.
+SMALL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
+         "model.ffn_hidden=128", "model.vocab_size=256", "data=synthetic", "data.seq_len=32",
+         "train.global_batch_size=4", "train.micro_batch_size=2", "train.precision=fp32",
+         "optim.warmup_steps=2", "logging.every=1", "logging.wandb.mode=disabled",
+         "logging.progress=false", "train.val_every=0"]
+
+
+def small_config(**sections) -> Config:
+    """The SMALL config as dataclasses; `sections` override fields, e.g. train={"steps": 6}."""
+    cfg = Config()
+    cfg.model.n_layers, cfg.model.d_model, cfg.model.n_heads = 2, 64, 4
+    cfg.model.n_kv_heads, cfg.model.ffn_hidden, cfg.model.vocab_size = 2, 128, 256
+    cfg.data.name, cfg.data.seq_len = "synthetic", 32
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 4, 2
+    cfg.train.precision, cfg.train.val_every = "fp32", 0
+    cfg.optim.warmup_steps = 2
+    cfg.logging.every, cfg.logging.progress, cfg.logging.wandb.mode = 1, False, "disabled"
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def run_train(args, cwd=ROOT, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """Run `python train.py args` in a fresh process, as a user would."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    full_env.pop("RANK", None)
+    full_env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)

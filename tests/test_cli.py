@@ -1,0 +1,62 @@
+"""Hydra composition: presets, the schema, and translation of Hydra's errors to one line."""
+import os
+
+import pytest
+import yaml
+
+from ulysses_train import cli
+from ulysses_train.config import MODEL_PRESETS, ModelConfig
+from ulysses_train.errors import ConfigError
+from ulysses_train.model import PRESETS
+
+
+def test_defaults_compose_to_dataclasses():
+    cfg = cli.precheck([])
+    assert cfg.model.name == "tiny" and cfg.data.name == "stdlib"
+    assert cfg.train.precision == "auto" and cfg.checkpoint.resume == "auto"
+    assert cfg.logging.wandb.mode == "offline"
+
+
+def test_overrides_reach_the_dataclasses():
+    cfg = cli.precheck(["model=tinyllama_1b", "train.steps=7", "data.paths=[a.txt,b.jsonl]",
+                        "hydra.run.dir=/tmp/somewhere"])
+    assert (cfg.model.n_layers, cfg.model.n_kv_heads, cfg.train.steps) == (22, 4, 7)
+    assert cfg.data.paths == ["a.txt", "b.jsonl"]
+
+
+@pytest.mark.parametrize("name", MODEL_PRESETS)
+def test_yaml_presets_match_python_presets(name):
+    """configs/model/*.yaml (what Hydra reads) and PRESETS (what bench.py reads) agree."""
+    with open(os.path.join(cli.CONFIG_DIR, "model", f"{name}.yaml")) as f:
+        from_yaml = yaml.safe_load(f)
+    assert from_yaml["name"] == name
+    for key, value in PRESETS[name].items():
+        assert from_yaml.get(key, getattr(ModelConfig(), key)) == value, key
+
+
+@pytest.mark.parametrize("overrides,key,fragment", [
+    (["train.steps=abc"], "train.steps", "not a valid integer"),
+    (["optim.lr=fast"], "optim.lr", "not a valid float"),
+    (["train.stpes=5"], "train.stpes", "unknown key"),
+    (["+train.foo=1"], "train.foo", "unknown key"),
+    (["+bar=1"], "bar", "unknown key"),
+    (["model=gpt5"], "model", "unknown preset 'gpt5'"),
+    (["data=web"], "data", "unknown preset 'web'"),
+    (["train.steps"], "train.steps", "write key=value"),
+])
+def test_hydra_errors_become_one_line(overrides, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        cli.precheck(overrides)
+    assert info.value.key == key
+    assert fragment in info.value.message
+    assert "\n" not in str(info.value)
+
+
+def test_run_hash_is_stable_and_distinguishes():
+    assert cli.run_hash("a=1") == cli.run_hash("a=1")
+    assert cli.run_hash("a=1") != cli.run_hash("a=2")
+
+
+def test_only_rank_zero_writes_hydra_files():
+    assert cli.rank_overrides(0) == []
+    assert "hydra.output_subdir=null" in cli.rank_overrides(3)

@@ -1,0 +1,43 @@
+"""Entry point: `python train.py [overrides]` or `torchrun --nproc_per_node=N train.py [overrides]`.
+
+Hydra composes `configs/` on top of the dataclass schema; we convert the result to plain
+dataclasses and hand them to the trainer. Bad overrides are caught before Hydra's own reporting so
+the user sees one `error: <key>: ...` line and exit code 2 (DESIGN §2).
+"""
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ulysses_train import cli
+from ulysses_train.errors import ConfigError
+
+RANK = int(os.environ.get("RANK", "0"))
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
+cli.register()
+
+
+@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from ulysses_train.trainer import run
+
+    try:
+        config = OmegaConf.to_object(cfg)
+        code = run(config, HydraConfig.get().runtime.output_dir)
+    except ConfigError as error:
+        cli.fail(error, RANK)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    # Flags such as --help, --cfg job or --multirun are Hydra's own business.
+    if not any(a.startswith("-") for a in args):
+        try:
+            cli.precheck(args, WORLD_SIZE)
+        except ConfigError as error:
+            cli.fail(error, RANK)
+    sys.argv += cli.rank_overrides(RANK)
+    main()

@@ -1,0 +1,144 @@
+"""Everything Hydra: schema registration, override pre-checking, error translation.
+
+Only `train.py` imports this module, so `import ulysses_train` never pulls in Hydra. The library
+below it sees plain dataclasses (`ulysses_train.config.Config`), never a DictConfig.
+
+Why pre-check: Hydra reports an unknown key or a wrong type as a multi-line message and exits 1.
+The contract (DESIGN §2) is one line `error: <key>: <what to do>` and exit 2 on every rank, so we
+compose the overrides ourselves first, inside a try, and translate whatever goes wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import sys
+import typing
+from typing import Sequence
+
+from .config import MODEL_PRESETS, Config, validate
+from .errors import ConfigError
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+GROUP_OPTIONS = {"model": MODEL_PRESETS}
+
+
+def run_hash(override_dirname: str) -> str:
+    """Short stable hash of the overrides that define a run (used in the default run dir)."""
+    return hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+
+
+def register() -> None:
+    """Register the schema node and the `run_hash` resolver with Hydra (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="schema", node=Config)
+    if not OmegaConf.has_resolver("run_hash"):
+        OmegaConf.register_new_resolver("run_hash", run_hash)
+
+
+def rank_overrides(rank: int) -> list[str]:
+    """Hydra overrides that keep non-zero ranks from writing shared files into the run dir.
+
+    Every torchrun rank runs Hydra; only rank 0 may write `.hydra/` and the job log.
+    """
+    if rank == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+def _full_key(text: str) -> str | None:
+    match = re.search(r"full_key:\s*(\S+)", text)
+    return match.group(1) if match else None
+
+
+def translate(exc: BaseException) -> ConfigError:
+    """Turn a Hydra/OmegaConf composition failure into one `ConfigError` line."""
+    text = "\n".join(str(e) for e in _chain(exc))
+    missing_group = re.search(r"Could not find '([\w.]+)/([^']+)'", text)
+    if missing_group:
+        group, name = missing_group.groups()
+        options = GROUP_OPTIONS.get(group)
+        hint = f"choose one of {', '.join(options)}" if options else f"see configs/{group}/"
+        return ConfigError(group, f"unknown preset {name!r}; {hint}")
+    key = _full_key(text)
+    not_in = re.search(r"Key '([^']+)' not in '(\w+)'", text)
+    if not_in:
+        where = key or re.search(r"Could not override '([^']+)'", text)
+        key = where if isinstance(where, str) else (where.group(1) if where else not_in.group(1))
+        return ConfigError(key, "unknown key; check the spelling (python train.py --cfg job "
+                                "prints every key)")
+    convert = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", text)
+    if convert:
+        value, kind = convert.groups()
+        return ConfigError(key or "config", f"{value!r} is not a valid {kind.lower()}")
+    unparsable = re.search(r"Error parsing override '([^'=]+)", text)
+    if unparsable:
+        return ConfigError(unparsable.group(1).lstrip("+~"),
+                           "cannot parse this override; write key=value (quote lists: 'k=[a,b]')")
+    override = re.search(r"Could not override '([^']+)'", text)
+    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return ConfigError(key or (override.group(1) if override else "overrides"), first_line)
+
+
+def _unknown_key(tree: dict, schema, prefix: str = "") -> str | None:
+    """The first dotted key in `tree` that the dataclass `schema` does not declare."""
+    declared = {f.name: f.type for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for name, value in tree.items():
+        if name not in declared:
+            return prefix + name
+        sub = hints[name]
+        if isinstance(value, dict) and dataclasses.is_dataclass(sub):
+            found = _unknown_key(value, sub, f"{prefix}{name}.")
+            if found:
+                return found
+    return None
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def precheck(overrides: Sequence[str], world_size: int = 1) -> Config:
+    """Compose and validate the command line's overrides; return the typed config.
+
+    Raises ConfigError. Runs before torch is imported, so a bad command line fails in a second.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
+
+    register()
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            extra = _unknown_key(OmegaConf.to_container(cfg), Config)
+            if extra:  # `+key=value` slips past the schema's struct mode; refuse it here
+                raise ConfigError(extra, "unknown key; check the spelling "
+                                         "(python train.py --cfg job prints every key)")
+            config = OmegaConf.to_object(cfg)
+        validate(config, world_size)
+        return config
+    except ConfigError:
+        raise
+    except Exception as exc:  # Hydra/OmegaConf raise many types; all mean "bad overrides"
+        raise translate(exc) from exc
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def fail(error: ConfigError, rank: int) -> "NoReturn":  # noqa: F821
+    """Print the contract's one error line (rank 0 only) and exit 2 on every rank."""
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -1,0 +1,243 @@
+"""Where documents come from: the stdlib, local files, or a (streamed) Hugging Face dataset.
+
+Each source is described by a `Corpus`: a cheap fingerprint of its inputs (for the cache key;
+computing it reads no document), and a module-level generator yielding one row per input
+document, `{"text", "hash", "n_bytes", "bad_bytes"}`, in a deterministic order. `hash` is a
+stable number in [0, 1) that decides the train/val split (by relative path for the stdlib, by
+content otherwise, so duplicates never straddle the split), independently of how many documents
+are read. User mistakes become `ConfigError`s naming the key to fix.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from ..config import DataConfig
+from ..errors import ConfigError
+
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+TEXT_SUFFIXES = (".txt",)
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+@dataclass
+class Corpus:
+    """One source of documents, before any reading; see the module docstring."""
+
+    kind: str  # stdlib | files | hf
+    label: str  # how describe() names it
+    unit: str  # what one generated row is: "files" or "documents"
+    fingerprint: dict  # everything about the inputs that the cache depends on
+    generate: Callable[..., Iterator[dict]]  # module-level, as datasets.from_generator wants
+    gen_kwargs: dict = field(default_factory=dict)
+    blame: str = "data.paths"  # the key to name when the corpus turns out to be empty
+
+
+def stable_hash(data: bytes) -> float:
+    """A number in [0, 1) that depends only on `data` (not on Python's per-process hash seed)."""
+    return int.from_bytes(hashlib.sha1(data).digest()[:8], "big") / 2.0 ** 64
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """Decode like `data.decode("utf-8", errors="replace")`, also counting the bytes replaced.
+
+    Each invalid sequence becomes one U+FFFD, exactly as the "replace" handler does; the count
+    is the number of input bytes those sequences covered.
+    """
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        pass
+    parts, bad, pos = [], 0, 0
+    while pos < len(data):
+        try:
+            parts.append(data[pos:].decode("utf-8"))
+            break
+        except UnicodeDecodeError as e:  # e.start/e.end are relative to data[pos:]
+            parts.append(data[pos:pos + e.start].decode("utf-8"))
+            parts.append("\ufffd")
+            bad += e.end - e.start
+            pos += e.end
+    return "".join(parts), bad
+
+
+def _row(text: str, key: bytes, bad_bytes: int = 0) -> dict:
+    return {"text": text, "hash": stable_hash(key), "n_bytes": len(text.encode("utf-8")),
+            "bad_bytes": bad_bytes}
+
+
+# ---------------------------------------------------------------------------------------- stdlib
+
+def stdlib_files(root: str) -> list[str]:
+    """Relative (posix) paths of the `*.py` files under `root`, sorted, without installed packages.
+
+    site-packages / dist-packages are pruned so installing a package never changes the corpus.
+    """
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in EXCLUDED_DIRS]
+        rel_dir = os.path.relpath(directory, root)
+        for name in files:
+            if name.endswith(".py"):
+                rel = os.path.normpath(os.path.join(rel_dir, name))
+                found.append(rel.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _stdlib_rows(root: str, rel_paths: list[str]) -> Iterator[dict]:
+    for rel in rel_paths:
+        with open(os.path.join(root, rel), "rb") as f:
+            text, bad = decode_utf8(f.read())
+        yield _row(text, rel.encode(), bad)
+
+
+def stdlib_corpus(cfg: DataConfig, root: str | None = None) -> Corpus:
+    root = root or sysconfig.get_paths()["stdlib"]
+    rel_paths = stdlib_files(root)
+    if cfg.max_docs > 0:
+        rel_paths = rel_paths[:cfg.max_docs]
+    sizes = [os.path.getsize(os.path.join(root, rel)) for rel in rel_paths]
+    return Corpus(
+        kind="stdlib", label="stdlib", unit="files",
+        fingerprint={"python": sys.version, "files": list(zip(rel_paths, sizes))},
+        generate=_stdlib_rows, gen_kwargs={"root": root, "rel_paths": rel_paths},
+        blame="data.max_docs")
+
+
+# ----------------------------------------------------------------------------------------- files
+
+def resolve_paths(paths: list[str]) -> list[str]:
+    """Expand ~ and globs; every result must be an existing file of a known kind."""
+    resolved = []
+    for raw in paths:
+        path = os.path.expanduser(str(raw))
+        matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+        if not matches:
+            raise ConfigError("data.paths", f"no file matches {raw!r}; check the pattern")
+        for match in matches:
+            if os.path.isdir(match):
+                raise ConfigError("data.paths", f"{match} is a directory; list its files or "
+                                  "use a glob such as dir/*.jsonl")
+            if not os.path.isfile(match):
+                raise ConfigError("data.paths", f"file not found: {match}; check the path")
+            if not match.endswith(TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES):
+                raise ConfigError("data.paths", f"{match}: unknown file type; use .txt (one "
+                                  "document per file), .jsonl (one per line) or .parquet")
+            resolved.append(os.path.abspath(match))
+    return resolved
+
+
+def _text_of(row: dict, text_field: str, where: str) -> str:
+    """The text of one row, or a ConfigError that says which field exists instead."""
+    if text_field not in row:
+        raise ConfigError("data.text_field", f"{where} has no field {text_field!r} (fields: "
+                          f"{', '.join(map(str, row))}); set data.text_field to the text column")
+    value = row[text_field]
+    return "" if value is None else str(value)
+
+
+def _file_rows(paths: list[str], text_field: str, max_docs: int) -> Iterator[dict]:
+    import datasets
+
+    n = 0
+    for path in paths:
+        if path.endswith(TEXT_SUFFIXES):
+            with open(path, "rb") as f:
+                data = f.read()
+            text, bad = decode_utf8(data)
+            rows: Iterator[dict] = iter([_row(text, data, bad)])
+        else:
+            builder = "parquet" if path.endswith(PARQUET_SUFFIXES) else "json"
+            try:
+                stream = datasets.load_dataset(builder, data_files=[path], split="train",
+                                               streaming=True)
+            except Exception as e:
+                raise ConfigError("data.paths", f"cannot read {path}: {e}") from e
+            rows = (_row(t, t.encode()) for t in
+                    (_text_of(r, text_field, path) for r in _guarded(stream, "data.paths", path)))
+        for row in rows:
+            if max_docs and n >= max_docs:
+                return
+            n += 1
+            yield row
+
+
+def _guarded(stream, key: str, what: str) -> Iterator[dict]:
+    """Iterate a datasets stream, turning its read errors into a ConfigError about `key`."""
+    it = iter(stream)
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(key, f"cannot read {what}: {type(e).__name__}: {e}") from e
+        yield row
+
+
+def _stat_fingerprint(paths: list[str]) -> list:
+    return [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
+
+
+def files_corpus(cfg: DataConfig) -> Corpus:
+    paths = resolve_paths(list(cfg.paths))
+    if not paths:
+        raise ConfigError("data.paths", "data=files needs at least one path, "
+                          "e.g. data.paths=[corpus.jsonl]")
+    return Corpus(
+        kind="files", label="files", unit="documents",
+        fingerprint={"files": _stat_fingerprint(paths), "text_field": cfg.text_field},
+        generate=_file_rows,
+        gen_kwargs={"paths": paths, "text_field": cfg.text_field, "max_docs": cfg.max_docs})
+
+
+# -------------------------------------------------------------------------------------------- hf
+
+def _hf_rows(name: str, config: str, split: str, text_field: str,
+             max_docs: int) -> Iterator[dict]:
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
+    except Exception as e:
+        raise ConfigError("data.hf_name", f"cannot load {name!r} (config {config!r}, split "
+                          f"{split!r}): {type(e).__name__}: {e}; check the name and config, "
+                          "and that this machine can reach the Hub") from e
+    if max_docs > 0:
+        stream = stream.take(max_docs)
+    for row in _guarded(stream, "data.hf_name", repr(name)):
+        text = _text_of(row, text_field, f"dataset {name!r}")
+        yield _row(text, text.encode())
+
+
+def hf_corpus(cfg: DataConfig) -> Corpus:
+    if not cfg.hf_name:
+        raise ConfigError("data.hf_name",
+                          "data=hf needs a dataset name, e.g. data.hf_name=wikitext")
+    name = os.path.expanduser(cfg.hf_name)
+    fingerprint: dict = {"name": name, "config": cfg.hf_config, "split": cfg.hf_split,
+                         "text_field": cfg.text_field}
+    if os.path.isdir(name):  # a local dataset: its files are its identity
+        local = sorted(glob.glob(os.path.join(name, "**", "*"), recursive=True))
+        fingerprint["files"] = _stat_fingerprint([p for p in local if os.path.isfile(p)])
+    return Corpus(
+        kind="hf", label=f"hf:{cfg.hf_name}", unit="documents", fingerprint=fingerprint,
+        generate=_hf_rows, blame="data.hf_name",
+        gen_kwargs={"name": name, "config": cfg.hf_config, "split": cfg.hf_split,
+                    "text_field": cfg.text_field, "max_docs": cfg.max_docs})
+
+
+def corpus_for(cfg: DataConfig) -> Corpus:
+    """The Corpus for `cfg.name` (anything but synthetic); checks paths, reads no document."""
+    makers = {"stdlib": stdlib_corpus, "files": files_corpus, "hf": hf_corpus}
+    if cfg.name not in makers:
+        raise ConfigError("data.name", f"{cfg.name!r} is not one of stdlib, files, hf, synthetic")
+    return makers[cfg.name](cfg)

@@ -1,0 +1,150 @@
+"""`build_data` and `DataSource`: the data package's whole interface to the trainer.
+
+A DataSource serves global batches as a pure function of (seed, step, split): row r of step t
+is global sample g = t * global_batch_size + r, and each split's stream maps g to a sequence
+without reference to any other row. So the data never depends on the number of processes or on
+micro-batching, resuming at step t needs no state but t, and a data-parallel rank materializes
+only its own rows (`rows=`), which equal the same rows of the full batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+from ..config import DataConfig
+from ..errors import ConfigError
+from .batch import Batch
+from .build import SPLITS, build_corpus
+from .cache import cache_key, load_split, open_or_build
+from .corpus import corpus_for
+from .packing import PackedTokens
+from .synthetic import EOS_ID, SyntheticTokens
+from .tokenizer import TRAINER_SETTINGS, check_given_tokenizer
+
+
+class TokenStream(Protocol):
+    """One split: turns global sample indices into batch rows (PackedTokens, SyntheticTokens)."""
+
+    def batch(self, sample_indices: Sequence[int]) -> Batch: ...
+
+
+class DataSource:
+    """Global batches of one data configuration; see the module docstring for the invariants."""
+
+    def __init__(self, streams: dict[str, TokenStream], *, vocab_size: int, eos_id: int,
+                 global_batch_size: int, summary: str, cache_path: Path | None = None):
+        self.streams = streams
+        self.vocab_size = vocab_size  # ids produced are in [0, vocab_size)
+        self.eos_id = eos_id
+        self.global_batch_size = global_batch_size
+        self.splits = tuple(streams)
+        self.cache_path = cache_path  # None for synthetic data
+        self._summary = summary
+
+    def describe(self) -> str:
+        return self._summary
+
+    def global_batch(self, step: int, split: str = "train", rows: slice | None = None) -> Batch:
+        """Rows `rows` (default: all) of global batch `step` of `split`, shape (len(rows), S)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split not in self.streams:
+            raise ConfigError("data.val_fraction", "is 0, so there is no validation split; "
+                              "set data.val_fraction > 0 or turn validation off")
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        wanted = range(*(rows or slice(None)).indices(self.global_batch_size))
+        first = step * self.global_batch_size
+        return self.streams[split].batch([first + r for r in wanted])
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _synthetic(cfg: DataConfig, seed: int, global_batch_size: int, vocab: int) -> DataSource:
+    streams = {s: SyntheticTokens(vocab, cfg.seq_len, seed=seed, split=s) for s in SPLITS}
+    return DataSource(streams, vocab_size=vocab, eos_id=EOS_ID,
+                      global_batch_size=global_batch_size, summary=streams["train"].describe())
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def _summary(meta: dict) -> str:
+    """One line, e.g. 'stdlib: 1790 files (3 with non-UTF-8 bytes, 41 bytes replaced), ...'."""
+    bad = ""
+    if meta["bad_files"]:
+        bad = f" ({meta['bad_files']} with non-UTF-8 bytes, {meta['bad_bytes']} bytes replaced)"
+    docs = meta["n_docs"]
+    return (f"{meta['label']}: {meta['n_inputs']} {meta['unit']}{bad}, "
+            f"{_count(meta['n_tokens']['train'])} train / {_count(meta['n_tokens']['val'])} "
+            f"val tokens in {docs['train']} / {docs['val']} documents, vocab {meta['vocab_size']}")
+
+
+def _cache_root(cfg: DataConfig) -> Path:
+    root = Path(os.path.expanduser(cfg.cache_dir))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("data.cache_dir", f"cannot create {root}: {e}; pick a writable directory")
+    if not os.access(root, os.W_OK):
+        raise ConfigError("data.cache_dir", f"{root} is not writable; pick another directory")
+    return root
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_vocab_size: int,
+               log: Callable[[str], None] = print, is_main: bool = True) -> DataSource:
+    """The DataSource for `cfg`, building (once, under a lock) or reusing its token cache.
+
+    Every process of a job may call this at the same time: one builds, the others wait and read
+    the same files. Only `is_main` logs. Bad input raises `ConfigError` naming the key.
+    """
+    if global_batch_size < 1:
+        raise ConfigError("train.global_batch_size", f"must be positive, got {global_batch_size}")
+    if cfg.seq_len < 1:
+        raise ConfigError("data.seq_len", f"must be positive, got {cfg.seq_len}")
+    if cfg.name == "synthetic":
+        return _synthetic(cfg, seed, global_batch_size, model_vocab_size)
+    log = log if is_main else _silent
+    corpus = corpus_for(cfg)
+    tokenizer_path = os.path.expanduser(cfg.tokenizer_path) if cfg.tokenizer_path else ""
+    if tokenizer_path:
+        check_given_tokenizer(tokenizer_path, model_vocab_size)
+        tokenizer = {"given_sha256": _file_sha256(tokenizer_path)}
+    else:
+        tokenizer = {"settings": TRAINER_SETTINGS, "vocab_size": model_vocab_size,
+                     "sample_bytes": cfg.tokenizer_sample_bytes}
+    key = cache_key({"kind": corpus.kind, "inputs": corpus.fingerprint, "tokenizer": tokenizer,
+                     "max_docs": cfg.max_docs, "val_fraction": cfg.val_fraction})
+    root = _cache_root(cfg)
+
+    def build(tmp: Path) -> dict:
+        return build_corpus(tmp, corpus, key=key, vocab_size=model_vocab_size,
+                            tokenizer_path=tokenizer_path, sample_bytes=cfg.tokenizer_sample_bytes,
+                            val_fraction=cfg.val_fraction, log=log)
+
+    path, meta, built = open_or_build(root, f"{corpus.kind}-{key}", build, log=log,
+                                      is_main=is_main)
+    log(f"data: built {path} in {meta['build_seconds']}s" if built else f"data: cached {path}")
+    streams = {}
+    for split in SPLITS:
+        if split == "val" and cfg.val_fraction == 0:
+            continue
+        if meta["n_tokens"][split] == 0:  # only val can be empty: train always keeps a document
+            raise ConfigError("data.val_fraction", f"no document is left for validation (the "
+                              f"split is by document and the corpus has {meta['n_docs']['train']}"
+                              "); add documents or set data.val_fraction=0")
+        tokens, offsets = load_split(path, meta, split)
+        streams[split] = PackedTokens(tokens, offsets, cfg.seq_len, seed=seed, split=split)
+    return DataSource(streams, vocab_size=meta["vocab_size"], eos_id=meta["eos_id"],
+                      global_batch_size=global_batch_size, summary=_summary(meta),
+                      cache_path=path)

@@ -1,0 +1,227 @@
+"""The single-device Llama-style GPT.
+
+Architecture (Llama 2/3): token embedding -> n_layers x [x + Attn(RMSNorm(x)), x + SwiGLU(RMSNorm(x))]
+-> RMSNorm -> linear head. Attention uses RoPE on q and k and grouped-query attention.
+
+Ownership and invariants:
+- This module contains no distributed code. Sequence parallelism enters only through the injected
+  `attention_fn` (a `UlyssesAttention(local_attention, group)` wrapper later); tensor parallelism
+  is applied from outside by a plan that refers to the attribute names below, which are therefore
+  part of the contract: `tok_embeddings`, `layers[i].{attention_norm, attention.{wq, wk, wv, wo},
+  ffn_norm, feed_forward.{w1, w2, w3}}`, `norm`, `output` (None when embeddings are tied).
+- Head counts are never baked into reshapes (`view(B, S, -1, D)`), so the same code runs on the
+  local heads of a tensor-parallel shard.
+- Every token's computation sees only its own row of `input_ids`/`position_ids`, except inside
+  `attention_fn`: a rank holding a slice of the sequence runs this model unchanged.
+- `forward(..., labels)` returns a token *sum* and a count, never a mean (the trainer divides by
+  the global count; DESIGN §1 "loss is token-weighted").
+- Build on the meta device, `to_empty`, then `init_weights(seed)`; see `init.py` for why the
+  initial values are independent of layout and module order.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import sdpa_attention
+from .init import init_param_
+from .rope import apply_rotary, rope_cos_sin, rope_inv_freq
+
+AttentionFn = Callable[..., torch.Tensor]
+IGNORE_INDEX = -100
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """Embedding/head rows: `vocab_size` rounded up to a multiple of 128.
+
+    Why: matmul kernels are fastest on multiples of 128, and a tensor-parallel split of the head
+    needs a row count divisible by tp. The extra rows are never targets; they only learn to
+    receive low logits.
+    """
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32, returned in x's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics: in bf16 the mean of squares of a 4096-wide row loses ~3 digits.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Projections + RoPE around an injected attention kernel `attention_fn(q, k, v, causal=True)`."""
+
+    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn):
+        super().__init__()
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.attention_fn = attention_fn
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        # -1 heads: the local head count, which is smaller under a tensor-parallel plan.
+        q = self.wq(x).view(bsz, seq, -1, self.head_dim)  # (B, S, Hq*D) -> (B, S, Hq, D)
+        k = self.wk(x).view(bsz, seq, -1, self.head_dim)  # (B, S, Hkv*D) -> (B, S, Hkv, D)
+        v = self.wv(x).view(bsz, seq, -1, self.head_dim)  # (B, S, Hkv*D) -> (B, S, Hkv, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = self.attention_fn(q, k, v, causal=True)  # (B, S, Hq, D)
+        return self.wo(out.reshape(bsz, seq, -1))  # (B, S, Hq, D) -> (B, S, Hq*D) -> (B, S, d)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up projection, w2 the down."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the unit of activation checkpointing and FSDP wrapping."""
+
+    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg, attention_fn)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class GPT(nn.Module):
+    """Llama-style decoder. See the module docstring for the naming and loss contracts.
+
+    The constructor leaves PyTorch's default init in place (or nothing, on the meta device);
+    `init_weights(seed)` is what gives the model its defined initial state.
+    """
+
+    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn = sdpa_attention):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = padded_vocab(cfg.vocab_size)
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.tok_embeddings = nn.Embedding(self.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, attention_fn) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # Tied: no separate module, the head reads tok_embeddings.weight directly. (Sharing one
+        # Parameter between two modules breaks silently under `to_empty`, which re-creates each
+        # module's parameters separately.)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, self.vocab_size, bias=False)
+        # Non-persistent: derived from the config, recomputed by init_weights, not checkpointed.
+        self.register_buffer("inv_freq", rope_inv_freq(self.head_dim, cfg.rope_theta), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                labels: torch.Tensor | None = None):
+        """input_ids, position_ids (and labels) are (B, S) int64; positions are global.
+
+        Returns logits (B, S, Vpad) when `labels` is None, else `(loss_sum, n_valid)`: the fp32
+        sum of per-token cross-entropy over labels != -100 (0-dim, differentiable) and the number
+        of such labels (0-dim int64). Labels are already shifted by the data pipeline.
+        """
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} != "
+                             f"input_ids {tuple(input_ids.shape)}")
+        h = self.tok_embeddings(input_ids)  # (B, S) -> (B, S, d)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq)  # 2 x (B, S, 1, D), fp32
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        h = self.norm(h)
+        head = self.tok_embeddings.weight if self.output is None else self.output.weight
+        logits = F.linear(h, head)  # (B, S, d) -> (B, S, Vpad)
+        if labels is None:
+            return logits
+        return token_loss_sum(logits, labels)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Initialise every parameter and non-persistent buffer deterministically from `seed`.
+
+        Scheme: norm weights 1; every other weight (embedding, projections, head) N(0, init_std),
+        except the residual-stream output projections `wo` and `w2`, drawn with
+        init_std / sqrt(2 * n_layers) so that the residual stream's variance does not grow with
+        depth (2 residual writes per block; GPT-2 / Megatron scaling). Each parameter is drawn
+        in full from its own generator seeded by (seed, name): see `init.py`.
+        """
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):  # attention_norm, ffn_norm and the final norm
+                init_param_(param, name, seed, lambda t, g: t.fill_(1.0))
+                continue
+            if name.endswith((".wo.weight", ".w2.weight")):
+                sd = residual_std
+            elif name.endswith(".weight"):
+                sd = std
+            else:  # a new kind of parameter must get an explicit rule, never torch's default
+                raise RuntimeError(f"init_weights has no rule for parameter {name!r}")
+            init_param_(param, name, seed, lambda t, g, sd=sd: t.normal_(0.0, sd, generator=g))
+        device = self.inv_freq.device
+        # Reassign instead of copy_: restores fp32 even if the module was cast to a lower dtype.
+        self.inv_freq = rope_inv_freq(self.head_dim, self.cfg.rope_theta).to(device)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of fp32 cross-entropy over labels != -100, count of those labels).
+
+    The upcast happens before log-softmax, so bf16 autocast logits still get an fp32 loss.
+    With no valid label the sum is an exact 0 (a mean would be NaN).
+    """
+    flat_logits = logits.float().reshape(-1, logits.shape[-1])  # (B, S, V) -> (B*S, V)
+    flat_labels = labels.reshape(-1)  # (B, S) -> (B*S,)
+    loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    n_valid = (flat_labels != IGNORE_INDEX).sum()
+    return loss_sum, n_valid
+
+
+def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Number of parameters (a tied weight counted once; DTensors counted at global size).
+
+    `exclude_embeddings` drops the token embedding table; an untied output head stays counted
+    (it is a real matmul per token), a tied head goes with the embedding it shares.
+    """
+    total = sum(p.numel() for p in model.parameters())  # parameters() already de-duplicates
+    if exclude_embeddings:
+        total -= model.tok_embeddings.weight.numel()
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs (forward + backward) per token for a causal model at `seq_len`.
+
+    6 * N + 6 * n_layers * d_model * seq_len, where
+    - N counts every matmul weight a token passes through: all block weights, the final norm and
+      the output head (d_model * Vpad, also when tied, since the head matmul still runs), but
+      not the embedding lookup. 2 FLOPs per weight forward, 4 backward.
+    - the attention term: q k^T and p v are each 2 * d_model * seq_len FLOPs per token forward
+      for full attention; causal halves that (each query sees on average S/2 keys), giving
+      2 * d * S forward and 6 * d * S with backward, per layer. (PaLM's 12 * L * d * S counts the
+      full square; we count the causal triangle once.)
+    """
+    d, hd = cfg.d_model, cfg.d_model // cfg.n_heads
+    attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2  # wq, wo, wk, wv
+    per_layer = attn + 3 * d * cfg.ffn_hidden + 2 * d  # + SwiGLU + two norms
+    n = cfg.n_layers * per_layer + d + d * padded_vocab(cfg.vocab_size)  # + final norm + head
+    return 6 * n + 6 * cfg.n_layers * d * seq_len

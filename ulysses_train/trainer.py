@@ -1,0 +1,225 @@
+"""The training loop, assembled from `build_*` helpers.
+
+`run(cfg, run_dir)` is what `train.py` calls: validate (no collectives, before heavy work), build
+data → model → optimizer → checkpoints, restore, then `fit`. Invariants the loop keeps:
+- The loss is token-weighted: each micro-batch returns the *sum* of its per-token losses, and
+  the gradient is of sum / (valid tokens of the whole global batch) — never a mean of means.
+- The data position is the global step, and the schedule is a function of the step and
+  `train.steps`; together with DCP's exact model/optimizer state this makes resume bit-exact.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+
+import torch
+
+from .checkpoint import CheckpointManager
+from .config import Config, validate
+from .data import build_data
+from .metrics import Reporter, Throughput, peak_flops, peak_mem_gib
+from .model import GPT, flops_per_token, num_params, padded_vocab
+from .optim import build_optimizer, build_scheduler
+from .parallel import ParallelDims
+
+
+def run(cfg: Config, run_dir: str) -> int:
+    """Train according to `cfg` in `run_dir`; return the process exit code."""
+    dims = ParallelDims.from_env(cfg.parallel)
+    validate(cfg, dims.world_size)
+    return Trainer(cfg, run_dir, dims).fit()
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """`auto` = fp32 on CPU, bf16 on GPU. bf16 is autocast; master weights stay fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def build_model(cfg: Config, device: torch.device) -> GPT:
+    """Meta-device construction, then materialize and initialize from the seed.
+
+    Building on meta first means no memory is spent on a throwaway init, and `init_weights`
+    gives every layout the same initial weights (parameters are seeded by name).
+    """
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    model.to_empty(device=device)
+    model.init_weights(cfg.train.seed)
+    return model
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str, dims: ParallelDims):
+        self.cfg, self.run_dir, self.dims = cfg, run_dir, dims
+        self.device = dims.device
+        self.dtype = resolve_dtype(cfg.train.precision, self.device)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.train.seed)
+        self._say(f"run dir: {os.path.abspath(run_dir)}")
+        self.data = build_data(cfg.data, seed=cfg.train.seed,
+                               global_batch_size=cfg.train.global_batch_size,
+                               model_vocab_size=padded_vocab(cfg.model.vocab_size),
+                               log=self._say, is_main=dims.is_main)
+        self.model = build_model(cfg, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.ckpt = CheckpointManager(run_dir, cfg.checkpoint, cfg.model, log=self._say,
+                                      crash_at_step=cfg.debug.crash_in_save_at_step)
+        self.step = 0  # completed optimizer steps == data position
+        self.tokens = 0  # tokens trained on so far, each counted once
+        self.resumed_from = self._restore()
+        self.has_val = "val" in self.data.splits  # data.val_fraction=0 leaves no val split
+
+    def _say(self, text: str) -> None:
+        if self.dims.is_main:
+            print(text, flush=True)
+
+    # ---- state --------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"step": self.step, "tokens": self.tokens,
+                "scheduler": self.scheduler.state_dict(), "rng": rng}
+
+    def _restore(self) -> str | None:
+        state, path = self.ckpt.restore(self.model, self.optimizer, self.trainer_state())
+        if state is None:
+            return None
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        return path
+
+    def save(self) -> None:
+        path = self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
+        self._say(f"saved checkpoint {path}")
+
+    # ---- one step -----------------------------------------------------------------------
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _micro_batches(self, step: int, split: str):
+        """Yield (input_ids, position_ids, labels) micro-batches of one global batch."""
+        batch = self.data.global_batch(step, split)
+        mb = self.cfg.train.micro_batch_size
+        for start in range(0, batch.input_ids.shape[0], mb):
+            rows = slice(start, start + mb)
+            yield tuple(t[rows].to(self.device, non_blocking=True)
+                        for t in (batch.input_ids, batch.position_ids, batch.labels))
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch of `self.step`, with accumulation."""
+        micro = list(self._micro_batches(self.step, "train"))
+        # Divide by the valid-token count of the whole global batch, exactly once.
+        n_valid = sum(int((labels != -100).sum()) for _, _, labels in micro)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for input_ids, position_ids, labels in micro:
+            with self._autocast():
+                part, _ = self.model(input_ids, position_ids, labels)
+            (part / max(n_valid, 1)).backward()
+            loss_sum += part.detach()
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        n_tokens = sum(ids.numel() for ids, _, _ in micro)
+        self.tokens += n_tokens
+        return {"loss": float(loss_sum) / max(n_valid, 1), "grad_norm": float(grad_norm),
+                "lr": lr, "n_tokens": n_tokens}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted loss over `train.val_batches` fixed validation batches."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(self.cfg.train.val_batches):
+            for input_ids, position_ids, labels in self._micro_batches(i, "val"):
+                with self._autocast():
+                    part, n = self.model(input_ids, position_ids, labels)
+                total, count = total + float(part), count + int(n)
+        self.model.train()
+        return total / max(count, 1)
+
+    # ---- the loop -----------------------------------------------------------------------
+    def _banner(self) -> None:
+        n = num_params(self.model)
+        self._say(f"model: {self.cfg.model.name}, {n / 1e6:.2f}M parameters | device: "
+                  f"{self.device} | precision: {str(self.dtype).replace('torch.', '')}")
+        self._say(f"data: {self.data.describe()}")
+        if self.resumed_from:
+            self._say(f"resumed from {self.resumed_from} at step {self.step}")
+
+    def _should_stop_early(self, start: int) -> bool:
+        limit = self.cfg.train.exit_after_steps
+        return limit > 0 and self.step - start >= limit
+
+    def fit(self) -> int:
+        cfg = self.cfg
+        total, start = cfg.train.steps, self.step
+        if start >= total:
+            self._say(f"run in {os.path.abspath(self.run_dir)} already finished at step {start} "
+                      f"(train.steps={total}); nothing to do — raise train.steps to go on")
+            return 0
+        self._banner()
+        reporter = Reporter(self.run_dir, self.dims.is_main, total, start,
+                            progress=cfg.logging.progress, wandb_cfg=cfg.logging.wandb,
+                            config_dict=dataclasses.asdict(cfg))
+        try:
+            self._loop(reporter, start, total)
+        finally:
+            reporter.close()
+        return 0
+
+    def _loop(self, reporter: Reporter, start: int, total: int) -> None:
+        cfg = self.cfg
+        meter, peak = Throughput(), peak_flops(self.device)
+        flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
+        while self.step < total:
+            t0 = time.perf_counter()
+            out = self.train_step()
+            meter.add(out["n_tokens"])
+            reporter.tick(out["loss"], out["n_tokens"] / (time.perf_counter() - t0))
+            last = self.step == total
+            val_due = (self.has_val and cfg.train.val_every > 0
+                       and (self.step % cfg.train.val_every == 0 or last))
+            if self.step % cfg.logging.every == 0 or last or val_due:
+                tok_s = meter.rate()
+                row = {"step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
+                       "lr": out["lr"], "tokens": self.tokens, "tokens_per_s": tok_s,
+                       "peak_mem_gib": peak_mem_gib(self.device),
+                       "mfu": flops_tok * tok_s / peak if peak else None}
+                if val_due:
+                    row["val_loss"] = self.evaluate()
+                reporter.log(row)
+                reporter.info(_format_row(row, total))
+            early = self._should_stop_early(start)
+            periodic = cfg.checkpoint.every > 0 and self.step % cfg.checkpoint.every == 0
+            if periodic or last or early:
+                self.save()
+            if early:
+                reporter.info(f"stopping after {cfg.train.exit_after_steps} steps "
+                              f"(train.exit_after_steps); rerun the same command to resume")
+                return
+
+
+def _format_row(row: dict, total: int) -> str:
+    text = (f"step {row['step']}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+            f"grad_norm {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
+            f"peak {row['peak_mem_gib']:.2f} GiB")
+    if "val_loss" in row:
+        text += f" | val_loss {row['val_loss']:.4f}"
+    return text
