@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from ulysses_train.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,3 +42,43 @@ def run_train(args, cwd=ROOT, timeout=300, env=None) -> subprocess.CompletedProc
     full_env.pop("WORLD_SIZE", None)
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def cpu_dims():
+    """The single-process layout on CPU, as `run` builds it for `python train.py`."""
+    from ulysses_train.parallel import ParallelDims
+
+    return ParallelDims(tp=1, sp=1, dp=1, world_size=1, rank=0, device=torch.device("cpu"))
+
+
+class UnevenLabels:
+    """Wraps a data source so valid-label counts differ a lot between rows, ranks and micro-batches.
+
+    Labels are ignored (-100) where the input token is divisible by 4, and beyond the first
+    quarter of every row whose first token is even. Both rules read only the row's own content,
+    so every layout masks the same global positions. With such data a mean of per-rank or
+    per-micro-batch means differs from the token-weighted loss, so parity tests can fail.
+    """
+
+    def __init__(self, source):
+        self.source = source
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def global_batch(self, step, split="train", rows=None):
+        batch = self.source.global_batch(step, split, rows)
+        ids, seq = batch.input_ids, batch.input_ids.shape[1]
+        tail = (ids[:, :1] % 2 == 0) & (batch.position_ids >= seq // 4)
+        batch.labels = batch.labels.masked_fill((ids % 4 == 0) | tail, -100)
+        return batch
+
+
+def run_torchrun(nproc: int, args, timeout=300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=nproc train.py args`, one thread per rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", os.path.join(ROOT, "train.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)

@@ -10,12 +10,12 @@ from ulysses_train.errors import ConfigError
 from ulysses_train.optim import build_optimizer
 from ulysses_train.trainer import build_model
 
-from helpers import run_train, small_config
+from helpers import cpu_dims, run_train, small_config
 
 
 def make(seed=0):
     cfg = small_config(train={"seed": seed})
-    model = build_model(cfg, torch.device("cpu"))
+    model = build_model(cfg, cpu_dims())
     opt = build_optimizer(model, cfg.optim)
     ids = torch.randint(0, 256, (2, 16))
     loss, n = model(ids, torch.arange(16).expand(2, 16), ids)

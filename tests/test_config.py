@@ -16,7 +16,6 @@ BAD = [
     ("model", "rope_theta", math.inf, "model.rope_theta"),
     ("model", "rope_scaling", "yarn", "model.rope_scaling"),  # allowed value, not yet built
     ("model", "rope_scaling", "magic", "model.rope_scaling"),
-    ("parallel", "sp", 4, "parallel.sp"),
     ("parallel", "tp", 2, "parallel.tp"),
     ("parallel", "zero", 7, "parallel.zero"),
     ("parallel", "zero", 3, "parallel.zero"),
@@ -75,6 +74,30 @@ def test_wandb_mode_checked():
         validate(cfg)
 
 
-def test_multi_process_refused_until_supported():
-    with pytest.raises(ConfigError, match="parallel"):
-        validate(small_config(), world_size=4)
+LAYOUTS_BAD = [  # (sections, world size, key)
+    ({"parallel": {"sp": 3}}, 4, "parallel.sp"),  # 3 does not divide 4
+    ({"parallel": {"sp": 2, "dp": 4}}, 4, "parallel.dp"),  # 2 x 4 != 4
+    ({"parallel": {"sp": 8}}, 8, "model.n_heads"),  # 4 heads over 8 ranks
+    ({"parallel": {"sp": 2}, "model": {"d_model": 96, "n_heads": 6, "n_kv_heads": 3}}, 2,
+     "model.n_kv_heads"),  # 3 kv heads vs sp 2: neither divides the other
+    ({"parallel": {"sp": 4}, "data": {"seq_len": 30}}, 4, "data.seq_len"),
+    ({"parallel": {"sp": 1}}, 4, "train.global_batch_size"),  # dp 4 x micro 2 > 4
+    ({"parallel": {"sp": 4}}, 1, "parallel.sp"),  # asks for 4 ranks, got 1
+]
+
+
+@pytest.mark.parametrize("sections,world,key", LAYOUTS_BAD, ids=[k for _, _, k in LAYOUTS_BAD])
+def test_layouts_that_do_not_fit(sections, world, key):
+    with pytest.raises(ConfigError) as info:
+        validate(small_config(**sections), world_size=world)
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize("sections,world", [
+    ({"parallel": {"sp": 4}}, 4),  # kv 2 < sp 4: replicated
+    ({"parallel": {"sp": 2}}, 4),  # dp = -1 -> 2
+    ({"parallel": {"sp": 2, "dp": 2}}, 4),
+    ({"parallel": {"sp": 2}, "train": {"micro_batch_size": 1}}, 2),
+])
+def test_layouts_that_fit(sections, world):
+    validate(small_config(**sections), world_size=world)

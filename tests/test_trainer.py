@@ -6,13 +6,9 @@ import pytest
 import torch
 
 from ulysses_train.data import Batch
-from ulysses_train.parallel import ParallelDims
 from ulysses_train.trainer import Trainer, run
 
-from helpers import small_config
-
-CPU = ParallelDims(tp=1, sp=1, dp=1, world_size=1, rank=0, device=torch.device("cpu"))
-
+from helpers import cpu_dims, small_config
 
 def rows(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -90,7 +86,7 @@ def _uneven_batch(step, split="train", rows=None):
 
 def _step_with(micro_batch_size):
     trainer = Trainer(small_config(train={"micro_batch_size": micro_batch_size},
-                                   checkpoint={"resume": "never"}), "/nonexistent-run-dir", CPU)
+                                   checkpoint={"resume": "never"}), "/nonexistent-run-dir", cpu_dims())
     trainer.data.global_batch = _uneven_batch
     out = trainer.train_step()
     return out["loss"], {n: p.detach().clone() for n, p in trainer.model.named_parameters()}

@@ -61,26 +61,43 @@ class CheckpointManager:
     """Owns `run_dir/checkpoints`: saving, retention and choosing what to resume from."""
 
     def __init__(self, run_dir: str, cfg: CheckpointConfig, model_cfg: ModelConfig,
-                 log: Callable[[str], None] = print, crash_at_step: int = 0):
+                 log: Callable[[str], None] = print, crash_at_step: int = 0,
+                 is_main: bool = True, distributed: bool = False):
         self.dir = os.path.join(run_dir, "checkpoints")
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.log = log
         self.crash_at_step = crash_at_step
+        # Every rank writes its shards through DCP; only the main rank touches the directory
+        # structure (temp dir, rename, `latest`, pruning), between barriers.
+        self.is_main = is_main
+        self.distributed = distributed
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
 
     # ---- saving -------------------------------------------------------------------------
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              trainer_state: dict) -> str:
         """Write checkpoint `step` atomically, point `latest` at it, prune old ones."""
-        os.makedirs(self.dir, exist_ok=True)
         final = os.path.join(self.dir, step_dirname(step))
         tmp = os.path.join(self.dir, TMP_PREFIX + step_dirname(step))
-        shutil.rmtree(tmp, ignore_errors=True)
+        if self.is_main:
+            os.makedirs(self.dir, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._barrier()  # nobody writes into tmp before it is fresh
         model_sd, optim_sd = get_state_dict(model, optimizer)
         _quiet(dcp.save, {"model": model_sd, "optim": optim_sd, "trainer": trainer_state},
-               checkpoint_id=tmp)
+               checkpoint_id=tmp)  # collective; returns once every rank's files are written
         if self.crash_at_step == step:  # debug.crash_in_save_at_step: die with files half-committed
             os._exit(17)
+        if self.is_main:
+            self._commit(step, tmp, final)
+        self._barrier()  # nobody goes on (and maybe saves again) before the commit
+        return final
+
+    def _commit(self, step: int, tmp: str, final: str) -> None:
         meta = {"step": step, "model": dataclasses.asdict(self.model_cfg),
                 "torch": torch.__version__}
         _write_durably(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
@@ -90,7 +107,6 @@ class CheckpointManager:
         _write_durably(os.path.join(self.dir, "latest.tmp"), step_dirname(step) + "\n")
         os.replace(os.path.join(self.dir, "latest.tmp"), os.path.join(self.dir, "latest"))
         self._prune(keep_name=step_dirname(step))
-        return final
 
     def _prune(self, keep_name: str) -> None:
         old = [n for n in self.complete_steps() if n != keep_name]
@@ -114,7 +130,7 @@ class CheckpointManager:
 
     def clean_partial(self) -> None:
         """Remove saves that never committed (crash mid-save); they are never read."""
-        if not os.path.isdir(self.dir):
+        if not self.is_main or not os.path.isdir(self.dir):
             return
         for name in os.listdir(self.dir):
             if name.startswith(TMP_PREFIX):

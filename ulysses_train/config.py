@@ -183,11 +183,34 @@ def validate_parallel(p: ParallelConfig, world_size: int) -> None:
     _one_of(p.zero, ZERO_STAGES, "parallel.zero")
     _one_of(p.backend, BACKENDS, "parallel.backend")
     _not_yet(p.tp > 1, "parallel.tp", p.tp, "tensor parallel")
-    _not_yet(p.sp > 1, "parallel.sp", p.sp, "Ulysses sequence parallel")
     _not_yet(p.zero != 0, "parallel.zero", p.zero, "ZeRO sharding")
-    require(world_size == 1, "parallel", f"world size {world_size}: multi-process training is "
-            "not supported yet; run a single process (python train.py)")
-    require(p.dp in (-1, 1), "parallel.dp", f"dp={p.dp} needs {p.dp} processes; this run has 1")
+    inner = p.tp * p.sp
+    require(world_size % inner == 0, "parallel.sp",
+            f"tp x sp = {p.tp} x {p.sp} does not divide the world size {world_size}; launch "
+            f"a multiple of {inner} processes (torchrun --nproc_per_node=...)")
+    dp = p.dp if p.dp > 0 else world_size // inner
+    require(p.tp * p.sp * dp == world_size, "parallel.dp",
+            f"tp x sp x dp = {p.tp} x {p.sp} x {dp} = {inner * dp} but {world_size} processes "
+            "were launched; use parallel.dp=-1 or launch that many")
+
+
+def validate_layout(cfg: "Config", world_size: int) -> int:
+    """Checks that need both the model and the layout; returns the resolved dp degree."""
+    p, m = cfg.parallel, cfg.model
+    dp = p.dp if p.dp > 0 else world_size // (p.tp * p.sp)
+    heads_split = p.tp * p.sp
+    require(m.n_heads % heads_split == 0, "model.n_heads",
+            f"{m.n_heads} heads cannot be split over tp x sp = {heads_split} ranks; use a "
+            "layout whose tp x sp divides the head count")
+    kv = m.n_kv_heads // p.tp if m.n_kv_heads % p.tp == 0 else 0
+    require(kv > 0, "model.n_kv_heads", f"{m.n_kv_heads} kv heads cannot be split over "
+            f"tp={p.tp}; tp must divide the kv head count")
+    require(kv % p.sp == 0 or p.sp % kv == 0, "model.n_kv_heads",
+            f"{kv} kv heads per tp rank and sp={p.sp}: one must divide the other (kv heads are "
+            "split over sp, or replicated when fewer than sp)")
+    require(cfg.data.seq_len % p.sp == 0, "data.seq_len",
+            f"{cfg.data.seq_len} is not divisible by parallel.sp={p.sp}; pick a multiple of it")
+    return dp
 
 
 def validate_data(d: DataConfig) -> None:
@@ -240,8 +263,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     validate_model(cfg.model)
     validate_parallel(cfg.parallel, world_size)
     validate_data(cfg.data)
-    dp = cfg.parallel.dp if cfg.parallel.dp > 0 else max(1, world_size // (cfg.parallel.tp * cfg.parallel.sp))
-    validate_train(cfg.train, dp)
+    validate_train(cfg.train, validate_layout(cfg, world_size))
     validate_optim(cfg.optim)
     c = cfg.checkpoint
     require(c.every >= 0, "checkpoint.every", f"must be >= 0 (0 = off), got {c.every}")

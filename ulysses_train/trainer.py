@@ -21,16 +21,27 @@ from .checkpoint import CheckpointManager
 from .config import Config, validate
 from .data import build_data
 from .metrics import Reporter, Throughput, peak_flops, peak_mem_gib
-from .model import GPT, flops_per_token, num_params, padded_vocab
+from .model import GPT, flops_per_token, num_params, padded_vocab, sdpa_attention
 from .optim import build_optimizer, build_scheduler
-from .parallel import ParallelDims
+from .parallel import ParallelDims, UlyssesAttention
+from .parallel.data_parallel import all_reduce_, reduce_gradients_
 
 
 def run(cfg: Config, run_dir: str) -> int:
-    """Train according to `cfg` in `run_dir`; return the process exit code."""
+    """Train according to `cfg` in `run_dir`; return the process exit code.
+
+    Validation needs no collective (every rank checks the same config alone), so a bad config
+    fails before any process group exists.
+    """
     dims = ParallelDims.from_env(cfg.parallel)
     validate(cfg, dims.world_size)
-    return Trainer(cfg, run_dir, dims).fit()
+    dims.init_process_group()
+    try:
+        dims.build_mesh()
+        return Trainer(cfg, run_dir, dims).fit()
+    finally:
+        if dims.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -40,15 +51,20 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
-def build_model(cfg: Config, device: torch.device) -> GPT:
-    """Meta-device construction, then materialize and initialize from the seed.
+def build_model(cfg: Config, dims: ParallelDims) -> GPT:
+    """Meta-device construction, parallelism injected, then materialize and initialize.
 
-    Building on meta first means no memory is spent on a throwaway init, and `init_weights`
-    gives every layout the same initial weights (parameters are seeded by name).
+    The model is single-device code: sequence parallelism enters only as the attention function
+    (UlyssesAttention around SDPA on the sp group). Building on meta first means no memory is
+    spent on a throwaway init, and `init_weights` gives every layout the same initial weights
+    (parameters are seeded by name).
     """
+    attention_fn = sdpa_attention
+    if dims.sp > 1:
+        attention_fn = UlyssesAttention(sdpa_attention, dims.group("sp"))
     with torch.device("meta"):
-        model = GPT(cfg.model)
-    model.to_empty(device=device)
+        model = GPT(cfg.model, attention_fn=attention_fn)
+    model.to_empty(device=dims.device)
     model.init_weights(cfg.train.seed)
     return model
 
@@ -66,11 +82,13 @@ class Trainer:
                                global_batch_size=cfg.train.global_batch_size,
                                model_vocab_size=padded_vocab(cfg.model.vocab_size),
                                log=self._say, is_main=dims.is_main)
-        self.model = build_model(cfg, self.device)
+        self.model = build_model(cfg, dims)
+        self.dp_sp = dims.group("dp_sp")  # None alone: every reduction is then the identity
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint, cfg.model, log=self._say,
-                                      crash_at_step=cfg.debug.crash_in_save_at_step)
+                                      crash_at_step=cfg.debug.crash_in_save_at_step,
+                                      is_main=dims.is_main, distributed=dims.distributed)
         self.step = 0  # completed optimizer steps == data position
         self.tokens = 0  # tokens trained on so far, each counted once
         self.resumed_from = self._restore()
@@ -110,58 +128,90 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _micro_batches(self, step: int, split: str):
-        """Yield (input_ids, position_ids, labels) micro-batches of one global batch."""
-        batch = self.data.global_batch(step, split)
+        """Yield this rank's (input_ids, position_ids, labels) micro-batches of one global batch.
+
+        A dp rank reads only its rows; an sp rank keeps its contiguous column slice. Labels and
+        global positions were fixed on the whole sequence, so slicing loses nothing.
+        """
+        g, seq = self.cfg.train.global_batch_size, self.cfg.data.seq_len
+        rows_per_dp, cols_per_sp = g // self.dims.dp, seq // self.dims.sp
+        dp_i, sp_i = self.dims.local_rank("dp"), self.dims.local_rank("sp")
+        batch = self.data.global_batch(step, split, rows=slice(dp_i * rows_per_dp,
+                                                              (dp_i + 1) * rows_per_dp))
+        batch = batch.slice(cols=slice(sp_i * cols_per_sp, (sp_i + 1) * cols_per_sp))
         mb = self.cfg.train.micro_batch_size
-        for start in range(0, batch.input_ids.shape[0], mb):
+        for start in range(0, rows_per_dp, mb):
             rows = slice(start, start + mb)
+            # (G/dp, S) -> (mb, S/sp) per micro-batch
             yield tuple(t[rows].to(self.device, non_blocking=True)
                         for t in (batch.input_ids, batch.position_ids, batch.labels))
+
+    def _global_count(self, micro) -> int:
+        """Valid labels of the whole global batch: local count summed over dp x sp."""
+        local = sum((labels != -100).sum() for _, _, labels in micro)
+        count = torch.as_tensor(local, dtype=torch.int64, device=self.device)
+        return int(all_reduce_(count, self.dp_sp))
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch of `self.step`, with accumulation."""
         micro = list(self._micro_batches(self.step, "train"))
         # Divide by the valid-token count of the whole global batch, exactly once.
-        n_valid = sum(int((labels != -100).sum()) for _, _, labels in micro)
+        n_valid = max(self._global_count(micro), 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for input_ids, position_ids, labels in micro:
             with self._autocast():
                 part, _ = self.model(input_ids, position_ids, labels)
-            (part / max(n_valid, 1)).backward()
+            (part / n_valid).backward()
             loss_sum += part.detach()
+        reduce_gradients_(self.model.parameters(), self.dp_sp)
+        # Gradients are now identical on every rank, so the local norm is the global one.
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        n_tokens = sum(ids.numel() for ids, _, _ in micro)
+        n_tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len  # each token once
         self.tokens += n_tokens
-        return {"loss": float(loss_sum) / max(n_valid, 1), "grad_norm": float(grad_norm),
-                "lr": lr, "n_tokens": n_tokens}
+        loss = float(all_reduce_(loss_sum, self.dp_sp)) / n_valid
+        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "n_tokens": n_tokens}
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-weighted loss over `train.val_batches` fixed validation batches."""
         self.model.eval()
         total, count = 0.0, 0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, count)
         for i in range(self.cfg.train.val_batches):
             for input_ids, position_ids, labels in self._micro_batches(i, "val"):
                 with self._autocast():
                     part, n = self.model(input_ids, position_ids, labels)
-                total, count = total + float(part), count + int(n)
+                sums += torch.stack([part.double(), n.double()])
         self.model.train()
+        total, count = all_reduce_(sums, self.dp_sp).tolist()
         return total / max(count, 1)
 
     # ---- the loop -----------------------------------------------------------------------
     def _banner(self) -> None:
         n = num_params(self.model)
+        layout = (f" | layout: dp={self.dims.dp} sp={self.dims.sp} tp={self.dims.tp} "
+                  f"({self.dims.world_size} ranks, {self.dims.backend})"
+                  if self.dims.distributed else "")
         self._say(f"model: {self.cfg.model.name}, {n / 1e6:.2f}M parameters | device: "
-                  f"{self.device} | precision: {str(self.dtype).replace('torch.', '')}")
+                  f"{self.device} | precision: {str(self.dtype).replace('torch.', '')}{layout}")
         self._say(f"data: {self.data.describe()}")
         if self.resumed_from:
             self._say(f"resumed from {self.resumed_from} at step {self.step}")
+
+    def _peak_mem(self) -> list[float]:
+        """Every rank's peak memory in GiB, by rank (ranks can differ, e.g. rank 0 logs)."""
+        mine = torch.tensor([peak_mem_gib(self.device)], device=self.device)
+        if not self.dims.distributed:
+            return [float(mine)]
+        every = [torch.zeros_like(mine) for _ in range(self.dims.world_size)]
+        torch.distributed.all_gather(every, mine)
+        return [round(float(t), 4) for t in every]
 
     def _should_stop_early(self, start: int) -> bool:
         limit = self.cfg.train.exit_after_steps
@@ -197,11 +247,13 @@ class Trainer:
             val_due = (self.has_val and cfg.train.val_every > 0
                        and (self.step % cfg.train.val_every == 0 or last))
             if self.step % cfg.logging.every == 0 or last or val_due:
-                tok_s = meter.rate()
+                tok_s, peaks = meter.rate(), self._peak_mem()
                 row = {"step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
                        "lr": out["lr"], "tokens": self.tokens, "tokens_per_s": tok_s,
-                       "peak_mem_gib": peak_mem_gib(self.device),
+                       "peak_mem_gib": max(peaks),
                        "mfu": flops_tok * tok_s / peak if peak else None}
+                if self.dims.distributed:
+                    row["peak_mem_gib_per_rank"] = peaks
                 if val_due:
                     row["val_loss"] = self.evaluate()
                 reporter.log(row)

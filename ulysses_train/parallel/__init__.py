@@ -1,4 +1,5 @@
 """Parallelism, applied to a single-device model from outside (DESIGN §3)."""
 from .mesh import ParallelDims
+from .ulysses import UlyssesAttention
 
-__all__ = ["ParallelDims"]
+__all__ = ["ParallelDims", "UlyssesAttention"]

@@ -1,0 +1,193 @@
+"""Benchmark the Ulysses attention layer (forward + backward) against its baselines.
+
+    python scripts/bench_ulysses.py                      # 4 gloo ranks on CPU, default configs
+    python scripts/bench_ulysses.py --world 1 --configs 256x8x8x32x1 --repeats 3   # smoke check
+
+Implementations, timed on the same inputs (each rank's sequence slice of one global q/k/v):
+- `ulysses`: our `UlyssesAttention(sdpa_attention, group)`;
+- `deepspeed`: `deepspeed.sequence.layer.DistributedAttention` with the same local kernel, when
+  deepspeed is importable and supports the head counts (it needs kv_heads >= world);
+- `local_shard`: every rank runs the local kernel on `(B, S, H/P, D)` with no communication —
+  the compute floor of Ulysses, so ulysses - local_shard is the price of the all-to-alls;
+- `full_1proc`: rank 0 alone runs full attention on the whole `(B, S, H, D)` (the others wait).
+Repeats are interleaved (every round runs each implementation once, in a rotating order) so
+load drifts hit all of them alike; the median over rounds is reported. Every rank is timed
+between two barriers; rank 0 prints one JSON line per (configuration, implementation) with all
+samples and, for the distributed ones, the fp32 relative error of the output and of the q/k/v
+gradients against full attention on the whole sequence (`rel_err_vs_full`, worst of the four).
+Needs only torch and this package (deepspeed optional). Ranks are spawned here, with
+OMP_NUM_THREADS=1 by default (the 2-core CI machines would otherwise be oversubscribed).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ulysses_train.model.attention import sdpa_attention  # noqa: E402
+from ulysses_train.parallel.ulysses import UlyssesAttention  # noqa: E402
+
+DEFAULT_CONFIGS = ["1024x16x16x64x1", "512x32x32x64x2", "2048x32x8x64x1", "2048x16x4x64x1", "1024x16x2x64x1"]
+
+
+def parse_config(text: str) -> dict[str, int]:
+    """'SEQxHQxHKVxDxB' -> dict, e.g. '2048x16x4x64x1'."""
+    seq, hq, hkv, dim, batch = (int(x) for x in text.split("x"))
+    return {"seq_len": seq, "heads": hq, "kv_heads": hkv, "head_dim": dim, "batch": batch}
+
+
+def global_inputs(cfg: dict[str, int], seed: int = 0) -> list[torch.Tensor]:
+    """q, k, v and an output gradient for the whole sequence, identical on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    b, s, d = cfg["batch"], cfg["seq_len"], cfg["head_dim"]
+    shapes = [(b, s, cfg["heads"], d), (b, s, cfg["kv_heads"], d), (b, s, cfg["kv_heads"], d),
+              (b, s, cfg["heads"], d)]
+    return [torch.randn(*shape, generator=g) for shape in shapes]
+
+
+def make_step(fn, inputs: list[torch.Tensor], **kw):
+    """A closure running fn forward + backward on leaf copies of q/k/v; returns out, dq, dk, dv."""
+    q, k, v, grad_out = inputs
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+
+    def step() -> list[torch.Tensor]:
+        for t in leaves:
+            t.grad = None
+        out = fn(*leaves, **kw)
+        (out * grad_out).sum().backward()  # scalar loss: same gradients as out.backward(grad_out)
+        return [out.detach()] + [t.grad for t in leaves]
+
+    return step
+
+
+def deepspeed_attention(group):
+    """DeepSpeed's DistributedAttention over `group` in our (B, S, H, D) layout, or None."""
+    # deepspeed logs to stdout (its logger binds the stream at import): keep stdout for JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            import deepspeed
+            from deepspeed.sequence.layer import DistributedAttention
+        except Exception:  # not installed, or broken on this platform
+            return None
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # wraps the existing group
+    # scatter heads (dim 2), gather sequence (dim 1); batch_dim_idx=0 means (B, S, H, D).
+    layer = DistributedAttention(sdpa_attention, group, scatter_idx=2, gather_idx=1)
+    return lambda q, k, v, **kw: layer(q, k, v, 0, **kw)
+
+
+def head_shard(inputs: list[torch.Tensor], cfg: dict[str, int], rank: int, world: int) -> list[torch.Tensor]:
+    """What rank `rank` holds after Ulysses' first all-to-all: all tokens, its heads (kv replicated
+    to one head per rank when kv_heads < world, as UlyssesAttention does)."""
+    q, k, v, grad_out = inputs
+    heads = slice(rank * cfg["heads"] // world, (rank + 1) * cfg["heads"] // world)
+    rep = max(world // cfg["kv_heads"], 1)
+    kv = slice(rank * cfg["kv_heads"] * rep // world, (rank + 1) * cfg["kv_heads"] * rep // world)
+    k, v = (t.repeat_interleave(rep, dim=2)[:, :, kv] for t in (k, v))
+    return [t.contiguous() for t in (q[:, :, heads], k, v, grad_out[:, :, heads])]
+
+
+def implementations(cfg, inputs, rank: int, world: int):
+    """name -> step closure (None where this rank takes no part), and this rank's token slice."""
+    group = dist.group.WORLD
+    mine = slice(rank * cfg["seq_len"] // world, (rank + 1) * cfg["seq_len"] // world)
+    local = [t[:, mine].contiguous() for t in inputs]  # this rank's tokens: (B, S/P, H, D)
+    steps = {"ulysses": make_step(UlyssesAttention(sdpa_attention, group), local, causal=True)}
+    ds = deepspeed_attention(group) if cfg["kv_heads"] >= world else None
+    if ds is not None:
+        steps["deepspeed"] = make_step(ds, local, causal=True)
+    steps["local_shard"] = make_step(sdpa_attention, head_shard(inputs, cfg, rank, world), causal=True)
+    steps["full_1proc"] = make_step(sdpa_attention, inputs, causal=True) if rank == 0 else None
+    return steps, mine
+
+
+def rel_error(step, mine: slice, reference: list[torch.Tensor]) -> float:
+    """Worst of max|x - ref| / max|ref| over out, dq, dk, dv, all ranks (each checks its slice)."""
+    worst = max(((got - ref[:, mine]).abs().max() / ref.abs().max()).item()
+                for got, ref in zip(step(), reference))
+    err = torch.tensor([worst])
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    return err.item()
+
+
+def time_round(steps: dict, order: list[str]) -> dict[str, float]:
+    """One interleaved round: each implementation once, timed between barriers (ms)."""
+    times = {}
+    for name in order:
+        dist.barrier()
+        start = time.perf_counter()
+        if steps[name] is not None:
+            steps[name]()
+        dist.barrier()  # the slowest rank defines the step time
+        times[name] = (time.perf_counter() - start) * 1e3
+    return times
+
+
+def bench_config(cfg: dict[str, int], rank: int, world: int, repeats: int, warmup: int) -> None:
+    inputs = global_inputs(cfg)
+    steps, mine = implementations(cfg, inputs, rank, world)
+    reference = make_step(sdpa_attention, inputs, causal=True)()  # out, dq, dk, dv; every rank, once
+    errors = {name: rel_error(steps[name], mine, reference) for name in ("ulysses", "deepspeed")
+              if name in steps}
+    names = list(steps)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + repeats):
+        order = names[i % len(names):] + names[:i % len(names)]  # rotate: no fixed position bias
+        for name, ms in time_round(steps, order).items():
+            if i >= warmup:
+                samples[name].append(ms)
+    if rank != 0:
+        return
+    for name in names:
+        row = {"impl": name, **cfg, "world": world, "median_ms": round(statistics.median(samples[name]), 3),
+               "samples_ms": [round(x, 3) for x in samples[name]]}
+        if name in errors:
+            row["rel_err_vs_full"] = errors[name]
+        if name == "ulysses" and "deepspeed" in samples:
+            # Same-round ratios cancel load that drifts between rounds (shared CI machines).
+            ratios = [a / b for a, b in zip(samples["ulysses"], samples["deepspeed"])]
+            row["median_ratio_vs_deepspeed"] = round(statistics.median(ratios), 4)
+        print(json.dumps(row), flush=True)
+    if "deepspeed" not in steps:
+        print(json.dumps({"impl": "deepspeed", **cfg, "world": world, "skipped":
+                          "not importable" if cfg["kv_heads"] >= world else "needs kv_heads >= world"}),
+              flush=True)
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=600))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        for text in args.configs:
+            bench_config(parse_config(text), rank, world, args.repeats, args.warmup)
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", type=int, default=4, help="ranks to spawn (gloo, CPU)")
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="SEQxHQxHKVxDxB ...")
+    parser.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds (>= 5)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="OMP/intra-op threads per rank")
+    args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the spawned ranks
+    # The parent hosts the rendezvous store on a free port; the ranks connect to it.
+    store = dist.TCPStore("127.0.0.1", 0, args.world, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=600))
+    mp.start_processes(worker, args=(args.world, store.port, args), nprocs=args.world, start_method="spawn")
+
+
+if __name__ == "__main__":
+    main()

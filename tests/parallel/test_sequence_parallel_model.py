@@ -1,0 +1,107 @@
+"""The whole GPT under Ulysses sequence parallelism equals one process: loss, every gradient,
+and a quarter of the activation memory per rank at sp = 4."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from helpers import cpu_dims, small_config
+from ulysses_train.parallel import ParallelDims
+from ulysses_train.parallel.data_parallel import all_reduce_, reduce_gradients_
+from ulysses_train.trainer import build_model
+
+SEQ, BATCH = 32, 2
+
+
+def _inputs():
+    """A global batch with uneven ignore labels (so a mean of per-rank means would be wrong)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (BATCH, SEQ + 1), generator=g)
+    inputs, labels = ids[:, :-1], ids[:, 1:].clone()
+    labels[0, 5:] = -100  # row 0 keeps 5 labels, all on the first sp rank
+    labels[1, ::3] = -100
+    return inputs, torch.arange(SEQ).expand(BATCH, SEQ), labels
+
+
+def _loss_and_grads(dims: ParallelDims, model_overrides: dict):
+    """Token-weighted loss over dp x sp and the reduced gradients, as the trainer computes them."""
+    model = build_model(small_config(model=model_overrides, data={"seq_len": SEQ}), dims)
+    inputs, positions, labels = _inputs()
+    per_dp, per_sp = BATCH // dims.dp, SEQ // dims.sp
+    rows = slice(dims.local_rank("dp") * per_dp, (dims.local_rank("dp") + 1) * per_dp)
+    cols = slice(dims.local_rank("sp") * per_sp, (dims.local_rank("sp") + 1) * per_sp)
+    loss_sum, n_valid = model(inputs[rows, cols], positions[rows, cols], labels[rows, cols])
+    group = dims.group("dp_sp")
+    count = int(all_reduce_(n_valid.clone(), group))
+    (loss_sum / count).backward()
+    reduce_gradients_(model.parameters(), group)
+    loss = float(all_reduce_(loss_sum.detach(), group)) / count
+    return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+LAYOUTS = [  # (sp, dp, kv heads): kv < sp (replicated), kv == sp, and dp x sp
+    (4, 1, 2), (4, 1, 4), (2, 2, 2)]
+
+
+def _dims(rank, world, sp, dp):
+    dims = ParallelDims(tp=1, sp=sp, dp=dp, world_size=world, rank=rank,
+                        device=torch.device("cpu"))
+    dims.build_mesh()
+    return dims
+
+
+def _all_layouts(rank, world):
+    """One spawn for every layout (process start dominates the cost of these tests)."""
+    results = {layout: _loss_and_grads(_dims(rank, world, *layout[:2]),
+                                       {"n_heads": 4, "n_kv_heads": layout[2]})
+               for layout in LAYOUTS}
+    results["saved_bytes"] = _saved_activation_bytes(_dims(rank, world, 4, 1))
+    return results
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_distributed(_all_layouts, 4)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"sp{s}-dp{d}-kv{k}" for s, d, k in LAYOUTS])
+def test_model_forward_backward_equals_one_process(four_ranks, layout):
+    ref_loss, ref_grads = _loss_and_grads(cpu_dims(), {"n_heads": 4, "n_kv_heads": layout[2]})
+    for rank_results in four_ranks:  # every rank holds the same (global) loss and gradients
+        loss, grads = rank_results[layout]
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        for name, ref in ref_grads.items():
+            torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _saved_activation_bytes(dims: ParallelDims) -> int:
+    """Bytes of the unique non-parameter storages autograd saves for backward (DESIGN §4)."""
+    cfg = small_config(model={"d_model": 128, "n_heads": 8, "n_kv_heads": 4, "n_layers": 2},
+                       data={"seq_len": 1024})
+    model = build_model(cfg, dims)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seq = cfg.data.seq_len // dims.sp
+    start = dims.local_rank("sp") * seq
+    ids = torch.randint(0, 256, (1, seq))
+    positions = torch.arange(start, start + seq).unsqueeze(0)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_sum, _ = model(ids, positions, ids)
+    return sum(saved.values())
+
+
+def test_activation_memory_per_rank_shrinks_with_sp(four_ranks):
+    full = _saved_activation_bytes(cpu_dims())
+    per_rank = [r["saved_bytes"] for r in four_ranks]
+    ratio = max(per_rank) / full
+    print(f"saved activations: sp=1 {full / 2**20:.2f} MiB, sp=4 max/rank "
+          f"{max(per_rank) / 2**20:.2f} MiB, ratio {ratio:.3f}")
+    assert ratio <= 0.35
