@@ -66,8 +66,8 @@ def translate(exc: BaseException) -> ConfigError:
     key = _full_key(text)
     not_in = re.search(r"Key '([^']+)' not in '(\w+)'", text)
     if not_in:
-        where = key or re.search(r"Could not override '([^']+)'", text)
-        key = where if isinstance(where, str) else (where.group(1) if where else not_in.group(1))
+        override = re.search(r"Could not override '([^']+)'", text)
+        key = key or (override.group(1) if override else not_in.group(1))
         return ConfigError(key, "unknown key; check the spelling (python train.py --cfg job "
                                 "prints every key)")
     convert = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", text)
