@@ -18,7 +18,6 @@ BAD = [
     ("model", "rope_scaling", "magic", "model.rope_scaling"),
     ("parallel", "tp", 2, "parallel.tp"),
     ("parallel", "zero", 7, "parallel.zero"),
-    ("parallel", "zero", 3, "parallel.zero"),
     ("parallel", "backend", "mpi", "parallel.backend"),
     ("parallel", "dp", 0, "parallel.dp"),
     ("data", "name", "web", "data.name"),

@@ -10,6 +10,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from distributed import run_distributed
 from helpers import UnevenLabels, cpu_dims, run_torchrun, small_config
@@ -53,15 +54,16 @@ def reference(tmp_path_factory):
             for uneven in (False, True)}
 
 
-LAYOUTS = [  # (world, parallel overrides, micro-batch size)
-    (4, {"sp": 4}, 2),
-    (4, {"sp": 2, "dp": 2}, 2),
-    (2, {"sp": 2}, 1),  # another micro-batching than the reference's 2
-]
+LAYOUTS = {  # id: (world, parallel overrides, micro-batch size)
+    "sp4": (4, {"sp": 4}, 2),
+    "sp2xdp2": (4, {"sp": 2, "dp": 2}, 2),
+    "sp2-micro1": (2, {"sp": 2}, 1),  # another micro-batching than the reference's 2
+    "sp2xdp2-zero3": (4, {"sp": 2, "dp": 2, "zero": 3}, 2),
+    "dp4-zero2-micro1": (4, {"dp": 4, "zero": 2}, 1),  # params kept across micro-batches
+}
 
 
-@pytest.mark.parametrize("world,parallel,micro", LAYOUTS,
-                         ids=["sp4", "sp2xdp2", "sp2-micro1"])
+@pytest.mark.parametrize("world,parallel,micro", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_loss_curve_equals_one_process(reference, tmp_path, world, parallel, micro):
     results = run_distributed(_layout_rank, world, parallel, micro, str(tmp_path), timeout=180)
     for uneven in (False, True):
@@ -75,6 +77,67 @@ def test_loss_curve_equals_one_process(reference, tmp_path, world, parallel, mic
             assert b["peak_mem_gib"] == max(b["peak_mem_gib_per_rank"])
     # The uneven data is not a no-op: its curve differs from the plain one.
     assert reference[True][0]["loss"] != pytest.approx(reference[False][0]["loss"], rel=1e-3)
+
+
+def _train_until(rank, world, parallel, steps, exit_after, run_dir):
+    cfg = small_config(parallel=parallel, data={"seq_len": 64}, checkpoint={"every": 0},
+                       train={"steps": steps, "exit_after_steps": exit_after})
+    dims = ParallelDims.from_config(cfg.parallel, world, rank)
+    dims.build_mesh()
+    Trainer(cfg, run_dir, dims).fit()
+
+
+def test_checkpoint_reshards_across_layouts(tmp_path):
+    """Saved sharded (sp=2 x dp=2, ZeRO-3), resumed replicated over sp=4, finished alone:
+    the curve is the uninterrupted one-process 12-step curve."""
+    straight = tmp_path / "straight"
+    Trainer(small_config(data={"seq_len": 64}, checkpoint={"every": 0}, train={"steps": 12}),
+            str(straight), cpu_dims()).fit()
+    run_dir = str(tmp_path / "moved")
+    run_distributed(_train_until, 4, {"sp": 2, "dp": 2, "zero": 3}, 12, 4, run_dir, timeout=180)
+    run_distributed(_train_until, 4, {"sp": 4}, 12, 4, run_dir, timeout=180)
+    Trainer(small_config(data={"seq_len": 64}, checkpoint={"every": 0}, train={"steps": 12}),
+            run_dir, cpu_dims()).fit()
+    ref, got = _rows(straight), _rows(run_dir)
+    assert [r["step"] for r in got] == list(range(1, 13))
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+
+
+def _state_bytes_by_zero(rank, world):
+    return {zero: _state_bytes(rank, world, zero) for zero in (0, 2, 3)}
+
+
+def _state_bytes(rank, world, zero):
+    """Per-rank bytes of parameters, gradients and optimizer state after one step."""
+    cfg = small_config(parallel={"dp": world, "zero": zero}, data={"seq_len": 64},
+                       train={"steps": 1, "micro_batch_size": 1}, checkpoint={"resume": "never"})
+    dims = ParallelDims.from_config(cfg.parallel, world, rank)
+    dims.build_mesh()
+    trainer = Trainer(cfg, "/nonexistent-run-dir", dims)
+    trainer.train_step()
+
+    def local_bytes(tensors):
+        return sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes for t in tensors)
+
+    params = list(trainer.model.parameters())
+    optim = [v for state in trainer.optimizer.state.values() for v in state.values()
+             if isinstance(v, torch.Tensor) and v.ndim > 0]
+    return {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
+            "optim": local_bytes(optim)}
+
+
+def test_zero_stages_shard_state_per_rank():
+    """ZeRO-2 shards gradients and optimizer state ~1/dp_sp; ZeRO-3 the parameters too."""
+    by_zero = run_distributed(_state_bytes_by_zero, 4)[0]
+    print("per-rank bytes at dp_sp=4:", by_zero)
+    full = by_zero[0]
+    for zero in (2, 3):
+        assert by_zero[zero]["optim"] <= 0.3 * full["optim"]
+    # FSDP2 frees the unsharded parameters after backward in both stages; the gradients it
+    # leaves are the reduce-scattered shards.
+    assert by_zero[3]["params"] <= 0.3 * full["params"]
+    assert by_zero[3]["grads"] <= 0.3 * full["grads"]
 
 
 def test_torchrun_sp2_trains_and_resumes(tmp_path, small_args):

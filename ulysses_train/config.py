@@ -183,7 +183,6 @@ def validate_parallel(p: ParallelConfig, world_size: int) -> None:
     _one_of(p.zero, ZERO_STAGES, "parallel.zero")
     _one_of(p.backend, BACKENDS, "parallel.backend")
     _not_yet(p.tp > 1, "parallel.tp", p.tp, "tensor parallel")
-    _not_yet(p.zero != 0, "parallel.zero", p.zero, "ZeRO sharding")
     inner = p.tp * p.sp
     require(world_size % inner == 0, "parallel.sp",
             f"tp x sp = {p.tp} x {p.sp} does not divide the world size {world_size}; launch "

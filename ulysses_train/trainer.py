@@ -25,6 +25,7 @@ from .model import GPT, flops_per_token, num_params, padded_vocab, sdpa_attentio
 from .optim import build_optimizer, build_scheduler
 from .parallel import ParallelDims, UlyssesAttention
 from .parallel.data_parallel import all_reduce_, reduce_gradients_
+from .parallel.sharding import apply_sharding, set_last_micro_batch
 
 
 def run(cfg: Config, run_dir: str) -> int:
@@ -64,6 +65,11 @@ def build_model(cfg: Config, dims: ParallelDims) -> GPT:
         attention_fn = UlyssesAttention(sdpa_attention, dims.group("sp"))
     with torch.device("meta"):
         model = GPT(cfg.model, attention_fn=attention_fn)
+    # The order matters: sharding wraps whatever layout TP left, and parameters are only
+    # materialized (and initialized per name, shard by shard) once every wrapper is in place.
+    param_dtype = resolve_dtype(cfg.train.precision, dims.device)
+    apply_sharding(model, dims, cfg.parallel.zero,
+                   param_dtype=None if param_dtype == torch.float32 else param_dtype)
     model.to_empty(device=dims.device)
     model.init_weights(cfg.train.seed)
     return model
@@ -84,6 +90,7 @@ class Trainer:
                                log=self._say, is_main=dims.is_main)
         self.model = build_model(cfg, dims)
         self.dp_sp = dims.group("dp_sp")  # None alone: every reduction is then the identity
+        self.sharded = cfg.parallel.zero > 0 and dims.dp_sp > 1  # FSDP2 reduces gradients itself
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint, cfg.model, log=self._say,
@@ -159,15 +166,19 @@ class Trainer:
         n_valid = max(self._global_count(micro), 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
-        for input_ids, position_ids, labels in micro:
+        for i, (input_ids, position_ids, labels) in enumerate(micro):
+            if self.sharded:
+                set_last_micro_batch(self.model, self.cfg.parallel.zero, i == len(micro) - 1)
             with self._autocast():
                 part, _ = self.model(input_ids, position_ids, labels)
             (part / n_valid).backward()
             loss_sum += part.detach()
-        reduce_gradients_(self.model.parameters(), self.dp_sp)
-        # Gradients are now identical on every rank, so the local norm is the global one.
+        if not self.sharded:
+            reduce_gradients_(self.model.parameters(), self.dp_sp)
+        # Gradients are now the global ones (replicated, or DTensor shards whose norm torch
+        # reduces over the mesh), so this norm and clipping are global.
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -266,6 +277,11 @@ class Trainer:
                 reporter.info(f"stopping after {cfg.train.exit_after_steps} steps "
                               f"(train.exit_after_steps); rerun the same command to resume")
                 return
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's global value (e.g. a norm computed over shards), else the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _format_row(row: dict, total: int) -> str:

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import sdpa_attention
-from .init import init_param_
+from .init import _is_dtensor, init_param_
 from .rope import apply_rotary, rope_cos_sin, rope_inv_freq
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -149,8 +149,12 @@ class GPT(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin)
         h = self.norm(h)
-        head = self.tok_embeddings.weight if self.output is None else self.output.weight
-        logits = F.linear(h, head)  # (B, S, d) -> (B, S, Vpad)
+        # (B, S, d) -> (B, S, Vpad). The untied head is called as a module so that wrappers
+        # applied from outside (a tensor-parallel plan, FSDP2) see it run.
+        if self.output is None:
+            logits = F.linear(h, self.tok_embeddings.weight)
+        else:
+            logits = self.output(h)
         if labels is None:
             return logits
         return token_loss_sum(logits, labels)
@@ -187,8 +191,14 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """(sum of fp32 cross-entropy over labels != -100, count of those labels).
 
     The upcast happens before log-softmax, so bf16 autocast logits still get an fp32 loss.
-    With no valid label the sum is an exact 0 (a mean would be NaN).
+    With no valid label the sum is an exact 0 (a mean would be NaN). Logits sharded on the vocab
+    dim (a DTensor from a tensor-parallel head) go to the vocab-parallel version, so no rank
+    gathers the full-vocab logits.
     """
+    if _is_dtensor(logits):
+        from ..parallel.tensor import vocab_parallel_loss_sum  # lazy: no distributed import here
+
+        return vocab_parallel_loss_sum(logits, labels)
     flat_logits = logits.float().reshape(-1, logits.shape[-1])  # (B, S, V) -> (B*S, V)
     flat_labels = labels.reshape(-1)  # (B, S) -> (B*S,)
     loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -1,0 +1,286 @@
+"""Tensor parallelism: a DTensor plan for the single-device GPT, and the vocab-parallel loss.
+
+Megatron-style TP without Megatron's sequence parallel (sequence parallelism here is Ulysses):
+the residual stream between blocks is a plain, replicated tensor on every tp rank; inside a
+block the head-split and hidden-split projections are sharded:
+
+- attention: wq, wk, wv column-parallel (each rank owns Hq/tp query and Hkv/tp kv heads), wo
+  row-parallel (partial sums all-reduced). The model reshapes with `view(B, S, -1, D)`, so it
+  sees its Hq/tp, Hkv/tp local heads without knowing it; a Ulysses `attention_fn` then splits
+  those local heads over sp. What reaches `attention_fn` is a plain local tensor.
+- SwiGLU: w1 (gate) and w3 (up) column-parallel, w2 (down) row-parallel.
+- token embedding vocab-parallel: rows sharded, out-of-range ids looked up as zeros, the output
+  all-reduced to replicated.
+- head column-parallel with the logits *kept* sharded on the vocab dim (a DTensor, Shard(-1)),
+  so no rank ever holds full-vocab logits; `token_loss_sum` sees the DTensor and calls
+  `vocab_parallel_loss_sum` below.
+- norms replicated (plain parameters; their gradients are identical on every tp rank).
+
+Collectives per block: forward 2 all-reduces (wo, w2), backward 2 (one per block input that
+fans out to several column-parallel projections: q/k/v share one, gate/up share one, because
+`PrepareModuleInput` turns the input into a replicated DTensor *once* and the three partial
+input-gradients add up before the single all-reduce). Plus 1 forward for the embedding,
+1 backward for the head input, and 2 forward for the loss.
+
+Order (DESIGN §3): build on meta -> `apply_tensor_parallel` -> activation checkpointing ->
+compile -> FSDP2 over the dp_sp mesh -> `to_empty` -> `init_weights` (name-seeded, so every
+`full_tensor()` equals the single-process init).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                               PrepareModuleOutput, RowwiseParallel,
+                                               parallelize_module)
+
+from ..config import ModelConfig
+from ..errors import require
+from ..model.gpt import IGNORE_INDEX, GPT, padded_vocab
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    """Raise `ConfigError` unless every dimension the plan shards splits evenly over `tp`.
+
+    Pure and collective-free: every rank can run it on the config alone, before any heavy work.
+    """
+    hint = f"tensor parallel (parallel.tp={tp}) splits it over tp ranks"
+    require(cfg.n_heads % tp == 0, "model.n_heads",
+            f"{cfg.n_heads} query heads are not divisible by parallel.tp={tp}; {hint}: "
+            "choose a tp that divides n_heads")
+    require(cfg.n_kv_heads % tp == 0, "model.n_kv_heads",
+            f"{cfg.n_kv_heads} kv heads are not divisible by parallel.tp={tp}; {hint}: "
+            "choose a tp that divides n_kv_heads")
+    vocab = padded_vocab(cfg.vocab_size)
+    require(vocab % tp == 0, "model.vocab_size",
+            f"the padded vocabulary ({vocab} rows, vocab_size={cfg.vocab_size} rounded up to a "
+            f"multiple of 128) is not divisible by parallel.tp={tp}; {hint}: use a tp that "
+            f"divides {vocab}")
+    require(cfg.ffn_hidden % tp == 0, "model.ffn_hidden",
+            f"{cfg.ffn_hidden} is not divisible by parallel.tp={tp}; {hint}: choose a "
+            f"ffn_hidden that is a multiple of {tp}")
+
+
+def tp_plan(model: GPT) -> dict[str, object]:
+    """The `parallelize_module` plan for `model` (keys are module paths; `*` = any layer)."""
+    # Replicated DTensor input, made once per sub-block: its gradient is the sum of the partial
+    # gradients of the column-parallel projections reading it, all-reduced once (not per linear).
+    replicated_in = dict(use_local_output=False)
+    plan: dict[str, object] = {
+        # Vocab rows sharded; every rank gets all ids (Replicate), looks up the ones it owns and
+        # the all-reduce assembles the (B, S, d) embedding, returned as a plain local tensor.
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        # attention(x, cos, sin): only x becomes a DTensor; cos/sin stay plain (None).
+        "layers.*.attention": PrepareModuleInput(input_layouts=(Replicate(), None, None),
+                                                 desired_input_layouts=(Replicate(), None, None),
+                                                 **replicated_in),
+        # (B, S, d) -> (B, S, H*D/tp) local: this rank's heads, plain tensors for the kernel.
+        "layers.*.attention.wq": ColwiseParallel(),
+        "layers.*.attention.wk": ColwiseParallel(),
+        "layers.*.attention.wv": ColwiseParallel(),
+        # (B, S, Hq*D/tp) local -> partial (B, S, d) -> all-reduce -> replicated local tensor.
+        "layers.*.attention.wo": RowwiseParallel(),
+        "layers.*.feed_forward": PrepareModuleInput(input_layouts=(Replicate(),),
+                                                    desired_input_layouts=(Replicate(),),
+                                                    **replicated_in),
+        "layers.*.feed_forward.w1": ColwiseParallel(),  # (B, S, d) -> (B, S, F/tp)
+        "layers.*.feed_forward.w3": ColwiseParallel(),
+        "layers.*.feed_forward.w2": RowwiseParallel(),  # (B, S, F/tp) -> all-reduce -> (B, S, d)
+    }
+    if model.output is not None:
+        # (B, S, d) -> (B, S, V/tp) as a DTensor Shard(-1): the loss stays vocab-parallel.
+        plan["output"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    else:
+        # Tied head: GPT.forward computes F.linear(h, tok_embeddings.weight) itself. That weight
+        # is already vocab-sharded (Shard(0)) by the embedding's plan, so a replicated DTensor h
+        # is all the matmul needs to produce Shard(-1) logits, the same layout as the untied head.
+        plan["norm"] = PrepareModuleOutput(output_layouts=Replicate(),
+                                           desired_output_layouts=Replicate(), use_local_output=False)
+    return plan
+
+
+def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
+    """Shard `model` in place over the 1-D `tp_mesh` (call on the meta device, before FSDP2).
+
+    Parameters of sharded layers become DTensors on `tp_mesh` (Shard(0) for column-parallel and
+    vocab-parallel weights, Shard(1) for row-parallel ones); norms stay plain. Raises
+    `ConfigError` when a dimension does not split (see `check_tp`). Tied embeddings are supported.
+    """
+    if tp_mesh.ndim != 1:
+        raise ValueError(f"apply_tensor_parallel needs a 1-D tp mesh, got {tp_mesh.ndim}-D")
+    check_tp(model.cfg, tp_mesh.size())
+    if tp_mesh.size() == 1:
+        return  # size-1 path: exactly the single-device model, no DTensors
+    parallelize_module(model, tp_mesh, tp_plan(model))
+    model.tok_embeddings.register_forward_pre_hook(_GradResharder())
+
+
+class _GradResharder:
+    """Forward pre-hook keeping the vocab-parallel embedding's gradient vocab-sharded.
+
+    Why: DTensor has no row-wise strategy for the embedding backward, so it computes the weight
+    gradient *replicated*, a full (V, d) tensor on every tp rank stored as `.grad` of a Shard(0)
+    parameter: tp times the memory, the optimizer resharding it every step, the dp all-reduce
+    sending tp times the bytes. A hook on the weight turns it into this rank's Shard(0) slice
+    (a local copy, no communication) before it is accumulated.
+
+    The tensor hook is re-registered at every forward (replacing the previous one) instead of
+    once: `to_empty` swaps parameter contents and drops hooks registered earlier. One hook on the
+    leaf covers any number of forwards before a backward; it is idempotent. Skipped when the
+    weight is not a 1-D-mesh DTensor (e.g. FSDP2's sharded parameter, whose own post-backward
+    redistributes gradients to the parameter's tp placements).
+    """
+
+    def __init__(self):
+        self.handle = None
+
+    def __call__(self, module: nn.Module, args) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        weight = module.weight
+        if not (torch.is_grad_enabled() and weight.requires_grad and isinstance(weight, DTensor)
+                and weight.device_mesh.ndim == 1):
+            return
+        placements = weight.placements
+
+        def reshard(grad: DTensor) -> DTensor:
+            if grad.placements == placements:
+                return grad
+            return grad.redistribute(placements=placements)  # Replicate -> Shard(0): local copy
+
+        self.handle = weight.register_hook(reshard)
+
+
+def _all_reduce(t: torch.Tensor, op: str, group: dist.ProcessGroup) -> torch.Tensor:
+    """Out-of-place all-reduce through torch's functional collective op (the op DTensor, the
+    Ulysses all-to-alls and torch.compile use), waited at once: the next op needs the result."""
+    out = torch.ops._c10d_functional.all_reduce(t.contiguous(), op, group.group_name)
+    return torch.ops._c10d_functional.wait_tensor(out)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy over valid labels for logits sharded on the vocab dim.
+
+    Forward, for N tokens and this rank's vocab columns [start, start + V/tp):
+        m   = all_reduce_max(max_local(z))                        per token, for stability
+        se  = all_reduce_sum(sum_local(exp(z - m)))               the global softmax denominator
+        zt  = all_reduce_sum(z[target] - m on the owning rank, 0 elsewhere)
+        sum over valid tokens of log(se) - zt
+    Backward (no communication): d/dz = (softmax(z) - onehot(target)) * valid * grad, each rank
+    for its own columns. The result is replicated over tp, so every rank's backward seeds the
+    same grad and produces exactly its shard of the full-logits gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, start, group):  # logits (N, V/tp) fp32, labels (N,)
+        n_local = logits.shape[-1]
+        valid = labels != IGNORE_INDEX
+        owned = valid & (labels >= start) & (labels < start + n_local)
+        local_target = torch.where(owned, labels - start, 0)  # (N,) index into this shard
+        with torch.no_grad():
+            max_z = _all_reduce(logits.max(dim=-1).values, "max", group)  # (N,)
+            shifted = logits - max_z.unsqueeze(-1)  # (N, V/tp)
+            exp = shifted.exp_()  # in place: the shifted logits are not needed again
+            target_z = torch.where(owned, torch.gather(logits, 1, local_target[:, None])[:, 0] - max_z, 0.0)
+            # One all-reduce for both per-token sums: (2, N).
+            sums = _all_reduce(torch.stack([exp.sum(dim=-1), target_z]), "sum", group)
+            sum_exp, target_z = sums[0], sums[1]
+            loss = torch.where(valid, sum_exp.log() - target_z, 0.0).sum()
+            softmax = exp.div_(sum_exp.unsqueeze(-1))  # (N, V/tp), reuses the exp buffer
+        ctx.save_for_backward(softmax, valid, owned, local_target)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, valid, owned, local_target = ctx.saved_tensors
+        scale = valid.to(softmax.dtype) * grad_loss  # (N,): 0 for ignored tokens
+        grad = softmax * scale.unsqueeze(-1)  # new buffer: the graph may be retained
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, local_target] -= owned.to(grad.dtype) * scale  # - onehot, on the owning rank
+        return grad, None, None, None
+
+
+def vocab_parallel_loss_sum(logits: DTensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_loss_sum` for logits sharded on the vocab dim over a 1-D tp mesh.
+
+    logits: DTensor (B, S, V) with placement Shard(-1), local (B, S, V/tp); labels: (B, S) plain,
+    identical on the tp ranks. Returns (fp32 loss sum, valid count) as plain tensors with the
+    same value on every tp rank, like the single-device function: the trainer divides and
+    all-reduces them over dp_sp as before. The backward needs no context manager.
+    """
+    mesh = logits.device_mesh
+    if mesh.ndim != 1 or logits.placements[0] != Shard(logits.ndim - 1):
+        raise ValueError(f"vocab_parallel_loss_sum expects logits sharded on the last dim over a "
+                         f"1-D mesh, got {logits.placements} on a {mesh.ndim}-D mesh")
+    local = logits.to_local()  # (B, S, V/tp); its backward wraps the gradient back as Shard(-1)
+    n_local = local.shape[-1]
+    if n_local * mesh.size() != logits.shape[-1]:
+        raise ValueError(f"vocab {logits.shape[-1]} is not evenly sharded over tp={mesh.size()}")
+    start = mesh.get_local_rank() * n_local
+    flat = local.float().reshape(-1, n_local)  # (B, S, V/tp) -> (B*S, V/tp), fp32 like the reference
+    flat_labels = labels.reshape(-1)  # (B, S) -> (B*S,)
+    loss_sum = _VocabParallelCrossEntropy.apply(flat, flat_labels, start, mesh.get_group())
+    return loss_sum, (flat_labels != IGNORE_INDEX).sum()
+
+
+def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The global gradient norm over a mix of plain and DTensor parameters; same on every rank.
+
+    `torch.nn.utils.clip_grad_norm_` cannot mix them (its foreach norm refuses plain tensors
+    next to DTensors, and DTensors on different meshes). Here every gradient contributes its
+    *local* |g|^p sum (max for inf), reduced over exactly the mesh dims on which it is sharded:
+    a Shard dim holds distinct pieces (summed), a Replicate dim holds copies (counted once), and
+    plain tensors are taken as replicated (the trainer has already reduced them over dp_sp).
+    A Partial gradient (not yet reduced) is an error. Collective: every rank must call it with
+    the same parameters, in the same order.
+    """
+    inf = norm_type == float("inf")
+    totals: dict[tuple[str, ...], list[torch.Tensor]] = {}  # shard groups -> local sums
+    groups: dict[str, dist.ProcessGroup] = {}
+    for p in params:
+        grad = p.grad
+        if grad is None:
+            continue
+        key: tuple[str, ...] = ()
+        if isinstance(grad, DTensor):
+            if any(pl.is_partial() for pl in grad.placements):
+                raise ValueError(f"grad_norm: a gradient is still Partial {grad.placements}; "
+                                 "reduce it first")
+            for dim, pl in enumerate(grad.placements):
+                if pl.is_shard():
+                    group = grad.device_mesh.get_group(dim)
+                    groups[group.group_name] = group
+                    key += (group.group_name,)
+            grad = grad.to_local()
+        norm = torch.linalg.vector_norm(grad.float(), norm_type)
+        totals.setdefault(key, []).append(norm if inf else norm.pow(norm_type))
+    device = next((t[0].device for t in totals.values()), torch.device("cpu"))
+    total = torch.zeros((), device=device)
+    for key, parts in totals.items():  # same keys, same order on every rank
+        part = torch.stack(parts).max() if inf else torch.stack(parts).sum()
+        for name in key:
+            part = _all_reduce(part, "max" if inf else "sum", groups[name])
+        total = torch.maximum(total, part) if inf else total + part
+    return total if inf else total.pow(1.0 / norm_type)
+
+
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float,
+                    norm_type: float = 2.0) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for mixed plain/DTensor gradients (see `grad_norm`).
+
+    Scales every gradient by min(1, max_norm / (norm + 1e-6)), torch's formula, on the local
+    tensors (no communication beyond the norm). Returns the global norm before clipping.
+    """
+    params = [p for p in params if p.grad is not None]
+    total = grad_norm(params, norm_type)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in params:
+        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        grad.mul_(coef.to(grad.dtype))
+    return total
