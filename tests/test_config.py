@@ -16,7 +16,7 @@ BAD = [
     ("model", "rope_theta", math.inf, "model.rope_theta"),
     ("model", "rope_scaling", "yarn", "model.rope_scaling"),  # allowed value, not yet built
     ("model", "rope_scaling", "magic", "model.rope_scaling"),
-    ("parallel", "tp", 2, "parallel.tp"),
+    ("parallel", "tp", 2, "parallel.tp"),  # asks for 2 ranks, got 1
     ("parallel", "zero", 7, "parallel.zero"),
     ("parallel", "backend", "mpi", "parallel.backend"),
     ("parallel", "dp", 0, "parallel.dp"),
@@ -82,6 +82,11 @@ LAYOUTS_BAD = [  # (sections, world size, key)
     ({"parallel": {"sp": 4}, "data": {"seq_len": 30}}, 4, "data.seq_len"),
     ({"parallel": {"sp": 1}}, 4, "train.global_batch_size"),  # dp 4 x micro 2 > 4
     ({"parallel": {"sp": 4}}, 1, "parallel.sp"),  # asks for 4 ranks, got 1
+    ({"parallel": {"tp": 8}}, 8, "model.n_heads"),  # 4 heads over tp 8
+    ({"parallel": {"tp": 4}}, 4, "model.n_kv_heads"),  # 2 kv heads over tp 4
+    ({"parallel": {"tp": 2}, "model": {"ffn_hidden": 129}}, 2, "model.ffn_hidden"),
+    ({"parallel": {"tp": 2, "sp": 2}, "model": {"n_heads": 2, "n_kv_heads": 2,
+                                                 "d_model": 32}}, 4, "model.n_heads"),
 ]
 
 
@@ -97,6 +102,8 @@ def test_layouts_that_do_not_fit(sections, world, key):
     ({"parallel": {"sp": 2}}, 4),  # dp = -1 -> 2
     ({"parallel": {"sp": 2, "dp": 2}}, 4),
     ({"parallel": {"sp": 2}, "train": {"micro_batch_size": 1}}, 2),
+    ({"parallel": {"tp": 2, "sp": 2}}, 4),  # kv 2 / tp 2 = 1 local kv head, replicated over sp
+    ({"parallel": {"tp": 2, "dp": 2, "zero": 3}}, 4),
 ])
 def test_layouts_that_fit(sections, world):
     validate(small_config(**sections), world_size=world)

@@ -59,7 +59,9 @@ LAYOUTS = {  # id: (world, parallel overrides, micro-batch size)
     "sp2xdp2": (4, {"sp": 2, "dp": 2}, 2),
     "sp2-micro1": (2, {"sp": 2}, 1),  # another micro-batching than the reference's 2
     "sp2xdp2-zero3": (4, {"sp": 2, "dp": 2, "zero": 3}, 2),
-    "dp4-zero2-micro1": (4, {"dp": 4, "zero": 2}, 1),  # params kept across micro-batches
+    "tp2": (2, {"tp": 2}, 2),
+    "tp2xsp2": (4, {"tp": 2, "sp": 2}, 2),  # 1 local kv head per tp rank, replicated over sp
+    "tp2xdp2-zero2-micro1": (4, {"tp": 2, "dp": 2, "zero": 2}, 1),  # params kept across micro
 }
 
 
@@ -88,16 +90,14 @@ def _train_until(rank, world, parallel, steps, exit_after, run_dir):
 
 
 def test_checkpoint_reshards_across_layouts(tmp_path):
-    """Saved sharded (sp=2 x dp=2, ZeRO-3), resumed replicated over sp=4, finished alone:
-    the curve is the uninterrupted one-process 12-step curve."""
+    """Saved under sp=4 at step 6 of 12, resumed as tp=2 x dp=2 with ZeRO-3 to step 12: the
+    curve is the uninterrupted one-process 12-step curve (DCP reshards on load)."""
     straight = tmp_path / "straight"
     Trainer(small_config(data={"seq_len": 64}, checkpoint={"every": 0}, train={"steps": 12}),
             str(straight), cpu_dims()).fit()
     run_dir = str(tmp_path / "moved")
-    run_distributed(_train_until, 4, {"sp": 2, "dp": 2, "zero": 3}, 12, 4, run_dir, timeout=180)
-    run_distributed(_train_until, 4, {"sp": 4}, 12, 4, run_dir, timeout=180)
-    Trainer(small_config(data={"seq_len": 64}, checkpoint={"every": 0}, train={"steps": 12}),
-            run_dir, cpu_dims()).fit()
+    run_distributed(_train_until, 4, {"sp": 4}, 12, 6, run_dir, timeout=180)
+    run_distributed(_train_until, 4, {"tp": 2, "dp": 2, "zero": 3}, 12, 0, run_dir, timeout=180)
     ref, got = _rows(straight), _rows(run_dir)
     assert [r["step"] for r in got] == list(range(1, 13))
     for a, b in zip(ref, got):

@@ -24,6 +24,7 @@ ZERO_STAGES = (0, 2, 3)
 BACKENDS = ("auto", "nccl", "gloo")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
+VOCAB_MULTIPLE = 128
 
 
 @dataclass
@@ -182,9 +183,8 @@ def validate_parallel(p: ParallelConfig, world_size: int) -> None:
     require(p.dp == -1 or p.dp > 0, "parallel.dp", f"must be -1 (the rest) or positive, got {p.dp}")
     _one_of(p.zero, ZERO_STAGES, "parallel.zero")
     _one_of(p.backend, BACKENDS, "parallel.backend")
-    _not_yet(p.tp > 1, "parallel.tp", p.tp, "tensor parallel")
     inner = p.tp * p.sp
-    require(world_size % inner == 0, "parallel.sp",
+    require(world_size % inner == 0, "parallel.tp" if world_size % p.tp else "parallel.sp",
             f"tp x sp = {p.tp} x {p.sp} does not divide the world size {world_size}; launch "
             f"a multiple of {inner} processes (torchrun --nproc_per_node=...)")
     dp = p.dp if p.dp > 0 else world_size // inner
@@ -193,17 +193,48 @@ def validate_parallel(p: ParallelConfig, world_size: int) -> None:
             "were launched; use parallel.dp=-1 or launch that many")
 
 
+def padded_vocab(vocab_size: int) -> int:
+    """Embedding/head rows: `vocab_size` rounded up to a multiple of 128.
+
+    Why: matmul kernels are fastest on multiples of 128, and a tensor-parallel split of the head
+    needs a row count divisible by tp. The extra rows are never targets; they only learn to
+    receive low logits.
+    """
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    """Raise `ConfigError` unless every dimension the plan shards splits evenly over `tp`.
+
+    Pure and collective-free: every rank can run it on the config alone, before any heavy work.
+    """
+    hint = f"tensor parallel (parallel.tp={tp}) splits it over tp ranks"
+    require(cfg.n_heads % tp == 0, "model.n_heads",
+            f"{cfg.n_heads} query heads are not divisible by parallel.tp={tp}; {hint}: "
+            "choose a tp that divides n_heads")
+    require(cfg.n_kv_heads % tp == 0, "model.n_kv_heads",
+            f"{cfg.n_kv_heads} kv heads are not divisible by parallel.tp={tp}; {hint}: "
+            "choose a tp that divides n_kv_heads")
+    vocab = padded_vocab(cfg.vocab_size)
+    require(vocab % tp == 0, "model.vocab_size",
+            f"the padded vocabulary ({vocab} rows, vocab_size={cfg.vocab_size} rounded up to a "
+            f"multiple of 128) is not divisible by parallel.tp={tp}; {hint}: use a tp that "
+            f"divides {vocab}")
+    require(cfg.ffn_hidden % tp == 0, "model.ffn_hidden",
+            f"{cfg.ffn_hidden} is not divisible by parallel.tp={tp}; {hint}: choose a "
+            f"ffn_hidden that is a multiple of {tp}")
+
+
 def validate_layout(cfg: "Config", world_size: int) -> int:
     """Checks that need both the model and the layout; returns the resolved dp degree."""
     p, m = cfg.parallel, cfg.model
     dp = p.dp if p.dp > 0 else world_size // (p.tp * p.sp)
+    check_tp(m, p.tp)
     heads_split = p.tp * p.sp
     require(m.n_heads % heads_split == 0, "model.n_heads",
             f"{m.n_heads} heads cannot be split over tp x sp = {heads_split} ranks; use a "
             "layout whose tp x sp divides the head count")
-    kv = m.n_kv_heads // p.tp if m.n_kv_heads % p.tp == 0 else 0
-    require(kv > 0, "model.n_kv_heads", f"{m.n_kv_heads} kv heads cannot be split over "
-            f"tp={p.tp}; tp must divide the kv head count")
+    kv = m.n_kv_heads // p.tp
     require(kv % p.sp == 0 or p.sp % kv == 0, "model.n_kv_heads",
             f"{kv} kv heads per tp rank and sp={p.sp}: one must divide the other (kv heads are "
             "split over sp, or replicated when fewer than sp)")

@@ -26,6 +26,7 @@ from .optim import build_optimizer, build_scheduler
 from .parallel import ParallelDims, UlyssesAttention
 from .parallel.data_parallel import all_reduce_, reduce_gradients_
 from .parallel.sharding import apply_sharding, set_last_micro_batch
+from .parallel.tensor import apply_tensor_parallel, clip_grad_norm_
 
 
 def run(cfg: Config, run_dir: str) -> int:
@@ -65,8 +66,12 @@ def build_model(cfg: Config, dims: ParallelDims) -> GPT:
         attention_fn = UlyssesAttention(sdpa_attention, dims.group("sp"))
     with torch.device("meta"):
         model = GPT(cfg.model, attention_fn=attention_fn)
-    # The order matters: sharding wraps whatever layout TP left, and parameters are only
-    # materialized (and initialized per name, shard by shard) once every wrapper is in place.
+    # The order matters (DESIGN §3): TP first (the plan names the unwrapped modules), then
+    # activation checkpointing and compile (later), then FSDP2, which wraps whatever layout TP
+    # left; parameters are only materialized, and initialized per name shard by shard, once
+    # every wrapper is in place.
+    if dims.tp > 1:
+        apply_tensor_parallel(model, dims.meshes["tp"])
     param_dtype = resolve_dtype(cfg.train.precision, dims.device)
     apply_sharding(model, dims, cfg.parallel.zero,
                    param_dtype=None if param_dtype == torch.float32 else param_dtype)
@@ -175,10 +180,10 @@ class Trainer:
             loss_sum += part.detach()
         if not self.sharded:
             reduce_gradients_(self.model.parameters(), self.dp_sp)
-        # Gradients are now the global ones (replicated, or DTensor shards whose norm torch
-        # reduces over the mesh), so this norm and clipping are global.
+        # Gradients are now the global ones (replicated, or tp/FSDP shards): the norm sums each
+        # shard once over the dimensions it is split on, so norm and clipping are global.
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = clip_grad_norm_(self.model.parameters(), clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -277,11 +282,6 @@ class Trainer:
                 reporter.info(f"stopping after {cfg.train.exit_after_steps} steps "
                               f"(train.exit_after_steps); rerun the same command to resume")
                 return
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's global value (e.g. a norm computed over shards), else the tensor itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _format_row(row: dict, total: int) -> str:

@@ -27,24 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, padded_vocab
 from .attention import sdpa_attention
 from .init import _is_dtensor, init_param_
 from .rope import apply_rotary, rope_cos_sin, rope_inv_freq
 
 AttentionFn = Callable[..., torch.Tensor]
 IGNORE_INDEX = -100
-VOCAB_MULTIPLE = 128
-
-
-def padded_vocab(vocab_size: int) -> int:
-    """Embedding/head rows: `vocab_size` rounded up to a multiple of 128.
-
-    Why: matmul kernels are fastest on multiples of 128, and a tensor-parallel split of the head
-    needs a row count divisible by tp. The extra rows are never targets; they only learn to
-    receive low logits.
-    """
-    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 class RMSNorm(nn.Module):
@@ -132,6 +121,9 @@ class GPT(nn.Module):
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, self.vocab_size, bias=False)
         # Non-persistent: derived from the config, recomputed by init_weights, not checkpointed.
         self.register_buffer("inv_freq", rope_inv_freq(self.head_dim, cfg.rope_theta), persistent=False)
+        # (logits, labels) -> (loss_sum, n_valid). Injected, like attention_fn: a tensor-parallel
+        # plan replaces it with a vocab-parallel loss for its vocab-sharded logits.
+        self.loss_fn = token_loss_sum
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 labels: torch.Tensor | None = None):
@@ -157,7 +149,7 @@ class GPT(nn.Module):
             logits = self.output(h)
         if labels is None:
             return logits
-        return token_loss_sum(logits, labels)
+        return self.loss_fn(logits, labels)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -191,14 +183,12 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """(sum of fp32 cross-entropy over labels != -100, count of those labels).
 
     The upcast happens before log-softmax, so bf16 autocast logits still get an fp32 loss.
-    With no valid label the sum is an exact 0 (a mean would be NaN). Logits sharded on the vocab
-    dim (a DTensor from a tensor-parallel head) go to the vocab-parallel version, so no rank
-    gathers the full-vocab logits.
+    With no valid label the sum is an exact 0 (a mean would be NaN). Single-device only: logits
+    sharded on the vocab dim (a DTensor from a tensor-parallel head) are refused.
     """
-    if _is_dtensor(logits):
-        from ..parallel.tensor import vocab_parallel_loss_sum  # lazy: no distributed import here
-
-        return vocab_parallel_loss_sum(logits, labels)
+    if _is_dtensor(logits):  # plain cross-entropy would all-gather the full-vocab logits
+        raise TypeError("token_loss_sum got vocab-sharded (DTensor) logits: use the loss the "
+                        "tensor-parallel plan installs as `model.loss_fn`")
     flat_logits = logits.float().reshape(-1, logits.shape[-1])  # (B, S, V) -> (B*S, V)
     flat_labels = labels.reshape(-1)  # (B, S) -> (B*S,)
     loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -35,7 +35,10 @@ def reduce_gradients_(params: Iterable[torch.nn.Parameter], group) -> None:
             p.grad = torch.zeros_like(p)
     buckets: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
-        buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+        # A tensor-parallel gradient is a DTensor: its local shard is what this rank sums with
+        # the same shard on the other dp x sp ranks (they share the tp coordinate).
+        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        buckets.setdefault((grad.dtype, grad.device), []).append(grad)
     for grads in buckets.values():
         flat = _flatten_dense_tensors(grads)  # one contiguous buffer: one collective, no strides
         wire = flat.float() if flat.dtype != torch.float32 else flat

@@ -12,7 +12,7 @@ block the head-split and hidden-split projections are sharded:
 - token embedding vocab-parallel: rows sharded, out-of-range ids looked up as zeros, the output
   all-reduced to replicated.
 - head column-parallel with the logits *kept* sharded on the vocab dim (a DTensor, Shard(-1)),
-  so no rank ever holds full-vocab logits; `token_loss_sum` sees the DTensor and calls
+  so no rank ever holds full-vocab logits; the model's injected `loss_fn` becomes
   `vocab_parallel_loss_sum` below.
 - norms replicated (plain parameters; their gradients are identical on every tp rank).
 
@@ -39,55 +39,32 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                PrepareModuleOutput, RowwiseParallel,
                                                parallelize_module)
 
-from ..config import ModelConfig
-from ..errors import require
-from ..model.gpt import IGNORE_INDEX, GPT, padded_vocab
-
-
-def check_tp(cfg: ModelConfig, tp: int) -> None:
-    """Raise `ConfigError` unless every dimension the plan shards splits evenly over `tp`.
-
-    Pure and collective-free: every rank can run it on the config alone, before any heavy work.
-    """
-    hint = f"tensor parallel (parallel.tp={tp}) splits it over tp ranks"
-    require(cfg.n_heads % tp == 0, "model.n_heads",
-            f"{cfg.n_heads} query heads are not divisible by parallel.tp={tp}; {hint}: "
-            "choose a tp that divides n_heads")
-    require(cfg.n_kv_heads % tp == 0, "model.n_kv_heads",
-            f"{cfg.n_kv_heads} kv heads are not divisible by parallel.tp={tp}; {hint}: "
-            "choose a tp that divides n_kv_heads")
-    vocab = padded_vocab(cfg.vocab_size)
-    require(vocab % tp == 0, "model.vocab_size",
-            f"the padded vocabulary ({vocab} rows, vocab_size={cfg.vocab_size} rounded up to a "
-            f"multiple of 128) is not divisible by parallel.tp={tp}; {hint}: use a tp that "
-            f"divides {vocab}")
-    require(cfg.ffn_hidden % tp == 0, "model.ffn_hidden",
-            f"{cfg.ffn_hidden} is not divisible by parallel.tp={tp}; {hint}: choose a "
-            f"ffn_hidden that is a multiple of {tp}")
+from ..config import check_tp
+from ..model.gpt import IGNORE_INDEX, GPT
 
 
 def tp_plan(model: GPT) -> dict[str, object]:
     """The `parallelize_module` plan for `model` (keys are module paths; `*` = any layer)."""
-    # Replicated DTensor input, made once per sub-block: its gradient is the sum of the partial
-    # gradients of the column-parallel projections reading it, all-reduced once (not per linear).
-    replicated_in = dict(use_local_output=False)
     plan: dict[str, object] = {
         # Vocab rows sharded; every rank gets all ids (Replicate), looks up the ones it owns and
         # the all-reduce assembles the (B, S, d) embedding, returned as a plain local tensor.
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        # attention(x, cos, sin): only x becomes a DTensor; cos/sin stay plain (None).
+        # attention(x, cos, sin): x becomes a replicated DTensor once, for wq, wk and wv
+        # together, so its gradient (the sum of their partial gradients) is all-reduced once, not
+        # once per projection. cos/sin stay plain (None).
         "layers.*.attention": PrepareModuleInput(input_layouts=(Replicate(), None, None),
                                                  desired_input_layouts=(Replicate(), None, None),
-                                                 **replicated_in),
+                                                 use_local_output=False),
         # (B, S, d) -> (B, S, H*D/tp) local: this rank's heads, plain tensors for the kernel.
         "layers.*.attention.wq": ColwiseParallel(),
         "layers.*.attention.wk": ColwiseParallel(),
         "layers.*.attention.wv": ColwiseParallel(),
         # (B, S, Hq*D/tp) local -> partial (B, S, d) -> all-reduce -> replicated local tensor.
         "layers.*.attention.wo": RowwiseParallel(),
+        # The same for the input shared by w1 and w3.
         "layers.*.feed_forward": PrepareModuleInput(input_layouts=(Replicate(),),
                                                     desired_input_layouts=(Replicate(),),
-                                                    **replicated_in),
+                                                    use_local_output=False),
         "layers.*.feed_forward.w1": ColwiseParallel(),  # (B, S, d) -> (B, S, F/tp)
         "layers.*.feed_forward.w3": ColwiseParallel(),
         "layers.*.feed_forward.w2": RowwiseParallel(),  # (B, S, F/tp) -> all-reduce -> (B, S, d)
@@ -100,7 +77,8 @@ def tp_plan(model: GPT) -> dict[str, object]:
         # is already vocab-sharded (Shard(0)) by the embedding's plan, so a replicated DTensor h
         # is all the matmul needs to produce Shard(-1) logits, the same layout as the untied head.
         plan["norm"] = PrepareModuleOutput(output_layouts=Replicate(),
-                                           desired_output_layouts=Replicate(), use_local_output=False)
+                                           desired_output_layouts=Replicate(),
+                                           use_local_output=False)
     return plan
 
 
@@ -108,8 +86,10 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
     """Shard `model` in place over the 1-D `tp_mesh` (call on the meta device, before FSDP2).
 
     Parameters of sharded layers become DTensors on `tp_mesh` (Shard(0) for column-parallel and
-    vocab-parallel weights, Shard(1) for row-parallel ones); norms stay plain. Raises
-    `ConfigError` when a dimension does not split (see `check_tp`). Tied embeddings are supported.
+    vocab-parallel weights, Shard(1) for row-parallel ones); norms stay plain; `model.loss_fn`
+    becomes `vocab_parallel_loss_sum`. Raises `ConfigError` when a dimension does not split
+    (see `check_tp`). Tied embeddings are supported. Every tp rank must then be fed the same
+    input_ids, position_ids and labels (tp ranks split the weights, not the tokens).
     """
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel needs a 1-D tp mesh, got {tp_mesh.ndim}-D")
@@ -117,6 +97,7 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
     if tp_mesh.size() == 1:
         return  # size-1 path: exactly the single-device model, no DTensors
     parallelize_module(model, tp_mesh, tp_plan(model))
+    model.loss_fn = vocab_parallel_loss_sum  # the head's logits are now vocab-sharded DTensors
     model.tok_embeddings.register_forward_pre_hook(_GradResharder())
 
 
@@ -175,6 +156,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     Backward (no communication): d/dz = (softmax(z) - onehot(target)) * valid * grad, each rank
     for its own columns. The result is replicated over tp, so every rank's backward seeds the
     same grad and produces exactly its shard of the full-logits gradient.
+
+    Why not torch's `loss_parallel()` context (which does support reduction="sum" and
+    ignore_index): its backward must also run inside the context — outside it, torch 2.13 raises
+    "aten.nll_loss_backward.default got mixed torch.Tensor and DTensor" — and it swaps global
+    DTensor op handlers; our trainer calls `.backward()` later, on a divided loss.
     """
 
     @staticmethod
@@ -187,7 +173,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             max_z = _all_reduce(logits.max(dim=-1).values, "max", group)  # (N,)
             shifted = logits - max_z.unsqueeze(-1)  # (N, V/tp)
             exp = shifted.exp_()  # in place: the shifted logits are not needed again
-            target_z = torch.where(owned, torch.gather(logits, 1, local_target[:, None])[:, 0] - max_z, 0.0)
+            picked = torch.gather(logits, 1, local_target[:, None])[:, 0]  # (N, V/tp) -> (N,)
+            target_z = torch.where(owned, picked - max_z, 0.0)
             # One all-reduce for both per-token sums: (2, N).
             sums = _all_reduce(torch.stack([exp.sum(dim=-1), target_z]), "sum", group)
             sum_exp, target_z = sums[0], sums[1]
@@ -206,7 +193,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None
 
 
-def vocab_parallel_loss_sum(logits: DTensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vocab_parallel_loss_sum(logits: DTensor, labels: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_loss_sum` for logits sharded on the vocab dim over a 1-D tp mesh.
 
     logits: DTensor (B, S, V) with placement Shard(-1), local (B, S, V/tp); labels: (B, S) plain,
@@ -223,7 +211,7 @@ def vocab_parallel_loss_sum(logits: DTensor, labels: torch.Tensor) -> tuple[torc
     if n_local * mesh.size() != logits.shape[-1]:
         raise ValueError(f"vocab {logits.shape[-1]} is not evenly sharded over tp={mesh.size()}")
     start = mesh.get_local_rank() * n_local
-    flat = local.float().reshape(-1, n_local)  # (B, S, V/tp) -> (B*S, V/tp), fp32 like the reference
+    flat = local.float().reshape(-1, n_local)  # (B, S, V/tp) -> (B*S, V/tp), fp32 as in the ref
     flat_labels = labels.reshape(-1)  # (B, S) -> (B*S,)
     loss_sum = _VocabParallelCrossEntropy.apply(flat, flat_labels, start, mesh.get_group())
     return loss_sum, (flat_labels != IGNORE_INDEX).sum()
@@ -235,8 +223,9 @@ def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.T
     `torch.nn.utils.clip_grad_norm_` cannot mix them (its foreach norm refuses plain tensors
     next to DTensors, and DTensors on different meshes). Here every gradient contributes its
     *local* |g|^p sum (max for inf), reduced over exactly the mesh dims on which it is sharded:
-    a Shard dim holds distinct pieces (summed), a Replicate dim holds copies (counted once), and
-    plain tensors are taken as replicated (the trainer has already reduced them over dp_sp).
+    a sharded dim (Shard, or the _StridedShard FSDP2 uses on top of TP) holds distinct pieces
+    (summed), a Replicate dim holds copies (counted once), and plain tensors are taken as
+    replicated (the trainer has already reduced them over dp_sp).
     A Partial gradient (not yet reduced) is an error. Collective: every rank must call it with
     the same parameters, in the same order.
     """
@@ -253,7 +242,7 @@ def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.T
                 raise ValueError(f"grad_norm: a gradient is still Partial {grad.placements}; "
                                  "reduce it first")
             for dim, pl in enumerate(grad.placements):
-                if pl.is_shard():
+                if not pl.is_replicate():  # Shard, or FSDP2's _StridedShard (not a Shard)
                     group = grad.device_mesh.get_group(dim)
                     groups[group.group_name] = group
                     key += (group.group_name,)
