@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import typing
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from .config import MODEL_PRESETS, Config, validate
 from .errors import ConfigError
@@ -137,7 +137,7 @@ def precheck(overrides: Sequence[str], world_size: int = 1) -> Config:
         GlobalHydra.instance().clear()
 
 
-def fail(error: ConfigError, rank: int) -> "NoReturn":  # noqa: F821
+def fail(error: ConfigError, rank: int) -> NoReturn:
     """Print the contract's one error line (rank 0 only) and exit 2 on every rank."""
     if rank == 0:
         print(f"error: {error}", file=sys.stderr, flush=True)

@@ -197,7 +197,6 @@ class Trainer:
     def evaluate(self) -> float:
         """Token-weighted loss over `train.val_batches` fixed validation batches."""
         self.model.eval()
-        total, count = 0.0, 0
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, count)
         for i in range(self.cfg.train.val_batches):
             for input_ids, position_ids, labels in self._micro_batches(i, "val"):
@@ -253,6 +252,8 @@ class Trainer:
     def _loop(self, reporter: Reporter, start: int, total: int) -> None:
         cfg = self.cfg
         meter, peak = Throughput(), peak_flops(self.device)
+        if peak:
+            peak *= self.dims.world_size  # tokens/s is the whole job's, so is the peak
         flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
         while self.step < total:
             t0 = time.perf_counter()
