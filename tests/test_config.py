@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from ulysses_train.config import Config, validate
+from ulysses_train.config import Config, check_tp, validate
 from ulysses_train.errors import ConfigError
 
 from helpers import small_config
@@ -107,3 +107,21 @@ def test_layouts_that_do_not_fit(sections, world, key):
 ])
 def test_layouts_that_fit(sections, world):
     validate(small_config(**sections), world_size=world)
+
+
+@pytest.mark.parametrize("model, tp, key", [
+    ({"n_heads": 6, "n_kv_heads": 2, "d_model": 96}, 4, "model.n_heads"),
+    ({}, 4, "model.n_kv_heads"),
+    ({"n_heads": 6, "n_kv_heads": 3, "d_model": 96, "ffn_hidden": 192}, 3, "model.vocab_size"),
+    ({"ffn_hidden": 129}, 2, "model.ffn_hidden"),
+])
+def test_check_tp_rejects_uneven_splits(model, tp, key):
+    with pytest.raises(ConfigError) as info:
+        check_tp(small_config(model=model).model, tp)
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ") and f"parallel.tp={tp}" in str(info.value)
+
+
+def test_check_tp_accepts_even_splits():
+    for model, tp in (({}, 1), ({}, 2), ({"n_kv_heads": 4}, 4)):
+        check_tp(small_config(model=model).model, tp)

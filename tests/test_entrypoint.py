@@ -1,10 +1,9 @@
 """train.py end to end, as a user runs it: the run dir contract and the bad-input contract."""
-import json
 import os
 
 import pytest
 
-from helpers import SMALL, run_train
+from helpers import SMALL, metrics_rows, run_train
 
 
 def test_trains_and_writes_the_run_dir(tmp_path, small_args):
@@ -12,7 +11,7 @@ def test_trains_and_writes_the_run_dir(tmp_path, small_args):
     assert done.returncode == 0, done.stderr[-2000:]
     run = tmp_path / "run"
     assert f"run dir: {run}" in done.stdout
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    rows = metrics_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_00000002", "step_00000004"]
     assert (run / ".hydra" / "config.yaml").exists()

@@ -1,5 +1,4 @@
 """The training loop in-process: learning, token-weighted accumulation, exact resume."""
-import json
 import os
 
 import pytest
@@ -8,15 +7,11 @@ import torch
 from ulysses_train.data import Batch
 from ulysses_train.trainer import Trainer, run
 
-from helpers import cpu_dims, small_config
-
-def rows(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from helpers import cpu_dims, metrics_rows, small_config
 
 
 def losses(run_dir):
-    return [r["loss"] for r in rows(run_dir)]
+    return [r["loss"] for r in metrics_rows(run_dir)]
 
 
 def test_loss_falls(tmp_path):
@@ -30,7 +25,7 @@ def test_loss_falls(tmp_path):
 def test_metrics_rows_follow_the_contract(tmp_path):
     cfg = small_config(train={"steps": 4}, logging={"every": 2})
     run(cfg, str(tmp_path))
-    got = rows(tmp_path)
+    got = metrics_rows(tmp_path)
     assert [r["step"] for r in got] == [2, 4]
     for key in ("step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "peak_mem_gib", "mfu"):
         assert key in got[-1], key
@@ -50,7 +45,7 @@ def test_resume_is_bit_exact(tmp_path):
     assert os.path.isdir(tmp_path / "b" / "checkpoints" / "step_00000006")
     run(small_config(train={"steps": 12}, checkpoint={"every": 0}), str(tmp_path / "b"))
     assert losses(tmp_path / "b") == losses(tmp_path / "a")  # bit-exact, not approx
-    assert [r["lr"] for r in rows(tmp_path / "b")] == [r["lr"] for r in rows(tmp_path / "a")]
+    assert [r["lr"] for r in metrics_rows(tmp_path / "b")] == [r["lr"] for r in metrics_rows(tmp_path / "a")]
 
 
 def test_resume_drops_metric_rows_after_the_checkpoint(tmp_path):
@@ -62,7 +57,7 @@ def test_resume_drops_metric_rows_after_the_checkpoint(tmp_path):
     import shutil
     shutil.rmtree(ck / "step_00000006")
     run(cfg, str(tmp_path))
-    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in metrics_rows(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_finished_run_says_so(tmp_path, capsys):

@@ -6,14 +6,13 @@ per-rank or per-micro-batch means would visibly disagree with the one-process cu
 """
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 
 from distributed import run_distributed
-from helpers import UnevenLabels, cpu_dims, run_torchrun, small_config
+from helpers import UnevenLabels, cpu_dims, metrics_rows, run_torchrun, small_config
 from ulysses_train.parallel import ParallelDims
 from ulysses_train.trainer import Trainer
 
@@ -25,17 +24,12 @@ def _config(parallel: dict, micro: int):
                         train={"steps": STEPS, "micro_batch_size": micro})
 
 
-def _rows(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def _train(cfg, dims, run_dir, uneven: bool):
     trainer = Trainer(cfg, run_dir, dims)
     if uneven:
         trainer.data = UnevenLabels(trainer.data)
     trainer.fit()
-    return _rows(run_dir) if dims.is_main else None
+    return metrics_rows(run_dir) if dims.is_main else None
 
 
 def _layout_rank(rank, world, parallel, micro, run_dir):
@@ -98,7 +92,7 @@ def test_checkpoint_reshards_across_layouts(tmp_path):
     run_dir = str(tmp_path / "moved")
     run_distributed(_train_until, 4, {"sp": 4}, 12, 6, run_dir, timeout=180)
     run_distributed(_train_until, 4, {"tp": 2, "dp": 2, "zero": 3}, 12, 0, run_dir, timeout=180)
-    ref, got = _rows(straight), _rows(run_dir)
+    ref, got = metrics_rows(straight), metrics_rows(run_dir)
     assert [r["step"] for r in got] == list(range(1, 13))
     for a, b in zip(ref, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
@@ -149,7 +143,7 @@ def test_torchrun_sp2_trains_and_resumes(tmp_path, small_args):
     second = run_torchrun(2, args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
-    assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics_rows(tmp_path / "run")] == [1, 2, 3, 4]
 
 
 def test_torchrun_bad_layout_is_one_clean_line(small_args):

@@ -18,7 +18,7 @@ import typing
 from typing import NoReturn, Sequence
 
 from .config import MODEL_PRESETS, Config, validate
-from .errors import ConfigError
+from .errors import ConfigError, exception_chain
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 GROUP_OPTIONS = {"model": MODEL_PRESETS}
@@ -56,7 +56,7 @@ def _full_key(text: str) -> str | None:
 
 def translate(exc: BaseException) -> ConfigError:
     """Turn a Hydra/OmegaConf composition failure into one `ConfigError` line."""
-    text = "\n".join(str(e) for e in _chain(exc))
+    text = "\n".join(str(e) for e in exception_chain(exc))
     missing_group = re.search(r"Could not find '([\w.]+)/([^']+)'", text)
     if missing_group:
         group, name = missing_group.groups()
@@ -96,14 +96,6 @@ def _unknown_key(tree: dict, schema, prefix: str = "") -> str | None:
             if found:
                 return found
     return None
-
-
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
 
 
 def precheck(overrides: Sequence[str], world_size: int = 1) -> Config:

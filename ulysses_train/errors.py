@@ -15,6 +15,18 @@ class ConfigError(ValueError):
         self.message = message
 
 
+def exception_chain(exc: BaseException | None):
+    """`exc`, then what caused it (`__cause__`, else `__context__`), and so on; cycles stop it.
+
+    Libraries (Hydra, datasets) wrap the exception that matters; this walks back to it.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def require(ok: bool, key: str, message: str) -> None:
     """Raise `ConfigError(key, message)` unless `ok`."""
     if not ok:

@@ -24,7 +24,7 @@ from ulysses_train.model.rope import rope_cos_sin
 from ulysses_train.optim import build_optimizer
 from ulysses_train.parallel import ParallelDims, UlyssesAttention
 from ulysses_train.parallel.sharding import apply_sharding
-from ulysses_train.parallel.tensor import (apply_tensor_parallel, check_tp, clip_grad_norm_,
+from ulysses_train.parallel.tensor import (apply_tensor_parallel, clip_grad_norm_,
                                            grad_norm, vocab_parallel_loss_sum)
 
 SEED, SEQ, BATCH, VOCAB = 7, 32, 2, 256
@@ -345,24 +345,6 @@ def test_tp_size1_is_the_dense_model_and_bad_configs_fail_first(two_ranks):
         has_dtensor, loss = rank_out["size1"]
         assert not has_dtensor and torch.equal(loss, ref_loss)
         assert rank_out["bad"].startswith("model.n_kv_heads: 1 kv heads")
-
-
-@pytest.mark.parametrize("model, tp, key", [
-    ({"n_heads": 6, "n_kv_heads": 2, "d_model": 96}, 4, "model.n_heads"),
-    ({}, 4, "model.n_kv_heads"),
-    ({"n_heads": 6, "n_kv_heads": 3, "d_model": 96, "ffn_hidden": 192}, 3, "model.vocab_size"),
-    ({"ffn_hidden": 129}, 2, "model.ffn_hidden"),
-])
-def test_check_tp_rejects_uneven_splits(model, tp, key):
-    with pytest.raises(ConfigError) as info:
-        check_tp(_cfg(**model).model, tp)
-    assert info.value.key == key
-    assert str(info.value).startswith(f"{key}: ") and f"parallel.tp={tp}" in str(info.value)
-
-
-def test_check_tp_accepts_even_splits():
-    for model, tp in (({}, 1), ({}, 2), ({"n_kv_heads": 4}, 4)):
-        check_tp(_cfg(**model).model, tp)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, float("inf")])

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, exception_chain
 from .cache import split_files, token_dtype
 from .corpus import Corpus
 from .tokenizer import encode_batch, load_tokenizer, train_tokenizer
@@ -40,17 +40,6 @@ def _quiet_datasets():
     finally:
         if not was_disabled:
             datasets.enable_progress_bars()
-
-
-def _config_error_in(exc: BaseException) -> ConfigError | None:
-    """datasets wraps exceptions raised by our generator; find a ConfigError in the chain."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, ConfigError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def assign_val(hashes: np.ndarray, nonempty: np.ndarray, fraction: float) -> np.ndarray:
@@ -105,7 +94,8 @@ def _generate(corpus: Corpus, workdir: Path, key: str):
             corpus.generate, features=features, gen_kwargs=corpus.gen_kwargs,
             cache_dir=str(workdir), fingerprint=key)
     except Exception as e:
-        config_error = _config_error_in(e)
+        # datasets wraps exceptions raised by our generator: find a ConfigError in the chain.
+        config_error = next((x for x in exception_chain(e) if isinstance(x, ConfigError)), None)
         if config_error is not None:
             raise config_error from None
         raise
