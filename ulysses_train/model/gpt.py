@@ -61,14 +61,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.attention_fn = attention_fn
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask=None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         # -1 heads: the local head count, which is smaller under a tensor-parallel plan.
         q = self.wq(x).view(bsz, seq, -1, self.head_dim)  # (B, S, Hq*D) -> (B, S, Hq, D)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim)  # (B, S, Hkv*D) -> (B, S, Hkv, D)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)  # (B, S, Hkv*D) -> (B, S, Hkv, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.attention_fn(q, k, v, causal=True)  # (B, S, Hq, D)
+        # `mask` (a document mask, see masking.py) is only passed when set, so kernels without
+        # mask support keep working for the plain causal case.
+        kwargs = {"causal": True} if mask is None else {"causal": True, "mask": mask}
+        out = self.attention_fn(q, k, v, **kwargs)  # (B, S, Hq, D)
         return self.wo(out.reshape(bsz, seq, -1))  # (B, S, Hq, D) -> (B, S, Hq*D) -> (B, S, d)
 
 
@@ -95,8 +99,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask=None) -> torch.Tensor:
+        # mask by keyword: a tensor-parallel input plan lays out the positional inputs only.
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask=mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -126,8 +132,12 @@ class GPT(nn.Module):
         self.loss_fn = token_loss_sum
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                labels: torch.Tensor | None = None):
+                labels: torch.Tensor | None = None, attn_mask=None):
         """input_ids, position_ids (and labels) are (B, S) int64; positions are global.
+
+        `attn_mask`: None (plain causal attention over the whole packed row) or a document mask
+        built once per batch from the *global* document ids (`masking.py`); it is handed to
+        every layer's `attention_fn` as `mask=`, never looked into here.
 
         Returns logits (B, S, Vpad) when `labels` is None, else `(loss_sum, n_valid)`: the fp32
         sum of per-token cross-entropy over labels != -100 (0-dim, differentiable) and the number
@@ -139,7 +149,7 @@ class GPT(nn.Module):
         h = self.tok_embeddings(input_ids)  # (B, S) -> (B, S, d)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq)  # 2 x (B, S, 1, D), fp32
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, mask=attn_mask)
         h = self.norm(h)
         # (B, S, d) -> (B, S, Vpad). The untied head is called as a module so that wrappers
         # applied from outside (a tensor-parallel plan, FSDP2) see it run.
