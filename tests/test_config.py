@@ -14,7 +14,6 @@ BAD = [
     ("model", "n_heads", 3, "model.d_model"),  # 64 % 3 != 0
     ("model", "n_kv_heads", 3, "model.n_kv_heads"),  # 4 % 3 != 0
     ("model", "rope_theta", math.inf, "model.rope_theta"),
-    ("model", "rope_scaling", "yarn", "model.rope_scaling"),  # allowed value, not yet built
     ("model", "rope_scaling", "magic", "model.rope_scaling"),
     ("parallel", "tp", 2, "parallel.tp"),  # asks for 2 ranks, got 1
     ("parallel", "zero", 7, "parallel.zero"),
@@ -22,7 +21,6 @@ BAD = [
     ("parallel", "dp", 0, "parallel.dp"),
     ("data", "name", "web", "data.name"),
     ("data", "seq_len", 0, "data.seq_len"),
-    ("data", "document_mask", True, "data.document_mask"),
     ("data", "val_fraction", 0.9, "data.val_fraction"),
     ("data", "max_docs", -1, "data.max_docs"),
     ("train", "steps", 0, "train.steps"),
@@ -30,8 +28,10 @@ BAD = [
     ("train", "global_batch_size", -4, "train.global_batch_size"),
     ("train", "precision", "fp16", "train.precision"),
     ("train", "grad_clip", math.nan, "train.grad_clip"),
-    ("train", "activation_checkpointing", "full", "train.activation_checkpointing"),
-    ("train", "compile", True, "train.compile"),
+    ("train", "activation_checkpointing", "some", "train.activation_checkpointing"),
+    ("train", "activation_offload", True, "train.activation_offload"),  # needs checkpointing
+    ("train", "loss_chunk", -1, "train.loss_chunk"),
+    ("train", "mlp_chunk", -8, "train.mlp_chunk"),
     ("train", "exit_after_steps", -1, "train.exit_after_steps"),
     ("optim", "lr", math.nan, "optim.lr"),
     ("optim", "lr", math.inf, "optim.lr"),
@@ -41,7 +41,9 @@ BAD = [
     ("optim", "warmup_steps", -1, "optim.warmup_steps"),
     ("checkpoint", "keep", 0, "checkpoint.keep"),
     ("checkpoint", "every", -5, "checkpoint.every"),
-    ("checkpoint", "async_save", True, "checkpoint.async_save"),
+    ("checkpoint", "resume", "/nonexistent/step_00000001", "checkpoint.resume"),
+    ("debug", "pause_in_save_at_step", -1, "debug.pause_in_save_at_step"),
+    ("debug", "pause_in_save_before", "rename", "debug.pause_in_save_before"),
 ]
 
 

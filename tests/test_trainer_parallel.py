@@ -19,9 +19,9 @@ from ulysses_train.trainer import Trainer
 STEPS = 8
 
 
-def _config(parallel: dict, micro: int):
+def _config(parallel: dict, micro: int, train: dict | None = None):
     return small_config(parallel=parallel, data={"seq_len": 64}, checkpoint={"every": 0},
-                        train={"steps": STEPS, "micro_batch_size": micro})
+                        train={"steps": STEPS, "micro_batch_size": micro, **(train or {})})
 
 
 def _train(cfg, dims, run_dir, uneven: bool):
@@ -32,8 +32,8 @@ def _train(cfg, dims, run_dir, uneven: bool):
     return metrics_rows(run_dir) if dims.is_main else None
 
 
-def _layout_rank(rank, world, parallel, micro, run_dir):
-    cfg = _config(parallel, micro)
+def _layout_rank(rank, world, parallel, micro, train, run_dir):
+    cfg = _config(parallel, micro, train)
     dims = ParallelDims.from_config(cfg.parallel, world, rank)
     dims.build_mesh()
     return {uneven: _train(cfg, dims, os.path.join(run_dir, str(uneven)), uneven)
@@ -48,20 +48,28 @@ def reference(tmp_path_factory):
             for uneven in (False, True)}
 
 
-LAYOUTS = {  # id: (world, parallel overrides, micro-batch size)
-    "sp4": (4, {"sp": 4}, 2),
-    "sp2xdp2": (4, {"sp": 2, "dp": 2}, 2),
-    "sp2-micro1": (2, {"sp": 2}, 1),  # another micro-batching than the reference's 2
-    "sp2xdp2-zero3": (4, {"sp": 2, "dp": 2, "zero": 3}, 2),
-    "tp2": (2, {"tp": 2}, 2),
-    "tp2xsp2": (4, {"tp": 2, "sp": 2}, 2),  # 1 local kv head per tp rank, replicated over sp
-    "tp2xdp2-zero2-micro1": (4, {"tp": 2, "dp": 2, "zero": 2}, 1),  # params kept across micro
+# Memory options (checkpointing, offload, tiles of 8 of the 16-32 local tokens) change what is
+# kept, never the function: under parallelism too they must give the plain reference curve.
+SELECTIVE_TILED = {"activation_checkpointing": "selective", "loss_chunk": 8, "mlp_chunk": 8}
+FULL_OFFLOAD = {"activation_checkpointing": "full", "activation_offload": True,
+                "loss_chunk": 8, "mlp_chunk": 8}
+LAYOUTS = {  # id: (world, parallel overrides, micro-batch size, train overrides)
+    "sp4": (4, {"sp": 4}, 2, None),
+    "sp2xdp2": (4, {"sp": 2, "dp": 2}, 2, None),
+    "sp2-micro1": (2, {"sp": 2}, 1, None),  # another micro-batching than the reference's 2
+    "sp2xdp2-zero3": (4, {"sp": 2, "dp": 2, "zero": 3}, 2, None),
+    "tp2": (2, {"tp": 2}, 2, None),
+    "tp2xsp2": (4, {"tp": 2, "sp": 2}, 2, None),  # 1 local kv head per tp rank, replicated over sp
+    "tp2xdp2-zero2-micro1": (4, {"tp": 2, "dp": 2, "zero": 2}, 1, None),  # params kept across micro
+    "tp2xsp2-selective-tiled": (4, {"tp": 2, "sp": 2}, 2, SELECTIVE_TILED),
+    "sp2xdp2-zero3-full-offload": (4, {"sp": 2, "dp": 2, "zero": 3}, 2, FULL_OFFLOAD),
 }
 
 
-@pytest.mark.parametrize("world,parallel,micro", LAYOUTS.values(), ids=LAYOUTS.keys())
-def test_loss_curve_equals_one_process(reference, tmp_path, world, parallel, micro):
-    results = run_distributed(_layout_rank, world, parallel, micro, str(tmp_path), timeout=180)
+@pytest.mark.parametrize("world,parallel,micro,train", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_loss_curve_equals_one_process(reference, tmp_path, world, parallel, micro, train):
+    results = run_distributed(_layout_rank, world, parallel, micro, train, str(tmp_path),
+                              timeout=180)
     for uneven in (False, True):
         ref, got = reference[uneven], results[0][uneven]
         assert [r["step"] for r in got] == list(range(1, STEPS + 1))
@@ -155,3 +163,30 @@ def test_torchrun_bad_layout_is_one_clean_line(small_args):
     assert len(errors) == 1 and errors[0].startswith("error: parallel.sp: "), output
     # No worker traceback: the only one allowed is torchrun's, after its failure summary.
     assert "ulysses_train" not in "\n".join(line for line in output if "File " in line)
+
+
+def _masked_config(parallel: dict):
+    return small_config(parallel=parallel, data={"seq_len": 64, "document_mask": True},
+                        checkpoint={"every": 0}, train={"steps": 4})
+
+
+def _masked_rank(rank, world, run_dir):
+    cfg = _masked_config({"sp": 2})
+    dims = ParallelDims.from_config(cfg.parallel, world, rank)
+    dims.build_mesh()
+    Trainer(cfg, run_dir, dims).fit()
+
+
+def test_document_mask_curve_equals_one_process(tmp_path):
+    """The trainer's mask wiring: global document ids per micro-batch, restarting positions;
+    Ulysses over 2 ranks gives the one-process masked curve, which differs from the unmasked."""
+    Trainer(_masked_config({}), str(tmp_path / "one"), cpu_dims()).fit()
+    run_distributed(_masked_rank, 2, str(tmp_path / "sp2"), timeout=180)
+    plain = tmp_path / "plain"
+    Trainer(small_config(data={"seq_len": 64}, checkpoint={"every": 0}, train={"steps": 4}),
+            str(plain), cpu_dims()).fit()
+    ref, got = metrics_rows(tmp_path / "one"), metrics_rows(tmp_path / "sp2")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+    assert metrics_rows(plain)[-1]["loss"] != pytest.approx(ref[-1]["loss"], rel=1e-4)

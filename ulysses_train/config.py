@@ -2,9 +2,8 @@
 
 These dataclasses are the whole user-facing schema (DESIGN §2). Hydra composes YAML files in
 `configs/` on top of them (registration happens in `train.py`, so importing the package never
-imports Hydra); the library only ever sees these plain dataclasses. Every allowed value exists
-here from the start; values whose feature has not landed yet are rejected by `validate` with a
-clear message rather than silently ignored.
+imports Hydra); the library only ever sees these plain dataclasses. `validate` checks every value before any
+heavy work and reports the first bad one as a `ConfigError` naming its key.
 """
 from __future__ import annotations
 
@@ -37,7 +36,15 @@ class ModelConfig:
     ffn_hidden: int = 688
     vocab_size: int = 8192  # embedding rows; rounded up to a multiple of 128 by the model
     rope_theta: float = 10000.0
+    # Context extension (model/rope.py): none | linear | ntk | yarn | llama3. Each key below is
+    # read only by the methods its comment names; defaults: Llama 3.1's, the YaRN paper's betas.
     rope_scaling: str = "none"
+    rope_factor: float = 8.0  # target context / rope_original_seq_len (every method)
+    rope_original_seq_len: int = 8192  # the pretraining context (yarn, llama3)
+    rope_beta_fast: float = 32.0  # yarn: pairs making >= this many turns over the original are kept
+    rope_beta_slow: float = 1.0  # yarn: pairs making <= this many turns are interpolated
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths > original / this are interpolated
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths < original / this are kept
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -77,8 +84,11 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"
     grad_clip: float = 1.0  # 0 = off
-    activation_checkpointing: str = "none"
-    compile: bool = False
+    activation_checkpointing: str = "none"  # none | full | selective (keeps attention outputs)
+    activation_offload: bool = False  # checkpointed block inputs in pinned CPU memory
+    loss_chunk: int = 4096  # tokens per tile of the output head + loss (0 = whole sequence)
+    mlp_chunk: int = 0  # tokens per tile of the MLP (0 = untiled)
+    compile: bool = False  # torch.compile each block
     exit_after_steps: int = 0  # 0 = off; else stop (with a checkpoint) after this many steps
     val_every: int = 100  # 0 = off
     val_batches: int = 4
@@ -124,6 +134,11 @@ class DebugConfig:
     """Fault injection for tests; never set these in a real run."""
 
     crash_in_save_at_step: int = 0  # hard-exit mid-save (files written, not yet committed)
+    # Sleep forever inside the save of this step (after writing `debug_paused` in the run dir),
+    # so a test can SIGKILL it there; before "commit" (DCP files written, not yet renamed into
+    # place) or before "latest" (committed, `latest` not yet moved).
+    pause_in_save_at_step: int = 0
+    pause_in_save_before: str = "commit"
 
 
 @dataclass
@@ -154,10 +169,6 @@ def _finite(value: float, key: str, lo: float | None = None, hi: float | None = 
         require(value <= hi, key, f"must be <= {hi}, got {value}")
 
 
-def _not_yet(flag: bool, key: str, value, issue: str) -> None:
-    require(not flag, key, f"{value!r} is not supported yet ({issue}); leave it at its default")
-
-
 def validate_model(m: ModelConfig) -> None:
     for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
         _positive(getattr(m, key), f"model.{key}")
@@ -173,8 +184,28 @@ def validate_model(m: ModelConfig) -> None:
     _positive(m.norm_eps, "model.norm_eps")
     _finite(m.init_std, "model.init_std")
     _positive(m.init_std, "model.init_std")
+    validate_rope(m)
+
+
+def validate_rope(m: ModelConfig) -> None:
+    """Every scaling key is checked whatever the method: a bad value fails now, not in the run
+    that first switches to the method reading it.
+    """
     _one_of(m.rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
-    _not_yet(m.rope_scaling != "none", "model.rope_scaling", m.rope_scaling, "long-context work")
+    require(m.rope_scaling != "ntk" or m.d_model // m.n_heads > 2, "model.rope_scaling",
+            "ntk needs a head dim > 2 (its base change divides by head_dim - 2)")
+    _finite(m.rope_factor, "model.rope_factor")
+    require(m.rope_factor >= 1, "model.rope_factor",
+            f"must be >= 1 (target context / model.rope_original_seq_len), got {m.rope_factor}")
+    _positive(m.rope_original_seq_len, "model.rope_original_seq_len")
+    for key in ("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
+        _finite(getattr(m, "rope_" + key), f"model.rope_{key}")
+        _positive(getattr(m, "rope_" + key), f"model.rope_{key}")
+    require(m.rope_beta_fast > m.rope_beta_slow, "model.rope_beta_fast",
+            f"must be > model.rope_beta_slow={m.rope_beta_slow}, got {m.rope_beta_fast}")
+    require(m.rope_high_freq_factor > m.rope_low_freq_factor, "model.rope_high_freq_factor",
+            f"must be > model.rope_low_freq_factor={m.rope_low_freq_factor}, "
+            f"got {m.rope_high_freq_factor}")
 
 
 def validate_parallel(p: ParallelConfig, world_size: int) -> None:
@@ -246,7 +277,6 @@ def validate_layout(cfg: "Config", world_size: int) -> int:
 def validate_data(d: DataConfig) -> None:
     _one_of(d.name, DATA_SOURCES, "data.name")
     _positive(d.seq_len, "data.seq_len")
-    _not_yet(d.document_mask, "data.document_mask", True, "document masking")
     require(d.name != "files" or len(d.paths) > 0, "data.paths",
             "data=files needs at least one path, e.g. data.paths=[corpus.jsonl]")
     require(d.name != "hf" or bool(d.hf_name), "data.hf_name",
@@ -266,9 +296,12 @@ def validate_train(t: TrainConfig, dp: int) -> None:
     _one_of(t.precision, PRECISIONS, "train.precision")
     _finite(t.grad_clip, "train.grad_clip", 0.0)
     _one_of(t.activation_checkpointing, AC_MODES, "train.activation_checkpointing")
-    _not_yet(t.activation_checkpointing != "none", "train.activation_checkpointing",
-             t.activation_checkpointing, "long-context work")
-    _not_yet(t.compile, "train.compile", True, "long-context work")
+    require(not t.activation_offload or t.activation_checkpointing != "none",
+            "train.activation_offload", "offload moves the inputs that activation checkpointing "
+            "keeps: set train.activation_checkpointing=full or selective too")
+    for key in ("loss_chunk", "mlp_chunk"):
+        require(getattr(t, key) >= 0, f"train.{key}",
+                f"must be >= 0 tokens (0 = no tiling), got {getattr(t, key)}")
     require(t.exit_after_steps >= 0, "train.exit_after_steps", f"must be >= 0, got {t.exit_after_steps}")
     require(t.val_every >= 0, "train.val_every", f"must be >= 0 (0 = off), got {t.val_every}")
 
@@ -302,7 +335,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     require(c.resume in ("auto", "never") or os.path.isdir(os.path.expanduser(c.resume)),
             "checkpoint.resume", f"{c.resume} does not exist; give auto, never or a "
             "checkpoints/step_* directory")
-    _not_yet(c.async_save, "checkpoint.async_save", True, "async checkpointing")
+    if c.resume not in ("auto", "never"):  # complete and of this model's shape (meta.json only)
+        from .checkpoint_files import check_resume_path
+
+        check_resume_path(os.path.abspath(os.path.expanduser(c.resume)), cfg.model)
     _positive(cfg.logging.every, "logging.every")
     _one_of(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     require(cfg.debug.crash_in_save_at_step >= 0, "debug.crash_in_save_at_step", "must be >= 0")
+    require(cfg.debug.pause_in_save_at_step >= 0, "debug.pause_in_save_at_step", "must be >= 0")
+    _one_of(cfg.debug.pause_in_save_before, ("commit", "latest"), "debug.pause_in_save_before")

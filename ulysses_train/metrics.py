@@ -15,8 +15,10 @@ import time
 
 import torch
 
-# Dense bf16 peak FLOP/s by device-name fragment (vendor datasheets, no sparsity).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# Dense bf16 peak FLOP/s by device-name fragment (vendor datasheets, no sparsity). First match
+# wins, so the more specific names come first.
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+              "L40S": 362e12, "A10G": 125e12}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -25,6 +27,20 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def mfu_of(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the hardware peak (both whole-job).
+
+    Above 1 is impossible, so it means the FLOPs formula, the token count or the peak table is
+    wrong: raised as an error rather than logged as a number nobody should believe.
+    """
+    mfu = flops_per_token * tokens_per_s / peak
+    if mfu > 1.0:
+        raise ValueError(f"MFU {mfu:.1%} > 100% ({flops_per_token:.3g} FLOPs/token x "
+                         f"{tokens_per_s:.1f} tokens/s over a {peak:.3g} FLOP/s peak): the FLOPs "
+                         "formula or the peak table is wrong")
+    return mfu
 
 
 def peak_mem_gib(device: torch.device) -> float:
@@ -76,8 +92,9 @@ class Reporter:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)  # Hydra makes it; library callers may not have
-        if start_step > 0:
-            self.file.truncate_after(start_step)
+        # Rows past the step we start from are a killed run's (at 0: a run killed before its
+        # first checkpoint): drop them, so the file reads as one curve.
+        self.file.truncate_after(start_step)
         if progress:
             from tqdm import tqdm
 

@@ -20,10 +20,12 @@ import torch
 from .checkpoint import CheckpointManager
 from .config import Config, validate
 from .data import build_data
-from .metrics import Reporter, Throughput, peak_flops, peak_mem_gib
-from .model import GPT, flops_per_token, num_params, padded_vocab, sdpa_attention
+from .metrics import Reporter, Throughput, mfu_of, peak_flops, peak_mem_gib
+from .model import (GPT, document_mask_for, flops_per_token, num_params, padded_vocab,
+                    select_attention)
 from .optim import build_optimizer, build_scheduler
 from .parallel import ParallelDims, UlyssesAttention
+from .parallel.activations import apply_activation_checkpointing, apply_compile
 from .parallel.data_parallel import all_reduce_, reduce_gradients_
 from .parallel.sharding import apply_sharding, set_last_micro_batch
 from .parallel.tensor import apply_tensor_parallel, clip_grad_norm_
@@ -61,17 +63,23 @@ def build_model(cfg: Config, dims: ParallelDims) -> GPT:
     spent on a throwaway init, and `init_weights` gives every layout the same initial weights
     (parameters are seeded by name).
     """
-    attention_fn = sdpa_attention
+    local_attention = select_attention(dims.device, cfg.data.document_mask)
+    attention_fn = local_attention
     if dims.sp > 1:
-        attention_fn = UlyssesAttention(sdpa_attention, dims.group("sp"))
+        attention_fn = UlyssesAttention(local_attention, dims.group("sp"))
+    t = cfg.train
     with torch.device("meta"):
-        model = GPT(cfg.model, attention_fn=attention_fn)
+        model = GPT(cfg.model, attention_fn=attention_fn, loss_chunk=t.loss_chunk,
+                    mlp_chunk=t.mlp_chunk)
     # The order matters (DESIGN §3): TP first (the plan names the unwrapped modules), then
-    # activation checkpointing and compile (later), then FSDP2, which wraps whatever layout TP
-    # left; parameters are only materialized, and initialized per name shard by shard, once
-    # every wrapper is in place.
+    # activation checkpointing and compile (per block, names unchanged), then FSDP2, which
+    # wraps whatever layout TP left; parameters are only materialized, and initialized per name
+    # shard by shard, once every wrapper is in place.
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.meshes["tp"])
+    apply_activation_checkpointing(model, t.activation_checkpointing, t.activation_offload)
+    if t.compile:
+        apply_compile(model)
     param_dtype = resolve_dtype(cfg.train.precision, dims.device)
     apply_sharding(model, dims, cfg.parallel.zero,
                    param_dtype=None if param_dtype == torch.float32 else param_dtype)
@@ -94,6 +102,7 @@ class Trainer:
                                model_vocab_size=padded_vocab(cfg.model.vocab_size),
                                log=self._say, is_main=dims.is_main)
         self.model = build_model(cfg, dims)
+        self.local_attention = select_attention(self.device, cfg.data.document_mask)  # for masks
         self.dp_sp = dims.group("dp_sp")  # None alone: every reduction is then the identity
         self.sharded = cfg.parallel.zero > 0 and dims.dp_sp > 1  # FSDP2 reduces gradients itself
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -130,8 +139,9 @@ class Trainer:
         return path
 
     def save(self) -> None:
-        path = self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
-        self._say(f"saved checkpoint {path}")
+        """Checkpoint this step (the manager logs it; with async_save it commits later)."""
+        self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state(),
+                       debug=self.cfg.debug)
 
     # ---- one step -----------------------------------------------------------------------
     def _autocast(self):
@@ -140,27 +150,35 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _micro_batches(self, step: int, split: str):
-        """Yield this rank's (input_ids, position_ids, labels) micro-batches of one global batch.
+        """Yield this rank's (input_ids, position_ids, labels, mask) micro-batches of one global
+        batch.
 
         A dp rank reads only its rows; an sp rank keeps its contiguous column slice. Labels and
-        global positions were fixed on the whole sequence, so slicing loses nothing.
+        global positions were fixed on the whole sequence, so slicing loses nothing. The
+        document mask (None unless `data.document_mask`) is built from the rows' *unsliced*
+        document ids: under Ulysses the local kernel sees the whole sequence (DESIGN §1).
         """
         g, seq = self.cfg.train.global_batch_size, self.cfg.data.seq_len
         rows_per_dp, cols_per_sp = g // self.dims.dp, seq // self.dims.sp
         dp_i, sp_i = self.dims.local_rank("dp"), self.dims.local_rank("sp")
-        batch = self.data.global_batch(step, split, rows=slice(dp_i * rows_per_dp,
-                                                              (dp_i + 1) * rows_per_dp))
-        batch = batch.slice(cols=slice(sp_i * cols_per_sp, (sp_i + 1) * cols_per_sp))
+        full_rows = self.data.global_batch(step, split, rows=slice(dp_i * rows_per_dp,
+                                                                   (dp_i + 1) * rows_per_dp))
+        batch = full_rows.slice(cols=slice(sp_i * cols_per_sp, (sp_i + 1) * cols_per_sp))
         mb = self.cfg.train.micro_batch_size
         for start in range(0, rows_per_dp, mb):
             rows = slice(start, start + mb)
             # (G/dp, S) -> (mb, S/sp) per micro-batch
-            yield tuple(t[rows].to(self.device, non_blocking=True)
-                        for t in (batch.input_ids, batch.position_ids, batch.labels))
+            ids, positions, labels = (t[rows].to(self.device, non_blocking=True)
+                                      for t in (batch.input_ids, batch.position_ids, batch.labels))
+            mask = None
+            if self.cfg.data.document_mask:  # (mb, S) global ids, once per micro-batch
+                mask = document_mask_for(full_rows.document_ids[rows].to(self.device),
+                                         self.local_attention)
+            yield ids, positions, labels, mask
 
     def _global_count(self, micro) -> int:
         """Valid labels of the whole global batch: local count summed over dp x sp."""
-        local = sum((labels != -100).sum() for _, _, labels in micro)
+        local = sum((labels != -100).sum() for _, _, labels, _ in micro)
         count = torch.as_tensor(local, dtype=torch.int64, device=self.device)
         return int(all_reduce_(count, self.dp_sp))
 
@@ -171,11 +189,11 @@ class Trainer:
         n_valid = max(self._global_count(micro), 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
-        for i, (input_ids, position_ids, labels) in enumerate(micro):
+        for i, (input_ids, position_ids, labels, mask) in enumerate(micro):
             if self.sharded:
                 set_last_micro_batch(self.model, self.cfg.parallel.zero, i == len(micro) - 1)
             with self._autocast():
-                part, _ = self.model(input_ids, position_ids, labels)
+                part, _ = self.model(input_ids, position_ids, labels, attn_mask=mask)
             (part / n_valid).backward()
             loss_sum += part.detach()
         if not self.sharded:
@@ -199,9 +217,9 @@ class Trainer:
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, count)
         for i in range(self.cfg.train.val_batches):
-            for input_ids, position_ids, labels in self._micro_batches(i, "val"):
+            for input_ids, position_ids, labels, mask in self._micro_batches(i, "val"):
                 with self._autocast():
-                    part, n = self.model(input_ids, position_ids, labels)
+                    part, n = self.model(input_ids, position_ids, labels, attn_mask=mask)
                 sums += torch.stack([part.double(), n.double()])
         self.model.train()
         total, count = all_reduce_(sums, self.dp_sp).tolist()
@@ -245,7 +263,9 @@ class Trainer:
                             config_dict=dataclasses.asdict(cfg))
         try:
             self._loop(reporter, start, total)
+            self.ckpt.wait()  # an async save in flight commits (or fails loudly) before exit 0
         finally:
+            self.ckpt.close()
             reporter.close()
         return 0
 
@@ -268,7 +288,7 @@ class Trainer:
                 row = {"step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
                        "lr": out["lr"], "tokens": self.tokens, "tokens_per_s": tok_s,
                        "peak_mem_gib": max(peaks),
-                       "mfu": flops_tok * tok_s / peak if peak else None}
+                       "mfu": mfu_of(flops_tok, tok_s, peak) if peak else None}
                 if self.dims.distributed:
                     row["peak_mem_gib_per_rank"] = peaks
                 if val_due:

@@ -4,15 +4,17 @@ Invariants (DESIGN §1):
 - every tensor is int64 and `(N, S)`; row i of each tensor describes the same sequence;
 - `labels[:, j]` is the token after `input_ids[:, j]`, computed from a window of S+1 tokens
   *before* any slicing, so the last column of a sequence-parallel slice keeps its label;
-- `position_ids` are the positions in the full packed sequence (0..S-1: one stream), so a
-  column slice carries its global positions with it;
+- `position_ids` are the positions in the full packed sequence (0..S-1: one stream), or, with
+  `data.document_mask`, positions within each document (restarting at 0 at each document start,
+  `with_document_positions`); either way they are fixed on the whole row, so a column slice
+  carries its global positions with it;
 - `document_ids` count documents from 0 at the start of each row and step up by one right after
   each EOS (an EOS belongs to the document it ends); they are per row, so equality is all a
   document mask needs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -25,7 +27,7 @@ class Batch:
 
     input_ids: torch.Tensor  # (N, S) int64
     labels: torch.Tensor  # (N, S) int64, next token; IGNORE_INDEX = no loss
-    position_ids: torch.Tensor  # (N, S) int64, global position in the sequence
+    position_ids: torch.Tensor  # (N, S) int64, global position in the sequence (or document)
     document_ids: torch.Tensor  # (N, S) int64, document index within the row
 
     @property
@@ -44,6 +46,28 @@ class Batch:
     def to(self, device, non_blocking: bool = False) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
                         for f in fields(self)})
+
+    def with_document_positions(self) -> Batch:
+        """This batch with positions restarting at 0 at each document (`data.document_mask`).
+
+        Only on whole rows, before any sequence-parallel slicing: a slice's first token is not
+        a document start, and the positions, like the mask, belong to the global row.
+        """
+        return replace(self, position_ids=document_positions(self.document_ids))
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """(N, S) position of each token within its document: 0 at each start, then 1, 2, ...
+
+    A document starts at column 0 and wherever the id changes; documents are contiguous in a
+    row, so a running maximum of start columns gives each token its document's first column.
+    """
+    n, s = document_ids.shape
+    cols = torch.arange(s, device=document_ids.device).expand(n, s)  # (S,) -> (N, S)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, cols, 0).cummax(dim=1).values  # (N, S): column of the doc start
+    return (cols - first).contiguous()
 
 
 def batch_from_windows(windows: torch.Tensor, document_ids: torch.Tensor) -> Batch:

@@ -4,7 +4,8 @@ A DataSource serves global batches as a pure function of (seed, step, split): ro
 is global sample g = t * global_batch_size + r, and each split's stream maps g to a sequence
 without reference to any other row. So the data never depends on the number of processes or on
 micro-batching, resuming at step t needs no state but t, and a data-parallel rank materializes
-only its own rows (`rows=`), which equal the same rows of the full batch.
+only its own rows (`rows=`), which equal the same rows of the full batch. With
+`data.document_mask` positions restart at each document, computed here on whole rows.
 """
 from __future__ import annotations
 
@@ -34,8 +35,11 @@ class DataSource:
     """Global batches of one data configuration; see the module docstring for the invariants."""
 
     def __init__(self, streams: dict[str, TokenStream], *, vocab_size: int, eos_id: int,
-                 global_batch_size: int, summary: str, cache_path: Path | None = None):
+                 global_batch_size: int, summary: str, cache_path: Path | None = None,
+                 document_positions: bool = False):
         self.streams = streams
+        # data.document_mask: positions restart at each document (the mask's other half).
+        self.document_positions = document_positions
         self.vocab_size = vocab_size  # ids produced are in [0, vocab_size)
         self.eos_id = eos_id
         self.global_batch_size = global_batch_size
@@ -57,7 +61,8 @@ class DataSource:
             raise ValueError(f"step must be >= 0, got {step}")
         wanted = range(*(rows or slice(None)).indices(self.global_batch_size))
         first = step * self.global_batch_size
-        return self.streams[split].batch([first + r for r in wanted])
+        batch = self.streams[split].batch([first + r for r in wanted])
+        return batch.with_document_positions() if self.document_positions else batch
 
 
 def _silent(_: str) -> None:
@@ -67,7 +72,8 @@ def _silent(_: str) -> None:
 def _synthetic(cfg: DataConfig, seed: int, global_batch_size: int, vocab: int) -> DataSource:
     streams = {s: SyntheticTokens(vocab, cfg.seq_len, seed=seed, split=s) for s in SPLITS}
     return DataSource(streams, vocab_size=vocab, eos_id=EOS_ID,
-                      global_batch_size=global_batch_size, summary=streams["train"].describe())
+                      global_batch_size=global_batch_size, summary=streams["train"].describe(),
+                      document_positions=cfg.document_mask)
 
 
 def _count(n: int) -> str:
@@ -147,4 +153,4 @@ def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_voca
         streams[split] = PackedTokens(tokens, offsets, cfg.seq_len, seed=seed, split=split)
     return DataSource(streams, vocab_size=meta["vocab_size"], eos_id=meta["eos_id"],
                       global_batch_size=global_batch_size, summary=_summary(meta),
-                      cache_path=path)
+                      cache_path=path, document_positions=cfg.document_mask)

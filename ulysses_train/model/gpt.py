@@ -30,7 +30,8 @@ from torch import nn
 from ..config import ModelConfig, padded_vocab
 from .attention import sdpa_attention
 from .init import _is_dtensor, init_param_
-from .rope import apply_rotary, rope_cos_sin, rope_inv_freq
+from .tiling import tiled_head_loss, tiled_mlp
+from .rope import apply_rotary, rope_cos_sin, rope_frequencies
 
 AttentionFn = Callable[..., torch.Tensor]
 IGNORE_INDEX = -100
@@ -90,20 +91,33 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; the unit of activation checkpointing and FSDP wrapping."""
+    """Pre-norm transformer block; the unit of activation checkpointing and FSDP wrapping.
 
-    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn):
+    `checkpoint_fn` (None = plain autograd) is injected by the activation-checkpointing pass:
+    `checkpoint_fn(run, x, cos, sin, mask=...)` must return `run(x, cos, sin, mask=...)`,
+    deciding only what is kept for backward. `mlp_chunk` > 0 tiles the MLP (tiling.py).
+    """
+
+    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn, mlp_chunk: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attention = Attention(cfg, attention_fn)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.d_model, cfg.ffn_hidden)
+        self.mlp_chunk = mlp_chunk
+        self.checkpoint_fn: Callable | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask=None) -> torch.Tensor:
+        if self.checkpoint_fn is None:
+            return self._run(x, cos, sin, mask=mask)
+        return self.checkpoint_fn(self._run, x, cos, sin, mask=mask)
+
+    def _run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             mask=None) -> torch.Tensor:
         # mask by keyword: a tensor-parallel input plan lays out the positional inputs only.
         x = x + self.attention(self.attention_norm(x), cos, sin, mask=mask)
-        return x + self.feed_forward(self.ffn_norm(x))
+        return x + tiled_mlp(self.feed_forward, self.ffn_norm(x), self.mlp_chunk)
 
 
 class GPT(nn.Module):
@@ -113,20 +127,26 @@ class GPT(nn.Module):
     `init_weights(seed)` is what gives the model its defined initial state.
     """
 
-    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn = sdpa_attention):
+    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn = sdpa_attention,
+                 loss_chunk: int = 0, mlp_chunk: int = 0):
+        """`loss_chunk` / `mlp_chunk`: tokens per tile of the head+loss / of the MLP (0 = untiled);
+        memory options only, the function computed is the same (tiling.py)."""
         super().__init__()
         self.cfg = cfg
+        self.loss_chunk = loss_chunk
         self.vocab_size = padded_vocab(cfg.vocab_size)
         self.head_dim = cfg.d_model // cfg.n_heads
         self.tok_embeddings = nn.Embedding(self.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, attention_fn) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, attention_fn, mlp_chunk) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # Tied: no separate module, the head reads tok_embeddings.weight directly. (Sharing one
         # Parameter between two modules breaks silently under `to_empty`, which re-creates each
         # module's parameters separately.)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, self.vocab_size, bias=False)
         # Non-persistent: derived from the config, recomputed by init_weights, not checkpointed.
-        self.register_buffer("inv_freq", rope_inv_freq(self.head_dim, cfg.rope_theta), persistent=False)
+        # rope_mscale: yarn's temperature on cos/sin (1.0 for the other scalings), a plain float.
+        inv_freq, self.rope_mscale = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         # (logits, labels) -> (loss_sum, n_valid). Injected, like attention_fn: a tensor-parallel
         # plan replaces it with a vocab-parallel loss for its vocab-sharded logits.
         self.loss_fn = token_loss_sum
@@ -147,19 +167,23 @@ class GPT(nn.Module):
             raise ValueError(f"position_ids {tuple(position_ids.shape)} != "
                              f"input_ids {tuple(input_ids.shape)}")
         h = self.tok_embeddings(input_ids)  # (B, S) -> (B, S, d)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq)  # 2 x (B, S, 1, D), fp32
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.rope_mscale)  # 2 x (B, S, 1, D), fp32
         for layer in self.layers:
             h = layer(h, cos, sin, mask=attn_mask)
         h = self.norm(h)
+        if labels is None:
+            return self._logits(h)
+        return tiled_head_loss(h, labels, self._head_loss, self.loss_chunk)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
         # (B, S, d) -> (B, S, Vpad). The untied head is called as a module so that wrappers
         # applied from outside (a tensor-parallel plan, FSDP2) see it run.
         if self.output is None:
-            logits = F.linear(h, self.tok_embeddings.weight)
-        else:
-            logits = self.output(h)
-        if labels is None:
-            return logits
-        return self.loss_fn(logits, labels)
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.output(h)
+
+    def _head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss_fn(self._logits(h), labels)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -186,7 +210,8 @@ class GPT(nn.Module):
             init_param_(param, name, seed, lambda t, g, sd=sd: t.normal_(0.0, sd, generator=g))
         device = self.inv_freq.device
         # Reassign instead of copy_: restores fp32 even if the module was cast to a lower dtype.
-        self.inv_freq = rope_inv_freq(self.head_dim, self.cfg.rope_theta).to(device)
+        inv_freq, self.rope_mscale = rope_frequencies(self.cfg)
+        self.inv_freq = inv_freq.to(device)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,9 @@ class UlyssesAttention(nn.Module):
 
     Call with q `(B, S/P, Hq, D)` and k, v `(B, S/P, Hkv, D)`: group rank r holds tokens
     r*S/P ... (r+1)*S/P - 1 (positions, e.g. RoPE, must already be global). Keyword arguments
-    (e.g. `causal=True`) go unchanged to `local_attention`, so the default is the kernel's own.
+    (e.g. `causal=True`) go unchanged to `local_attention`, so the default is the kernel's own;
+    the kernel sees the whole sequence, so a `mask=` (a DocumentMask) must describe the global
+    rows, not this rank's slice (the kernels refuse one of the wrong length).
     Returns `(B, S/P, Hq, D)`, contiguous, for the same tokens.
 
     Head-count rules (ValueError otherwise): Hq % P == 0, Hq % Hkv == 0, and either

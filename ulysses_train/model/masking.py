@@ -1,0 +1,136 @@
+"""Document masking: which keys a query may see when a packed row holds several documents.
+
+With `data.document_mask=true` a token attends only to earlier tokens of its own document
+(causal within the document), and its position restarts at 0 at each document start (the data
+pipeline does that; DESIGN §1: the two always go together). The mask is a property of the
+*global* row: under Ulysses the local kernel sees the whole sequence `(B, S, H/P, D)`, so a
+`DocumentMask` is built once per micro-batch from the unsliced document ids, which every
+sequence-parallel rank holds anyway, and handed unchanged to every layer and every rank.
+
+Each kernel wants a different description of the same mask; `DocumentMask` computes each one on
+first use and keeps it (every layer reuses it):
+- `block_mask()`: a FlexAttention `BlockMask` (the CUDA path), O(B * S^2 / 128^2) memory;
+- `varlen()`: `cu_seqlens` / `max_seqlen` over the flattened `(B*S)` token stream, for
+  flash-attn's varlen kernel (rows are flattened, so it works for any B);
+- `dense()`: a boolean `(B, 1, S, S)` matrix for SDPA and the eager reference, B * S^2 bytes
+  (1 GiB per row at 32k tokens): the CPU fallback and tests, never long sequences.
+Document ids are per row and need only be equal within a document and different between
+neighbours (Batch.document_ids counts documents from 0 in each row; an EOS belongs to the
+document it ends).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+
+def _document_causal(document_ids: torch.Tensor) -> Callable:
+    """FlexAttention mask_mod: key kv is visible from query q iff same document and kv <= q.
+
+    A module-level factory, so every batch's closure has the same code object: a compiled
+    create_block_mask / flex_attention then guards on it instead of recompiling per batch.
+    """
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (kv_idx <= q_idx)
+    return mask_mod
+
+
+@functools.cache
+def _compiled_create_block_mask() -> Callable:
+    """create_block_mask through torch.compile, built once per process.
+
+    Eager create_block_mask materializes the whole S x S mask (16 GiB per row at 128k tokens);
+    compiled, it evaluates the mask_mod block by block.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
+
+
+def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool: True where a token opens a document (column 0 and each change of id)."""
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return starts
+
+
+class DocumentMask:
+    """Causal-within-document attention mask of a batch of packed rows.
+
+    Args:
+        document_ids: `(B, S)` integer tensor of the *global* rows (not a sequence-parallel
+            slice), on the device the attention runs on. Tokens of one document must be
+            contiguous in their row (they are, in packed data).
+
+    Owns nothing but caches; build a new one per micro-batch (rows and ids change). Kernels call
+    `check(q)` to refuse a mask built for another batch or for a local slice.
+    """
+
+    def __init__(self, document_ids: torch.Tensor):
+        if document_ids.dim() != 2 or document_ids.dtype.is_floating_point:
+            raise ValueError(f"document_ids must be an integer (B, S) tensor; got "
+                             f"{document_ids.dtype} {tuple(document_ids.shape)}")
+        self.document_ids = document_ids.contiguous()
+        self._block_mask = None
+        self._varlen: tuple[torch.Tensor, int] | None = None
+        self._dense: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.document_ids.shape)  # (B, S)
+
+    def __repr__(self) -> str:
+        return f"DocumentMask(shape={self.shape}, device={self.document_ids.device})"
+
+    def check(self, q: torch.Tensor) -> None:
+        """Raise ValueError unless q `(B, S, H, D)` covers exactly this mask's rows and tokens.
+
+        Under Ulysses S must be the *global* length: a mask built from a rank's column slice
+        would silently mask the wrong tokens, so it is refused here.
+        """
+        if tuple(q.shape[:2]) != self.shape:
+            raise ValueError(f"DocumentMask of shape (B, S) = {self.shape} used for attention "
+                             f"over (B, S) = {tuple(q.shape[:2])}: build the mask per micro-batch "
+                             "from the global (unsliced) document ids")
+        if q.device != self.document_ids.device:
+            raise ValueError(f"DocumentMask is on {self.document_ids.device}, q on {q.device}")
+
+    def block_mask(self):
+        """The FlexAttention BlockMask (B, 1 head broadcast, S, S), built once."""
+        if self._block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            b, s = self.shape
+            device = self.document_ids.device
+            # Compiled on CUDA (long sequences); eager is fine for the short CPU ones of tests.
+            build = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
+            self._block_mask = build(_document_causal(self.document_ids), b, None, s, s,
+                                     device=device)
+        return self._block_mask
+
+    def varlen(self) -> tuple[torch.Tensor, int]:
+        """(cu_seqlens int32 (n_docs + 1,), max_seqlen) of the flattened (B*S) token stream.
+
+        Each row is cut at its own start too, so rows never see each other once flattened.
+        One host sync (max_seqlen must be a Python int for flash-attn), once per batch.
+        """
+        if self._varlen is None:
+            b, s = self.shape
+            starts = document_starts(self.document_ids).reshape(-1)  # (B, S) -> (B*S,)
+            first = starts.nonzero().squeeze(1)  # (n_docs,): flat index of each document start
+            end = torch.tensor([b * s], device=first.device, dtype=first.dtype)
+            cu_seqlens = torch.cat([first, end]).to(torch.int32)  # (n_docs + 1,)
+            self._varlen = cu_seqlens, int(cu_seqlens.diff().max())
+        return self._varlen
+
+    def dense(self) -> torch.Tensor:
+        """(B, 1, S, S) bool, True where key j is visible from query i; B * S^2 bytes."""
+        if self._dense is None:
+            s = self.shape[1]
+            ids = self.document_ids
+            same = ids[:, :, None] == ids[:, None, :]  # (B, S, 1) vs (B, 1, S) -> (B, S, S)
+            past = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()  # key <= query
+            self._dense = (same & past).unsqueeze(1)  # (B, S, S) -> (B, 1, S, S): all heads
+        return self._dense

@@ -1,0 +1,184 @@
+"""What each block keeps for backward: activation checkpointing, CPU offload, compile.
+
+Applied from `trainer.build_model` after tensor parallelism and before FSDP2 (DESIGN §3), to the
+single-device blocks through their `checkpoint_fn` hook, so parameter names (and therefore
+checkpoints) are the same whatever is chosen here.
+
+`train.activation_checkpointing`:
+- none: autograd keeps every intermediate; fastest while it fits.
+- full: each block keeps only its input and is recomputed in backward (one extra forward).
+- selective: recompute the cheap ops (norms, projections, RoPE, MLP) but keep what is expensive
+  to redo: the attention kernel's outputs (at long context attention is most of the FLOPs) and
+  the Ulysses all-to-all results (recomputing them would repeat the communication). Uses
+  torch's selective-checkpoint policy API (`create_selective_checkpoint_contexts`).
+
+`train.activation_offload` (with full/selective): the block inputs the checkpoints keep are
+moved to pinned CPU memory as they are saved and copied back ahead of their backward on a side
+stream (`ActivationOffload`), so GPU memory per layer drops to what one block needs.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
+
+
+def _saved_ops() -> set:
+    """Ops whose outputs selective checkpointing keeps (those that exist in this torch build)."""
+    names = ["aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
+             "aten._scaled_dot_product_cudnn_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
+             "aten._flash_attention_forward", "aten._efficient_attention_forward",
+             "_c10d_functional.all_to_all_single", "_c10d_functional.wait_tensor"]
+    ops = set()
+    for name in names:
+        namespace, op = name.split(".")
+        packet = getattr(getattr(torch.ops, namespace), op, None)
+        if packet is not None:
+            ops.add(packet.default)
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    if flex is not None:
+        ops.add(flex)
+    return ops
+
+
+_SAVED_OPS = None
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op in _SAVED_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def _checkpoint_fn(mode: str):
+    """`fn(run, *args, **kwargs)` for Block.checkpoint_fn (None for mode 'none')."""
+    if mode == "none":
+        return None
+    kw = {"use_reentrant": False, "preserve_rng_state": False}  # no dropout: no RNG to replay
+    if mode == "selective":
+        global _SAVED_OPS
+        if _SAVED_OPS is None:
+            _SAVED_OPS = _saved_ops()
+        kw["context_fn"] = _selective_context
+    elif mode != "full":
+        raise ValueError(f"unknown activation checkpointing mode {mode!r}")
+    return functools.partial(checkpoint, **kw)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, offload: bool = False) -> None:
+    """Set every block's checkpoint_fn for `mode`; with `offload`, also offload the saved inputs."""
+    fn = _checkpoint_fn(mode)
+    for block in model.layers:
+        block.checkpoint_fn = fn
+    if offload:
+        if fn is None:
+            raise ValueError("activation offload moves checkpointed block inputs: it needs "
+                             "activation checkpointing full or selective")
+        ActivationOffload().attach(model)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block (one compiled graph shared by all blocks: same code, and
+    parameters are graph inputs). Blocks, not the whole model: graphs stay small and the
+    Ulysses collectives and the tiled loss stay outside the compiled region."""
+    for block in model.layers:
+        block.compile()
+
+
+class ActivationOffload:
+    """saved_tensors_hooks that park large saved activations in (pinned) CPU memory.
+
+    Active for the whole model forward (entered and left by forward hooks on the root).
+    Inside a checkpointed block the checkpoint's own hooks take precedence, so what reaches these
+    hooks is what lives *between* blocks: the checkpoint inputs (block inputs) and the tensors
+    saved outside blocks. Tensors below `min_bytes` (ids, norms' statistics) and tensors already
+    parked (cos/sin, passed to every block) are kept or shared, not copied again.
+
+    Overlap on CUDA: device-to-host copies run on a side stream after an event on the compute
+    stream; unpacking the i-th saved tensor starts the host-to-device copy of the (i-1)-th, which
+    the backward needs next (blocks run backward in reverse order).
+    """
+
+    def __init__(self, min_bytes: int = 1 << 20):
+        self.min_bytes = min_bytes
+        self.stream = None
+        self._handles: list[_Parked] = []
+        self._by_id: dict[int, tuple[weakref.ref, _Parked]] = {}
+        self._hooks = None
+
+    def attach(self, model: nn.Module) -> None:
+        model.register_forward_pre_hook(self._enter)
+        model.register_forward_hook(self._exit)
+
+    def _enter(self, module, args) -> None:
+        if not torch.is_grad_enabled():
+            return
+        self._handles, self._by_id = [], {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+
+    def _exit(self, module, args, output) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+
+    def _pack(self, t: torch.Tensor):
+        if t.numel() * t.element_size() < self.min_bytes:
+            return t
+        seen = self._by_id.get(id(t))
+        if seen is not None and seen[0]() is t:
+            return seen[1]
+        if t.is_cuda and self.stream is None:
+            self.stream = torch.cuda.Stream(t.device)
+        parked = _Parked(t, len(self._handles), self.stream)
+        self._handles.append(parked)
+        self._by_id[id(t)] = (weakref.ref(t), parked)
+        return parked
+
+    def _unpack(self, packed):
+        if not isinstance(packed, _Parked):
+            return packed
+        if packed.index > 0:  # the backward will want the previous one next: start its copy
+            self._handles[packed.index - 1].prefetch()
+        return packed.get()
+
+
+class _Parked:
+    """One offloaded tensor: a CPU copy, and (during backward) a device copy being fetched."""
+
+    def __init__(self, t: torch.Tensor, index: int, stream):
+        self.index, self.device, self.stream = index, t.device, stream
+        self.fetched = None
+        if t.is_cuda:
+            self.cpu = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            stream.wait_stream(torch.cuda.current_stream(t.device))  # t is fully written
+            with torch.cuda.stream(stream):
+                self.cpu.copy_(t, non_blocking=True)
+            t.record_stream(stream)  # the allocator must not reuse t before the copy is done
+        else:  # CPU runs (tests): a copy, so the mechanics are the same
+            self.cpu = t.detach().clone()
+
+    def prefetch(self) -> None:
+        if self.fetched is not None or self.device.type != "cuda":
+            return
+        with torch.cuda.stream(self.stream):
+            self.fetched = self.cpu.to(self.device, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record(self.stream)
+
+    def get(self) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return self.cpu
+        self.prefetch()
+        torch.cuda.current_stream(self.device).wait_event(self.event)
+        out, self.fetched = self.fetched, None
+        out.record_stream(torch.cuda.current_stream(self.device))
+        return out
