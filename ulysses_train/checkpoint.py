@@ -1,19 +1,35 @@
-"""Checkpoints: DCP save/load, the `latest` pointer, retention and the resume decision.
+"""Checkpoints: DCP save (sync or async), verified resume, the `latest` pointer, retention.
 
-Layout under the run dir:
-    checkpoints/step_00000100/   a complete checkpoint (DCP files + `.metadata` + `meta.json`)
-    checkpoints/latest           text file naming the newest complete step directory
-    checkpoints/.tmp_step_...    a save in progress (never read; removed on the next start)
+Layout under the run dir (kept by `checkpoint_files.CheckpointDir`):
+    checkpoints/step_00000100/   a committed checkpoint: DCP files + `.metadata`, `meta.json`,
+                                 `manifest.json` (sizes and hashes of the others; checkpoint_files)
+    checkpoints/latest           text file naming the newest committed step directory
+    checkpoints/.tmp_step_...    a save in progress (never read; removed, with a log line, on start)
 
-Invariants:
-- A step directory exists only once every file in it is written: DCP writes into `.tmp_step_N`,
-  we add `meta.json`, and only then rename the directory into place; `latest` is replaced
-  atomically with `os.replace` afterwards. A crash at any point leaves `latest` naming a complete
-  checkpoint (or nothing).
+Crash safety (a `kill -9` at any instant leaves a resumable run):
+- The commit is a rename. DCP writes into `.tmp_step_N`; rank 0 adds `meta.json`, then the
+  manifest, then renames the directory into place, and only then replaces `latest` atomically
+  (`os.replace`). A step directory therefore always holds every file its manifest lists, and
+  `latest` always names a committed one (or is a step behind, when the kill fell between the
+  rename and the pointer: resume then follows `latest`, per DESIGN §2, and redoes those steps).
+- Resuming from step N removes this run dir's checkpoints newer than N, as metrics.jsonl drops
+  its rows after N, so a later fallback can never land beyond the logged curve.
+- Async (`checkpoint.async_save`): `dcp.async_save` copies ("stages") the state to CPU memory,
+  training goes on, and a background thread writes the files on the checkpoint's own gloo group
+  (never the training group: two threads issuing collectives on one group can interleave
+  differently on different ranks). The commit above runs in that thread once DCP has finished on
+  every rank, so `latest` never names a save in flight. At most one save is in flight: the next
+  save, and the end of training (`close`), wait for it; a failed background save is logged at
+  once and raised on every rank at that wait — it is never marked `latest`. A single process
+  needs no process group (DCP saves with `no_dist`).
+- Verification on resume: sizes of every file of each candidate (one stat each: free), then the
+  hashes of the checkpoint actually being loaded — loading reads those bytes anyway, so verifying
+  costs about one extra read, and older checkpoints are only hashed if we fall back to them. With
+  several ranks each rank hashes a share of the files and the verdict is gathered, so every rank
+  picks the same checkpoint.
 - The state is layout-independent (FQN-keyed model/optimizer state from DCP's state_dict helpers,
-  data position = global step), so DCP can later reshard it across parallel layouts.
-- `meta.json` records the model shape so an incompatible checkpoint is refused before any
-  tensor is read.
+  data position = global step), so DCP can reshard it across parallel layouts; `meta.json`
+  records the model shape so an incompatible checkpoint is refused before any tensor is read.
 """
 from __future__ import annotations
 
@@ -21,66 +37,84 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .config import CheckpointConfig, ModelConfig
+from . import checkpoint_files as files
+from .checkpoint_files import TMP_PREFIX, is_complete, step_dirname  # noqa: F401 (re-exported)
+from .config import CheckpointConfig, DebugConfig, ModelConfig
 from .errors import ConfigError
 
 # DCP wraps read failures in CheckpointException, which derives from BaseException.
 LOAD_ERRORS = (Exception, CheckpointException)
-STEP_PREFIX = "step_"
-TMP_PREFIX = ".tmp_"
-SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
-              "tie_embeddings")
+PAUSE_MARKER = "debug_paused"  # written in the run dir when debug.pause_in_save_* pauses
+# DCP warns on every save/load without a process group; a single process is what we intend. A
+# filter, not catch_warnings: async saves warn from DCP's thread, and catch_warnings is not
+# thread-safe.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
+                        "uninitialized, assuming the intent")
 
 
-def step_dirname(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
-
-
-def is_complete(path: str) -> bool:
-    """A committed checkpoint: DCP's `.metadata` (written last by DCP) and our `meta.json`."""
-    return (os.path.isfile(os.path.join(path, ".metadata"))
-            and os.path.isfile(os.path.join(path, "meta.json")))
-
-
-def _quiet(fn, *args, **kwargs):
-    # DCP warns that it runs without a process group; single-process runs are intended.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        return fn(*args, **kwargs)
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; `latest` still names the previous one."""
 
 
 class CheckpointManager:
-    """Owns `run_dir/checkpoints`: saving, retention and choosing what to resume from."""
+    """Owns `run_dir/checkpoints`: saving, retention and choosing what to resume from.
+
+    Every rank writes its shards through DCP; only the main rank touches the directory structure
+    (temp dir, manifest, rename, `latest`, pruning). Methods that take a collective (`save`,
+    `wait`, `restore`) must be called by every rank at the same point; `close` takes none.
+    """
 
     def __init__(self, run_dir: str, cfg: CheckpointConfig, model_cfg: ModelConfig,
                  log: Callable[[str], None] = print, crash_at_step: int = 0,
-                 is_main: bool = True, distributed: bool = False):
+                 is_main: bool = True, distributed: bool = False,
+                 debug: DebugConfig | None = None):
+        self.run_dir = run_dir
         self.dir = os.path.join(run_dir, "checkpoints")
+        self.ckdir = files.CheckpointDir(self.dir, log)
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.log = log
-        self.crash_at_step = crash_at_step
-        # Every rank writes its shards through DCP; only the main rank touches the directory
-        # structure (temp dir, rename, `latest`, pruning), between barriers.
+        self.debug = debug or DebugConfig(crash_in_save_at_step=crash_at_step)
         self.is_main = is_main
         self.distributed = distributed
+        self._group = None  # the checkpoint's own gloo group, made once on first use
+        self._executor: ThreadPoolExecutor | None = None  # finishes async saves
+        self._pending: tuple[int, Future] | None = None  # the async save in flight
 
     def _barrier(self) -> None:
         if self.distributed:
-            torch.distributed.barrier()
+            dist.barrier()
+
+    def _pg(self):
+        """Gloo group for async saves and verification verdicts; None alone. Collective once."""
+        if self.distributed and self._group is None:
+            from .parallel.mesh import PG_TIMEOUT
+
+            self._group = dist.new_group(backend="gloo", timeout=PG_TIMEOUT)
+        return self._group
 
     # ---- saving -------------------------------------------------------------------------
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict) -> str:
-        """Write checkpoint `step` atomically, point `latest` at it, prune old ones."""
+             trainer_state: dict, debug: DebugConfig | None = None) -> str:
+        """Save checkpoint `step` and return its final path.
+
+        Sync: returns once it is committed and `latest` names it. Async: returns once the state
+        is copied; the commit follows in the background (see the module docstring).
+        """
+        if debug is not None:
+            self.debug = debug
+        self.wait()  # at most one save in flight; a failed one stops the run here
         final = os.path.join(self.dir, step_dirname(step))
         tmp = os.path.join(self.dir, TMP_PREFIX + step_dirname(step))
         if self.is_main:
@@ -88,92 +122,132 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()  # nobody writes into tmp before it is fresh
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        _quiet(dcp.save, {"model": model_sd, "optim": optim_sd, "trainer": trainer_state},
-               checkpoint_id=tmp)  # collective; returns once every rank's files are written
-        if self.crash_at_step == step:  # debug.crash_in_save_at_step: die with files half-committed
-            os._exit(17)
+        state = {"model": model_sd, "optim": optim_sd, "trainer": trainer_state}
+        if not self.cfg.async_save:
+            # Collective: returns once every rank's files (and rank 0's `.metadata`) are written.
+            dcp.save(state, checkpoint_id=tmp, no_dist=not self.distributed)
+            self._finish(step, tmp, final)
+            self._barrier()  # nobody goes on (and maybe saves again) before the commit
+            self.log(f"saved checkpoint {final}")
+            return final
+        future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._pg(),
+                                no_dist=not self.distributed)  # returns once staged (copied)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._pending = (step, self._executor.submit(self._finish_async, step, future, tmp, final))
+        self.log(f"saving checkpoint {final} in the background")
+        return final
+
+    def _finish_async(self, step: int, future: Future, tmp: str, final: str) -> None:
+        try:
+            future.result()  # DCP's write on every rank (rank 0 wrote `.metadata` last)
+            self._finish(step, tmp, final)
+        except BaseException as exc:
+            self.log(f"error: background save of checkpoint step {step} failed "
+                     f"({_brief(exc)}); `latest` still names the previous checkpoint")
+            raise
+        if self.is_main:
+            self.log(f"saved checkpoint {final}")
+
+    def _finish(self, step: int, tmp: str, final: str) -> None:
+        self._debug_point(step, "commit")
         if self.is_main:
             self._commit(step, tmp, final)
-        self._barrier()  # nobody goes on (and maybe saves again) before the commit
-        return final
 
     def _commit(self, step: int, tmp: str, final: str) -> None:
         meta = {"step": step, "model": dataclasses.asdict(self.model_cfg),
                 "torch": torch.__version__}
-        _write_durably(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-        if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
+        files.write_durably(os.path.join(tmp, files.META), json.dumps(meta, indent=1))
+        files.write_manifest(tmp)  # last file in: it covers all the others
+        if os.path.exists(final):  # re-saving a step (after a resume from an older one)
             shutil.rmtree(final)
-        os.rename(tmp, final)
-        _write_durably(os.path.join(self.dir, "latest.tmp"), step_dirname(step) + "\n")
-        os.replace(os.path.join(self.dir, "latest.tmp"), os.path.join(self.dir, "latest"))
-        self._prune(keep_name=step_dirname(step))
+        os.rename(tmp, final)  # the commit
+        files.fsync_dir(self.dir)
+        self._debug_point(step, "latest")
+        self.ckdir.point_latest(step_dirname(step))
+        self.ckdir.prune(self.cfg.keep, keep_name=step_dirname(step))
 
-    def _prune(self, keep_name: str) -> None:
-        old = [n for n in self.complete_steps() if n != keep_name]
-        for name in old[: max(0, len(old) - (self.cfg.keep - 1))]:
-            shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+    def _debug_point(self, step: int, point: str) -> None:
+        """Fault injection (debug.*): die or pause here so a test can kill the process."""
+        if point == "commit" and self.debug.crash_in_save_at_step == step:
+            os._exit(17)  # files written, not committed
+        if self.debug.pause_in_save_at_step == step and self.debug.pause_in_save_before == point:
+            if self.is_main:
+                marker = os.path.join(self.run_dir, PAUSE_MARKER)
+                files.write_durably(marker + ".tmp", f"step {step} before {point}\n")
+                os.replace(marker + ".tmp", marker)
+            self.log(f"debug: paused in the save of step {step} before the {point}, until killed")
+            while True:
+                time.sleep(60)
 
-    # ---- finding ------------------------------------------------------------------------
-    def complete_steps(self) -> list[str]:
-        """Names of complete step directories, oldest first."""
-        if not os.path.isdir(self.dir):
-            return []
-        names = sorted(n for n in os.listdir(self.dir) if n.startswith(STEP_PREFIX))
-        return [n for n in names if is_complete(os.path.join(self.dir, n))]
-
-    def _latest_name(self) -> str | None:
-        try:
-            with open(os.path.join(self.dir, "latest")) as f:
-                return f.read().strip() or None
-        except OSError:
-            return None
-
-    def clean_partial(self) -> None:
-        """Remove saves that never committed (crash mid-save); they are never read."""
-        if not self.is_main or not os.path.isdir(self.dir):
+    def wait(self) -> None:
+        """Block until the async save in flight (if any) is committed; raise, on every rank, if
+        it failed on any. A collective when there is one in flight (all ranks have one)."""
+        if self._pending is None:
             return
-        for name in os.listdir(self.dir):
-            if name.startswith(TMP_PREFIX):
-                self.log(f"removing incomplete checkpoint {os.path.join(self.dir, name)}")
-                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+        (step, future), self._pending = self._pending, None
+        error = future.exception()
+        failed = error is not None
+        if self.distributed:  # agree, so no rank trains on while another stops
+            flag = torch.tensor([int(failed)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._pg())
+            failed = bool(flag.item())
+        if failed:
+            why = _brief(error) if error is not None else "it failed on another rank"
+            raise CheckpointSaveError(f"checkpoint step {step} was not saved ({why}); `latest` "
+                                      "still names the previous checkpoint") from error
 
-    def candidates(self) -> list[str]:
-        """What `resume=auto` tries, in order: `latest`, then complete ones newest first."""
-        names = list(reversed(self.complete_steps()))
-        latest = self._latest_name()
-        if latest in names:
-            names.remove(latest)
-            names.insert(0, latest)
-        elif latest is not None:
-            self.log(f"warning: checkpoints/latest names {latest!r}, which is missing or "
-                     "incomplete; falling back to the newest complete checkpoint")
-        return [os.path.join(self.dir, n) for n in names]
+    def close(self) -> None:
+        """End of training: let a save in flight finish (its failure is logged, not raised —
+        call `wait` first for that) and stop the background thread. Takes no collective."""
+        if self._pending is not None:
+            self._pending[1].exception()  # blocks; `_finish_async` has logged any error
+            self._pending = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
-    def has_any(self) -> bool:
-        return os.path.isdir(self.dir) and any(
-            n.startswith(STEP_PREFIX) for n in os.listdir(self.dir))
-
-    # ---- loading ------------------------------------------------------------------------
+    # ---- verifying ----------------------------------------------------------------------
     def check_shape(self, path: str) -> None:
         """Refuse a checkpoint of another model shape, from its meta.json alone."""
-        try:
-            with open(os.path.join(path, "meta.json")) as f:
-                saved = json.load(f)["model"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError("checkpoint.resume", f"{path} is not a readable checkpoint "
-                              f"(meta.json: {exc}); point it at a checkpoints/step_* dir") from exc
-        diffs = [f"{k}={saved.get(k)} (this run: {getattr(self.model_cfg, k)})"
-                 for k in SHAPE_KEYS if saved.get(k) != getattr(self.model_cfg, k)]
-        if diffs:
-            raise ConfigError("checkpoint.resume", f"{path} holds a different model shape: "
-                              + ", ".join(diffs) + "; resume with the same model settings")
+        files.check_shape(path, self.model_cfg)
 
+    def verify(self, path: str) -> list[str]:
+        """Problems ('PATH: what') that make `path` unusable; empty when verified. ConfigError
+        if it holds another model shape. Cheap first: every size and the tiny meta.json's hash,
+        then the shape, and only then the hashes of the tensor files (split over ranks)."""
+        manifest, problem = files.read_manifest(path)
+        if manifest is None:
+            return [problem]
+        hashing = files.can_hash(manifest["algorithm"])
+        if not hashing:
+            self.log(f"warning: {path} was hashed with {manifest['algorithm']}, which this "
+                     "machine lacks (pip install xxhash); checking file sizes only")
+        problems = files.check_sizes(path, manifest)
+        if not problems and hashing:
+            problems = files.check_hashes(path, manifest, [files.META])
+        if problems:
+            return problems
+        self.check_shape(path)
+        if not hashing:
+            return []
+        names = sorted(n for n in manifest["files"] if n != files.META)
+        if not self.distributed:
+            return files.check_hashes(path, manifest, names)
+        group = self._pg()
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        every: list = [None] * world
+        dist.all_gather_object(every, files.check_hashes(path, manifest, names[rank::world]),
+                               group=group)
+        return [p for part in every for p in part]
+
+    # ---- loading ------------------------------------------------------------------------
     def load(self, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              trainer_state: dict) -> dict:
         """Load `path` into model/optimizer; return the saved trainer state (same keys)."""
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd, "trainer": dict(trainer_state)}
-        _quiet(dcp.load, state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, no_dist=not self.distributed)
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         return state["trainer"]
@@ -182,39 +256,53 @@ class CheckpointManager:
                 trainer_state: dict) -> tuple[dict | None, str | None]:
         """Apply `checkpoint.resume`; return (saved trainer state, path) or (None, None).
 
-        auto: `latest`, falling back (with a warning) to older complete checkpoints; an error if
-        checkpoints exist but none loads — never silently train over them. never: start fresh,
-        refusing a run dir that already holds checkpoints. PATH: exactly that one, or an error.
+        auto: `latest`, falling back (with a warning naming the bad file) to older verified
+        checkpoints; an error if checkpoints exist but none loads — never silently train over
+        them. never: start fresh, refusing a run dir that already holds checkpoints. PATH:
+        exactly that one, verified, or an error. Another model shape is always an error.
         """
-        self.clean_partial()
+        if self.is_main:
+            self.ckdir.clean_partial()
         mode = self.cfg.resume
         if mode == "never":
-            if self.has_any():
+            if self.ckdir.has_any():
                 raise ConfigError("checkpoint.resume", f"'never', but {self.dir} already holds "
                                   "checkpoints; use a fresh hydra.run.dir or resume=auto")
             return None, None
-        if mode != "auto":
+        if mode == "auto":
+            state, path = self._load_auto(model, optimizer, trainer_state)
+        else:
             path = os.path.abspath(os.path.expanduser(mode))
-            return self._load_explicit(path, model, optimizer, trainer_state), path
-        candidates = self.candidates()
+            state = self._load_explicit(path, model, optimizer, trainer_state)
+        if path is not None and self.is_main:
+            self.ckdir.abandon_after(path)
+        return state, path
+
+    def _load_auto(self, model, optimizer, trainer_state: dict) -> tuple[dict | None, str | None]:
+        candidates = self.ckdir.candidates()
         for path in candidates:
-            self.check_shape(path)
+            problems = self.verify(path)
+            if problems:
+                self.log(f"warning: checkpoint {path} is corrupt ({files.summary(problems)}); "
+                         "trying the next newest")
+                continue
             try:
                 return self.load(path, model, optimizer, trainer_state), path
-            except LOAD_ERRORS as exc:  # corrupt files surface as many exception types
+            except LOAD_ERRORS as exc:  # e.g. written by another torch, unreadable
                 self.log(f"warning: checkpoint {path} could not be loaded ({_brief(exc)}); "
-                         "trying an older one")
-        if self.has_any():
+                         "trying the next newest")
+        if self.ckdir.has_any():
             raise ConfigError("checkpoint.resume", f"{self.dir} holds checkpoints but none is "
                               f"loadable (tried {len(candidates)}); repair or move them, or give "
                               "a fresh hydra.run.dir — refusing to train over them")
         return None, None
 
     def _load_explicit(self, path: str, model, optimizer, trainer_state: dict) -> dict:
-        if not os.path.isdir(path) or not is_complete(path):
-            raise ConfigError("checkpoint.resume", f"{path} is not a complete checkpoint "
-                              "(missing, or a partial save); give a checkpoints/step_* directory")
-        self.check_shape(path)
+        files.check_resume_path(path, self.model_cfg)  # exists, complete, same shape
+        problems = self.verify(path)
+        if problems:
+            raise ConfigError("checkpoint.resume", f"{path} is corrupt: "
+                              f"{files.summary(problems)}; pick another step directory")
         try:
             return self.load(path, model, optimizer, trainer_state)
         except LOAD_ERRORS as exc:
@@ -225,10 +313,3 @@ class CheckpointManager:
 def _brief(exc: BaseException) -> str:
     first = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {first[0][:200]}" if first else type(exc).__name__
-
-
-def _write_durably(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
