@@ -125,3 +125,18 @@ def test_offload_parks_each_block_input_once():
     assert len({id(p) for p in parked}) == len(parked)
     block_fetches = [i for i in fetched if i is not None]
     assert block_fetches[0] > block_fetches[-1]  # last block's input first
+
+
+@pytest.mark.parametrize("mode", ["none", "selective"])
+def test_compiled_blocks_equal_plain_model(reference, mode):
+    """Dynamo traces the blocks with their checkpoint policy (aot_eager: the same graphs inductor
+    gets, without CPU code generation time; `train.compile` uses inductor)."""
+    from ulysses_train.parallel.activations import apply_compile
+
+    model = _model(activation_checkpointing=mode)
+    apply_compile(model, backend="aot_eager")
+    ref_loss, ref_grads = reference
+    loss, grads = _loss_and_grads(model)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-6, msg=name)

@@ -30,8 +30,8 @@ from torch import nn
 from ..config import ModelConfig, padded_vocab
 from .attention import sdpa_attention
 from .init import _is_dtensor, init_param_
-from .tiling import tiled_head_loss, tiled_mlp
 from .rope import apply_rotary, rope_cos_sin, rope_frequencies
+from .tiling import tiled_head_loss, tiled_mlp
 
 AttentionFn = Callable[..., torch.Tensor]
 IGNORE_INDEX = -100

@@ -27,7 +27,8 @@ from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
 
-def _saved_ops() -> set:
+@functools.cache
+def _saved_ops() -> frozenset:
     """Ops whose outputs selective checkpointing keeps (those that exist in this torch build)."""
     names = ["aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
              "aten._scaled_dot_product_cudnn_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
@@ -42,14 +43,11 @@ def _saved_ops() -> set:
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
     if flex is not None:
         ops.add(flex)
-    return ops
-
-
-_SAVED_OPS = None
+    return frozenset(ops)
 
 
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in _SAVED_OPS:
+    if op in _saved_ops():
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -64,9 +62,6 @@ def _checkpoint_fn(mode: str):
         return None
     kw = {"use_reentrant": False, "preserve_rng_state": False}  # no dropout: no RNG to replay
     if mode == "selective":
-        global _SAVED_OPS
-        if _SAVED_OPS is None:
-            _SAVED_OPS = _saved_ops()
         kw["context_fn"] = _selective_context
     elif mode != "full":
         raise ValueError(f"unknown activation checkpointing mode {mode!r}")
@@ -85,12 +80,13 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, offload: bool = 
         ActivationOffload().attach(model)
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """torch.compile each block (one compiled graph shared by all blocks: same code, and
-    parameters are graph inputs). Blocks, not the whole model: graphs stay small and the
-    Ulysses collectives and the tiled loss stay outside the compiled region."""
+    parameters are graph inputs). Blocks, not the whole model: graphs stay small and the tiled
+    loss stays outside. A tiled MLP's autograd function is not traced (graph break): compile
+    then fuses the attention half of the block only. `backend` is for tests (aot_eager)."""
     for block in model.layers:
-        block.compile()
+        block.compile(backend=backend)
 
 
 class ActivationOffload:
