@@ -222,20 +222,24 @@ def bench_one(args, seq_len: int) -> dict:
     return {"seq_len": seq_len, "impl": "ulysses_train", "error": "out of memory", "attempts": attempts}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_lengths(args, argv, script: str, one) -> int:
+    """Print `one(args, seq)` as a JSON line per length. On CPU with several lengths each runs in
+    a fresh process of `script` (peak RSS only grows), each printing its own line."""
     if args.device == "cpu" and len(args.seq_lens) > 1 and not args.in_process:
-        # Peak RSS only grows: one fresh process per length, each printing its own line.
-        base = [a for a in (argv if argv is not None else sys.argv[1:])]
+        base = list(argv if argv is not None else sys.argv[1:])
         for seq in args.seq_lens:
-            rc = subprocess.call([sys.executable, os.path.abspath(__file__), *base,
+            rc = subprocess.call([sys.executable, os.path.abspath(script), *base,
                                   "--seq-lens", str(seq), "--in-process"], env=child_env())
             if rc != 0:
                 return rc
         return 0
     for seq in args.seq_lens:
-        print(json.dumps(bench_one(args, seq)), flush=True)
+        print(json.dumps(one(args, seq)), flush=True)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_lengths(parse_args(argv), argv, __file__, bench_one)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gc", default="auto", choices=["auto", "on", "off"])
     known, rest = p.parse_known_args(argv)
     args = bench.parse_args(rest)
-    args.gc, args.argv = known.gc, argv if argv is not None else sys.argv[1:]
+    args.gc = known.gc
     return args
 
 
@@ -99,17 +97,7 @@ def bench_one(args, seq_len: int) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device == "cpu" and len(args.seq_lens) > 1 and not args.in_process:
-        for seq in args.seq_lens:  # fresh process per length: peak RSS only grows
-            rc = subprocess.call([sys.executable, os.path.abspath(__file__), *args.argv,
-                                  "--seq-lens", str(seq), "--in-process"], env=bench.child_env())
-            if rc != 0:
-                return rc
-        return 0
-    for seq in args.seq_lens:
-        print(json.dumps(bench_one(args, seq)), flush=True)
-    return 0
+    return bench.run_lengths(parse_args(argv), argv, __file__, bench_one)
 
 
 if __name__ == "__main__":

@@ -210,3 +210,34 @@ class CollectiveCounter:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+def sp_gpt_errors(group, cfg, ids, positions, labels, attn_mask=None) -> dict[str, float]:
+    """Relative errors of a GPT with `UlyssesAttention` on this rank's sequence slice against the
+    plain GPT on the whole sequence: the summed loss and every summed gradient.
+
+    ids/positions/labels are the global (B, S) tensors (positions already global); the slice is
+    this rank's S/P consecutive columns. Both models get torch's seeded default init, copied
+    (init_weights would do too, but imports the DTensor stack: ~1 s per spawned rank).
+    """
+    from helpers import rel_err
+    from ulysses_train.model import GPT, sdpa_attention
+    from ulysses_train.parallel import UlyssesAttention
+
+    p, r = dist.get_world_size(group), dist.get_rank(group)
+    seq = ids.shape[1]
+    torch.manual_seed(0)
+    models = [GPT(cfg), GPT(cfg, attention_fn=UlyssesAttention(sdpa_attention, group))]
+    models[1].load_state_dict(models[0].state_dict())
+    mine = slice(r * seq // p, (r + 1) * seq // p)
+    losses = []
+    for model, part in zip(models, (slice(None), mine)):
+        loss_sum, _ = model(ids[:, part], positions[:, part], labels[:, part], attn_mask=attn_mask)
+        loss_sum.backward()
+        losses.append(loss_sum.detach())
+    dist.all_reduce(losses[1], group=group)  # token sums add up over the sequence slices
+    errors = {"loss": rel_err(losses[1], losses[0])}
+    for (name, ref), sp in zip(models[0].named_parameters(), models[1].parameters()):
+        dist.all_reduce(sp.grad, group=group)  # each rank saw different tokens: sum (DESIGN §1)
+        errors[name] = rel_err(sp.grad, ref.grad)
+    return errors

@@ -89,3 +89,25 @@ def metrics_rows(run_dir) -> list[dict]:
     """The rows of a run's metrics.jsonl."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def fwd_bwd(fn, q, k, v, grad_out, **kw):
+    """An attention call's output and (dq, dk, dv) for the upstream gradient `grad_out`."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    (out * grad_out).sum().backward()  # d/d out of sum(out * g) is g
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to b's largest magnitude."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def flip_byte(path) -> None:
+    """Corrupt a file in place: same size, one byte different (only a content hash can tell)."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))

@@ -12,7 +12,7 @@ from ulysses_train.errors import ConfigError
 from ulysses_train.optim import build_optimizer
 from ulysses_train.trainer import build_model
 
-from helpers import cpu_dims, run_train, small_config
+from helpers import cpu_dims, flip_byte, run_train, small_config
 
 # DCP's note that it runs without a process group: a single process is what these tests mean.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -126,18 +126,9 @@ def test_crash_mid_save_keeps_latest_on_the_previous_checkpoint(tmp_path, small_
     assert is_complete(str(ck / "step_00000006"))
 
 
-def _flip_byte(path):
-    """Same size, one byte different: only the content hash can tell."""
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
-
-
 DAMAGE = {
     "truncated": lambda p: open(p, "r+b").truncate(10),
-    "bit-flipped": _flip_byte,
+    "bit-flipped": flip_byte,
     "missing": os.remove,
 }
 
@@ -160,7 +151,7 @@ def test_manifest_covers_every_file_and_meta_is_checked_first(tmp_path):
     manifest = json.loads(open(os.path.join(step_dir, "manifest.json")).read())
     assert set(manifest["files"]) == set(os.listdir(step_dir)) - {"manifest.json"}
     # A flipped byte in meta.json is corruption, not "another model shape".
-    _flip_byte(os.path.join(step_dir, "meta.json"))
+    flip_byte(os.path.join(step_dir, "meta.json"))
     problems = manager(tmp_path, cfg).verify(step_dir)
     assert problems and "meta.json" in problems[0]
 
@@ -238,7 +229,7 @@ def test_sha256_without_xxhash_and_sizes_only_where_the_hash_is_unknown(tmp_path
     monkeypatch.setattr(checkpoint_files, "default_algorithm", lambda: "sha256")
     step_dir = manager(tmp_path, cfg).save(1, model, opt, {"step": 1})
     assert json.load(open(os.path.join(step_dir, "manifest.json")))["algorithm"] == "sha256"
-    _flip_byte(os.path.join(step_dir, "__0_0.distcp"))
+    flip_byte(os.path.join(step_dir, "__0_0.distcp"))
     assert "content differs" in manager(tmp_path, cfg).verify(step_dir)[0]
     monkeypatch.setattr(checkpoint_files, "can_hash", lambda algorithm: False)
     said = []

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, SMALL, metrics_rows, run_train
+from helpers import ROOT, SMALL, flip_byte, metrics_rows, run_train
 
 STEPS = 12
 BASE = SMALL + [f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=3"]
@@ -131,15 +131,6 @@ def assert_on_reference(run_dir, reference, proc=None, resumed_from=None):
         assert (resumed in output(proc)) if resumed_from else ("resumed from" not in output(proc))
         TALLY["exact_resumes"] += 1
     return rows
-
-
-def flip_byte(path):
-    """Same size, one byte different: only the manifest's hash can tell."""
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 # ---- the tests ------------------------------------------------------------------------------

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import block_group, run_distributed
+from distributed import block_group, run_distributed, sp_gpt_errors
+from helpers import fwd_bwd, rel_err
 from ulysses_train.config import ModelConfig
 from ulysses_train.data.batch import document_positions
 from ulysses_train.model.attention import eager_attention, sdpa_attention
-from ulysses_train.model.gpt import GPT
 from ulysses_train.model.masking import DocumentMask
 from ulysses_train.parallel.ulysses import UlyssesAttention
 
@@ -44,26 +44,15 @@ def _global_inputs(hq, hkv, seed=0):
     return [torch.randn(b, S, h, D, generator=g) for h in (hq, hkv, hkv, hq)]  # q, k, v, grad
 
 
-def _fwd_bwd(fn, q, k, v, grad_out, **kw):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v, **kw)
-    (out * grad_out).sum().backward()
-    return out.detach(), q.grad, k.grad, v.grad
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def _compare(group, fn, hq, hkv) -> dict[str, float]:
     p, r = dist.get_world_size(group), dist.get_rank(group)
     q, k, v, grad_out = _global_inputs(hq, hkv)
     mask = DocumentMask(_doc_ids())  # global rows: every rank holds them
-    reference = _fwd_bwd(fn, q, k, v, grad_out, mask=mask)
+    reference = fwd_bwd(fn, q, k, v, grad_out, mask=mask)
     mine = slice(r * S // p, (r + 1) * S // p)
-    got = _fwd_bwd(UlyssesAttention(fn, group), q[:, mine], k[:, mine], v[:, mine],
+    got = fwd_bwd(UlyssesAttention(fn, group), q[:, mine], k[:, mine], v[:, mine],
                    grad_out[:, mine], mask=mask)
-    return {name: _rel(a, b[:, mine]) for name, a, b in zip(("out", "dq", "dk", "dv"), got, reference)}
+    return {name: rel_err(a, b[:, mine]) for name, a, b in zip(("out", "dq", "dk", "dv"), got, reference)}
 
 
 def _sliced_mask_refused(group) -> str:
@@ -89,22 +78,7 @@ def _gpt(group) -> dict[str, float]:
     labels[torch.rand(2, S, generator=g) < 0.3] = -100  # valid counts differ between slices
     docs = _doc_ids()
     positions = document_positions(docs)  # on the whole row, before slicing
-    torch.manual_seed(0)  # same default init everywhere (init_weights would import DTensor)
-    models = [GPT(cfg), GPT(cfg, attention_fn=UlyssesAttention(sdpa_attention, group))]
-    models[1].load_state_dict(models[0].state_dict())
-    mask = DocumentMask(docs)
-    mine = slice(r * S // p, (r + 1) * S // p)
-    losses = []
-    for model, part in zip(models, (slice(None), mine)):
-        loss_sum, _ = model(ids[:, part], positions[:, part], labels[:, part], attn_mask=mask)
-        loss_sum.backward()
-        losses.append(loss_sum.detach())
-    dist.all_reduce(losses[1], group=group)  # token sums add up over the sequence slices
-    errors = {"loss": _rel(losses[1], losses[0])}
-    for (name, ref), sp in zip(models[0].named_parameters(), models[1].parameters()):
-        dist.all_reduce(sp.grad, group=group)  # each rank saw different tokens: sum (DESIGN §1)
-        errors[name] = _rel(sp.grad, ref.grad)
-    return errors
+    return sp_gpt_errors(group, cfg, ids, positions, labels, attn_mask=DocumentMask(docs))
 
 
 def _job(rank: int, world: int) -> dict:

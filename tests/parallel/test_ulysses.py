@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from distributed import CollectiveCounter, block_group, run_distributed
+from distributed import CollectiveCounter, block_group, run_distributed, sp_gpt_errors
+from helpers import fwd_bwd, rel_err
 from ulysses_train.config import ModelConfig
 from ulysses_train.model.attention import eager_attention, sdpa_attention
-from ulysses_train.model.gpt import GPT
 from ulysses_train.parallel import comm
 from ulysses_train.parallel.ulysses import UlyssesAttention
 
@@ -43,27 +43,15 @@ def _global_inputs(batch, hq, hkv, dv=D, seed=0):
             torch.randn(batch, S, hkv, dv, generator=g), torch.randn(batch, S, hq, dv, generator=g))
 
 
-def _fwd_bwd(fn, q, k, v, grad_out, **kw):
-    """out and (dq, dk, dv) for upstream gradient grad_out (a scalar loss: see test_comm)."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v, **kw)
-    (out * grad_out).sum().backward()
-    return out.detach(), q.grad, k.grad, v.grad
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def _compare(group, fn, batch, hq, hkv, dv=D, **kw) -> dict[str, object]:
     p, r = dist.get_world_size(group), dist.get_rank(group)
     q, k, v, grad_out = _global_inputs(batch, hq, hkv, dv)
-    reference = _fwd_bwd(fn, q, k, v, grad_out, **kw)  # the whole sequence in one process
+    reference = fwd_bwd(fn, q, k, v, grad_out, **kw)  # the whole sequence in one process
     mine = slice(r * S // p, (r + 1) * S // p)  # this rank's tokens
     with CollectiveCounter() as fwd_bwd_count:
-        got = _fwd_bwd(UlyssesAttention(fn, group), q[:, mine], k[:, mine], v[:, mine],
+        got = fwd_bwd(UlyssesAttention(fn, group), q[:, mine], k[:, mine], v[:, mine],
                        grad_out[:, mine], **kw)
-    errors = {name: _rel(a, b[:, mine]) for name, a, b in zip(("out", "dq", "dk", "dv"), got, reference)}
+    errors = {name: rel_err(a, b[:, mine]) for name, a, b in zip(("out", "dq", "dk", "dv"), got, reference)}
     return {"errors": errors, "collectives": fwd_bwd_count.total, "shape": tuple(got[0].shape)}
 
 
@@ -84,8 +72,8 @@ def _size_one(group) -> dict[str, bool]:
     """On a size-1 group the wrapper must be exactly the local kernel (outputs and grads)."""
     q, k, v, grad_out = _global_inputs(2, 8, 2)
     with CollectiveCounter() as count:
-        got = _fwd_bwd(UlyssesAttention(sdpa_attention, group), q, k, v, grad_out)
-    want = _fwd_bwd(sdpa_attention, q, k, v, grad_out)
+        got = fwd_bwd(UlyssesAttention(sdpa_attention, group), q, k, v, grad_out)
+    want = fwd_bwd(sdpa_attention, q, k, v, grad_out)
     return {"equal": all(torch.equal(a, b) for a, b in zip(got, want)), "collectives": count.total}
 
 
@@ -119,23 +107,7 @@ def _gpt_drop_in(group) -> dict[str, float]:
     ids = torch.randint(0, 128, (2, S), generator=g)
     labels = torch.randint(0, 128, (2, S), generator=g)
     positions = torch.arange(S).expand(2, S)  # global positions: rank r passes r*S/P ...
-    # Same weights on every rank and in both models: torch's seeded default init, copied
-    # (init_weights would do too, but it imports the DTensor stack: ~1 s per spawned rank).
-    torch.manual_seed(0)
-    models = [GPT(cfg), GPT(cfg, attention_fn=UlyssesAttention(sdpa_attention, group))]
-    models[1].load_state_dict(models[0].state_dict())
-    mine = slice(r * S // p, (r + 1) * S // p)
-    losses = []
-    for model, part in zip(models, (slice(None), mine)):
-        loss_sum, _ = model(ids[:, part], positions[:, part], labels[:, part])
-        loss_sum.backward()
-        losses.append(loss_sum.detach())
-    dist.all_reduce(losses[1], group=group)  # token sums add up over the sequence slices
-    errors = {"loss": _rel(losses[1], losses[0])}
-    for (name, ref), sp in zip(models[0].named_parameters(), models[1].parameters()):
-        dist.all_reduce(sp.grad, group=group)  # each rank saw different tokens: sum (DESIGN §1)
-        errors[name] = _rel(sp.grad, ref.grad)
-    return errors
+    return sp_gpt_errors(group, cfg, ids, positions, labels)
 
 
 def _compat_path(group) -> dict[str, dict]:
@@ -231,9 +203,9 @@ def _compile_case(group) -> dict[str, object]:
     q, k, v, grad_out = (t[:, r * S // p: (r + 1) * S // p] for t in _global_inputs(2, 8, 2))
     explained = torch._dynamo.explain(attn)(q, k, v)
     compiled = torch.compile(attn, backend="aot_eager", fullgraph=True)
-    eager, got = _fwd_bwd(attn, q, k, v, grad_out), _fwd_bwd(compiled, q, k, v, grad_out)
+    eager, got = fwd_bwd(attn, q, k, v, grad_out), fwd_bwd(compiled, q, k, v, grad_out)
     return {"graphs": explained.graph_count, "breaks": explained.graph_break_count,
-            "errors": {name: _rel(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), got, eager)}}
+            "errors": {name: rel_err(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), got, eager)}}
 
 
 def _dynamo_job(rank: int, world: int) -> dict:
