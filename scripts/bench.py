@@ -27,6 +27,7 @@ Imports only torch and this package (no hydra/wandb/datasets): runs on the GPU b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -50,6 +51,8 @@ from ulysses_train.trainer import build_model, resolve_dtype  # noqa: E402
 
 SHAPE_FLAGS = {"n_layers": int, "d_model": int, "n_heads": int, "n_kv_heads": int,
                "ffn_hidden": int, "vocab_size": int}
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 # (activation_checkpointing, offload, tile the MLP) in the order --ac auto tries them.
 AUTO_LADDER = [("none", False, False), ("selective", False, False), ("selective", False, True),
                ("full", False, True), ("full", True, True)]
@@ -73,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens per MLP tile where tiling is chosen (0 = never tile)")
     p.add_argument("--tile-mlp", action="store_true", help="tile the MLP (not with --ac auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--sdpa-backend", default="auto", choices=sorted(SDPA_BACKENDS) + ["auto"],
+                   help="force one SDPA kernel (diagnostics: which one runs fastest here)")
     p.add_argument("--extrapolate-layers", type=int, default=0,
                    help="also report memory and time scaled to this many layers (proxy runs)")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
@@ -126,6 +131,15 @@ def layer_memory_probe(model, device):
     return marks
 
 
+def sdpa_backend(name: str):
+    """Context forcing one SDPA kernel (auto: torch's own choice)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
+
+
 def run_steps(step_fn, device, warmup: int, steps: int) -> float:
     """Seconds per measured step (median-free: total / steps, after `warmup` steps)."""
     for _ in range(warmup):
@@ -166,29 +180,43 @@ def measure(args, seq_len: int, ac: str, offload: bool, tile_mlp: bool) -> dict:
         (loss_sum / n).backward()
         optimizer.step()
 
-    step_s = run_steps(step, device, args.warmup, args.steps)
+    with sdpa_backend(args.sdpa_backend):
+        step_s = run_steps(step, device, args.warmup, args.steps)
+    row = rate_row("ulysses_train", args, mcfg, seq_len, step_s, setup, dtype)
+    row.update(ac=ac, offload=offload, mlp_chunk=train.mlp_chunk, loss_chunk=args.loss_chunk,
+               compile=args.compile, sdpa_backend=args.sdpa_backend)
+    if len(marks) > 1:
+        add_layer_figures(row, marks, args, mcfg, step_s)
+    return row
+
+
+def rate_row(impl: str, args, mcfg, seq_len: int, step_s: float, setup: float, dtype) -> dict:
+    """The JSON fields every implementation reports (same FLOPs formula for all)."""
+    device = torch.device(args.device)
     tok_s = seq_len / step_s
     flops_tok = flops_per_token(mcfg, seq_len)
     peak = peak_flops(device)
-    row = {"seq_len": seq_len, "tokens_per_s": round(tok_s, 1),
-           "model_tflops": round(flops_tok * tok_s / 1e12, 3),
-           "mfu": None if peak is None else round(mfu_of(flops_tok, tok_s, peak), 4),
-           "peak_mem_gib": round(peak_gib(device), 3), "setup_mem_gib": round(setup, 3),
-           "step_s": round(step_s, 4), "impl": "ulysses_train", "model": args.model,
-           "n_layers": mcfg.n_layers, "ac": ac, "offload": offload,
-           "mlp_chunk": train.mlp_chunk, "loss_chunk": args.loss_chunk, "compile": args.compile,
-           "dtype": str(dtype).replace("torch.", ""), "device": device_name(device)}
-    if len(marks) > 1:
-        per_layer = (marks[-1] - marks[0]) / (len(marks) - 1) / 2**30
-        row["per_layer_gib"] = round(per_layer, 3)
-        if args.extrapolate_layers:
-            extra = args.extrapolate_layers - mcfg.n_layers
-            full = model_config(args.model, **{**model_overrides(args), "n_layers": args.extrapolate_layers})
-            row["extrapolated"] = {  # labelled estimates, not measurements
-                "n_layers": args.extrapolate_layers,
-                "peak_mem_gib": round(row["peak_mem_gib"] + extra * per_layer, 2),
-                "step_s": round(step_s * flops_per_token(full, seq_len) / flops_tok, 1)}
-    return row
+    return {"seq_len": seq_len, "tokens_per_s": round(tok_s, 1),
+            "model_tflops": round(flops_tok * tok_s / 1e12, 3),
+            "mfu": None if peak is None else round(mfu_of(flops_tok, tok_s, peak), 4),
+            "peak_mem_gib": round(peak_gib(device), 3), "setup_mem_gib": round(setup, 3),
+            "step_s": round(step_s, 4), "impl": impl, "model": args.model,
+            "n_layers": mcfg.n_layers, "dtype": str(dtype).replace("torch.", ""),
+            "device": device_name(device)}
+
+
+def add_layer_figures(row: dict, marks: list[int], args, mcfg, step_s: float) -> None:
+    """GPU memory each further layer keeps, and (with --extrapolate-layers) the labelled
+    estimate for a deeper model: peak + extra layers x per layer, time x the FLOPs ratio."""
+    per_layer = (marks[-1] - marks[0]) / (len(marks) - 1) / 2**30
+    row["per_layer_gib"] = round(per_layer, 3)
+    if args.extrapolate_layers:
+        seq, target = row["seq_len"], args.extrapolate_layers
+        deep = model_config(args.model, **{**model_overrides(args), "n_layers": target})
+        row["extrapolated"] = {  # estimates, not measurements
+            "n_layers": target,
+            "peak_mem_gib": round(row["peak_mem_gib"] + (target - mcfg.n_layers) * per_layer, 2),
+            "step_s": round(step_s * flops_per_token(deep, seq) / flops_per_token(mcfg, seq), 1)}
 
 
 def device_name(device: torch.device) -> str:

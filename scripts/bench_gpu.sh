@@ -17,3 +17,12 @@ run 60  hf.jsonl    scripts/bench_hf.py --model tinyllama_1b --seq-lens 8192,327
 run 120 hf.jsonl    scripts/bench_hf.py --model tinyllama_1b --seq-lens 65536,131072 --steps 1
 run 200 proxy.jsonl scripts/bench.py --model tinyllama_1b --n-layers 2 --seq-lens 262144,524288,1048576 \
     --ac full --offload --tile-mlp --steps 1 --warmup 0 --extrapolate-layers 22
+# `bash scripts/bench_gpu.sh OUT diag`: where the time goes at 32k (not part of the table runs):
+# each SDPA kernel forced in turn (cuDNN and efficient need equal head counts: GQA support
+# differs by kernel and torch version), and torch.compile'd blocks.
+if [ "${2:-}" = diag ]; then
+  for b in flash efficient cudnn; do
+    run 60 diag.jsonl scripts/bench.py --model tinyllama_1b --seq-lens 32768 --ac selective --sdpa-backend $b --steps 2
+  done
+  run 240 diag.jsonl scripts/bench.py --model tinyllama_1b --seq-lens 8192,32768 --compile --steps 3
+fi

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (sets the allocator config before torch starts)
 import torch  # noqa: E402
 
-from ulysses_train.model import flops_per_token, model_config, padded_vocab  # noqa: E402
+from ulysses_train.model import model_config, padded_vocab  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,16 +67,9 @@ def measure(args, seq_len: int, use_gc: bool) -> dict:
         optimizer.step()
 
     step_s = bench.run_steps(step, device, args.warmup, args.steps)
-    tok_s = seq_len / step_s
-    flops_tok = flops_per_token(mcfg, seq_len)
-    peak = bench.peak_flops(device)
-    return {"seq_len": seq_len, "tokens_per_s": round(tok_s, 1),
-            "model_tflops": round(flops_tok * tok_s / 1e12, 3),
-            "mfu": None if peak is None else round(bench.mfu_of(flops_tok, tok_s, peak), 4),
-            "peak_mem_gib": round(bench.peak_gib(device), 3), "setup_mem_gib": round(setup, 3),
-            "step_s": round(step_s, 4), "impl": "transformers", "model": args.model,
-            "n_layers": mcfg.n_layers, "gradient_checkpointing": use_gc,
-            "dtype": str(dtype).replace("torch.", ""), "device": bench.device_name(device)}
+    row = bench.rate_row("transformers", args, mcfg, seq_len, step_s, setup, dtype)
+    row["gradient_checkpointing"] = use_gc
+    return row
 
 
 def bench_one(args, seq_len: int) -> dict:
