@@ -57,10 +57,10 @@ LAYOUTS = {  # id: (world, parallel overrides, micro-batch size, train overrides
     "sp4": (4, {"sp": 4}, 2, None),
     "sp2xdp2": (4, {"sp": 2, "dp": 2}, 2, None),
     "sp2-micro1": (2, {"sp": 2}, 1, None),  # another micro-batching than the reference's 2
-    "sp2xdp2-zero3": (4, {"sp": 2, "dp": 2, "zero": 3}, 2, None),
     "tp2": (2, {"tp": 2}, 2, None),
-    "tp2xsp2": (4, {"tp": 2, "sp": 2}, 2, None),  # 1 local kv head per tp rank, replicated over sp
     "tp2xdp2-zero2-micro1": (4, {"tp": 2, "dp": 2, "zero": 2}, 1, None),  # params kept across micro
+    # The two layouts below carry the memory options (the plain paths of sp, tp and ZeRO-3 are
+    # covered above); tp2xsp2 has 1 local kv head per tp rank, replicated over sp.
     "tp2xsp2-selective-tiled": (4, {"tp": 2, "sp": 2}, 2, SELECTIVE_TILED),
     "sp2xdp2-zero3-full-offload": (4, {"sp": 2, "dp": 2, "zero": 3}, 2, FULL_OFFLOAD),
 }
