@@ -26,8 +26,13 @@ def main(cfg: DictConfig) -> None:
     try:
         config = OmegaConf.to_object(cfg)
         code = run(config, HydraConfig.get().runtime.output_dir)
-    except ConfigError as error:
+    except ConfigError as error:  # bad input (exit 2), or a run that stopped itself (exit 3)
         cli.fail(error, RANK)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops politely, with a save)
+        if RANK == 0:
+            print("aborted: rerun the same command to resume from the newest checkpoint",
+                  file=sys.stderr, flush=True)
+        sys.exit(130)
     sys.exit(code)
 
 
@@ -39,5 +44,8 @@ if __name__ == "__main__":
             cli.precheck(args, WORLD_SIZE)
         except ConfigError as error:
             cli.fail(error, RANK)
+    warning = cli.restart_warning(os.environ)
+    if warning and RANK == 0:
+        print(warning, file=sys.stderr, flush=True)
     sys.argv += cli.rank_overrides(RANK)
     main()

@@ -38,9 +38,10 @@ def small_config(**sections) -> Config:
 
 def run_train(args, cwd=ROOT, timeout=300, env=None) -> subprocess.CompletedProcess:
     """Run `python train.py args` in a fresh process, as a user would."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    full_env = dict(os.environ, OMP_NUM_THREADS="1")
     full_env.pop("RANK", None)
     full_env.pop("WORLD_SIZE", None)
+    full_env.update(env or {})  # e.g. WORLD_SIZE: what the pre-check validates the layout for
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
@@ -75,13 +76,16 @@ class UnevenLabels:
         return batch
 
 
-def run_torchrun(nproc: int, args, timeout=300) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=nproc train.py args`, one thread per rank."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def run_torchrun(nproc: int, args, timeout=300, launcher_args=(),
+                 env=None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=nproc [launcher_args] train.py args`, one thread
+    per rank; `env` is added to the launcher's environment."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
+        full_env.pop(name, None)
+    env = {**full_env, **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", os.path.join(ROOT, "train.py"), *args]
+           f"--nproc_per_node={nproc}", *launcher_args, os.path.join(ROOT, "train.py"), *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 

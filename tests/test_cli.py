@@ -43,6 +43,7 @@ def test_yaml_presets_match_python_presets(name):
     (["model=gpt5"], "model", "unknown preset 'gpt5'"),
     (["data=web"], "data", "unknown preset 'web'"),
     (["train.steps"], "train.steps", "write key=value"),
+    (["train.deterministic=maybe"], "train.deterministic", "'maybe' is not a valid bool"),
 ])
 def test_hydra_errors_become_one_line(overrides, key, fragment):
     with pytest.raises(ConfigError) as info:
@@ -60,3 +61,11 @@ def test_run_hash_is_stable_and_distinguishes():
 def test_only_rank_zero_writes_hydra_files():
     assert cli.rank_overrides(0) == []
     assert "hydra.output_subdir=null" in cli.rank_overrides(3)
+
+
+def test_restart_warning_only_when_restarts_cannot_work():
+    shared = {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in cli.restart_warning(shared)
+    assert cli.restart_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert cli.restart_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert cli.restart_warning({}) is None

@@ -44,6 +44,10 @@ BAD = [
     ("checkpoint", "resume", "/nonexistent/step_00000001", "checkpoint.resume"),
     ("debug", "pause_in_save_at_step", -1, "debug.pause_in_save_at_step"),
     ("debug", "pause_in_save_before", "rename", "debug.pause_in_save_before"),
+    ("train", "max_skipped_steps", 0, "train.max_skipped_steps"),
+    ("debug", "crash_at_step", -1, "debug.crash_at_step"),
+    ("debug", "nan_at_step", -2, "debug.nan_at_step"),
+    ("debug", "nan_steps", 0, "debug.nan_steps"),
 ]
 
 
@@ -66,6 +70,14 @@ def test_bad_value_names_its_key(section, key, value, expected_key):
 def test_files_source_needs_paths():
     with pytest.raises(ConfigError, match="data.paths"):
         validate(small_config(data={"name": "files"}))
+
+
+def test_files_source_paths_must_exist(tmp_path):
+    """Checked by the validator (torch-free), so the pre-check refuses them within a second."""
+    with pytest.raises(ConfigError, match="data.paths: file not found"):
+        validate(small_config(data={"name": "files", "paths": [str(tmp_path / "no.jsonl")]}))
+    with pytest.raises(ConfigError, match="is a directory"):
+        validate(small_config(data={"name": "files", "paths": [str(tmp_path)]}))
 
 
 def test_wandb_mode_checked():

@@ -1,9 +1,16 @@
-"""train.py end to end, as a user runs it: the run dir contract and the bad-input contract."""
+"""train.py end to end, as a user runs it: the run dir contract and the bad-input contract.
+
+The bad-input cases run the real command line, one process each (the pre-check runs before
+torch is imported, about a second per case); the in-process validator tests are test_config.py.
+"""
+import dataclasses
+import json
 import os
 
 import pytest
 
-from helpers import SMALL, metrics_rows, run_train
+from helpers import SMALL, metrics_rows, run_train, small_config
+from ulysses_train import checkpoint_files
 
 
 def test_trains_and_writes_the_run_dir(tmp_path, small_args):
@@ -17,31 +24,106 @@ def test_trains_and_writes_the_run_dir(tmp_path, small_args):
     assert (run / ".hydra" / "config.yaml").exists()
 
 
-@pytest.mark.parametrize("override,key", [
-    ("train.steps=abc", "train.steps"),
-    ("train.stpes=5", "train.stpes"),
-    ("model=gpt5", "model"),
-    ("parallel.zero=7", "parallel.zero"),
-    ("parallel.sp=4", "parallel.sp"),
-    ("optim.lr=nan", "optim.lr"),
-    ("train.micro_batch_size=3", "train.global_batch_size"),
-    ("data.seq_len=-1", "data.seq_len"),
-    ("checkpoint.resume=/no/such/step_00000001", "checkpoint.resume"),
-])
-def test_bad_input_is_one_line_and_exit_2(small_args, override, key):
-    done = run_train(small_args + [override])
+def _fake_checkpoint(step_dir, **model):
+    """A committed-looking step dir whose meta.json records `model` (no tensors needed: the
+    pre-check reads meta.json only)."""
+    step_dir.mkdir(parents=True)
+    (step_dir / ".metadata").write_bytes(b"")
+    shape = {**dataclasses.asdict(small_config().model), **model}
+    (step_dir / "meta.json").write_text(json.dumps({"step": 1, "model": shape}))
+    checkpoint_files.write_manifest(str(step_dir))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Bad inputs on disk, made once for every case below."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "empty.txt").write_bytes(b"")  # a corpus with no text
+    # Unreadable: we run as root, so `chmod 000` would still be readable; a directory where a
+    # file is expected is what stands in for an unreadable input.
+    (root / "folder.jsonl").mkdir()
+    (root / "broken.parquet").write_bytes(b"not a parquet file")  # unreadable content
+    _fake_checkpoint(root / "other_shape" / "step_00000001", n_layers=3)
+    (root / "partial" / "step_00000001").mkdir(parents=True)  # a save that never committed
+    return root
+
+
+# One case per way a user can get it wrong: (overrides, WORLD_SIZE, key named, message part).
+# Layouts use WORLD_SIZE, as torchrun sets it, so the pre-check sees the launch's world size.
+BAD_INPUT = {
+    "tp*sp-vs-world": (["parallel.sp=4"], 2, "parallel.sp", "does not divide the world size 2"),
+    "dp-vs-world": (["parallel.dp=3"], 2, "parallel.dp", "but 2 processes were launched"),
+    "heads-vs-tp*sp": (["parallel.sp=3"], 3, "model.n_heads", "cannot be split over tp x sp = 3"),
+    "kv-heads-vs-sp": (["model.n_heads=12", "model.n_kv_heads=3", "model.d_model=96",
+                        "parallel.sp=4"], 4, "model.n_kv_heads", "one must divide the other"),
+    "kv-heads-vs-tp": (["model.n_kv_heads=1", "parallel.tp=2"], 2, "model.n_kv_heads",
+                       "not divisible by parallel.tp=2"),
+    "vocab-vs-tp": (["model.n_heads=6", "model.n_kv_heads=3", "model.d_model=96",
+                     "parallel.tp=3"], 3, "model.vocab_size", "padded vocabulary (256 rows"),
+    "seq-len-vs-sp": (["parallel.sp=2", "data.seq_len=33"], 2, "data.seq_len",
+                      "33 is not divisible by parallel.sp=2"),
+    "batch-vs-micro": (["train.micro_batch_size=3"], 1, "train.global_batch_size",
+                       "micro_batch_size x dp = 3 x 1"),
+    "batch-vs-dp": (["train.global_batch_size=6"], 2, "train.global_batch_size",
+                    "micro_batch_size x dp = 2 x 2"),
+    "zero-steps": (["train.steps=0"], 1, "train.steps", "must be a positive number, got 0"),
+    "negative-seq-len": (["data.seq_len=-1"], 1, "data.seq_len", "got -1"),
+    "nan-lr": (["optim.lr=nan"], 1, "optim.lr", "got nan"),
+    "inf-grad-clip": (["train.grad_clip=inf"], 1, "train.grad_clip", "finite"),
+    "zero-max-skipped": (["train.max_skipped_steps=0"], 1, "train.max_skipped_steps", "got 0"),
+    "unknown-key": (["train.stpes=5"], 1, "train.stpes", "unknown key"),
+    "unknown-added-key": (["+train.foo=1"], 1, "train.foo", "unknown key"),
+    "unknown-preset": (["model=gpt5"], 1, "model", "unknown preset 'gpt5'; choose one of"),
+    "unknown-choice": (["parallel.zero=7"], 1, "parallel.zero", "7 is not one of 0, 2, 3"),
+    "wrong-type-int": (["train.steps=abc"], 1, "train.steps", "'abc' is not a valid int"),
+    "wrong-type-bool": (["train.deterministic=maybe"], 1, "train.deterministic",
+                        "'maybe' is not a valid bool"),
+    "no-value": (["train.steps"], 1, "train.steps", "write key=value"),
+    "missing-data-file": (["data=files", "data.paths=[{inputs}/missing.jsonl]"], 1,
+                          "data.paths", "file not found: {inputs}/missing.jsonl"),
+    "unreadable-data-file": (["data=files", "data.paths=[{inputs}/folder.jsonl]"], 1,
+                             "data.paths", "{inputs}/folder.jsonl is a directory"),
+    "corrupt-data-file": (["data=files", "data.paths=[{inputs}/broken.parquet]"], 1,
+                          "data.paths", "cannot read {inputs}/broken.parquet: Parquet magic"),
+    "empty-corpus": (["data=files", "data.paths=[{inputs}/empty.txt]"], 1,
+                     "data.paths", "files: no text in 1 documents"),
+    "missing-checkpoint": (["checkpoint.resume={inputs}/nowhere/step_00000001"], 1,
+                           "checkpoint.resume", "does not exist"),
+    "partial-checkpoint": (["checkpoint.resume={inputs}/partial/step_00000001"], 1,
+                           "checkpoint.resume", "is not a complete checkpoint"),
+    "other-model-checkpoint": (["checkpoint.resume={inputs}/other_shape/step_00000001"], 1,
+                               "checkpoint.resume", "holds a different model shape: n_layers=3 "
+                               "(this run: 2)"),
+    # A bit-flipped checkpoint as PATH needs real tensors: test_faults.py
+    # test_corrupt_checkpoint_as_path_is_a_one_line_error, beside the SIGKILL tests.
+}
+
+
+@pytest.mark.parametrize("overrides,world,key,fragment", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_bad_input_is_one_line_and_exit_2(small_args, inputs, overrides, world, key, fragment):
+    if "data=files" in overrides:
+        small_args = [a for a in small_args if a != "data=synthetic"]
+    done = run_train(small_args + [o.format(inputs=inputs) for o in overrides],
+                     env={"WORLD_SIZE": str(world)})
     assert done.returncode == 2, (done.stdout[-1000:], done.stderr[-2000:])
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {key}: "), done.stderr
+    assert fragment.format(inputs=inputs) in lines[0]
     assert "Traceback" not in done.stderr + done.stdout
+    assert "error:" not in done.stdout
 
 
-def test_missing_data_file(small_args, tmp_path):
+def test_non_utf8_bytes_are_counted_not_an_error(small_args, tmp_path):
+    """Text files are decoded with replacement; the bytes replaced are counted and reported."""
+    text = tmp_path / "latin1.txt"
+    text.write_bytes(("Gr\xfc\xdfe aus K\xf6ln. " * 40).encode("latin-1"))  # ü ß ö: 3 bad/copy
+    clean = tmp_path / "clean.txt"
+    clean.write_text("Plain text, nothing to replace here. " * 40)
     args = [a for a in small_args if a != "data=synthetic"]
-    done = run_train(args + ["data=files", f"data.paths=[{tmp_path / 'missing.jsonl'}]"])
-    assert done.returncode == 2
-    assert done.stderr.startswith("error: data.paths: ") and "missing.jsonl" in done.stderr
-    assert "Traceback" not in done.stderr
+    done = run_train(args + ["data=files", f"data.paths=[{text},{clean}]", "train.steps=1",
+                             "data.val_fraction=0", "model.vocab_size=512"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "data: files: 2 documents (1 with non-UTF-8 bytes, 120 bytes replaced)" in done.stdout
 
 
 def test_default_run_dir_is_derived_from_the_overrides(tmp_path):

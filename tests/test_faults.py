@@ -6,7 +6,8 @@ commit and between the commit and the `latest` update (a `debug.pause_in_save_*`
 process there and drops a marker file), and inside an async save while training goes on. After
 each kill the same command is rerun; every metrics row must equal the uninterrupted run's bit for
 bit (CPU, fp32), and the last rerun also falls back past a corrupted `latest`. Corrupt and
-incompatible checkpoints given as PATH are refused in the contract's one-line format.
+incompatible checkpoints given as PATH are refused in the contract's one-line format. A SIGTERM
+(polite stop) saves after the current step even with periodic saves off, and exits 0.
 
 Kills and exact resumptions are tallied and printed by the last test.
 """
@@ -25,7 +26,7 @@ from helpers import ROOT, SMALL, flip_byte, metrics_rows, run_train
 
 STEPS = 12
 BASE = SMALL + [f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=3"]
-TALLY = {"kills": 0, "exact_resumes": 0}
+TALLY = {"kills": 0, "exact_resumes": 0, "polite_stops": 0, "stop_latency_s": None}
 
 
 def args_for(run_dir, cache, *extra):
@@ -197,6 +198,27 @@ def test_async_save_killed_in_flight_never_moves_latest(tmp_path, cache, referen
     assert latest(run_dir) == f"step_{STEPS:08d}"
 
 
+def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, cache, reference):
+    """Polite stop: SIGTERM finishes the step, saves (periodic saves are off) and exits 0."""
+    run_dir = tmp_path / "run"
+    p = start(run_dir, cache, "checkpoint.every=0")
+    wait_until(p, lambda: logged_steps(run_dir) != [])
+    os.kill(p.pid, signal.SIGSTOP)  # freeze it mid-run, so the signal surely lands before the end
+    os.kill(p.pid, signal.SIGTERM)  # pending until it runs again
+    sent = time.monotonic()
+    os.kill(p.pid, signal.SIGCONT)
+    assert p.wait(timeout=60) == 0, output(p)
+    TALLY["stop_latency_s"] = round(time.monotonic() - sent, 2)
+    step = max(logged_steps(run_dir))
+    assert step < STEPS
+    assert f"stopped by SIGTERM after step {step}/{STEPS}, with a checkpoint" in output(p)
+    assert latest(run_dir) == f"step_{step:08d}"
+    assert len(assert_on_reference(run_dir, reference)) == step  # the curve so far, bit for bit
+    TALLY["polite_stops"] += 1
+    # Resuming from it is resuming from any checkpoint (above); after a stop signal on one rank
+    # of two: tests/test_stop.py.
+
+
 def test_corrupt_checkpoint_as_path_is_a_one_line_error(tmp_path, cache, reference):
     step_dir = tmp_path / f"step_{STEPS:08d}"
     assert reference.rows
@@ -227,6 +249,8 @@ def test_fault_tally(capsys):
     if TALLY["kills"] == 0:
         pytest.skip("no fault test ran")
     with capsys.disabled():
-        print(f"\nfault injection: {TALLY['kills']} SIGKILLs, {TALLY['exact_resumes']} resumptions "
-              "reproduced the uninterrupted losses bit-exactly")
+        print(f"\nfault injection: {TALLY['kills']} SIGKILLs and {TALLY['polite_stops']} "
+              f"SIGTERMs (exit 0 {TALLY['stop_latency_s']} s after the signal); "
+              f"{TALLY['exact_resumes']} resumptions reproduced the uninterrupted losses "
+              "bit-exactly")
     assert TALLY["exact_resumes"] >= TALLY["kills"]

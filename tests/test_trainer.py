@@ -98,3 +98,26 @@ def test_accumulation_is_token_weighted():
     batch = _uneven_batch(0)
     per_row_valid = (batch.labels != -100).sum(1).tolist()
     assert len(set(per_row_valid)) > 1
+
+
+def test_same_config_and_seed_give_bit_identical_runs(tmp_path):
+    """Determinism: two runs of one config agree bit for bit (CPU). `train.deterministic`
+    also sets what GPUs need; the process-wide switches are put back afterwards."""
+    cublas = os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    cfg = small_config(train={"steps": 4, "deterministic": True}, checkpoint={"every": 0})
+    try:
+        for name in ("a", "b"):
+            assert run(cfg, str(tmp_path / name)) == 0
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1:]
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        if cublas is not None:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+    a, b = metrics_rows(tmp_path / "a"), metrics_rows(tmp_path / "b")
+    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]

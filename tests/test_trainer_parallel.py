@@ -7,6 +7,7 @@ per-rank or per-micro-batch means would visibly disagree with the one-process cu
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -155,8 +156,11 @@ def test_torchrun_sp2_trains_and_resumes(tmp_path, small_args):
 
 
 def test_torchrun_bad_layout_is_one_clean_line(small_args):
+    """Every rank fails validation; rank 0 reports first (the others wait, cli.fail), so the
+    launcher cannot stop it before its line is out."""
     done = run_torchrun(2, small_args + ["parallel.sp=4"])
-    assert done.returncode != 0  # the launcher's own exit code and summary (DESIGN §2)
+    assert done.returncode == 1  # the launcher's own exit code and summary (DESIGN §2)
+    assert re.search(r"exitcode\s*:\s*2\b", done.stderr)  # rank 0, the root cause: exit 2
     # torchrun may route worker stderr through its own streams: look at both.
     output = (done.stdout + done.stderr).splitlines()
     errors = [line for line in output if line.startswith("error: ")]

@@ -76,16 +76,15 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: str, cfg: CheckpointConfig, model_cfg: ModelConfig,
-                 log: Callable[[str], None] = print, crash_at_step: int = 0,
-                 is_main: bool = True, distributed: bool = False,
-                 debug: DebugConfig | None = None):
+                 log: Callable[[str], None] = print, is_main: bool = True,
+                 distributed: bool = False, debug: DebugConfig | None = None):
         self.run_dir = run_dir
         self.dir = os.path.join(run_dir, "checkpoints")
         self.ckdir = files.CheckpointDir(self.dir, log)
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.log = log
-        self.debug = debug or DebugConfig(crash_in_save_at_step=crash_at_step)
+        self.debug = debug or DebugConfig()  # fault injection (debug.*_in_save_*): tests only
         self.is_main = is_main
         self.distributed = distributed
         self._group = None  # the checkpoint's own gloo group, made once on first use
@@ -106,14 +105,12 @@ class CheckpointManager:
 
     # ---- saving -------------------------------------------------------------------------
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict, debug: DebugConfig | None = None) -> str:
+             trainer_state: dict) -> str:
         """Save checkpoint `step` and return its final path.
 
         Sync: returns once it is committed and `latest` names it. Async: returns once the state
         is copied; the commit follows in the background (see the module docstring).
         """
-        if debug is not None:
-            self.debug = debug
         self.wait()  # at most one save in flight; a failed one stops the run here
         final = os.path.join(self.dir, step_dirname(step))
         tmp = os.path.join(self.dir, TMP_PREFIX + step_dirname(step))

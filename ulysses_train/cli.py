@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import sys
+import time
 import typing
 from typing import NoReturn, Sequence
 
@@ -70,7 +71,9 @@ def translate(exc: BaseException) -> ConfigError:
         key = key or (override.group(1) if override else not_in.group(1))
         return ConfigError(key, "unknown key; check the spelling (python train.py --cfg job "
                                 "prints every key)")
-    convert = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", text)
+    convert = (re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)",
+                         text)
+               or re.search(r"Value '([^']*)' is not a valid (\w+)", text))  # (bools say so)
     if convert:
         value, kind = convert.groups()
         return ConfigError(key or "config", f"{value!r} is not a valid {kind.lower()}")
@@ -129,8 +132,33 @@ def precheck(overrides: Sequence[str], world_size: int = 1) -> Config:
         GlobalHydra.instance().clear()
 
 
+def restart_warning(env) -> str | None:
+    """A warning when torchrun restarts this job but they cannot work, else None.
+
+    torch >= 2.5 shares torchrun's rendezvous store with the workers and keeps it across
+    restarts: restarted workers read the dead ones' addresses and cannot connect (seen with
+    torch 2.13; pytorch#135712). Only torchrun's environment can turn the sharing off.
+    """
+    if env.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0" and \
+            env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("warning: torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+                "torchrun's environment, else a restarted worker cannot connect; export it first")
+    return None
+
+
+# Under torchrun every rank fails the same validation, and the launcher stops the other workers
+# (SIGTERM) as soon as one exits: if rank 1 exited first, rank 0 could die before printing. So
+# rank 0 reports and exits at once, and the other ranks wait this long first — the launcher ends
+# them within its 0.1 s monitor interval, silently. A rank still alive after the wait failed
+# alone (e.g. a file missing on its node only): it reports too, naming its rank.
+PEER_DELAY_S = 5.0
+
+
 def fail(error: ConfigError, rank: int) -> NoReturn:
-    """Print the contract's one error line (rank 0 only) and exit 2 on every rank."""
-    if rank == 0:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    """Print the contract's one error line and exit with the error's code (2: bad input)."""
+    line = re.sub(r"\s*\n\s*", " ", f"error: {error}".strip())  # one line, whatever it held
+    if rank != 0:
+        time.sleep(PEER_DELAY_S)
+        line += f" (rank {rank})"
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(error.exit_code)

@@ -92,7 +92,8 @@ class TrainConfig:
     exit_after_steps: int = 0  # 0 = off; else stop (with a checkpoint) after this many steps
     val_every: int = 100  # 0 = off
     val_batches: int = 4
-    deterministic: bool = False
+    deterministic: bool = False  # bit-reproducible kernels on GPU too (guards.set_deterministic)
+    max_skipped_steps: int = 5  # stop after this many non-finite steps in a row (guards.py)
 
 
 @dataclass
@@ -139,6 +140,9 @@ class DebugConfig:
     # place) or before "latest" (committed, `latest` not yet moved).
     pause_in_save_at_step: int = 0
     pause_in_save_before: str = "commit"
+    crash_at_step: int = 0  # the last rank os._exit(1)s after this step (torchrun attempt 0 only)
+    nan_at_step: int = 0  # make the loss (so every gradient) NaN at this step ...
+    nan_steps: int = 1  # ... and the nan_steps - 1 steps after it
 
 
 @dataclass
@@ -158,7 +162,7 @@ def _one_of(value, allowed, key: str) -> None:
 
 
 def _positive(value, key: str) -> None:
-    require(value > 0, key, f"must be positive, got {value}")
+    require(value > 0 and math.isfinite(value), key, f"must be a positive number, got {value}")
 
 
 def _finite(value: float, key: str, lo: float | None = None, hi: float | None = None) -> None:
@@ -178,11 +182,8 @@ def validate_model(m: ModelConfig) -> None:
             f"head dim {m.d_model // m.n_heads} must be even for rotary embeddings")
     require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
             f"model.n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}")
-    _finite(m.rope_theta, "model.rope_theta")
     _positive(m.rope_theta, "model.rope_theta")
-    _finite(m.norm_eps, "model.norm_eps")
     _positive(m.norm_eps, "model.norm_eps")
-    _finite(m.init_std, "model.init_std")
     _positive(m.init_std, "model.init_std")
     validate_rope(m)
 
@@ -199,7 +200,6 @@ def validate_rope(m: ModelConfig) -> None:
             f"must be >= 1 (target context / model.rope_original_seq_len), got {m.rope_factor}")
     _positive(m.rope_original_seq_len, "model.rope_original_seq_len")
     for key in ("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
-        _finite(getattr(m, "rope_" + key), f"model.rope_{key}")
         _positive(getattr(m, "rope_" + key), f"model.rope_{key}")
     require(m.rope_beta_fast > m.rope_beta_slow, "model.rope_beta_fast",
             f"must be > model.rope_beta_slow={m.rope_beta_slow}, got {m.rope_beta_fast}")
@@ -279,6 +279,10 @@ def validate_data(d: DataConfig) -> None:
     _positive(d.seq_len, "data.seq_len")
     require(d.name != "files" or len(d.paths) > 0, "data.paths",
             "data=files needs at least one path, e.g. data.paths=[corpus.jsonl]")
+    if d.name == "files":  # missing files, directories, unknown types: now, not after torch
+        from .data_files import resolve_paths
+
+        resolve_paths(list(d.paths))
     require(d.name != "hf" or bool(d.hf_name), "data.hf_name",
             "data=hf needs a dataset name, e.g. data.hf_name=wikitext")
     require(d.max_docs >= 0, "data.max_docs", f"must be >= 0 (0 = all), got {d.max_docs}")
@@ -304,10 +308,10 @@ def validate_train(t: TrainConfig, dp: int) -> None:
                 f"must be >= 0 tokens (0 = no tiling), got {getattr(t, key)}")
     require(t.exit_after_steps >= 0, "train.exit_after_steps", f"must be >= 0, got {t.exit_after_steps}")
     require(t.val_every >= 0, "train.val_every", f"must be >= 0 (0 = off), got {t.val_every}")
+    _positive(t.max_skipped_steps, "train.max_skipped_steps")
 
 
 def validate_optim(o: OptimConfig) -> None:
-    _finite(o.lr, "optim.lr")
     _positive(o.lr, "optim.lr")
     _finite(o.min_lr_ratio, "optim.min_lr_ratio", 0.0, 1.0)
     _one_of(o.schedule, SCHEDULES, "optim.schedule")
@@ -317,7 +321,6 @@ def validate_optim(o: OptimConfig) -> None:
     require(o.beta1 < 1, "optim.beta1", f"must be < 1, got {o.beta1}")
     _finite(o.beta2, "optim.beta2", 0.0)
     require(o.beta2 < 1, "optim.beta2", f"must be < 1, got {o.beta2}")
-    _finite(o.eps, "optim.eps")
     _positive(o.eps, "optim.eps")
 
 
@@ -341,6 +344,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         check_resume_path(os.path.abspath(os.path.expanduser(c.resume)), cfg.model)
     _positive(cfg.logging.every, "logging.every")
     _one_of(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
-    require(cfg.debug.crash_in_save_at_step >= 0, "debug.crash_in_save_at_step", "must be >= 0")
-    require(cfg.debug.pause_in_save_at_step >= 0, "debug.pause_in_save_at_step", "must be >= 0")
+    for key in ("crash_in_save_at_step", "pause_in_save_at_step", "crash_at_step", "nan_at_step"):
+        require(getattr(cfg.debug, key) >= 0, f"debug.{key}", "must be >= 0 (0 = off)")
+    _positive(cfg.debug.nan_steps, "debug.nan_steps")
     _one_of(cfg.debug.pause_in_save_before, ("commit", "latest"), "debug.pause_in_save_before")

@@ -1,18 +1,29 @@
-"""The one exception type that crosses the user boundary.
+"""The exception types that cross the user boundary.
 
 Anything wrong with what the user gave us (config values, data paths, checkpoints) is raised as a
 `ConfigError` naming the config key. The entry point prints it as one line,
 `error: <key>: <message>`, and exits 2 (DESIGN §2); library code never prints or exits itself.
+`RunStopped` is the same report for a run that had to stop itself (exit code 3).
 """
 
 
 class ConfigError(ValueError):
     """Bad user input, attributed to the config key that carries it."""
 
+    exit_code = 2
+
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
         self.key = key
         self.message = message
+
+
+class RunStopped(ConfigError):
+    """Training cannot go on (e.g. too many non-finite steps in a row): reported like bad input,
+    one line naming the key that governs it, but with exit code 3, so a script or scheduler can
+    tell a run that stopped itself from one that was refused at the start."""
+
+    exit_code = 3
 
 
 def exception_chain(exc: BaseException | None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import resource
 import sys
@@ -76,8 +77,12 @@ class MetricsFile:
         return len(lines) - len(kept)
 
     def append(self, row: dict) -> None:
+        # Strict JSON: a skipped step's NaN/inf loss or norm is written as null (the row's
+        # `skipped` field says why), so jq and other strict readers can parse every line.
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                 for k, v in row.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
 
 
 class Reporter:
@@ -155,3 +160,15 @@ class Throughput:
         rate = self.tokens / max(now - self.t0, 1e-9)
         self.t0, self.tokens = now, 0
         return rate
+
+
+def format_row(row: dict, total: int) -> str:
+    """The log line of one metrics row."""
+    text = (f"step {row['step']}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+            f"grad_norm {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
+            f"peak {row['peak_mem_gib']:.2f} GiB")
+    if "val_loss" in row:
+        text += f" | val_loss {row['val_loss']:.4f}"
+    if row.get("skipped"):
+        text += f" | skipped (non-finite; {row['skipped_steps']} so far)"
+    return text

@@ -6,6 +6,8 @@ data → model → optimizer → checkpoints, restore, then `fit`. Invariants th
   the gradient is of sum / (valid tokens of the whole global batch) — never a mean of means.
 - The data position is the global step, and the schedule is a function of the step and
   `train.steps`; together with DCP's exact model/optimizer state this makes resume bit-exact.
+- A step whose loss or gradient norm is not finite changes no weight (guards.py); a stop signal
+  ends the run after the step every rank agrees on, with a checkpoint (stop.py).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import torch
 from .checkpoint import CheckpointManager
 from .config import Config, validate
 from .data import build_data
-from .metrics import Reporter, Throughput, mfu_of, peak_flops, peak_mem_gib
+from .guards import NonFiniteGuard, crash_if_asked, nan_injected, set_deterministic
+from .metrics import Reporter, Throughput, format_row, mfu_of, peak_flops, peak_mem_gib
 from .model import (GPT, document_mask_for, flops_per_token, num_params, padded_vocab,
                     select_attention)
 from .optim import build_optimizer, build_scheduler
@@ -29,6 +32,7 @@ from .parallel.activations import apply_activation_checkpointing, apply_compile
 from .parallel.data_parallel import all_reduce_, reduce_gradients_
 from .parallel.sharding import apply_sharding, set_last_micro_batch
 from .parallel.tensor import apply_tensor_parallel, clip_grad_norm_
+from .stop import StopSignals
 
 
 def run(cfg: Config, run_dir: str) -> int:
@@ -37,6 +41,7 @@ def run(cfg: Config, run_dir: str) -> int:
     Validation needs no collective (every rank checks the same config alone), so a bad config
     fails before any process group exists.
     """
+    set_deterministic(cfg.train.deterministic)  # before anything touches CUDA (cuBLAS env)
     dims = ParallelDims.from_env(cfg.parallel)
     validate(cfg, dims.world_size)
     dims.init_process_group()
@@ -93,8 +98,7 @@ class Trainer:
         self.cfg, self.run_dir, self.dims = cfg, run_dir, dims
         self.device = dims.device
         self.dtype = resolve_dtype(cfg.train.precision, self.device)
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
+        set_deterministic(cfg.train.deterministic)
         torch.manual_seed(cfg.train.seed)
         self._say(f"run dir: {os.path.abspath(run_dir)}")
         self.data = build_data(cfg.data, seed=cfg.train.seed,
@@ -108,9 +112,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint, cfg.model, log=self._say,
-                                      crash_at_step=cfg.debug.crash_in_save_at_step,
-                                      is_main=dims.is_main, distributed=dims.distributed)
-        self.step = 0  # completed optimizer steps == data position
+                                      is_main=dims.is_main, distributed=dims.distributed,
+                                      debug=cfg.debug)
+        self.guard = NonFiniteGuard(cfg.train.max_skipped_steps)
+        self.step = 0  # completed optimizer steps (skipped ones too) == data position
         self.tokens = 0  # tokens trained on so far, each counted once
         self.resumed_from = self._restore()
         self.has_val = "val" in self.data.splits  # data.val_fraction=0 leaves no val split
@@ -124,7 +129,7 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"step": self.step, "tokens": self.tokens,
+        return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.guard.total,
                 "scheduler": self.scheduler.state_dict(), "rng": rng}
 
     def _restore(self) -> str | None:
@@ -132,16 +137,16 @@ class Trainer:
         if state is None:
             return None
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.guard.total = int(state["skipped_steps"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         return path
 
-    def save(self) -> None:
-        """Checkpoint this step (the manager logs it; with async_save it commits later)."""
-        self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state(),
-                       debug=self.cfg.debug)
+    def save(self) -> str:
+        """Checkpoint this step; return its path (the manager logs it; async: commits later)."""
+        return self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
 
     # ---- one step -----------------------------------------------------------------------
     def _autocast(self):
@@ -183,8 +188,10 @@ class Trainer:
         return int(all_reduce_(count, self.dp_sp))
 
     def train_step(self) -> dict:
-        """One optimizer step over the global batch of `self.step`, with accumulation."""
+        """One optimizer step over the global batch of `self.step`, with accumulation; skipped
+        (weights and optimizer state untouched) if the loss or gradient norm is not finite."""
         micro = list(self._micro_batches(self.step, "train"))
+        poison = nan_injected(self.cfg.debug, self.step + 1)  # fault injection (tests only)
         # Divide by the valid-token count of the whole global batch, exactly once.
         n_valid = max(self._global_count(micro), 1)
         self.optimizer.zero_grad(set_to_none=True)
@@ -194,6 +201,8 @@ class Trainer:
                 set_last_micro_batch(self.model, self.cfg.parallel.zero, i == len(micro) - 1)
             with self._autocast():
                 part, _ = self.model(input_ids, position_ids, labels, attn_mask=mask)
+            if poison:
+                part = part * math.nan
             (part / n_valid).backward()
             loss_sum += part.detach()
         if not self.sharded:
@@ -201,15 +210,18 @@ class Trainer:
         # Gradients are now the global ones (replicated, or tp/FSDP shards): the norm sums each
         # shard once over the dimensions it is split on, so norm and clipping are global.
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = float(clip_grad_norm_(self.model.parameters(), clip))
+        loss = float(all_reduce_(loss_sum, self.dp_sp)) / n_valid
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        skipped = self.guard.check(loss, grad_norm)  # global values: every rank agrees
+        if not skipped:
+            self.optimizer.step()
+        self.scheduler.step()  # a skipped step still advances the data and the schedule
         self.step += 1
         n_tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len  # each token once
         self.tokens += n_tokens
-        loss = float(all_reduce_(loss_sum, self.dp_sp)) / n_valid
-        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "n_tokens": n_tokens}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "n_tokens": n_tokens,
+                "skipped": skipped}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -246,10 +258,6 @@ class Trainer:
         torch.distributed.all_gather(every, mine)
         return [round(float(t), 4) for t in every]
 
-    def _should_stop_early(self, start: int) -> bool:
-        limit = self.cfg.train.exit_after_steps
-        return limit > 0 and self.step - start >= limit
-
     def fit(self) -> int:
         cfg = self.cfg
         total, start = cfg.train.steps, self.step
@@ -262,53 +270,72 @@ class Trainer:
                             progress=cfg.logging.progress, wandb_cfg=cfg.logging.wandb,
                             config_dict=dataclasses.asdict(cfg))
         try:
-            self._loop(reporter, start, total)
-            self.ckpt.wait()  # an async save in flight commits (or fails loudly) before exit 0
+            with StopSignals() as stop:
+                self._loop(reporter, stop, start, total)
+                self.ckpt.wait()  # an async save in flight commits (or fails loudly) first
         finally:
             self.ckpt.close()
             reporter.close()
         return 0
 
-    def _loop(self, reporter: Reporter, start: int, total: int) -> None:
-        cfg = self.cfg
-        meter, peak = Throughput(), peak_flops(self.device)
-        if peak:
-            peak *= self.dims.world_size  # tokens/s is the whole job's, so is the peak
-        flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
+    def _loop(self, reporter: Reporter, stop: StopSignals, start: int, total: int) -> None:
+        meter = Throughput()
         while self.step < total:
             t0 = time.perf_counter()
             out = self.train_step()
             meter.add(out["n_tokens"])
             reporter.tick(out["loss"], out["n_tokens"] / (time.perf_counter() - t0))
-            last = self.step == total
-            val_due = (self.has_val and cfg.train.val_every > 0
-                       and (self.step % cfg.train.val_every == 0 or last))
-            if self.step % cfg.logging.every == 0 or last or val_due:
-                tok_s, peaks = meter.rate(), self._peak_mem()
-                row = {"step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
-                       "lr": out["lr"], "tokens": self.tokens, "tokens_per_s": tok_s,
-                       "peak_mem_gib": max(peaks),
-                       "mfu": mfu_of(flops_tok, tok_s, peak) if peak else None}
-                if self.dims.distributed:
-                    row["peak_mem_gib_per_rank"] = peaks
-                if val_due:
-                    row["val_loss"] = self.evaluate()
-                reporter.log(row)
-                reporter.info(_format_row(row, total))
-            early = self._should_stop_early(start)
-            periodic = cfg.checkpoint.every > 0 and self.step % cfg.checkpoint.every == 0
-            if periodic or last or early:
-                self.save()
-            if early:
-                reporter.info(f"stopping after {cfg.train.exit_after_steps} steps "
-                              f"(train.exit_after_steps); rerun the same command to resume")
+            self._report(reporter, out, meter, total)
+            crash_if_asked(self.cfg.debug, self.step, self.dims.rank, self.dims.world_size)
+            signal_name = stop.agree(self.dims.distributed, self.device)  # collective
+            if self._end_of_step(reporter, signal_name, start, total):
                 return
 
+    def _report(self, reporter: Reporter, out: dict, meter: Throughput, total: int) -> None:
+        """Log this step's row when due (always for the last step and a skipped one)."""
+        cfg, last = self.cfg, self.step == total
+        val_due = (self.has_val and cfg.train.val_every > 0
+                   and (self.step % cfg.train.val_every == 0 or last))
+        if out["skipped"]:
+            reporter.info(f"warning: step {self.step}: loss {out['loss']}, grad_norm "
+                          f"{out['grad_norm']}; optimizer step skipped ({self.guard.in_a_row} in "
+                          f"a row, at most train.max_skipped_steps={self.guard.max_in_a_row})")
+        if not (self.step % cfg.logging.every == 0 or last or val_due or out["skipped"]):
+            return
+        peak = peak_flops(self.device)
+        tok_s, peaks = meter.rate(), self._peak_mem()
+        row = {"step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
+               "lr": out["lr"], "tokens": self.tokens, "tokens_per_s": tok_s,
+               "peak_mem_gib": max(peaks), "skipped": out["skipped"],
+               "skipped_steps": self.guard.total, "mfu": None}
+        if peak:  # tokens/s is the whole job's, so is the peak
+            flops = flops_per_token(cfg.model, cfg.data.seq_len)
+            row["mfu"] = mfu_of(flops, tok_s, peak * self.dims.world_size)
+        if self.dims.distributed:
+            row["peak_mem_gib_per_rank"] = peaks
+        if val_due:
+            row["val_loss"] = self.evaluate()
+        reporter.log(row)
+        reporter.info(format_row(row, total))
 
-def _format_row(row: dict, total: int) -> str:
-    text = (f"step {row['step']}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
-            f"grad_norm {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
-            f"peak {row['peak_mem_gib']:.2f} GiB")
-    if "val_loss" in row:
-        text += f" | val_loss {row['val_loss']:.4f}"
-    return text
+    def _end_of_step(self, reporter: Reporter, signal_name: str | None, start: int,
+                     total: int) -> bool:
+        """Save when due; return True when the run stops here. Saves always: at the last step,
+        at `exit_after_steps`, on a stop signal and when the non-finite guard gives up."""
+        every, limit = self.cfg.checkpoint.every, self.cfg.train.exit_after_steps
+        early = limit > 0 and self.step - start >= limit
+        periodic = every > 0 and self.step % every == 0
+        if not (periodic or self.step == total or early or signal_name or self.guard.exhausted):
+            return False
+        path = self.save()
+        if self.guard.exhausted:  # the weights are the last good ones: skipped steps kept them
+            self.ckpt.wait()
+            raise self.guard.stop_error(self.step, path)
+        if signal_name:
+            reporter.info(f"stopped by {signal_name} after step {self.step}/{total}, with a "
+                          f"checkpoint ({path}); rerun the same command to resume")
+            return True
+        if early:
+            reporter.info(f"stopping after {limit} steps (train.exit_after_steps); rerun the "
+                          "same command to resume")
+        return early

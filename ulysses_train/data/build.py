@@ -30,14 +30,19 @@ _MAP_BATCH = 256  # documents per sentencepiece batch: enough to keep every core
 
 @contextlib.contextmanager
 def _quiet_datasets():
-    """Silence datasets' progress bars while we build (we log our own progress), then restore."""
+    """Silence datasets' progress bars while we build (we log our own progress), and its log
+    messages: a file it cannot read is also logged by it, and we report that ourselves as the
+    one `error: data.paths: ...` line (DESIGN §2). Both are restored afterwards."""
     import datasets
 
     was_disabled = datasets.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if not was_disabled:
             datasets.enable_progress_bars()
 

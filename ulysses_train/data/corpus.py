@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ..config import DataConfig
+from ..data_files import PARQUET_SUFFIXES, TEXT_SUFFIXES, resolve_paths
 from ..errors import ConfigError
 
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-TEXT_SUFFIXES = (".txt",)
-JSON_SUFFIXES = (".jsonl", ".json")
-PARQUET_SUFFIXES = (".parquet",)
 
 
 @dataclass
@@ -111,27 +109,6 @@ def stdlib_corpus(cfg: DataConfig, root: str | None = None) -> Corpus:
 
 
 # ----------------------------------------------------------------------------------------- files
-
-def resolve_paths(paths: list[str]) -> list[str]:
-    """Expand ~ and globs; every result must be an existing file of a known kind."""
-    resolved = []
-    for raw in paths:
-        path = os.path.expanduser(str(raw))
-        matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
-        if not matches:
-            raise ConfigError("data.paths", f"no file matches {raw!r}; check the pattern")
-        for match in matches:
-            if os.path.isdir(match):
-                raise ConfigError("data.paths", f"{match} is a directory; list its files or "
-                                  "use a glob such as dir/*.jsonl")
-            if not os.path.isfile(match):
-                raise ConfigError("data.paths", f"file not found: {match}; check the path")
-            if not match.endswith(TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES):
-                raise ConfigError("data.paths", f"{match}: unknown file type; use .txt (one "
-                                  "document per file), .jsonl (one per line) or .parquet")
-            resolved.append(os.path.abspath(match))
-    return resolved
-
 
 def _text_of(row: dict, text_field: str, where: str) -> str:
     """The text of one row, or a ConfigError that says which field exists instead."""
