@@ -175,7 +175,7 @@ def _masked_config(parallel: dict):
 
 
 def _masked_rank(rank, world, run_dir):
-    cfg = _masked_config({"sp": 2})
+    cfg = _masked_config({"tp": 2, "sp": 2})
     dims = ParallelDims.from_config(cfg.parallel, world, rank)
     dims.build_mesh()
     Trainer(cfg, run_dir, dims).fit()
@@ -183,13 +183,13 @@ def _masked_rank(rank, world, run_dir):
 
 def test_document_mask_curve_equals_one_process(tmp_path):
     """The trainer's mask wiring: global document ids per micro-batch, restarting positions;
-    Ulysses over 2 ranks gives the one-process masked curve, which differs from the unmasked."""
+    tp=2 x Ulysses sp=2 gives the one-process masked curve, which differs from the unmasked."""
     Trainer(_masked_config({}), str(tmp_path / "one"), cpu_dims()).fit()
-    run_distributed(_masked_rank, 2, str(tmp_path / "sp2"), timeout=180)
+    run_distributed(_masked_rank, 4, str(tmp_path / "tp2xsp2"), timeout=180)
     plain = tmp_path / "plain"
     Trainer(small_config(data={"seq_len": 64}, checkpoint={"every": 0}, train={"steps": 4}),
             str(plain), cpu_dims()).fit()
-    ref, got = metrics_rows(tmp_path / "one"), metrics_rows(tmp_path / "sp2")
+    ref, got = metrics_rows(tmp_path / "one"), metrics_rows(tmp_path / "tp2xsp2")
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(ref, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
