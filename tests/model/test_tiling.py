@@ -64,7 +64,7 @@ def _peak_saved_logits(chunk: int) -> int:
     """Largest (rows, vocab)-sized tensor autograd saves in forward for the head + loss."""
     model = GPT(CFG, loss_chunk=chunk)
     model.init_weights(0)
-    ids, pos, labels = _batch()
+    _, _, labels = _batch()
     biggest = 0
 
     def pack(t):

@@ -70,7 +70,6 @@ def _sliced_mask_refused(group) -> str:
 
 def _gpt(group) -> dict[str, float]:
     """GPT + Ulysses + global DocumentMask + restarting positions == the single-process GPT."""
-    p, r = dist.get_world_size(group), dist.get_rank(group)
     cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=128)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 128, (2, S), generator=g)

@@ -101,7 +101,6 @@ def _bad_heads(group) -> dict[str, object]:
 
 def _gpt_drop_in(group) -> dict[str, float]:
     """The GPT with `attention_fn=UlyssesAttention(...)` on its slice == the plain GPT (P = 4)."""
-    p, r = dist.get_world_size(group), dist.get_rank(group)
     cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=128)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 128, (2, S), generator=g)
