@@ -273,7 +273,8 @@ class CheckpointManager:
         if mode == "never":
             if self.ckdir.has_any():
                 raise ConfigError("checkpoint.resume", f"'never', but {self.dir} already holds "
-                                  "checkpoints; use a fresh hydra.run.dir or checkpoint.resume=auto")
+                                  "checkpoints; use a fresh hydra.run.dir or "
+                                  "checkpoint.resume=auto")
             return None, None
         if mode == "auto":
             state, path = self._load_auto(model, optimizer, trainer_state)

@@ -85,6 +85,12 @@ def apply_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_sch
     scheduler._last_lr = lrs  # what get_last_lr() reports (LambdaLR keeps it privately)
 
 
-def changes(old: dict, new: dict) -> list[str]:
-    """'key: old -> new' for every key both hold with different values, in `new`'s order."""
+def config_wins(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                cfg: OptimConfig, grad_clip: float, recorded: dict) -> list[str]:
+    """Right after loading a checkpoint: apply the config's hyper-parameters (`apply_config`)
+    and return 'key: old -> new' for each that differs from the checkpoint's. `recorded` is
+    what its meta.json holds ({} for older checkpoints; the loaded groups say the rest)."""
+    old = {**recorded, **loaded_hyperparameters(optimizer, scheduler)}
+    apply_config(optimizer, scheduler, cfg)
+    new = hyperparameters(cfg, grad_clip)
     return [f"{k}: {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k]]

@@ -86,6 +86,15 @@ def override(key: str, value) -> str:
     return shlex.quote(f"{key}={_hydra_value(value)}")
 
 
+def lower_lr_fragment(cfg, run_dir: str) -> str:
+    """What to add to the command to resume this run with half the learning rate. The run dir
+    is named: the default one hashes optim.lr, so without it the rerun would start a new run."""
+    words = {"hydra.run.dir": os.path.abspath(run_dir), "optim.lr": f"{cfg.optim.lr / 2:g}"}
+    if cfg.checkpoint.resume != "auto":  # else the rerun would load that checkpoint again
+        words["checkpoint.resume"] = "auto"
+    return " ".join(override(k, v) for k, v in words.items())
+
+
 def _new_run_advice(mode: str) -> str:
     if mode in ("auto", "never"):
         return "start a new run in an empty directory: add hydra.run.dir=NEW_DIR"

@@ -34,7 +34,7 @@ from .parallel.activations import apply_activation_checkpointing, apply_compile
 from .parallel.data_parallel import all_reduce_, reduce_gradients_
 from .parallel.sharding import apply_sharding, set_last_micro_batch
 from .parallel.tensor import apply_tensor_parallel, clip_grad_norm_
-from .run_identity import check_before_start, config_identity, override
+from .run_identity import check_before_start, config_identity, lower_lr_fragment
 from .stop import StopSignals
 
 
@@ -152,10 +152,9 @@ class Trainer:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.guard.total = int(state["skipped_steps"])
         self.scheduler.load_state_dict(state["scheduler"])
-        saved = {**(read_meta(path).get("identity") or {}).get("optim", {}),
-                 **optim.loaded_hyperparameters(self.optimizer, self.scheduler)}
-        optim.apply_config(self.optimizer, self.scheduler, self.cfg.optim)
-        changed = optim.changes(saved, self.ckpt.identity["optim"])
+        recorded = (read_meta(path).get("identity") or {}).get("optim", {})
+        changed = optim.config_wins(self.optimizer, self.scheduler, self.cfg.optim,
+                                    self.cfg.train.grad_clip, recorded)
         if changed:
             self._say(f"resuming with new settings: {', '.join(changed)} (the config wins for "
                       "hyper-parameters; moments and step counts are the checkpoint's)")
@@ -350,12 +349,7 @@ class Trainer:
         path = self.save()
         if self.guard.exhausted:  # the weights are the last good ones: skipped steps kept them
             self.ckpt.wait()
-            lower = {"hydra.run.dir": os.path.abspath(self.run_dir),
-                     "optim.lr": f"{self.cfg.optim.lr / 2:g}"}
-            if self.cfg.checkpoint.resume != "auto":  # else the rerun would load that one again
-                lower["checkpoint.resume"] = "auto"
-            raise self.guard.stop_error(self.step, path,
-                                        " ".join(override(k, v) for k, v in lower.items()))
+            raise self.guard.stop_error(self.step, path, lower_lr_fragment(self.cfg, self.run_dir))
         if signal_name:
             reporter.info(f"stopped by {signal_name} after step {self.step}/{total}, with a "
                           f"checkpoint ({path}); rerun the same command to resume")
