@@ -52,6 +52,7 @@ from . import checkpoint_files as files
 from .checkpoint_files import TMP_PREFIX, is_complete, step_dirname  # noqa: F401 (re-exported)
 from .config import CheckpointConfig, DebugConfig, ModelConfig
 from .errors import ConfigError
+from .run_identity import check_resume
 
 # DCP wraps read failures in CheckpointException, which derives from BaseException.
 LOAD_ERRORS = (Exception, CheckpointException)
@@ -77,8 +78,12 @@ class CheckpointManager:
 
     def __init__(self, run_dir: str, cfg: CheckpointConfig, model_cfg: ModelConfig,
                  log: Callable[[str], None] = print, is_main: bool = True,
-                 distributed: bool = False, debug: DebugConfig | None = None):
+                 distributed: bool = False, debug: DebugConfig | None = None,
+                 identity: dict | None = None):
         self.run_dir = run_dir
+        # What makes this run's data (and its hyper-parameters): recorded in meta.json and
+        # compared before loading (run_identity.check_resume). None: neither (library use).
+        self.identity = identity
         self.dir = os.path.join(run_dir, "checkpoints")
         self.ckdir = files.CheckpointDir(self.dir, log)
         self.cfg = cfg
@@ -154,6 +159,8 @@ class CheckpointManager:
     def _commit(self, step: int, tmp: str, final: str) -> None:
         meta = {"step": step, "model": dataclasses.asdict(self.model_cfg),
                 "torch": torch.__version__}
+        if self.identity is not None:
+            meta["identity"] = self.identity
         files.write_durably(os.path.join(tmp, files.META), json.dumps(meta, indent=1))
         files.write_manifest(tmp)  # last file in: it covers all the others
         if os.path.exists(final):  # re-saving a step (after a resume from an older one)
@@ -206,8 +213,10 @@ class CheckpointManager:
 
     # ---- verifying ----------------------------------------------------------------------
     def check_shape(self, path: str) -> None:
-        """Refuse a checkpoint of another model shape, from its meta.json alone."""
+        """Refuse a checkpoint of another model shape or data identity, from meta.json alone."""
         files.check_shape(path, self.model_cfg)
+        if self.identity is not None:
+            check_resume(files.read_meta(path), self.identity, path, self.cfg.resume, self.log)
 
     def verify(self, path: str) -> list[str]:
         """Problems ('PATH: what') that make `path` unusable; empty when verified. ConfigError
@@ -264,7 +273,8 @@ class CheckpointManager:
         if mode == "never":
             if self.ckdir.has_any():
                 raise ConfigError("checkpoint.resume", f"'never', but {self.dir} already holds "
-                                  "checkpoints; use a fresh hydra.run.dir or resume=auto")
+                                  "checkpoints; use a fresh hydra.run.dir or "
+                                  "checkpoint.resume=auto")
             return None, None
         if mode == "auto":
             state, path = self._load_auto(model, optimizer, trainer_state)

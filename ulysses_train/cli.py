@@ -20,6 +20,7 @@ from typing import NoReturn, Sequence
 
 from .config import MODEL_PRESETS, Config, validate
 from .errors import ConfigError, exception_chain
+from .run_identity import check_before_start
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 GROUP_OPTIONS = {"model": MODEL_PRESETS}
@@ -101,11 +102,8 @@ def _unknown_key(tree: dict, schema, prefix: str = "") -> str | None:
     return None
 
 
-def precheck(overrides: Sequence[str], world_size: int = 1) -> Config:
-    """Compose and validate the command line's overrides; return the typed config.
-
-    Raises ConfigError. Runs before torch is imported, so a bad command line fails in a second.
-    """
+def _compose(overrides: Sequence[str], world_size: int) -> tuple[Config, str]:
+    """The typed, validated config of the overrides, and the run dir Hydra will use."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf, open_dict
@@ -115,6 +113,7 @@ def precheck(overrides: Sequence[str], world_size: int = 1) -> Config:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+            run_dir = str(cfg.hydra.run.dir)
             with open_dict(cfg):
                 del cfg["hydra"]
             extra = _unknown_key(OmegaConf.to_container(cfg), Config)
@@ -123,13 +122,33 @@ def precheck(overrides: Sequence[str], world_size: int = 1) -> Config:
                                          "(python train.py --cfg job prints every key)")
             config = OmegaConf.to_object(cfg)
         validate(config, world_size)
-        return config
+        return config, run_dir
     except ConfigError:
         raise
     except Exception as exc:  # Hydra/OmegaConf raise many types; all mean "bad overrides"
         raise translate(exc) from exc
     finally:
         GlobalHydra.instance().clear()
+
+
+def run_dir_for(overrides: Sequence[str], world_size: int = 1) -> str:
+    """The run dir `python train.py <overrides>` uses (relative to the working directory unless
+    hydra.run.dir is given). The default one hashes the overrides except the keys listed in
+    configs/config.yaml (hydra.job.config.override_dirname.exclude_keys): those that change how
+    the same math is computed, or how the run is driven, so changing them resumes the run."""
+    return _compose(overrides, world_size)[1]
+
+
+def precheck(overrides: Sequence[str], world_size: int = 1) -> Config:
+    """Compose and validate the command line's overrides; return the typed config.
+
+    Also refuses, from the checkpoint's meta.json, to resume with another data stream
+    (run_identity.check_before_start). Raises ConfigError. Runs before torch is imported, so a
+    bad command line fails in a second.
+    """
+    config, run_dir = _compose(overrides, world_size)
+    check_before_start(config, run_dir)
+    return config
 
 
 def restart_warning(env) -> str | None:

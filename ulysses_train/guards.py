@@ -45,13 +45,18 @@ class NonFiniteGuard:
     def exhausted(self) -> bool:
         return self.in_a_row >= self.max_in_a_row
 
-    def stop_error(self, step: int, saved: str) -> RunStopped:
+    def stop_error(self, step: int, saved: str, lower_lr: str) -> RunStopped:
+        """The exit-3 report. `lower_lr` is the command-line fragment that resumes this run
+        with a lower learning rate (`hydra.run.dir=<this run> optim.lr=<half>`): the run dir
+        must be given, since the default one hashes optim.lr and would start a new run."""
         first = step - self.in_a_row + 1
         return RunStopped("train.max_skipped_steps", (
             f"{self.in_a_row} steps in a row ({first}-{step}) had a non-finite loss or gradient "
             f"norm, so training stopped; the last good weights are saved in {saved} (at step "
-            f"{step}, past the bad batches): lower optim.lr or check the data, then rerun to "
-            "resume, or raise train.max_skipped_steps"))
+            f"{step}, past the bad batches). To resume with a lower learning rate, rerun the "
+            f"same command adding {lower_lr} (the config's optimizer settings win on resume); "
+            "or check the data, or rerun the same command with a higher "
+            "train.max_skipped_steps"))
 
 
 def set_deterministic(enabled: bool) -> None:

@@ -19,7 +19,9 @@ import time
 
 import torch
 
+from . import optim
 from .checkpoint import CheckpointManager
+from .checkpoint_files import read_meta
 from .config import Config, validate
 from .data import build_data
 from .guards import NonFiniteGuard, crash_if_asked, nan_injected, set_deterministic
@@ -32,6 +34,7 @@ from .parallel.activations import apply_activation_checkpointing, apply_compile
 from .parallel.data_parallel import all_reduce_, reduce_gradients_
 from .parallel.sharding import apply_sharding, set_last_micro_batch
 from .parallel.tensor import apply_tensor_parallel, clip_grad_norm_
+from .run_identity import check_before_start, config_identity, lower_lr_fragment
 from .stop import StopSignals
 
 
@@ -44,6 +47,7 @@ def run(cfg: Config, run_dir: str) -> int:
     set_deterministic(cfg.train.deterministic)  # before anything touches CUDA (cuBLAS env)
     dims = ParallelDims.from_env(cfg.parallel)
     validate(cfg, dims.world_size)
+    check_before_start(cfg, run_dir)  # a changed data.seq_len etc. fails before data is built
     dims.init_process_group()
     try:
         dims.build_mesh()
@@ -113,7 +117,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint, cfg.model, log=self._say,
                                       is_main=dims.is_main, distributed=dims.distributed,
-                                      debug=cfg.debug)
+                                      debug=cfg.debug, identity=self._identity())
         self.guard = NonFiniteGuard(cfg.train.max_skipped_steps)
         self.step = 0  # completed optimizer steps (skipped ones too) == data position
         self.tokens = 0  # tokens trained on so far, each counted once
@@ -132,13 +136,28 @@ class Trainer:
         return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.guard.total,
                 "scheduler": self.scheduler.state_dict(), "rng": rng}
 
+    def _identity(self) -> dict:
+        """What checkpoints record and resuming compares (run_identity.py): the data stream
+        (must match) and the optimizer's hyper-parameters (the config wins, logged)."""
+        data = {**config_identity(self.cfg), **getattr(self.data, "identity", {})}
+        return {"data": data, "optim": optim.hyperparameters(self.cfg.optim,
+                                                             self.cfg.train.grad_clip)}
+
     def _restore(self) -> str | None:
+        """Load the checkpoint `checkpoint.resume` picks: state from it, hyper-parameters from
+        the config (optim.py), each changed one said in one line."""
         state, path = self.ckpt.restore(self.model, self.optimizer, self.trainer_state())
         if state is None:
             return None
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.guard.total = int(state["skipped_steps"])
         self.scheduler.load_state_dict(state["scheduler"])
+        recorded = (read_meta(path).get("identity") or {}).get("optim", {})
+        changed = optim.config_wins(self.optimizer, self.scheduler, self.cfg.optim,
+                                    self.cfg.train.grad_clip, recorded)
+        if changed:
+            self._say(f"resuming with new settings: {', '.join(changed)} (the config wins for "
+                      "hyper-parameters; moments and step counts are the checkpoint's)")
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -330,7 +349,7 @@ class Trainer:
         path = self.save()
         if self.guard.exhausted:  # the weights are the last good ones: skipped steps kept them
             self.ckpt.wait()
-            raise self.guard.stop_error(self.step, path)
+            raise self.guard.stop_error(self.step, path, lower_lr_fragment(self.cfg, self.run_dir))
         if signal_name:
             reporter.info(f"stopped by {signal_name} after step {self.step}/{total}, with a "
                           f"checkpoint ({path}); rerun the same command to resume")

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
+import numpy as np
+
 from ..config import DataConfig
 from ..errors import ConfigError
 from .batch import Batch
@@ -36,8 +38,12 @@ class DataSource:
 
     def __init__(self, streams: dict[str, TokenStream], *, vocab_size: int, eos_id: int,
                  global_batch_size: int, summary: str, cache_path: Path | None = None,
-                 document_positions: bool = False):
+                 document_positions: bool = False, identity: dict | None = None):
         self.streams = streams
+        # What the tokens are, for checkpoints' data identity (run_identity.py): the tokenizer
+        # model's sha256, per split [documents, tokens, sha256 of the document offsets], and
+        # the cache's name. Empty for synthetic data (a function of the config alone).
+        self.identity = identity or {}
         # data.document_mask: positions restart at each document (the mask's other half).
         self.document_positions = document_positions
         self.vocab_size = vocab_size  # ids produced are in [0, vocab_size)
@@ -141,7 +147,7 @@ def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_voca
     path, meta, built = open_or_build(root, f"{corpus.kind}-{key}", build, log=log,
                                       is_main=is_main)
     log(f"data: built {path} in {meta['build_seconds']}s" if built else f"data: cached {path}")
-    streams = {}
+    streams, tokens = {}, {}
     for split in SPLITS:
         if split == "val" and cfg.val_fraction == 0:
             continue
@@ -149,8 +155,12 @@ def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_voca
             raise ConfigError("data.val_fraction", f"no document is left for validation (the "
                               f"split is by document and the corpus has {meta['n_docs']['train']}"
                               "); add documents or set data.val_fraction=0")
-        tokens, offsets = load_split(path, meta, split)
-        streams[split] = PackedTokens(tokens, offsets, cfg.seq_len, seed=seed, split=split)
+        ids, offsets = load_split(path, meta, split)
+        streams[split] = PackedTokens(ids, offsets, cfg.seq_len, seed=seed, split=split)
+        tokens[split] = [int(meta["n_docs"][split]), int(meta["n_tokens"][split]),
+                         hashlib.sha256(np.ascontiguousarray(offsets, np.int64)).hexdigest()]
+    identity = {"data.tokenizer": _file_sha256(str(path / "tokenizer.model")),
+                "data.tokens": tokens, "data.cache": path.name}
     return DataSource(streams, vocab_size=meta["vocab_size"], eos_id=meta["eos_id"],
                       global_batch_size=global_batch_size, summary=_summary(meta),
-                      cache_path=path, document_positions=cfg.document_mask)
+                      cache_path=path, document_positions=cfg.document_mask, identity=identity)
