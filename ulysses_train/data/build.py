@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ConfigError, exception_chain
-from .cache import split_files, token_dtype
+from .cache import TOKENIZER, split_files, token_dtype
 from .corpus import Corpus
 from .tokenizer import encode_batch, load_tokenizer, train_tokenizer
 
@@ -159,7 +159,7 @@ def build_corpus(out: Path, corpus: Corpus, *, key: str, vocab_size: int, tokeni
         log(f"data: read {len(docs)} {corpus.unit} ({n_bytes.sum() / 1e6:.1f} MB, "
             f"{int(keep['val'].sum())} for validation) in {time.perf_counter() - t0:.1f}s")
 
-        model_path = str(out / "tokenizer.model")
+        model_path = str(out / TOKENIZER)
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, model_path)
             how = f"given {tokenizer_path}"
