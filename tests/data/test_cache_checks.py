@@ -14,6 +14,7 @@ import torch
 from data_helpers import build, files_cfg, write_inputs
 from ulysses_train.data import cache
 from ulysses_train.data.cache import check_cache
+from ulysses_train.errors import ConfigError
 
 
 def _flip_offset(path):
@@ -112,3 +113,25 @@ def test_large_token_files_are_sampled(tmp_path, monkeypatch):
     data[1 << 20] ^= 1
     offsets.write_bytes(bytes(data))
     assert cache.file_digest(offsets, "sha256") != whole
+
+
+def test_a_damaged_cache_that_cannot_be_removed_is_one_config_error(tmp_path, monkeypatch):
+    """Rebuilding needs the damaged directory gone; where it cannot go (a read-only shared
+    cache: we run as root, so it is simulated), the run stops with one line naming it."""
+    _, jsonl, _ = write_inputs(tmp_path)
+    cfg = files_cfg(tmp_path, [jsonl], text_field="body")
+    path = build(cfg, vocab=512).cache_path
+    _flip_offset(path)
+    real_rmtree = cache.shutil.rmtree
+
+    def refuse(target, ignore_errors=False):
+        if not ignore_errors:
+            raise PermissionError(13, "Permission denied", str(target))
+        real_rmtree(target, ignore_errors=True)
+
+    monkeypatch.setattr(cache.shutil, "rmtree", refuse)
+    with pytest.raises(ConfigError) as info:
+        build(cfg, vocab=512)
+    assert info.value.key == "data.cache_dir"
+    assert info.value.message.startswith(f"token cache {path} train_offsets.npy does not match "
+                                         "its checksum and cannot be removed (Permission denied)")

@@ -15,11 +15,12 @@ is rebuilt with a one-line warning naming it and what failed. Hash: xxh3-64 (the
 package, a dependency of `datasets`) when installed, else sha256. Every file is hashed whole,
 except token files over `FULL_HASH_BYTES` (big corpora; they are memory-mapped, so a run reads
 only the rows it samples): those are checked by size plus `SAMPLE_BLOCKS` evenly spaced 1 MiB
-blocks, first and last included. Measured on the 2-core dev machine, page cache warm: xxh3 reads
-1 GiB in 0.66 s (sha256 2.3 s); verifying the whole default stdlib cache (17.7 MB, vocab 32000)
-takes ~40 ms per process. So a check costs at most ~0.7 s per GiB of offsets and per token file
-up to 1 GiB; a sampled token file reads 256 MiB (~0.2 s) whatever its size, which catches
-truncation always but a changed token in an unsampled block not at all.
+blocks, first and last included. Measured on the 2-core dev machine: xxh3 reads 1 GiB from the
+page cache in 0.66 s (sha256 2.3 s; 3.3 s for xxh3 with the machine busy and the file partly on
+disk); verifying the whole default stdlib cache (17.7 MB, vocab 32000) takes 41-49 ms per
+process (sha256: 78-91 ms); a sampled 4 GiB token file 0.34 s. So a check costs ~0.7 s per GiB
+of offsets and of token files up to 1 GiB, and ~0.3 s per larger token file whatever its size,
+which catches truncation always but a changed token in an unsampled block not at all.
 """
 from __future__ import annotations
 
