@@ -197,7 +197,8 @@ def build_corpus(out: Path, corpus: Corpus, *, key: str, vocab_size: int, tokeni
     del docs, ids
     shutil.rmtree(workdir, ignore_errors=True)
     return {"kind": corpus.kind, "label": corpus.label, "unit": corpus.unit,
-            "n_inputs": n_read, "warnings": notes, "n_docs": {s: int(m.sum()) for s, m in keep.items()},
+            "n_inputs": n_read, "warnings": notes,
+            "n_docs": {s: int(m.sum()) for s, m in keep.items()},
             "n_tokens": n_tokens, "bad_files": int((bad > 0).sum()), "bad_bytes": int(bad.sum()),
             "vocab_size": int(vocab), "eos_id": int(eos), "dtype": dtype.name, "tokenizer": how}
 

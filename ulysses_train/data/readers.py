@@ -2,12 +2,14 @@
 
 Each reader yields `Text(text, issue, bad_bytes)` per row: `issue` is "" for a row with text,
 MISSING for a row without the text field, NULL for a row whose field is null; those rows are
-skipped and counted (see `input_notes`). An empty file yields nothing (the corpus then
-yields one EMPTY placeholder for it, so that it is reported and a corpus is never 0 rows). Everything else wrong
-with an input is a `ConfigError` naming the file, the line or row, and what is wrong:
-unreadable or invalid JSON (which line), a row that is not an object, a text field that holds
-something other than a string, a parquet file that cannot be read or lacks the column, and an
-input in which no row has the text field (data.text_field is probably set wrong).
+skipped and counted (see `input_notes`). An empty file yields nothing (the corpus then yields
+one EMPTY placeholder row for it, so that it is reported, and `datasets` never sees 0 rows).
+Everything else wrong with an input is a `ConfigError` naming the file, the line or row, and
+what is wrong: unreadable or invalid JSON (which line), a row that is not an object, a text
+field that holds something other than a string, a parquet file that cannot be read or lacks the
+column, and an input in which no row has the text field (data.text_field is probably wrong).
+JSON is read here, not by `datasets`' json builder, whose errors name neither file nor line (an
+empty file raised a bare StopIteration).
 """
 from __future__ import annotations
 
@@ -73,14 +75,15 @@ def text_of(row, text_field: str, where: str, bad_bytes: int = 0) -> Text:
     return Text(value, "", bad_bytes)
 
 
-def require_field(rows: Iterable[tuple[str, object]], text_field: str,
+def require_field(rows: Iterable[tuple[str, object, int]], text_field: str,
                   what: str) -> Iterator[Text]:
-    """`text_of` for each (where, row), then: an input with rows of which none has the field
-    is an error naming the fields its first row does have."""
-    n, found, first = 0, False, None
+    """`text_of` for each (where, row, bad bytes), then: an input with rows of which none has
+    the field is an error naming the fields its first row does have."""
+    n, found, first = 0, False, {}
     for where, row, bad in rows:
         text = text_of(row, text_field, where, bad)
-        n, found, first = n + 1, found or text.issue != MISSING, first or row
+        first = row if n == 0 else first
+        n, found = n + 1, found or text.issue != MISSING
         yield text
     if n and not found:
         fields = ", ".join(map(str, first)) or "none"
@@ -95,7 +98,7 @@ def txt_rows(path: str) -> Iterator[Text]:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise ConfigError("data.paths", f"cannot read {path}: {e.strerror}") from e
+        raise ConfigError("data.paths", f"cannot read {path}: {e.strerror or e}") from e
     if data:
         text, bad = decode_utf8(data)
         yield Text(text, "", bad)
@@ -114,7 +117,9 @@ def _json_values(path: str) -> Iterator[tuple[str, object, int]]:
                 except json.JSONDecodeError as e:
                     raise ConfigError("data.paths", f"{path}: invalid JSON at line {e.lineno} "
                                       f"column {e.colno}: {e.msg}") from None
-                yield from ((f"{path} item {i}", item, bad) for i, item in enumerate(items))
+                # the file's replaced bytes are counted once, with its first item
+                yield from ((f"{path} item {i}", item, bad if i == 0 else 0)
+                            for i, item in enumerate(items))
                 return
             for n, line in enumerate(f, 1):
                 text, bad = decode_utf8(line)
@@ -129,7 +134,7 @@ def _json_values(path: str) -> Iterator[tuple[str, object, int]]:
                                       "(.jsonl: one object per line)") from None
                 yield f"{path} line {n}", value, bad
     except OSError as e:
-        raise ConfigError("data.paths", f"cannot read {path}: {e.strerror}") from e
+        raise ConfigError("data.paths", f"cannot read {path}: {e.strerror or e}") from e
 
 
 def json_rows(path: str, text_field: str) -> Iterator[Text]:
