@@ -86,7 +86,7 @@ BAD_INPUT = {
     "corrupt-data-file": (["data=files", "data.paths=[{inputs}/broken.parquet]"], 1,
                           "data.paths", "cannot read {inputs}/broken.parquet: Parquet magic"),
     "empty-corpus": (["data=files", "data.paths=[{inputs}/empty.txt]"], 1,
-                     "data.paths", "files: no text in 1 documents"),
+                     "data.paths", "files: no text in 1 input ({inputs}/empty.txt: empty file)"),
     "missing-checkpoint": (["checkpoint.resume={inputs}/nowhere/step_00000001"], 1,
                            "checkpoint.resume", "does not exist"),
     "partial-checkpoint": (["checkpoint.resume={inputs}/partial/step_00000001"], 1,

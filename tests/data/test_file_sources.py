@@ -1,37 +1,14 @@
 """data=files (.txt / .jsonl / .parquet) and data=hf (streamed; tested offline on a local dir)."""
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data_helpers import build
+from data_helpers import LINES, build, files_cfg, write_inputs
 from ulysses_train.config import DataConfig
 from ulysses_train.data.cache import load_split
 from ulysses_train.data.tokenizer import load_tokenizer
 from ulysses_train.errors import ConfigError
-
-LINES = [f"Document number {i} talks about {'cats' if i % 2 else 'dogs'} and numbers {i * 7}."
-         for i in range(40)]
-
-
-def files_cfg(tmp_path, paths, **overrides) -> DataConfig:
-    values = dict(name="files", paths=[str(p) for p in paths], seq_len=16, val_fraction=0.1,
-                  cache_dir=str(tmp_path / "cache"))
-    return DataConfig(**{**values, **overrides})
-
-
-def write_inputs(tmp_path):
-    txt = tmp_path / "story.txt"
-    txt.write_bytes("A whole file is one document.\nIt has two lines, and a bad byte: ".encode()
-                    + b"\xff\xfe.\n")
-    jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(LINES)))
-    parquet = tmp_path / "docs.parquet"
-    pq.write_table(pa.table({"body": [t.upper() for t in LINES]}), parquet)
-    return txt, jsonl, parquet
-
 
 def test_txt_jsonl_and_parquet_documents(tmp_path):
     txt, jsonl, parquet = write_inputs(tmp_path)

@@ -20,8 +20,9 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ConfigError, exception_chain
-from .cache import split_files, token_dtype
+from .cache import TOKENIZER, split_files, token_dtype
 from .corpus import Corpus
+from .readers import input_notes
 from .tokenizer import encode_batch, load_tokenizer, train_tokenizer
 
 SPLITS = ("train", "val")
@@ -93,7 +94,9 @@ def _generate(corpus: Corpus, workdir: Path, key: str):
     features = datasets.Features({"text": datasets.Value("string"),
                                   "hash": datasets.Value("float64"),
                                   "n_bytes": datasets.Value("int64"),
-                                  "bad_bytes": datasets.Value("int64")})
+                                  "bad_bytes": datasets.Value("int64"),
+                                  "source": datasets.Value("int32"),
+                                  "issue": datasets.Value("string")})
     try:
         return datasets.Dataset.from_generator(
             corpus.generate, features=features, gen_kwargs=corpus.gen_kwargs,
@@ -104,6 +107,21 @@ def _generate(corpus: Corpus, workdir: Path, key: str):
         if config_error is not None:
             raise config_error from None
         raise
+
+
+def _notes(corpus: Corpus, columns: dict, nonempty: np.ndarray) -> list[str]:
+    """One line per input that was empty or lost rows, e.g. "a.jsonl: 3 of 40 rows without
+    'text' (skipped)"; ConfigError naming them all if no document has any text."""
+    empty = "empty file" if corpus.kind == "files" else "no rows"
+    notes = input_notes(corpus.inputs, corpus.text_field, columns["source"], columns["issue"],
+                        nonempty, empty)
+    if not nonempty.any():
+        n = len(corpus.inputs)
+        what = (f"{n} input{'s' if n > 1 else ''} ({'; '.join(map(': '.join, notes))})"
+                if notes else f"{len(nonempty)} {corpus.unit}")
+        raise ConfigError(corpus.blame, f"{corpus.label}: no text in {what}; check the inputs "
+                          "(and data.text_field)")
+    return [f"{name}: {what} (skipped)" for name, what in notes]
 
 
 def _write_streams(ids, keep: dict[str, np.ndarray], eos: int, dtype: np.dtype,
@@ -148,18 +166,18 @@ def build_corpus(out: Path, corpus: Corpus, *, key: str, vocab_size: int, tokeni
         t0 = time.perf_counter()
         log(f"data: building the {corpus.label} token cache in {out.parent} ...")
         docs = _generate(corpus, workdir, key)
-        columns = docs.select_columns(["hash", "n_bytes", "bad_bytes"]).with_format("numpy")[:]
+        columns = docs.select_columns(["hash", "n_bytes", "bad_bytes", "source", "issue"]
+                                      ).with_format("numpy")[:]
         hashes, n_bytes, bad = columns["hash"], columns["n_bytes"], columns["bad_bytes"]
         nonempty = n_bytes > 0
-        if not nonempty.any():
-            raise ConfigError(corpus.blame, f"{corpus.label}: no text in {len(docs)} "
-                              f"{corpus.unit}; check the inputs (and data.text_field)")
+        notes = _notes(corpus, columns, nonempty)
+        n_read = int((columns["issue"] == "").sum())  # rows skipped for a missing text excluded
         is_val = assign_val(hashes, nonempty, val_fraction)
         keep = {"train": nonempty & ~is_val, "val": is_val}
-        log(f"data: read {len(docs)} {corpus.unit} ({n_bytes.sum() / 1e6:.1f} MB, "
+        log(f"data: read {n_read} {corpus.unit} ({n_bytes.sum() / 1e6:.1f} MB, "
             f"{int(keep['val'].sum())} for validation) in {time.perf_counter() - t0:.1f}s")
 
-        model_path = str(out / "tokenizer.model")
+        model_path = str(out / TOKENIZER)
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, model_path)
             how = f"given {tokenizer_path}"
@@ -179,7 +197,8 @@ def build_corpus(out: Path, corpus: Corpus, *, key: str, vocab_size: int, tokeni
     del docs, ids
     shutil.rmtree(workdir, ignore_errors=True)
     return {"kind": corpus.kind, "label": corpus.label, "unit": corpus.unit,
-            "n_inputs": len(hashes), "n_docs": {s: int(m.sum()) for s, m in keep.items()},
+            "n_inputs": n_read, "warnings": notes,
+            "n_docs": {s: int(m.sum()) for s, m in keep.items()},
             "n_tokens": n_tokens, "bad_files": int((bad > 0).sum()), "bad_bytes": int(bad.sum()),
             "vocab_size": int(vocab), "eos_id": int(eos), "dtype": dtype.name, "tokenizer": how}
 

@@ -2,10 +2,14 @@
 
 Each source is described by a `Corpus`: a cheap fingerprint of its inputs (for the cache key;
 computing it reads no document), and a module-level generator yielding one row per input
-document, `{"text", "hash", "n_bytes", "bad_bytes"}`, in a deterministic order. `hash` is a
-stable number in [0, 1) that decides the train/val split (by relative path for the stdlib, by
-content otherwise, so duplicates never straddle the split), independently of how many documents
-are read. User mistakes become `ConfigError`s naming the key to fix.
+document, `{"text", "hash", "n_bytes", "bad_bytes", "source", "issue"}`, in a deterministic
+order. `hash` is a stable number in [0, 1) that decides the train/val split (by relative path
+for the stdlib, by content otherwise, so duplicates never straddle the split), independently of
+how many documents are read. `source` indexes `Corpus.inputs` (the file or dataset the row came
+from) and `issue` says why a row without text was skipped (readers.py), so the build can report
+each input's skipped rows and empty files. User mistakes become `ConfigError`s naming the key to
+fix, the file and the line. Lists are passed to the generator as tuples: `datasets` shards list
+arguments into one generator call per element, which would restart `max_docs` at every file.
 """
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ from typing import Callable, Iterator
 from ..config import DataConfig
 from ..data_files import PARQUET_SUFFIXES, TEXT_SUFFIXES, resolve_paths
 from ..errors import ConfigError
+from .readers import EMPTY, Text, decode_utf8, json_rows, parquet_rows, require_field, txt_rows
+
+__all__ = ["Corpus", "corpus_for", "decode_utf8", "stable_hash", "stdlib_files"]
 
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
@@ -35,6 +42,8 @@ class Corpus:
     generate: Callable[..., Iterator[dict]]  # module-level, as datasets.from_generator wants
     gen_kwargs: dict = field(default_factory=dict)
     blame: str = "data.paths"  # the key to name when the corpus turns out to be empty
+    inputs: tuple[str, ...] = ()  # what a row's `source` indexes; () = no per-input report
+    text_field: str = ""
 
 
 def stable_hash(data: bytes) -> float:
@@ -42,32 +51,9 @@ def stable_hash(data: bytes) -> float:
     return int.from_bytes(hashlib.sha1(data).digest()[:8], "big") / 2.0 ** 64
 
 
-def decode_utf8(data: bytes) -> tuple[str, int]:
-    """Decode like `data.decode("utf-8", errors="replace")`, also counting the bytes replaced.
-
-    Each invalid sequence becomes one U+FFFD, exactly as the "replace" handler does; the count
-    is the number of input bytes those sequences covered.
-    """
-    try:
-        return data.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        pass
-    parts, bad, pos = [], 0, 0
-    while pos < len(data):
-        try:
-            parts.append(data[pos:].decode("utf-8"))
-            break
-        except UnicodeDecodeError as e:  # e.start/e.end are relative to data[pos:]
-            parts.append(data[pos:pos + e.start].decode("utf-8"))
-            parts.append("\ufffd")
-            bad += e.end - e.start
-            pos += e.end
-    return "".join(parts), bad
-
-
-def _row(text: str, key: bytes, bad_bytes: int = 0) -> dict:
+def _row(text: str, key: bytes, bad_bytes: int = 0, source: int = 0, issue: str = "") -> dict:
     return {"text": text, "hash": stable_hash(key), "n_bytes": len(text.encode("utf-8")),
-            "bad_bytes": bad_bytes}
+            "bad_bytes": bad_bytes, "source": source, "issue": issue}
 
 
 # ---------------------------------------------------------------------------------------- stdlib
@@ -88,7 +74,7 @@ def stdlib_files(root: str) -> list[str]:
     return sorted(found)
 
 
-def _stdlib_rows(root: str, rel_paths: list[str]) -> Iterator[dict]:
+def _stdlib_rows(root: str, rel_paths: tuple[str, ...]) -> Iterator[dict]:
     for rel in rel_paths:
         with open(os.path.join(root, rel), "rb") as f:
             text, bad = decode_utf8(f.read())
@@ -104,45 +90,80 @@ def stdlib_corpus(cfg: DataConfig, root: str | None = None) -> Corpus:
     return Corpus(
         kind="stdlib", label="stdlib", unit="files",
         fingerprint={"python": sys.version, "files": list(zip(rel_paths, sizes))},
-        generate=_stdlib_rows, gen_kwargs={"root": root, "rel_paths": rel_paths},
+        generate=_stdlib_rows, gen_kwargs={"root": root, "rel_paths": tuple(rel_paths)},
         blame="data.max_docs")
 
 
 # ----------------------------------------------------------------------------------------- files
 
-def _text_of(row: dict, text_field: str, where: str) -> str:
-    """The text of one row, or a ConfigError that says which field exists instead."""
-    if text_field not in row:
-        raise ConfigError("data.text_field", f"{where} has no field {text_field!r} (fields: "
-                          f"{', '.join(map(str, row))}); set data.text_field to the text column")
-    value = row[text_field]
-    return "" if value is None else str(value)
+def _texts(path: str, text_field: str) -> Iterator[Text]:
+    if path.endswith(TEXT_SUFFIXES):
+        return txt_rows(path)
+    if path.endswith(PARQUET_SUFFIXES):
+        return parquet_rows(path, text_field)
+    return json_rows(path, text_field)
 
 
-def _file_rows(paths: list[str], text_field: str, max_docs: int) -> Iterator[dict]:
+def _file_rows(paths: tuple[str, ...], text_field: str, max_docs: int) -> Iterator[dict]:
+    """Rows of every file in order, the first `max_docs` documents (0 = all) in all."""
+    n = 0
+    for source, path in enumerate(paths):
+        rows = 0
+        for text, issue, bad in _texts(path, text_field):
+            if not issue:
+                if max_docs and n >= max_docs:
+                    return
+                n += 1
+            rows += 1
+            yield _row(text, text.encode(), bad, source, issue)
+        if rows == 0:
+            yield _row("", b"", source=source, issue=EMPTY)
+
+
+def _stat_fingerprint(paths: list[str]) -> list:
+    return [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
+
+
+def files_corpus(cfg: DataConfig) -> Corpus:
+    paths = resolve_paths(list(cfg.paths))
+    if not paths:
+        raise ConfigError("data.paths", "data=files needs at least one path, "
+                          "e.g. data.paths=[corpus.jsonl]")
+    return Corpus(
+        kind="files", label="files", unit="documents",
+        fingerprint={"files": _stat_fingerprint(paths), "text_field": cfg.text_field},
+        generate=_file_rows, inputs=tuple(paths), text_field=cfg.text_field,
+        gen_kwargs={"paths": tuple(paths), "text_field": cfg.text_field,
+                    "max_docs": cfg.max_docs})
+
+
+# -------------------------------------------------------------------------------------------- hf
+
+def _hf_rows(name: str, config: str, split: str, text_field: str,
+             max_docs: int) -> Iterator[dict]:
     import datasets
 
-    n = 0
-    for path in paths:
-        if path.endswith(TEXT_SUFFIXES):
-            with open(path, "rb") as f:
-                data = f.read()
-            text, bad = decode_utf8(data)
-            rows: Iterator[dict] = iter([_row(text, data, bad)])
-        else:
-            builder = "parquet" if path.endswith(PARQUET_SUFFIXES) else "json"
-            try:
-                stream = datasets.load_dataset(builder, data_files=[path], split="train",
-                                               streaming=True)
-            except Exception as e:
-                raise ConfigError("data.paths", f"cannot read {path}: {e}") from e
-            rows = (_row(t, t.encode()) for t in
-                    (_text_of(r, text_field, path) for r in _guarded(stream, "data.paths", path)))
-        for row in rows:
-            if max_docs and n >= max_docs:
-                return
-            n += 1
-            yield row
+    try:
+        stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
+    except Exception as e:
+        raise ConfigError("data.hf_name", f"cannot load {name!r} (config {config!r}, split "
+                          f"{split!r}): {type(e).__name__}: {e}; check the name and config, "
+                          "and that this machine can reach the Hub") from e
+    features = getattr(stream, "features", None)
+    if features is not None and text_field not in features:  # known without reading a row
+        raise ConfigError("data.text_field", f"dataset {name!r} has no field {text_field!r} "
+                          f"(fields: {', '.join(features)}); set data.text_field to the text "
+                          "column")
+    if max_docs > 0:
+        stream = stream.take(max_docs)
+    rows = ((f"dataset {name!r} row {i}", row, 0)
+            for i, row in enumerate(_guarded(stream, "data.hf_name", repr(name))))
+    empty = True
+    for text, issue, _ in require_field(rows, text_field, f"dataset {name!r}"):
+        empty = False
+        yield _row(text, text.encode(), issue=issue)
+    if empty:
+        yield _row("", b"", issue=EMPTY)
 
 
 def _guarded(stream, key: str, what: str) -> Iterator[dict]:
@@ -160,41 +181,6 @@ def _guarded(stream, key: str, what: str) -> Iterator[dict]:
         yield row
 
 
-def _stat_fingerprint(paths: list[str]) -> list:
-    return [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
-
-
-def files_corpus(cfg: DataConfig) -> Corpus:
-    paths = resolve_paths(list(cfg.paths))
-    if not paths:
-        raise ConfigError("data.paths", "data=files needs at least one path, "
-                          "e.g. data.paths=[corpus.jsonl]")
-    return Corpus(
-        kind="files", label="files", unit="documents",
-        fingerprint={"files": _stat_fingerprint(paths), "text_field": cfg.text_field},
-        generate=_file_rows,
-        gen_kwargs={"paths": paths, "text_field": cfg.text_field, "max_docs": cfg.max_docs})
-
-
-# -------------------------------------------------------------------------------------------- hf
-
-def _hf_rows(name: str, config: str, split: str, text_field: str,
-             max_docs: int) -> Iterator[dict]:
-    import datasets
-
-    try:
-        stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
-    except Exception as e:
-        raise ConfigError("data.hf_name", f"cannot load {name!r} (config {config!r}, split "
-                          f"{split!r}): {type(e).__name__}: {e}; check the name and config, "
-                          "and that this machine can reach the Hub") from e
-    if max_docs > 0:
-        stream = stream.take(max_docs)
-    for row in _guarded(stream, "data.hf_name", repr(name)):
-        text = _text_of(row, text_field, f"dataset {name!r}")
-        yield _row(text, text.encode())
-
-
 def hf_corpus(cfg: DataConfig) -> Corpus:
     if not cfg.hf_name:
         raise ConfigError("data.hf_name",
@@ -207,7 +193,8 @@ def hf_corpus(cfg: DataConfig) -> Corpus:
         fingerprint["files"] = _stat_fingerprint([p for p in local if os.path.isfile(p)])
     return Corpus(
         kind="hf", label=f"hf:{cfg.hf_name}", unit="documents", fingerprint=fingerprint,
-        generate=_hf_rows, blame="data.hf_name",
+        generate=_hf_rows, blame="data.hf_name", inputs=(f"dataset {cfg.hf_name!r}",),
+        text_field=cfg.text_field,
         gen_kwargs={"name": name, "config": cfg.hf_config, "split": cfg.hf_split,
                     "text_field": cfg.text_field, "max_docs": cfg.max_docs})
 

@@ -147,6 +147,8 @@ def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_voca
     path, meta, built = open_or_build(root, f"{corpus.kind}-{key}", build, log=log,
                                       is_main=is_main)
     log(f"data: built {path} in {meta['build_seconds']}s" if built else f"data: cached {path}")
+    for note in meta["warnings"]:  # inputs skipped in part, e.g. rows without the text field
+        log(f"warning: data: {note}")
     streams, tokens = {}, {}
     for split in SPLITS:
         if split == "val" and cfg.val_fraction == 0:
