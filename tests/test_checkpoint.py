@@ -194,7 +194,7 @@ def test_failed_async_save_is_raised_and_never_marked_latest(tmp_path, monkeypat
     m.save(1, model, opt, {"step": 1})
     m.wait()
 
-    def disk_full(path):
+    def disk_full(path, *hashed):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint_files, "write_manifest", disk_full)
