@@ -12,8 +12,10 @@ Crash safety (a `kill -9` at any instant leaves a resumable run):
   (`os.replace`). A step directory therefore always holds every file its manifest lists, and
   `latest` always names a committed one (or is a step behind, when the kill fell between the
   rename and the pointer: resume then follows `latest`, per DESIGN §2, and redoes those steps).
-- Resuming from step N removes this run dir's checkpoints newer than N, as metrics.jsonl drops
-  its rows after N, so a later fallback can never land beyond the logged curve.
+- Nothing here deletes a checkpoint on its own. Resuming from step N moves this run dir's
+  checkpoints newer than N to `checkpoints/abandoned/` (as metrics.jsonl drops its rows after
+  N, so a later fallback can never land beyond the logged curve); `checkpoint.keep` removes only
+  older complete checkpoints of the current line (`CheckpointDir.prune`).
 - Async (`checkpoint.async_save`): `dcp.async_save` copies ("stages") the state to CPU memory,
   training goes on, and a background thread writes the files on the checkpoint's own gloo group
   (never the training group: two threads issuing collectives on one group can interleave
@@ -22,11 +24,16 @@ Crash safety (a `kill -9` at any instant leaves a resumable run):
   save, and the end of training (`close`), wait for it; a failed background save is logged at
   once and raised on every rank at that wait — it is never marked `latest`. A single process
   needs no process group (DCP saves with `no_dist`).
+- Hashing on save: each rank hashes the shard files it wrote itself (known from DCP's write
+  results, `checkpoint_state.RecordingWriter`), all ranks at once; rank 0 gathers the entries
+  and adds `.metadata` and `meta.json` — it never reads every shard alone.
 - Verification on resume: sizes of every file of each candidate (one stat each: free), then the
   hashes of the checkpoint actually being loaded — loading reads those bytes anyway, so verifying
   costs about one extra read, and older checkpoints are only hashed if we fall back to them. With
   several ranks each rank hashes a share of the files and the verdict is gathered, so every rank
-  picks the same checkpoint.
+  picks the same checkpoint. Only verified corruption (manifest, missing file, size, hash) leads
+  to a fallback; any other error verifying or loading stops the run (CheckpointReadError, exit
+  1), since a checkpoint that merely failed to load may be perfectly good.
 - The state is layout-independent (FQN-keyed model/optimizer state from DCP's state_dict helpers,
   data position = global step), so DCP can reshard it across parallel layouts; `meta.json`
   records the model shape so an incompatible checkpoint is refused before any tensor is read.
@@ -51,7 +58,8 @@ from torch.distributed.checkpoint.state_dict import set_state_dict
 from . import checkpoint_files as files
 from .checkpoint_files import CheckpointReadError  # noqa: F401 (re-exported)
 from .checkpoint_files import TMP_PREFIX, is_complete, step_dirname  # noqa: F401 (re-exported)
-from .checkpoint_state import RecordingWriter, state_to_load, state_to_save
+from .checkpoint_state import (RecordingWriter, brief, load_failure, state_to_load,
+                               state_to_save)
 from .config import CheckpointConfig, DebugConfig, ModelConfig
 from .errors import ConfigError
 
@@ -147,7 +155,7 @@ class CheckpointManager:
             self._finish(step, tmp, final, writer)
         except BaseException as exc:
             self.log(f"error: background save of checkpoint step {step} failed "
-                     f"({_brief(exc)}); `latest` still names the previous checkpoint")
+                     f"({brief(exc)}); `latest` still names the previous checkpoint")
             raise
         if self.is_main:
             self.log(f"saved checkpoint {final}")
@@ -220,7 +228,7 @@ class CheckpointManager:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._pg())
             failed = bool(flag.item())
         if failed:
-            why = _brief(error) if error is not None else "it failed on another rank"
+            why = brief(error) if error is not None else "it failed on another rank"
             raise CheckpointSaveError(f"checkpoint step {step} was not saved ({why}); `latest` "
                                       "still names the previous checkpoint") from error
 
@@ -298,7 +306,7 @@ class CheckpointManager:
         try:
             return self.load(path, model, optimizer, trainer_state)
         except LOAD_ERRORS as exc:
-            raise CheckpointReadError(path, f"loading it failed: {_cause(exc)}") from exc
+            raise CheckpointReadError(path, f"loading it failed: {load_failure(exc)}") from exc
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 trainer_state: dict) -> tuple[dict | None, str | None]:
@@ -350,19 +358,3 @@ class CheckpointManager:
             raise ConfigError("checkpoint.resume", f"{path} is corrupt: "
                               f"{files.summary(problems)}; pick another step directory")
         return self._load_verified(path, model, optimizer, trainer_state)
-
-
-def _cause(exc: BaseException) -> str:
-    """One line for a load failure: DCP wraps each rank's exception in a CheckpointException
-    whose own text is a traceback dump; name the first failing rank's exception instead."""
-    failures = getattr(exc, "failures", None) if isinstance(exc, CheckpointException) else None
-    if failures:
-        rank, wrapped = next(iter(sorted(failures.items(), key=lambda kv: kv[0])))
-        inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
-        return f"rank {rank}: {_brief(inner)}"
-    return _brief(exc)
-
-
-def _brief(exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {first[0][:200]}" if first else type(exc).__name__

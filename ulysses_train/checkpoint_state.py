@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 OPTIM_STATE_PREFIX = "optim.state."  # DCP keys of the optimizer's per-parameter state
@@ -98,3 +99,20 @@ class RecordingWriter(dcp.FileSystemWriter):
             return results
 
         return super().write_data(plan, planner).then(record)
+
+
+def load_failure(exc: BaseException) -> str:
+    """One line for a load failure: DCP wraps each rank's exception in a CheckpointException
+    whose own text is a traceback dump; name the first failing rank's exception instead."""
+    failures = getattr(exc, "failures", None) if isinstance(exc, CheckpointException) else None
+    if failures:
+        rank, wrapped = next(iter(sorted(failures.items(), key=lambda kv: kv[0])))
+        inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        return f"rank {rank}: {brief(inner)}"
+    return brief(exc)
+
+
+def brief(exc: BaseException) -> str:
+    """`Type: first line of the message` (at most 200 characters)."""
+    first = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {first[0][:200]}" if first else type(exc).__name__
