@@ -180,7 +180,8 @@ def test_keep_leaves_this_dirs_own_steps_when_resumed_from_elsewhere(tmp_path):
 
 
 def _hashing_rank(rank, world, root):
-    """Save at zero=3 on 2 ranks; record which files each rank hashed, then verify a resume."""
+    """Save at zero=3 on 2 ranks, sync then async (the hashing then runs in the background
+    thread, on the checkpoint's gloo group); record which files each rank hashed; verify."""
     cfg = small_config(parallel={"zero": 3})
     dims = ParallelDims.from_config(cfg.parallel, world, rank)
     dims.build_mesh()
@@ -197,14 +198,22 @@ def _hashing_rank(rank, world, root):
     m.save(1, model, opt, {"step": 1})
     on_save, hashed[:] = sorted(hashed), []
     problems = m.verify(os.path.join(root, "checkpoints", "step_00000001"))
-    return on_save, sorted(hashed), problems
+    on_verify, hashed[:] = sorted(hashed), []
+    background = CheckpointManager(root, CheckpointConfig(async_save=True), cfg.model,
+                                   is_main=dims.is_main, distributed=True)
+    background.save(2, model, opt, {"step": 2})
+    background.wait()
+    background.close()
+    on_async_save = sorted(hashed)
+    problems += m.verify(os.path.join(root, "checkpoints", "step_00000002"))
+    return on_save, on_verify, problems, on_async_save
 
 
 def test_each_rank_hashes_the_files_it_wrote(tmp_path):
     results = run_distributed(_hashing_rank, 2, str(tmp_path), timeout=120)
-    (save0, verify0, problems0), (save1, verify1, problems1) = results
-    assert save0 == [".metadata", "__0_0.distcp", "meta.json"]  # its shard + what it wrote alone
-    assert save1 == ["__1_0.distcp"]
+    (save0, verify0, problems0, async0), (save1, verify1, problems1, async1) = results
+    assert save0 == async0 == [".metadata", "__0_0.distcp", "meta.json"]  # + what it alone wrote
+    assert save1 == async1 == ["__1_0.distcp"]
     manifest = checkpoint_files.read_manifest(str(tmp_path / "checkpoints" / "step_00000001"))[0]
     assert sorted(manifest["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp",
                                          "meta.json"]
