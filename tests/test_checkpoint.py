@@ -194,7 +194,7 @@ def test_failed_async_save_is_raised_and_never_marked_latest(tmp_path, monkeypat
     m.save(1, model, opt, {"step": 1})
     m.wait()
 
-    def disk_full(path):
+    def disk_full(path, *hashed):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint_files, "write_manifest", disk_full)
@@ -210,7 +210,8 @@ def test_failed_async_save_is_raised_and_never_marked_latest(tmp_path, monkeypat
 
 def test_resume_abandons_checkpoints_newer_than_the_resumed_step(tmp_path):
     """A kill between a commit and the `latest` update leaves a newer step dir: resume follows
-    `latest` and removes it, as metrics.jsonl drops its rows after the resumed step."""
+    `latest` and moves it aside (never deletes it), as metrics.jsonl drops its rows after the
+    resumed step."""
     cfg, model, opt = make()
     m = manager(tmp_path, cfg)
     for step in (1, 2, 3):
@@ -222,6 +223,9 @@ def test_resume_abandons_checkpoints_newer_than_the_resumed_step(tmp_path):
     assert sum("newer than the step resumed from (1)" in s for s in said) == 2
     assert m.ckdir.complete_steps() == ["step_00000001"]
     assert m.ckdir.latest_name() == "step_00000001"
+    abandoned = tmp_path / "checkpoints" / "abandoned"
+    assert sorted(os.listdir(abandoned)) == ["step_00000002", "step_00000003"]
+    assert all(is_complete(str(abandoned / n)) for n in os.listdir(abandoned))
 
 
 def test_sha256_without_xxhash_and_sizes_only_where_the_hash_is_unknown(tmp_path, monkeypatch):

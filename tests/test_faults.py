@@ -165,8 +165,8 @@ def test_sync_kills_mid_save_before_latest_and_mid_step(tmp_path, cache, referen
     p = start(run_dir, cache)
     wait_until(p, lambda: f"step 5/{STEPS} |" in output(p))
     sigkill(p)
-    assert f"removing checkpoint {ck / 'step_00000006'}: newer than the step resumed from (4)" \
-        in output(p)
+    assert f"moved checkpoint {ck / 'step_00000006'} aside to {ck / 'abandoned' / 'step_00000006'}" \
+           f": newer than the step resumed from (4)" in output(p)
     assert_on_reference(run_dir, reference, p, resumed_from="step_00000004")
 
     # 4. Corrupt the checkpoint `latest` names (one flipped byte): auto warns, names the file,

@@ -12,8 +12,10 @@ Crash safety (a `kill -9` at any instant leaves a resumable run):
   (`os.replace`). A step directory therefore always holds every file its manifest lists, and
   `latest` always names a committed one (or is a step behind, when the kill fell between the
   rename and the pointer: resume then follows `latest`, per DESIGN §2, and redoes those steps).
-- Resuming from step N removes this run dir's checkpoints newer than N, as metrics.jsonl drops
-  its rows after N, so a later fallback can never land beyond the logged curve.
+- Nothing here deletes a checkpoint on its own. Resuming from step N moves this run dir's
+  checkpoints newer than N to `checkpoints/abandoned/` (as metrics.jsonl drops its rows after
+  N, so a later fallback can never land beyond the logged curve); `checkpoint.keep` removes only
+  older complete checkpoints of the current line (`CheckpointDir.prune`).
 - Async (`checkpoint.async_save`): `dcp.async_save` copies ("stages") the state to CPU memory,
   training goes on, and a background thread writes the files on the checkpoint's own gloo group
   (never the training group: two threads issuing collectives on one group can interleave
@@ -22,11 +24,16 @@ Crash safety (a `kill -9` at any instant leaves a resumable run):
   save, and the end of training (`close`), wait for it; a failed background save is logged at
   once and raised on every rank at that wait — it is never marked `latest`. A single process
   needs no process group (DCP saves with `no_dist`).
+- Hashing on save: each rank hashes the shard files it wrote itself (known from DCP's write
+  results, `checkpoint_state.RecordingWriter`), all ranks at once; rank 0 gathers the entries
+  and adds `.metadata` and `meta.json` — it never reads every shard alone.
 - Verification on resume: sizes of every file of each candidate (one stat each: free), then the
   hashes of the checkpoint actually being loaded — loading reads those bytes anyway, so verifying
   costs about one extra read, and older checkpoints are only hashed if we fall back to them. With
   several ranks each rank hashes a share of the files and the verdict is gathered, so every rank
-  picks the same checkpoint.
+  picks the same checkpoint. Only verified corruption (manifest, missing file, size, hash) leads
+  to a fallback; any other error verifying or loading stops the run (CheckpointReadError, exit
+  1), since a checkpoint that merely failed to load may be perfectly good.
 - The state is layout-independent (FQN-keyed model/optimizer state from DCP's state_dict helpers,
   data position = global step), so DCP can reshard it across parallel layouts; `meta.json`
   records the model shape so an incompatible checkpoint is refused before any tensor is read.
@@ -46,10 +53,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import set_state_dict
 
 from . import checkpoint_files as files
+from .checkpoint_files import CheckpointReadError  # noqa: F401 (re-exported)
 from .checkpoint_files import TMP_PREFIX, is_complete, step_dirname  # noqa: F401 (re-exported)
+from .checkpoint_state import (RecordingWriter, brief, load_failure, state_to_load,
+                               state_to_save)
 from .config import CheckpointConfig, DebugConfig, ModelConfig
 from .errors import ConfigError
 from .run_identity import check_resume
@@ -123,53 +133,81 @@ class CheckpointManager:
             os.makedirs(self.dir, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()  # nobody writes into tmp before it is fresh
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "trainer": trainer_state}
+        state = state_to_save(model, optimizer, trainer_state)
+        writer = RecordingWriter(tmp)  # learns which shard files this rank writes
         if not self.cfg.async_save:
             # Collective: returns once every rank's files (and rank 0's `.metadata`) are written.
-            dcp.save(state, checkpoint_id=tmp, no_dist=not self.distributed)
-            self._finish(step, tmp, final)
+            dcp.save(state, checkpoint_id=tmp, storage_writer=writer,
+                     no_dist=not self.distributed)
+            self._finish(step, tmp, final, writer)
             self._barrier()  # nobody goes on (and maybe saves again) before the commit
             self.log(f"saved checkpoint {final}")
             return final
-        future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._pg(),
+        future = dcp.async_save(state, checkpoint_id=tmp, storage_writer=writer,
+                                process_group=self._pg(),
                                 no_dist=not self.distributed)  # returns once staged (copied)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-        self._pending = (step, self._executor.submit(self._finish_async, step, future, tmp, final))
+        self._pending = (step, self._executor.submit(self._finish_async, step, future, tmp, final,
+                                                     writer))
         self.log(f"saving checkpoint {final} in the background")
         return final
 
-    def _finish_async(self, step: int, future: Future, tmp: str, final: str) -> None:
+    def _finish_async(self, step: int, future: Future, tmp: str, final: str,
+                      writer: RecordingWriter) -> None:
         try:
             future.result()  # DCP's write on every rank (rank 0 wrote `.metadata` last)
-            self._finish(step, tmp, final)
+            self._finish(step, tmp, final, writer)
         except BaseException as exc:
             self.log(f"error: background save of checkpoint step {step} failed "
-                     f"({_brief(exc)}); `latest` still names the previous checkpoint")
+                     f"({brief(exc)}); `latest` still names the previous checkpoint")
             raise
         if self.is_main:
             self.log(f"saved checkpoint {final}")
 
-    def _finish(self, step: int, tmp: str, final: str) -> None:
+    def _finish(self, step: int, tmp: str, final: str, writer: RecordingWriter) -> None:
         self._debug_point(step, "commit")
+        hashed, algorithm = self._hash_own_files(tmp, writer.written)  # collective
         if self.is_main:
-            self._commit(step, tmp, final)
+            self._commit(step, tmp, final, hashed, algorithm)
 
-    def _commit(self, step: int, tmp: str, final: str) -> None:
+    def _hash_own_files(self, tmp: str, written: list[str]) -> tuple[dict, str]:
+        """Every rank hashes the shard files it wrote, all at once; rank 0 gathers the entries
+        (on the checkpoint's gloo group) and returns them with their algorithm ({} elsewhere).
+        A rank's read error fails the save on that rank and on rank 0, which never commits."""
+        algorithm = files.default_algorithm()
+        try:
+            mine = (algorithm, files.hash_files(tmp, written, algorithm), None)
+        except OSError as exc:
+            mine = (algorithm, {}, f"{exc.filename}: {exc.strerror or exc}")
+        every = [mine]
+        if self.distributed:
+            every = [None] * dist.get_world_size() if self.is_main else None
+            dist.gather_object(mine, every, dst=0, group=self._pg())  # -> rank 0: one per rank
+        rank = dist.get_rank() if self.distributed else 0
+        errors = [f"rank {r}: {e[2]}" for r, e in (enumerate(every) if every else [(rank, mine)])
+                  if e[2]]
+        if errors:
+            raise OSError(f"hashing the checkpoint's files failed ({errors[0]})")
+        # A rank hashing with another algorithm (it lacks xxhash) leaves its files to rank 0.
+        hashed = {n: v for alg, entries, _ in (every or []) if alg == algorithm
+                  for n, v in entries.items()}
+        return hashed, algorithm
+
+    def _commit(self, step: int, tmp: str, final: str, hashed: dict, algorithm: str) -> None:
         meta = {"step": step, "model": dataclasses.asdict(self.model_cfg),
                 "torch": torch.__version__}
         if self.identity is not None:
             meta["identity"] = self.identity
         files.write_durably(os.path.join(tmp, files.META), json.dumps(meta, indent=1))
-        files.write_manifest(tmp)  # last file in: it covers all the others
-        if os.path.exists(final):  # re-saving a step (after a resume from an older one)
-            shutil.rmtree(final)
+        files.write_manifest(tmp, hashed, algorithm)  # last file in: it covers all the others
+        if os.path.exists(final):  # cannot happen after `abandon_after`; never delete it anyway
+            self.ckdir.move_aside(step_dirname(step), "another save of the same step committed")
         os.rename(tmp, final)  # the commit
         files.fsync_dir(self.dir)
         self._debug_point(step, "latest")
         self.ckdir.point_latest(step_dirname(step))
-        self.ckdir.prune(self.cfg.keep, keep_name=step_dirname(step))
+        self.ckdir.prune(self.cfg.keep, step_dirname(step))
 
     def _debug_point(self, step: int, point: str) -> None:
         """Fault injection (debug.*): die or pause here so a test can kill the process."""
@@ -197,7 +235,7 @@ class CheckpointManager:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._pg())
             failed = bool(flag.item())
         if failed:
-            why = _brief(error) if error is not None else "it failed on another rank"
+            why = brief(error) if error is not None else "it failed on another rank"
             raise CheckpointSaveError(f"checkpoint step {step} was not saved ({why}); `latest` "
                                       "still names the previous checkpoint") from error
 
@@ -219,9 +257,27 @@ class CheckpointManager:
             check_resume(files.read_meta(path), self.identity, path, self.cfg.resume, self.log)
 
     def verify(self, path: str) -> list[str]:
-        """Problems ('PATH: what') that make `path` unusable; empty when verified. ConfigError
-        if it holds another model shape. Cheap first: every size and the tiny meta.json's hash,
-        then the shape, and only then the hashes of the tensor files (split over ranks)."""
+        """Problems ('PATH: what') that make `path` unusable — verified corruption: a missing
+        or unreadable manifest, a missing file, a size or hash that differs from it; empty when
+        verified. ConfigError if it holds another model shape; CheckpointReadError for any other
+        read error (I/O, ...) on any rank. A collective: every rank gets the same verdict."""
+        try:
+            mine = (self._verify_share(path), None)
+        except CheckpointReadError as exc:
+            mine = ([], exc.why)
+        every = [mine]
+        if self.distributed:
+            every = [None] * dist.get_world_size(self._pg())
+            dist.all_gather_object(every, mine, group=self._pg())
+        errors = [f"rank {r}: {why}" if self.distributed else why
+                  for r, (_, why) in enumerate(every) if why]
+        if errors:
+            raise CheckpointReadError(path, errors[0])
+        return list(dict.fromkeys(p for problems, _ in every for p in problems))  # dedup
+
+    def _verify_share(self, path: str) -> list[str]:
+        """This rank's part of `verify`. Cheap first (every rank): every size and the tiny
+        meta.json's hash, then the shape; then this rank's share of the other files' hashes."""
         manifest, problem = files.read_manifest(path)
         if manifest is None:
             return [problem]
@@ -238,34 +294,39 @@ class CheckpointManager:
         if not hashing:
             return []
         names = sorted(n for n in manifest["files"] if n != files.META)
-        if not self.distributed:
-            return files.check_hashes(path, manifest, names)
-        group = self._pg()
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        every: list = [None] * world
-        dist.all_gather_object(every, files.check_hashes(path, manifest, names[rank::world]),
-                               group=group)
-        return [p for part in every for p in part]
+        rank, world = ((dist.get_rank(self._pg()), dist.get_world_size(self._pg()))
+                       if self.distributed else (0, 1))
+        return files.check_hashes(path, manifest, names[rank::world])
 
     # ---- loading ------------------------------------------------------------------------
     def load(self, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              trainer_state: dict) -> dict:
         """Load `path` into model/optimizer; return the saved trainer state (same keys)."""
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "trainer": dict(trainer_state)}
-        dcp.load(state, checkpoint_id=path, no_dist=not self.distributed)
+        request, state = state_to_load(path, model, optimizer, trainer_state)
+        dcp.load(request, checkpoint_id=path, no_dist=not self.distributed)
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
-        return state["trainer"]
+        return request["trainer"]
+
+    def _load_verified(self, path: str, model, optimizer, trainer_state: dict) -> dict:
+        """`load` a verified checkpoint. Its files match the manifest, so a failure here (I/O
+        error, out of memory, a bug) is no evidence of corruption: CheckpointReadError, which
+        stops the run (exit 1) — falling back would abandon a checkpoint that may be good."""
+        try:
+            return self.load(path, model, optimizer, trainer_state)
+        except LOAD_ERRORS as exc:
+            raise CheckpointReadError(path, f"loading it failed: {load_failure(exc)}") from exc
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 trainer_state: dict) -> tuple[dict | None, str | None]:
         """Apply `checkpoint.resume`; return (saved trainer state, path) or (None, None).
 
-        auto: `latest`, falling back (with a warning naming the bad file) to older verified
-        checkpoints; an error if checkpoints exist but none loads — never silently train over
-        them. never: start fresh, refusing a run dir that already holds checkpoints. PATH:
-        exactly that one, verified, or an error. Another model shape is always an error.
+        auto: `latest`, falling back (with a warning naming the bad file) to older checkpoints
+        only past verified corruption; an error if checkpoints exist but none is intact — never
+        silently train over them. never: start fresh, refusing a run dir that already holds
+        checkpoints. PATH: exactly that one, verified, or an error. Another model shape is
+        always an error; so is any other failure to read (CheckpointReadError, exit 1). Newer
+        checkpoints than the one resumed from are moved aside, never deleted.
         """
         if self.is_main:
             self.ckdir.clean_partial()
@@ -293,11 +354,7 @@ class CheckpointManager:
                 self.log(f"warning: checkpoint {path} is corrupt ({files.summary(problems)}); "
                          "trying the next newest")
                 continue
-            try:
-                return self.load(path, model, optimizer, trainer_state), path
-            except LOAD_ERRORS as exc:  # e.g. written by another torch, unreadable
-                self.log(f"warning: checkpoint {path} could not be loaded ({_brief(exc)}); "
-                         "trying the next newest")
+            return self._load_verified(path, model, optimizer, trainer_state), path
         if self.ckdir.has_any():
             raise ConfigError("checkpoint.resume", f"{self.dir} holds checkpoints but none is "
                               f"loadable (tried {len(candidates)}); repair or move them, or give "
@@ -310,13 +367,4 @@ class CheckpointManager:
         if problems:
             raise ConfigError("checkpoint.resume", f"{path} is corrupt: "
                               f"{files.summary(problems)}; pick another step directory")
-        try:
-            return self.load(path, model, optimizer, trainer_state)
-        except LOAD_ERRORS as exc:
-            raise ConfigError("checkpoint.resume", f"{path} could not be loaded ({_brief(exc)}); "
-                              "it is corrupt — pick another step directory") from exc
-
-
-def _brief(exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {first[0][:200]}" if first else type(exc).__name__
+        return self._load_verified(path, model, optimizer, trainer_state)

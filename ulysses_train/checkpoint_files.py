@@ -18,6 +18,7 @@ partial, another model shape) from `meta.json` before any heavy work.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from .errors import ConfigError
 
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
+ABANDONED = "abandoned"  # newer steps a resume from an older one moved aside (never deleted)
 MANIFEST = "manifest.json"
 META = "meta.json"
 DCP_METADATA = ".metadata"
@@ -83,17 +85,55 @@ def _hash_many(path: str, names: list[str], algorithm: str) -> list[str]:
         return list(pool.map(lambda n: hash_file(os.path.join(path, n), algorithm), names))
 
 
-def write_manifest(path: str) -> dict:
-    """Hash every file under `path` into `path/manifest.json` (durably); return the manifest."""
+def hash_files(path: str, names: Iterable[str], algorithm: str) -> dict[str, dict]:
+    """Manifest entries {name: {"size": bytes, "hash": hex}} of files `names` under `path`.
+
+    Each rank calls this for the files it wrote itself, all ranks at once, so a save's hashing
+    costs one rank's share of the bytes rather than the whole checkpoint read by rank 0."""
+    names = sorted(names)
+    hashes = _hash_many(path, names, algorithm)
+    return {n: {"size": os.path.getsize(os.path.join(path, n)), "hash": h}
+            for n, h in zip(names, hashes)}
+
+
+def write_manifest(path: str, hashed: dict[str, dict] | None = None,
+                   algorithm: str | None = None) -> dict:
+    """Write `path/manifest.json` (durably) covering every file under `path`; return it.
+
+    `hashed`: entries the ranks already computed (`hash_files`, with `algorithm`) for the files
+    they wrote; the rest (DCP's `.metadata`, `meta.json`, anything unexpected) is hashed here."""
+    algorithm = algorithm or default_algorithm()
     names = sorted(os.path.relpath(os.path.join(root, f), path)
                    for root, _, files in os.walk(path) for f in files if f != MANIFEST)
-    algorithm = default_algorithm()
-    hashes = _hash_many(path, names, algorithm)
-    manifest = {"version": 1, "algorithm": algorithm, "files": {
-        n: {"size": os.path.getsize(os.path.join(path, n)), "hash": h}
-        for n, h in zip(names, hashes)}}
+    hashed = {n: e for n, e in (hashed or {}).items() if n in names}
+    entries = {**hashed, **hash_files(path, [n for n in names if n not in hashed], algorithm)}
+    manifest = {"version": 1, "algorithm": algorithm,
+                "files": {n: entries[n] for n in names}}
     write_durably(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1))
     return manifest
+
+
+class CheckpointReadError(ConfigError):
+    """A checkpoint could not be read for a reason other than verified corruption (an I/O
+    error, no memory, a bug): the run stops with exit code 1 and one line, touching nothing on
+    disk — falling back would abandon a checkpoint that may be perfectly good."""
+
+    exit_code = 1
+
+    def __init__(self, path: str, why: str):
+        self.why = why
+        super().__init__("checkpoint.resume", f"{path} could not be read ({why}); nothing shows "
+                         "it is corrupt, so not falling back to an older one: fix the cause and "
+                         "rerun (every checkpoint is kept)")
+
+
+def _problem_or_raise(path: str, exc: OSError) -> str:
+    """A missing file is corruption ('PATH: missing'); any other OSError (EIO, EACCES...) is not
+    evidence of it and stops the run (CheckpointReadError)."""
+    where = exc.filename or path
+    if exc.errno == errno.ENOENT:
+        return f"{where}: missing"
+    raise CheckpointReadError(path, f"{where}: {exc.strerror or exc}") from exc
 
 
 def read_manifest(path: str) -> tuple[dict | None, str | None]:
@@ -104,8 +144,10 @@ def read_manifest(path: str) -> tuple[dict | None, str | None]:
             manifest = json.load(f)
         manifest["files"].items()
         return manifest, None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        return None, f"{where}: missing or unreadable ({type(exc).__name__})"
+    except OSError as exc:
+        return None, _problem_or_raise(path, exc)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # torn or not ours
+        return None, f"{where}: unreadable ({type(exc).__name__})"
 
 
 def check_sizes(path: str, manifest: dict) -> list[str]:
@@ -115,8 +157,8 @@ def check_sizes(path: str, manifest: dict) -> list[str]:
         where = os.path.join(path, name)
         try:
             size = os.path.getsize(where)
-        except OSError:
-            problems.append(f"{where}: missing")
+        except OSError as exc:
+            problems.append(_problem_or_raise(path, exc))
             continue
         if size != entry["size"]:
             problems.append(f"{where}: {size} bytes, the manifest says {entry['size']}")
@@ -124,12 +166,13 @@ def check_sizes(path: str, manifest: dict) -> list[str]:
 
 
 def check_hashes(path: str, manifest: dict, names: Iterable[str]) -> list[str]:
-    """Content-hash mismatches among `names` (files the manifest lists), as 'PATH: what'."""
+    """Content-hash mismatches among `names` (files the manifest lists), as 'PATH: what'.
+    CheckpointReadError for a read error other than a missing file."""
     names = [n for n in names if n in manifest["files"]]
     try:
         hashes = _hash_many(path, names, manifest["algorithm"])
     except OSError as exc:
-        return [f"{getattr(exc, 'filename', path)}: unreadable ({exc.strerror})"]
+        return [_problem_or_raise(path, exc)]
     return [f"{os.path.join(path, n)}: content differs from the manifest's hash (corrupt)"
             for n, h in zip(names, hashes) if h != manifest["files"][n]["hash"]]
 
@@ -194,6 +237,8 @@ class CheckpointDir:
     def __init__(self, path: str, log: Callable[[str], None]):
         self.path = path
         self.log = log
+        self.protected: str | None = None  # the step dir resumed from: retention keeps it
+        self.line_start = 0  # the oldest step of the current line (set by `abandon_after`)
 
     def complete_steps(self) -> list[str]:
         """Names of complete step directories, oldest first."""
@@ -248,26 +293,57 @@ class CheckpointDir:
             elif name == "latest.tmp":  # a crash while replacing `latest`
                 os.remove(where)
 
-    def prune(self, keep: int, keep_name: str) -> None:
-        """Keep the newest `keep` complete checkpoints, `keep_name` among them."""
-        old = [n for n in self.complete_steps() if n != keep_name]
-        for name in old[: max(0, len(old) - (keep - 1))]:
-            shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
+    def prune(self, keep: int, saved: str) -> None:
+        """Retention (`checkpoint.keep`), after committing `saved`: of the complete checkpoints
+        of the current line (this dir's steps from `line_start` up to `saved`), remove all but
+        the newest `keep` — never `protected` (the one resumed from), never one newer than
+        `saved`, never an abandoned one (they live in `abandoned/`, outside this listing)."""
+        newest = _step_of(saved)
+        line = [n for n in self.complete_steps()
+                if self.line_start <= _step_of(n) <= newest]
+        for name in line[: max(0, len(line) - keep)]:
+            if name != self.protected:
+                self.log(f"removing checkpoint {os.path.join(self.path, name)} "
+                         f"(checkpoint.keep={keep})")
+                shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
+
+    def move_aside(self, name: str, why: str) -> str:
+        """Move step directory `name` to `abandoned/` (a numbered suffix if that name is taken
+        there, e.g. `step_00000006.1`), log where and why; return the new path. Never deletes."""
+        target_dir = os.path.join(self.path, ABANDONED)
+        os.makedirs(target_dir, exist_ok=True)
+        target, n = os.path.join(target_dir, name), 0
+        while os.path.exists(target):
+            n += 1
+            target = os.path.join(target_dir, f"{name}.{n}")
+        os.rename(os.path.join(self.path, name), target)
+        fsync_dir(self.path)
+        self.log(f"moved checkpoint {os.path.join(self.path, name)} aside to {target}: {why}")
+        return target
 
     def abandon_after(self, path: str) -> None:
-        """Resuming from `path` (step N) abandons what this run dir saved after N, just as
-        metrics.jsonl drops its rows after N: remove those checkpoints (a commit that a kill kept
-        from becoming `latest`, or ones we fell back past) and point `latest` at `path` — else a
-        later fallback could land on a state whose metrics rows were dropped."""
+        """Resuming from `path` (step N) starts a new line after N, just as metrics.jsonl drops
+        its rows after N: move this dir's newer checkpoints (a commit that a kill kept from
+        becoming `latest`, ones we fell back past, or the steps after an explicitly chosen older
+        one) to `abandoned/`, and point `latest` at `path` — else a later fallback could land on
+        a state whose metrics rows were dropped. Sets what `prune` may remove: never `path`;
+        when `path` lies outside this dir, only what this line saves after N."""
         step = read_meta(path)["step"]
         names = os.listdir(self.path) if os.path.isdir(self.path) else []
-        for name in sorted(n for n in names if n.startswith(STEP_PREFIX)):
-            if name[len(STEP_PREFIX):].isdigit() and int(name[len(STEP_PREFIX):]) > step:
-                self.log(f"removing checkpoint {os.path.join(self.path, name)}: newer than the "
-                         f"step resumed from ({step}), so no longer on this run's curve")
-                shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
-        if os.path.dirname(os.path.realpath(path)) == os.path.realpath(self.path):
+        for name in sorted(n for n in names if _step_of(n) > step):
+            self.move_aside(name, f"newer than the step resumed from ({step}), so no longer on "
+                            "this run's curve; move it back to resume from it")
+        inside = os.path.dirname(os.path.realpath(path)) == os.path.realpath(self.path)
+        self.protected = os.path.basename(path) if inside else None
+        self.line_start = 0 if inside else step + 1
+        if inside:
             if self.latest_name() != os.path.basename(path):
                 self.point_latest(os.path.basename(path))
         elif self.latest_name() not in self.complete_steps():  # resumed from elsewhere
             self.point_latest((self.complete_steps() or [None])[-1])
+
+
+def _step_of(name: str) -> int:
+    """The step of a step directory's name; -1 for any other name."""
+    digits = name[len(STEP_PREFIX):]
+    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else -1
