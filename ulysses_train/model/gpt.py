@@ -30,6 +30,7 @@ from torch import nn
 from ..config import ModelConfig, padded_vocab
 from .attention import sdpa_attention
 from .init import _is_dtensor, init_param_
+from .precision import compute_dtype
 from .rope import apply_rotary, rope_cos_sin, rope_frequencies
 from .tiling import tiled_head_loss, tiled_mlp
 
@@ -38,7 +39,13 @@ IGNORE_INDEX = -100
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32, returned in x's dtype."""
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim of x (..., d).
+
+    Statistics and the product in fp32, the result in the compute dtype (`precision.py`: the
+    autocast dtype, else x's dtype). The weight is first rounded to the compute dtype: that is
+    the value FSDP2's bf16 parameter copy holds, so a fp32 master weight under autocast (zero=0)
+    and the FSDP2-gathered bf16 weight (zero>0) compute exactly the same norm. fp32: unchanged.
+    """
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -46,8 +53,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        weight = self.weight.to(dtype).float()  # a no-op in fp32 and on FSDP2's bf16 copy
         # fp32 statistics: in bf16 the mean of squares of a 4096-wide row loses ~3 digits.
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(dtype)
 
 
 class Attention(nn.Module):
@@ -167,6 +176,9 @@ class GPT(nn.Module):
             raise ValueError(f"position_ids {tuple(position_ids.shape)} != "
                              f"input_ids {tuple(input_ids.shape)}")
         h = self.tok_embeddings(input_ids)  # (B, S) -> (B, S, d)
+        # The residual stream is in the compute dtype in every layout: autocast leaves the
+        # lookup of a fp32 table in fp32, while FSDP2's bf16 parameter copy already yields bf16.
+        h = h.to(compute_dtype(h))
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.rope_mscale)  # 2 x (B, S, 1, D), fp32
         for layer in self.layers:
             h = layer(h, cos, sin, mask=attn_mask)
