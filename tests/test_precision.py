@@ -176,3 +176,31 @@ def test_bf16_curves_agree(runs):
         assert [r["step"] for r in got] == list(range(1, STEPS + 1))
         for a, b in zip(ref, got):
             assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL), (name, a["step"])
+
+
+def test_recomputes_run_under_the_forward_autocast_state():
+    """Backward recomputes (tiled MLP, tiled loss, full checkpointing) compute in bf16 like
+    their forward. Bug caught: the tiled MLP's backward ran outside autocast, i.e. fp32 matmuls,
+    a different function from the one whose gradient it claims to be."""
+    from ulysses_train.trainer import build_model
+
+    cfg = small_config(train={"activation_checkpointing": "full", "mlp_chunk": 8,
+                              "loss_chunk": 8})
+    model = build_model(cfg, cpu_dims())
+    seen = defaultdict(list)  # what -> dtypes, one per call (forward, then recompute)
+    for block in model.layers:
+        block.feed_forward.register_forward_hook(
+            lambda m, args, out: seen["mlp"].append(out.dtype))
+    loss_fn = model.loss_fn
+    model.loss_fn = lambda logits, labels: seen["logits"].append(logits.dtype) or loss_fn(
+        logits, labels)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=BF16):
+        loss_sum, n_valid = model(ids, torch.arange(32).expand(2, 32), ids)
+    n_forward = {what: len(dtypes) for what, dtypes in seen.items()}
+    (loss_sum / n_valid).backward()
+    # 2 layers x 4 MLP tiles, recomputed by the block checkpoint and by the tiled MLP's backward;
+    # 4 loss tiles, recomputed once.
+    assert n_forward == {"mlp": 8, "logits": 4}
+    assert len(seen["mlp"]) > 2 * n_forward["mlp"] and len(seen["logits"]) == 8
+    assert set(seen["mlp"]) == {BF16} and set(seen["logits"]) == {BF16}
