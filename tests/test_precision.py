@@ -204,3 +204,33 @@ def test_recomputes_run_under_the_forward_autocast_state():
     assert n_forward == {"mlp": 8, "logits": 4}
     assert len(seen["mlp"]) > 2 * n_forward["mlp"] and len(seen["logits"]) == 8
     assert set(seen["mlp"]) == {BF16} and set(seen["logits"]) == {BF16}
+
+
+def test_bf16_rmsnorm_is_torchs_fp32_norm_rounded_once_and_keeps_no_fp32_copy():
+    """The bf16 RMSNorm equals torch's fp32 `rms_norm` of the same bf16 values rounded once,
+    its gradients the fp32 ones to within one bf16 rounding (2^-8 relative to the largest), and
+    what it keeps for backward is x itself, not a fp32 (..., d) copy (torch's CPU composite
+    keeps three)."""
+    import torch.nn.functional as F
+
+    from ulysses_train.model.gpt import RMSNorm
+
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(64, generator=torch.Generator().manual_seed(1)))
+    x = (3 * torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(2))).to(BF16)
+    x.requires_grad_(True)
+    kept = []
+    with torch.autocast("cpu", dtype=BF16), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: kept.append(t) or t, lambda t: t):
+        y = norm(x)
+    w16 = norm.weight.detach().to(BF16).float()
+    xf = x.detach().float().requires_grad_(True)
+    ref = F.rms_norm(xf, (64,), w16.requires_grad_(True), 1e-5)
+    assert y.dtype == BF16 and torch.equal(y, ref.to(BF16))
+    assert not [t for t in kept if t.dtype == FP32 and t.shape == x.shape]
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    y.backward(g.to(BF16))
+    ref.backward(g.to(BF16).float())
+    for got, want in ((x.grad, xf.grad), (norm.weight.grad, w16.grad)):
+        assert (got.float() - want).abs().max() <= 2.0 ** -8 * want.abs().max()

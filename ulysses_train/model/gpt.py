@@ -44,7 +44,9 @@ class RMSNorm(nn.Module):
     Statistics and the product in fp32, the result in the compute dtype (`precision.py`: the
     autocast dtype, else x's dtype). The weight is first rounded to the compute dtype: that is
     the value FSDP2's bf16 parameter copy holds, so a fp32 master weight under autocast (zero=0)
-    and the FSDP2-gathered bf16 weight (zero>0) compute exactly the same norm. fp32: unchanged.
+    and the FSDP2-gathered bf16 weight (zero>0) compute exactly the same norm. In fp32 this is
+    `F.rms_norm` unchanged; in a lower dtype `_LowPrecisionRMSNorm`, which keeps x as it is for
+    backward (torch's CPU `rms_norm` keeps fp32 copies of a bf16 input: twice the bytes).
     """
 
     def __init__(self, dim: int, eps: float):
@@ -54,9 +56,40 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
-        weight = self.weight.to(dtype).float()  # a no-op in fp32 and on FSDP2's bf16 copy
+        if dtype == torch.float32:
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         # fp32 statistics: in bf16 the mean of squares of a 4096-wide row loses ~3 digits.
-        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(dtype)
+        return _LowPrecisionRMSNorm.apply(x.to(dtype), self.weight.to(dtype), self.eps)
+
+
+class _LowPrecisionRMSNorm(torch.autograd.Function):
+    """RMSNorm of a low-precision x (..., d) with weight (d,) in x's dtype, computed in fp32.
+
+    Forward: rstd = 1 / sqrt(mean(x^2) + eps) (..., 1) fp32; y = round(x * rstd * w). Saves x
+    (its own dtype), w and rstd, not a fp32 copy of x. Backward (fp32, with xh = x * rstd,
+    gw = g * w): dx = rstd * (gw - xh * mean(gw * xh)), dw = sum over tokens of g * xh — the
+    standard RMSNorm gradient (Zhang & Sennrich 2019). Both directions run with autocast off.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.device_type = x.device.type
+        with torch.autocast(ctx.device_type, enabled=False):
+            xf = x.float()
+            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+            ctx.save_for_backward(x, weight, rstd)
+            return (xf * rstd * weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        with torch.autocast(ctx.device_type, enabled=False):
+            xh = x.float() * rstd  # (..., d)
+            g = grad.float()
+            gw = g * weight.float()
+            dx = rstd * (gw - xh * (gw * xh).mean(-1, keepdim=True))
+            dw = (g * xh).reshape(-1, x.shape[-1]).sum(0)  # (..., d) -> (N, d) -> (d,)
+        return dx.to(x.dtype), dw.to(weight.dtype), None
 
 
 class Attention(nn.Module):
