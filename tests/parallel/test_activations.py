@@ -140,3 +140,34 @@ def test_compiled_blocks_equal_plain_model(reference, mode):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_offload_keeps_bf16_and_fetches_each_tensor_once():
+    """Under bf16 autocast the parked block inputs are bf16 (the residual stream's dtype, never a
+    fp32 copy) and cos/sin fp32, parked once for all blocks. Backward copies every parked tensor
+    back exactly once, and the block inputs are already prefetched when unpacked. Bug caught:
+    prefetching by index (`index - 1`) fetched cos/sin — parked once between the first block
+    inputs — again at every block, and started the wrong tensor between blocks."""
+    model = _model(activation_checkpointing="full")
+    offload = ActivationOffload(min_bytes=4096)  # below cos/sin (6 KiB) and a bf16 block input
+    offload.attach(model)
+    unpacks = []  # (parked, already on the device when unpacked)
+    original = offload._unpack
+    offload._unpack = lambda packed: unpacks.append(
+        (packed, getattr(packed, "fetched", None) is not None)) or original(packed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_sum, n = model(*_batch())
+    parked = list(offload._handles)
+    (loss_sum / n).backward()
+    by_shape = {}
+    for p in parked:
+        by_shape.setdefault(tuple(p.cpu.shape), []).append(p)
+    residual = by_shape[(2, SEQ, 64)]
+    assert len(residual) >= 3 and {p.cpu.dtype for p in residual} == {torch.bfloat16}
+    rope = by_shape[(2, SEQ, 1, 16)]
+    assert [(p.cpu.dtype, p.uses) for p in rope] == [(torch.float32, 3)] * 2  # cos, sin
+    assert [p.fetches for p in parked] == [1] * len(parked)
+    residual_unpacks = [hit for p, hit in unpacks if p in residual]
+    assert residual_unpacks and all(residual_unpacks[1:]), residual_unpacks
+    print(f"parked {offload.parked_bytes} B: " + ", ".join(
+        f"{tuple(p.cpu.shape)} {str(p.cpu.dtype)[6:]} x{p.uses}" for p in parked))

@@ -30,6 +30,7 @@ from torch import nn
 from ..config import ModelConfig, padded_vocab
 from .attention import sdpa_attention
 from .init import _is_dtensor, init_param_
+from .precision import compute_dtype
 from .rope import apply_rotary, rope_cos_sin, rope_frequencies
 from .tiling import tiled_head_loss, tiled_mlp
 
@@ -38,7 +39,15 @@ IGNORE_INDEX = -100
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32, returned in x's dtype."""
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim of x (..., d).
+
+    Statistics and the product in fp32, the result in the compute dtype (`precision.py`: the
+    autocast dtype, else x's dtype). The weight is first rounded to the compute dtype: that is
+    the value FSDP2's bf16 parameter copy holds, so a fp32 master weight under autocast (zero=0)
+    and the FSDP2-gathered bf16 weight (zero>0) compute exactly the same norm. In fp32 this is
+    `F.rms_norm` unchanged; in a lower dtype `_LowPrecisionRMSNorm`, which keeps x as it is for
+    backward (torch's CPU `rms_norm` keeps fp32 copies of a bf16 input: twice the bytes).
+    """
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -46,8 +55,41 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        if dtype == torch.float32:
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         # fp32 statistics: in bf16 the mean of squares of a 4096-wide row loses ~3 digits.
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return _LowPrecisionRMSNorm.apply(x.to(dtype), self.weight.to(dtype), self.eps)
+
+
+class _LowPrecisionRMSNorm(torch.autograd.Function):
+    """RMSNorm of a low-precision x (..., d) with weight (d,) in x's dtype, computed in fp32.
+
+    Forward: rstd = 1 / sqrt(mean(x^2) + eps) (..., 1) fp32; y = round(x * rstd * w). Saves x
+    (its own dtype), w and rstd, not a fp32 copy of x. Backward (fp32, with xh = x * rstd,
+    gw = g * w): dx = rstd * (gw - xh * mean(gw * xh)), dw = sum over tokens of g * xh — the
+    standard RMSNorm gradient (Zhang & Sennrich 2019). Both directions run with autocast off.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.device_type = x.device.type
+        with torch.autocast(ctx.device_type, enabled=False):
+            xf = x.float()
+            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+            ctx.save_for_backward(x, weight, rstd)
+            return (xf * rstd * weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        with torch.autocast(ctx.device_type, enabled=False):
+            xh = x.float() * rstd  # (..., d)
+            g = grad.float()
+            gw = g * weight.float()
+            dx = rstd * (gw - xh * (gw * xh).mean(-1, keepdim=True))
+            dw = (g * xh).reshape(-1, x.shape[-1]).sum(0)  # (..., d) -> (N, d) -> (d,)
+        return dx.to(x.dtype), dw.to(weight.dtype), None
 
 
 class Attention(nn.Module):
@@ -167,6 +209,9 @@ class GPT(nn.Module):
             raise ValueError(f"position_ids {tuple(position_ids.shape)} != "
                              f"input_ids {tuple(input_ids.shape)}")
         h = self.tok_embeddings(input_ids)  # (B, S) -> (B, S, d)
+        # The residual stream is in the compute dtype in every layout: autocast leaves the
+        # lookup of a fp32 table in fp32, while FSDP2's bf16 parameter copy already yields bf16.
+        h = h.to(compute_dtype(h))
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.rope_mscale)  # 2 x (B, S, 1, D), fp32
         for layer in self.layers:
             h = layer(h, cos, sin, mask=attn_mask)

@@ -6,7 +6,8 @@ on that token's row), they only change what is alive at a time:
 
 - `tiled_head_loss`: output head + cross-entropy per chunk of tokens, each chunk under
   non-reentrant `torch.utils.checkpoint`, so forward keeps no logits at all and backward
-  rebuilds one chunk's logits at a time. Peak logits memory drops from `S x V` to `chunk x V`
+  rebuilds one chunk's logits at a time. (Non-reentrant checkpoint re-enters the forward's
+  autocast state for its recompute by itself.) Peak logits memory drops from `S x V` to `chunk x V`
   (at 128k tokens and a 32k vocab the fp32 logits alone are 16 GiB) for one extra head matmul.
 - `tiled_mlp`: the SwiGLU MLP per chunk of tokens inside a small autograd.Function that keeps
   only its input and recomputes each chunk in backward, so the three `S x ffn_hidden`
@@ -21,6 +22,8 @@ from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from .precision import capture_autocast, restore_autocast
 
 
 def tiled_head_loss(h: torch.Tensor, labels: torch.Tensor,
@@ -50,7 +53,9 @@ class _TiledMLP(torch.autograd.Function):
     """out = cat_c fn(x_c) over sequence chunks c; saves only x.
 
     forward: each chunk under no_grad, so no intermediate is kept.
-    backward: for each chunk, recompute fn(x_c) with grad and backpropagate grad_out_c through it
+    backward: for each chunk, recompute fn(x_c) with grad — under the autocast state the forward
+    ran in (the engine runs backward outside the caller's autocast block, and a fp32 recompute
+    of a bf16 forward would be another function) — and backpropagate grad_out_c through it
     with `torch.autograd.backward`, which accumulates the parameter gradients straight into
     `.grad` (the parameters are not inputs of this Function: fn reaches them through its module,
     whatever wrapper — DTensor plan, FSDP2 — made them) and leaves x_c's gradient in x_c.grad.
@@ -59,6 +64,7 @@ class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, chunk: int, x: torch.Tensor) -> torch.Tensor:
         ctx.fn, ctx.chunk = fn, chunk
+        ctx.autocast = capture_autocast(x.device.type)  # what torch.amp.custom_fwd records
         ctx.save_for_backward(x)
         with torch.no_grad():
             # (B, S, d) -> per chunk (B, c, d) -> (B, S, d)
@@ -71,7 +77,7 @@ class _TiledMLP(torch.autograd.Function):
         for start in range(0, x.shape[1], ctx.chunk):
             cols = slice(start, start + ctx.chunk)
             x_c = x[:, cols].detach().requires_grad_(True)  # (B, c, d), a leaf for this chunk
-            with torch.enable_grad():
+            with torch.enable_grad(), restore_autocast(ctx.autocast):
                 out_c = ctx.fn(x_c)
             torch.autograd.backward(out_c, grad_out[:, cols])
             grad_x[:, cols] = x_c.grad

@@ -94,13 +94,18 @@ class ActivationOffload:
 
     Active for the whole model forward (entered and left by forward hooks on the root).
     Inside a checkpointed block the checkpoint's own hooks take precedence, so what reaches these
-    hooks is what lives *between* blocks: the checkpoint inputs (block inputs) and the tensors
-    saved outside blocks. Tensors below `min_bytes` (ids, norms' statistics) and tensors already
-    parked (cos/sin, passed to every block) are kept or shared, not copied again.
+    hooks is what lives *between* blocks: the checkpoint inputs (block inputs, and cos/sin) and
+    the tensors saved outside blocks. Tensors below `min_bytes` are kept as they are. A tensor
+    saved again (cos/sin, given to every block) is parked once and counted as used once more.
+    Parked tensors keep their dtype: under bf16 the block inputs are parked as bf16 (the
+    residual stream's dtype), cos/sin as fp32 — what the precision policy keeps, no more.
 
-    Overlap on CUDA: device-to-host copies run on a side stream after an event on the compute
-    stream; unpacking the i-th saved tensor starts the host-to-device copy of the (i-1)-th, which
-    the backward needs next (blocks run backward in reverse order).
+    Backward, on CUDA, copies run on a side stream and overlap compute. Each unpack starts the
+    host-to-device copy of the nearest earlier-parked tensor still on the host (backward runs
+    the blocks in reverse order), at most one ahead of use: while a prefetched tensor waits for
+    its unpack no other is started. A tensor saved several times stays on the device from its
+    first unpack to its last one, so it is copied back once; any tensor is dropped from the
+    device at its last unpack. `_Parked.fetches` counts the copies back (tests assert 1 each).
     """
 
     def __init__(self, min_bytes: int = 1 << 20):
@@ -108,7 +113,13 @@ class ActivationOffload:
         self.stream = None
         self._handles: list[_Parked] = []
         self._by_id: dict[int, tuple[weakref.ref, _Parked]] = {}
+        self._ahead: _Parked | None = None  # the prefetched tensor not yet unpacked
         self._hooks = None
+
+    @property
+    def parked_bytes(self) -> int:
+        """Host bytes held by the tensors parked in the last forward (each counted once)."""
+        return sum(p.cpu.numel() * p.cpu.element_size() for p in self._handles)
 
     def attach(self, model: nn.Module) -> None:
         model.register_forward_pre_hook(self._enter)
@@ -117,7 +128,7 @@ class ActivationOffload:
     def _enter(self, module, args) -> None:
         if not torch.is_grad_enabled():
             return
-        self._handles, self._by_id = [], {}
+        self._handles, self._by_id, self._ahead = [], {}, None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
 
@@ -131,6 +142,7 @@ class ActivationOffload:
             return t
         seen = self._by_id.get(id(t))
         if seen is not None and seen[0]() is t:
+            seen[1].uses += 1
             return seen[1]
         if t.is_cuda and self.stream is None:
             self.stream = torch.cuda.Stream(t.device)
@@ -142,17 +154,35 @@ class ActivationOffload:
     def _unpack(self, packed):
         if not isinstance(packed, _Parked):
             return packed
-        if packed.index > 0:  # the backward will want the previous one next: start its copy
-            self._handles[packed.index - 1].prefetch()
-        return packed.get()
+        out = packed.get()
+        self._prefetch_before(packed.index)
+        return out
+
+    def _prefetch_before(self, index: int) -> None:
+        """Start copying back the nearest tensor parked before `index` that is neither on the
+        device nor used up, unless a prefetched one still waits for its unpack."""
+        ahead = self._ahead
+        if ahead is not None and ahead.fetched is not None and ahead.unpacked == 0:
+            return
+        for parked in reversed(self._handles[:index]):
+            if parked.fetched is None and parked.unpacked < parked.uses:
+                parked.prefetch()
+                self._ahead = parked
+                return
 
 
 class _Parked:
-    """One offloaded tensor: a CPU copy, and (during backward) a device copy being fetched."""
+    """One offloaded tensor: a host copy, and (during backward) its device copy.
+
+    `uses`: how many times autograd saved it; `unpacked`: how many of those it has given back;
+    `fetches`: host-to-device copies made (on CPU the "device copy" is the host copy itself,
+    so the accounting and the prefetch order are the same and testable without a GPU).
+    """
 
     def __init__(self, t: torch.Tensor, index: int, stream):
         self.index, self.device, self.stream = index, t.device, stream
-        self.fetched = None
+        self.uses, self.unpacked, self.fetches = 1, 0, 0
+        self.fetched, self.event = None, None
         if t.is_cuda:
             self.cpu = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             stream.wait_stream(torch.cuda.current_stream(t.device))  # t is fully written
@@ -163,7 +193,11 @@ class _Parked:
             self.cpu = t.detach().clone()
 
     def prefetch(self) -> None:
-        if self.fetched is not None or self.device.type != "cuda":
+        if self.fetched is not None:
+            return
+        self.fetches += 1
+        if self.device.type != "cuda":
+            self.fetched = self.cpu
             return
         with torch.cuda.stream(self.stream):
             self.fetched = self.cpu.to(self.device, non_blocking=True)
@@ -171,10 +205,12 @@ class _Parked:
         self.event.record(self.stream)
 
     def get(self) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return self.cpu
-        self.prefetch()
-        torch.cuda.current_stream(self.device).wait_event(self.event)
-        out, self.fetched = self.fetched, None
-        out.record_stream(torch.cuda.current_stream(self.device))
+        self.prefetch()  # no-op when prefetched or still on the device from an earlier use
+        out = self.fetched
+        self.unpacked += 1
+        if self.unpacked >= self.uses:  # its last use: the device copy goes with the graph
+            self.fetched = None
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).wait_event(self.event)
+            out.record_stream(torch.cuda.current_stream(self.device))
         return out

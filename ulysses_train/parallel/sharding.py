@@ -17,8 +17,14 @@ How `parallel.zero` maps to FSDP2:
   for each block's forward and again for its backward.
 
 Gradients are *summed* (divide factor 1): the loss is already divided by the global token count,
-and FSDP2's default average over the mesh would divide a second time (DESIGN §1). On GPUs the
-mixed-precision policy computes in bf16 and reduces gradients in fp32 (master weights stay fp32).
+and FSDP2's default average over the mesh would divide a second time (DESIGN §1).
+
+Mixed precision (the policy of `model/precision.py`, the same as zero=0's): parameters are
+gathered in the compute dtype (`param_dtype`, bf16 under `train.precision=bf16`), gradients are
+reduced and kept in fp32 (`reduce_dtype`), master weights stay fp32. `cast_forward_inputs=False`:
+FSDP2 must not cast what a block is given — that would turn the fp32 RoPE cos/sin tables into
+bf16 under ZeRO only. The residual stream is already in the compute dtype (the model casts the
+embedding output), and the trainer's autocast is active in every layout.
 """
 from __future__ import annotations
 
@@ -47,7 +53,8 @@ def apply_sharding(model: nn.Module, dims: ParallelDims, zero: int,
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = dims.meshes["dp_sp"]
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     for block in model.layers:
         fully_shard(block, mesh=mesh, reshard_after_forward=zero == 3, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=zero == 3, mp_policy=policy)

@@ -161,10 +161,20 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     ignore_index): its backward must also run inside the context — outside it, torch 2.13 raises
     "aten.nll_loss_backward.default got mixed torch.Tensor and DTensor" — and it swaps global
     DTensor op handlers; our trainer calls `.backward()` later, on a divided loss.
+
+    Precision: the loss is fp32 by policy (`model/precision.py`), so forward and backward both
+    run with autocast disabled on the logits' device — the same state in both directions, which
+    is what `torch.amp.custom_fwd(cast_inputs=torch.float32)` / `custom_bwd` would give.
     """
 
     @staticmethod
     def forward(ctx, logits, labels, start, group):  # logits (N, V/tp) fp32, labels (N,)
+        ctx.device_type = logits.device.type
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _VocabParallelCrossEntropy._forward(ctx, logits.float(), labels, start, group)
+
+    @staticmethod
+    def _forward(ctx, logits, labels, start, group):
         n_local = logits.shape[-1]
         valid = labels != IGNORE_INDEX
         owned = valid & (labels >= start) & (labels < start + n_local)
@@ -185,6 +195,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _VocabParallelCrossEntropy._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         softmax, valid, owned, local_target = ctx.saved_tensors
         scale = valid.to(softmax.dtype) * grad_loss  # (N,): 0 for ignored tokens
         grad = softmax * scale.unsqueeze(-1)  # new buffer: the graph may be retained
