@@ -177,13 +177,7 @@ class Reporter:
         if not self.enabled or kind in self.warned:
             return
         self.warned.add(kind)
-        try:
-            self.info(f"warning: {text}")
-        except Exception:  # noqa: BLE001 - the bar failing: say it without the bar
-            try:
-                print(f"warning: {text}", file=sys.stderr, flush=True)
-            except Exception:  # noqa: BLE001 - stderr itself failing: nowhere left to say it
-                pass
+        self.info(f"warning: {text}")
 
     def _safely(self, kind: str, fn, *args):
         """fn(*args), or None with a once-per-kind warning if it raises (never re-raised:
@@ -196,12 +190,19 @@ class Reporter:
             return None
 
     def info(self, text: str) -> None:
+        """Print a line on stderr, above the bar; never raises."""
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
+        try:
+            if self.bar is not None:
+                self.bar.write(text, file=sys.stderr)
+                return
+        except Exception:  # noqa: BLE001 - the bar failing: say it without the bar
+            pass
+        try:
             print(text, file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - stderr itself failing: nowhere left to say it
+            pass
 
     def tick(self, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
