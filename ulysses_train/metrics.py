@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .model.masking import document_starts
+from .data.batch import document_positions
 
 # Dense bf16 peak FLOP/s by device-name fragment (vendor datasheets, no sparsity). First match
 # wins, so the more specific names come first.
@@ -49,16 +49,14 @@ def mfu_of(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
 
 def span_sq_sum(document_ids: torch.Tensor) -> torch.Tensor:
     """Sum over the documents of `(B, S)` rows of their squared lengths: int64 scalar, on the
-    ids' device (no host sync). Attention under `data.document_mask` costs this many (x
-    6 L d, `model.gpt.attention_flops`); a row of one document gives S^2.
+    ids' device. Attention under `data.document_mask` costs this many (x 6 L d,
+    `model.gpt.attention_flops`); a row of one document gives S^2.
 
-    Documents are the contiguous runs of equal ids in a row (`masking.document_starts`, which
-    also opens one at every row's column 0, so no document spans two rows).
+    n^2 = sum_{k<n} (2k + 1), so summing 2 * (position in its document) + 1 over the tokens
+    gives it without a bincount or a host sync (documents are the runs of equal ids of a row,
+    as `data.batch.document_positions` reads them; none spans two rows).
     """
-    starts = document_starts(document_ids).reshape(-1)  # (B, S) -> (B*S,)
-    index = starts.cumsum(0) - 1  # (B*S,): which document (over all rows) each token is in
-    lengths = torch.bincount(index)  # (n_docs,)
-    return lengths.square().sum()
+    return (2 * document_positions(document_ids) + 1).sum()
 
 
 def wandb_login_source(environ=os.environ) -> str | None:
