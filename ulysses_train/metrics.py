@@ -11,6 +11,7 @@ about once and the run goes on (`Reporter`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -104,6 +105,18 @@ def peak_mem_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def with_wandb_fallback(cfg, run_dir: str, is_main: bool):
+    """`cfg` (a config.Config), with `logging.wandb.mode` as `wandb_mode` resolves it; rank 0
+    prints the warning, if any, on stderr."""
+    mode, warning = wandb_mode(cfg.logging.wandb.mode, run_dir)
+    if warning is None:
+        return cfg
+    if is_main:
+        print(warning, file=sys.stderr, flush=True)
+    wandb_cfg = dataclasses.replace(cfg.logging.wandb, mode=mode)
+    return dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, wandb=wandb_cfg))
 
 
 class MetricsFile:

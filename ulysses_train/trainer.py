@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import sys
 import time
 
 import torch
@@ -25,7 +24,7 @@ from .config import Config, validate
 from .data import build_data
 from .guards import NonFiniteGuard, crash_if_asked, nan_injected, set_deterministic
 from .metrics import (Reporter, Throughput, mfu_of, peak_flops, peak_mem_gib, span_sq_sum,
-                      wandb_mode)
+                      with_wandb_fallback)
 from .model import GPT, document_mask_for, num_params, padded_vocab, select_attention
 from .model.gpt import model_flops
 from .optim import build_optimizer, build_scheduler
@@ -103,7 +102,8 @@ class Trainer:
         set_deterministic(cfg.train.deterministic)
         torch.manual_seed(cfg.train.seed)
         self._say(f"run dir: {os.path.abspath(run_dir)}")
-        self._check_wandb_login()  # before the heavy work: data and model
+        # wandb online without a login: offline, said before the heavy work (data, model)
+        self.cfg = cfg = with_wandb_fallback(cfg, run_dir, dims.is_main)
         self.data = build_data(cfg.data, seed=cfg.train.seed,
                                global_batch_size=cfg.train.global_batch_size,
                                model_vocab_size=padded_vocab(cfg.model.vocab_size),
@@ -126,16 +126,6 @@ class Trainer:
     def _say(self, text: str) -> None:
         if self.dims.is_main:
             print(text, flush=True)
-
-    def _check_wandb_login(self) -> None:
-        """`logging.wandb.mode=online` without credentials logs offline (see `wandb_mode`)."""
-        w = self.cfg.logging.wandb
-        mode, warning = wandb_mode(w.mode, self.run_dir)
-        if warning:
-            logging = dataclasses.replace(self.cfg.logging, wandb=dataclasses.replace(w, mode=mode))
-            self.cfg = dataclasses.replace(self.cfg, logging=logging)
-            if self.dims.is_main:
-                print(warning, file=sys.stderr, flush=True)
 
     # ---- state --------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -195,13 +185,9 @@ class Trainer:
             yield ids, positions, labels, mask
 
     def _global_counts(self, micro) -> tuple[int, int]:
-        """(valid labels, sum of squared attention spans) of the whole global batch, in one
-        all-reduce over dp x sp (the span sum rides on the label count's collective for free).
-
-        A span is a document under `data.document_mask` (from the micro-batch's unsliced
-        document ids), else the whole row (S^2); it sizes the attention FLOPs of MFU. sp peers
-        hold the same rows, so only sp rank 0 adds them; tp peers are outside dp x sp.
-        """
+        """(valid labels, sum of squared attention spans: documents under data.document_mask,
+        else rows) of the whole global batch, in one all-reduce over dp x sp. sp peers hold the
+        same rows, so only sp rank 0 adds its spans (tp peers are outside dp x sp)."""
         labels_local = sum((labels != -100).sum() for _, _, labels, _ in micro)
         spans_local = torch.zeros((), dtype=torch.int64, device=self.device)
         if self.dims.local_rank("sp") == 0:
