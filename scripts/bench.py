@@ -20,7 +20,8 @@ Memory: CUDA = allocator peak of the measured steps. CPU = peak RSS of the proce
 sequence length runs in a fresh subprocess (RSS never shrinks); `setup_mem_gib` is the RSS
 after the model and optimizer exist, so peak - setup is what the step itself needed.
 FLOPs: `model.flops_per_token` (6 N + 6 L d S per token, causal attention counted once,
-recompute not counted). An MFU above 100% means a wrong formula or peak table and is an error.
+recompute not counted). An MFU above 1 means a wrong formula or peak table; it is printed as
+computed.
 
 Imports only torch and this package (no hydra/wandb/datasets): runs on the GPU box's torch.
 """

@@ -143,6 +143,7 @@ class DebugConfig:
     crash_at_step: int = 0  # the last rank os._exit(1)s after this step (torchrun attempt 0 only)
     nan_at_step: int = 0  # make the loss (so every gradient) NaN at this step ...
     nan_steps: int = 1  # ... and the nan_steps - 1 steps after it
+    peak_flops: float = 0.0  # peak FLOP/s per device for MFU (0 = metrics.PEAK_FLOPS by name)
 
 
 @dataclass
@@ -347,4 +348,5 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key in ("crash_in_save_at_step", "pause_in_save_at_step", "crash_at_step", "nan_at_step"):
         require(getattr(cfg.debug, key) >= 0, f"debug.{key}", "must be >= 0 (0 = off)")
     _positive(cfg.debug.nan_steps, "debug.nan_steps")
+    _finite(cfg.debug.peak_flops, "debug.peak_flops", 0.0)
     _one_of(cfg.debug.pause_in_save_before, ("commit", "latest"), "debug.pause_in_save_before")

@@ -3,18 +3,27 @@
 Only rank 0 writes (DESIGN §2): other ranks construct a `Reporter` with `enabled=False`.
 `metrics.jsonl` holds one JSON object per logged step; on resume the rows after the resumed step
 are dropped first so the file reads as one clean curve.
+
+Nothing here may end a run: a metric is an observation, not a reason to lose a multi-day job. An
+impossible value (MFU above 1, a non-finite number in a step that was not skipped) is written
+as it is and warned about once; a failing write (metrics.jsonl on a full disk, wandb) is warned
+about once and the run goes on (`Reporter`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import netrc
 import os
 import resource
 import sys
 import time
 
 import torch
+
+from .data.batch import document_positions
 
 # Dense bf16 peak FLOP/s by device-name fragment (vendor datasheets, no sparsity). First match
 # wins, so the more specific names come first.
@@ -33,15 +42,62 @@ def peak_flops(device: torch.device) -> float | None:
 def mfu_of(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the hardware peak (both whole-job).
 
-    Above 1 is impossible, so it means the FLOPs formula, the token count or the peak table is
-    wrong: raised as an error rather than logged as a number nobody should believe.
+    Never raises: a value above 1 is impossible (the FLOPs formula, the token count or the peak
+    is wrong) but is returned as computed; `Reporter.log` warns about it once.
     """
-    mfu = flops_per_token * tokens_per_s / peak
-    if mfu > 1.0:
-        raise ValueError(f"MFU {mfu:.1%} > 100% ({flops_per_token:.3g} FLOPs/token x "
-                         f"{tokens_per_s:.1f} tokens/s over a {peak:.3g} FLOP/s peak): the FLOPs "
-                         "formula or the peak table is wrong")
-    return mfu
+    return flops_per_token * tokens_per_s / peak
+
+
+def span_sq_sum(document_ids: torch.Tensor) -> torch.Tensor:
+    """Sum over the documents of `(B, S)` rows of their squared lengths: int64 scalar, on the
+    ids' device. Attention under `data.document_mask` costs this many (x 6 L d,
+    `model.gpt.attention_flops`); a row of one document gives S^2.
+
+    n^2 = sum_{k<n} (2k + 1), so summing 2 * (position in its document) + 1 over the tokens
+    gives it without a bincount or a host sync (documents are the runs of equal ids of a row,
+    as `data.batch.document_positions` reads them; none spans two rows).
+    """
+    return (2 * document_positions(document_ids) + 1).sum()
+
+
+def wandb_login_source(environ=os.environ) -> str | None:
+    """Where wandb would find credentials without asking the network, or None if nowhere.
+
+    The same order as wandb's own lookup (wandb 0.2x-0.3x `sdk/lib/wbauth`): WANDB_API_KEY,
+    WANDB_IDENTITY_TOKEN_FILE, then a netrc entry (file: $NETRC, else ~/.netrc, else
+    ~/_netrc) for the host of WANDB_BASE_URL (default https://api.wandb.ai). A key kept only
+    in wandb's settings file is not seen: such a run logs offline (see `wandb_mode`).
+    """
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if environ.get(name):
+            return name
+    from urllib.parse import urlsplit
+
+    host = urlsplit(environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    home = environ.get("HOME") or os.path.expanduser("~")
+    paths = [environ["NETRC"]] if environ.get("NETRC") else [
+        os.path.join(home, ".netrc"), os.path.join(home, "_netrc")]
+    for path in paths:
+        try:
+            entry = netrc.netrc(os.path.expanduser(path)).authenticators(host)
+        except (OSError, netrc.NetrcParseError):  # missing or unreadable: not a login
+            continue
+        if entry and entry[2]:
+            return path
+    return None
+
+
+def wandb_mode(mode: str, run_dir: str, environ=os.environ) -> tuple[str, str | None]:
+    """(the mode to start wandb in, a warning or None). `online` without credentials becomes
+    `offline`, so the run is not lost to a login prompt or a traceback after the data and the
+    model were built: its logs stay in `run_dir/wandb` for `wandb sync` later."""
+    if mode != "online" or wandb_login_source(environ):
+        return mode, None
+    where = os.path.join(os.path.abspath(run_dir), "wandb")
+    return "offline", (
+        "warning: logging.wandb.mode=online but no wandb login was found (WANDB_API_KEY or a "
+        f"netrc entry): logging offline to {where}; upload it later with "
+        f"`wandb sync {where}/offline-run-*`, or run `wandb login` before the next run")
 
 
 def peak_mem_gib(device: torch.device) -> float:
@@ -49,6 +105,18 @@ def peak_mem_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def with_wandb_fallback(cfg, run_dir: str, is_main: bool):
+    """`cfg` (a config.Config), with `logging.wandb.mode` as `wandb_mode` resolves it; rank 0
+    prints the warning, if any, on stderr."""
+    mode, warning = wandb_mode(cfg.logging.wandb.mode, run_dir)
+    if warning is None:
+        return cfg
+    if is_main:
+        print(warning, file=sys.stderr, flush=True)
+    wandb_cfg = dataclasses.replace(cfg.logging.wandb, mode=mode)
+    return dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, wandb=wandb_cfg))
 
 
 class MetricsFile:
@@ -86,7 +154,11 @@ class MetricsFile:
 
 
 class Reporter:
-    """Rank 0's view of progress: rows to metrics.jsonl and wandb, a tqdm bar, log lines."""
+    """Rank 0's view of progress: rows to metrics.jsonl and wandb, a tqdm bar, log lines.
+
+    No method raises into the training loop: each failure (a write, wandb, the bar) and each
+    impossible value is printed as one `warning:` line on stderr, once per kind, and skipped.
+    """
 
     def __init__(self, run_dir: str, enabled: bool, total_steps: int, start_step: int,
                  progress: bool = True, wandb_cfg=None, config_dict: dict | None = None):
@@ -94,45 +166,94 @@ class Reporter:
         self.file = MetricsFile(os.path.join(run_dir, "metrics.jsonl"))
         self.bar = None
         self.wandb = None
+        self.warned: set[str] = set()
         if not enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)  # Hydra makes it; library callers may not have
         # Rows past the step we start from are a killed run's (at 0: a run killed before its
-        # first checkpoint): drop them, so the file reads as one curve.
-        self.file.truncate_after(start_step)
+        # first checkpoint): drop them, so the file reads as one curve. Hydra makes the run
+        # dir; library callers may not have.
+        self._safely("metrics.jsonl", lambda: (os.makedirs(run_dir, exist_ok=True),
+                                               self.file.truncate_after(start_step)))
         if progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
         if wandb_cfg is not None and wandb_cfg.mode != "disabled":
-            self.wandb = _start_wandb(run_dir, wandb_cfg, config_dict or {})
+            self.wandb = self._safely("wandb", _start_wandb, run_dir, wandb_cfg,
+                                      config_dict or {})
+
+    def warn_once(self, kind: str, text: str) -> None:
+        """Print `warning: <text>` on stderr the first time `kind` comes up, then never again."""
+        if not self.enabled or kind in self.warned:
+            return
+        self.warned.add(kind)
+        self.info(f"warning: {text}")
+
+    def _safely(self, kind: str, fn, *args):
+        """fn(*args), or None with a once-per-kind warning if it raises (never re-raised:
+        a report must not end the run)."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - third-party code: any type can come out
+            self.warn_once(kind, f"{kind} failed ({type(exc).__name__}: {exc}); training "
+                                 "goes on, this is reported once")
+            return None
 
     def info(self, text: str) -> None:
+        """Print a line on stderr, above the bar; never raises."""
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
+        try:
+            if self.bar is not None:
+                self.bar.write(text, file=sys.stderr)
+                return
+        except Exception:  # noqa: BLE001 - the bar failing: say it without the bar
+            pass
+        try:
             print(text, file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - stderr itself failing: nowhere left to say it
+            pass
 
     def tick(self, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self._safely("progress bar", lambda: (
+                self.bar.update(1),
+                self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
+                                     refresh=False)))
 
-    def log(self, row: dict) -> None:
+    def log(self, row: dict, total: int | None = None) -> None:
+        """Append `row` to metrics.jsonl and wandb and, given `total`, print its log line."""
         if not self.enabled:
             return
-        self.file.append(row)
+        self._check(row)
+        self._safely("metrics.jsonl", self.file.append, row)
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
+            values = {k: v for k, v in row.items() if v is not None}
+            self._safely("wandb.log", lambda: self.wandb.log(values, step=row["step"]))
+        if total is not None:
+            self._safely("log line", lambda: self.info(format_row(row, total)))
+
+    def _check(self, row: dict) -> None:
+        """Warn once about values that cannot be true; they are logged as they are."""
+        mfu = row.get("mfu")
+        if isinstance(mfu, float) and mfu > 1.0:
+            self.warn_once("mfu", f"step {row['step']}: MFU {mfu:.4g} > 1 is impossible: "
+                                  "the FLOPs formula (model.gpt.model_flops), the token count "
+                                  "or the peak FLOP/s (metrics.PEAK_FLOPS, debug.peak_flops) is "
+                                  "wrong; logged as computed")
+        if row.get("skipped"):  # the non-finite guard has said why already
+            return
+        for key, value in row.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                self.warn_once(f"non-finite {key}", f"step {row['step']}: {key} is {value}; "
+                                                    "logged as null")
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self._safely("progress bar", self.bar.close)
         if self.wandb is not None:
-            self.wandb.finish()
+            self._safely("wandb.finish", self.wandb.finish)
 
 
 def _start_wandb(run_dir: str, wandb_cfg, config_dict: dict):
@@ -146,20 +267,25 @@ def _start_wandb(run_dir: str, wandb_cfg, config_dict: dict):
 
 
 class Throughput:
-    """Tokens/s over the interval since the last `rate()` call (each token counted once)."""
+    """Tokens/s and model FLOPs per token over the interval since the last `interval()` call
+    (each token counted once; FLOPs as `model.gpt.model_flops` counts them)."""
 
     def __init__(self):
         self.t0 = time.perf_counter()
         self.tokens = 0
+        self.flops = 0
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, flops: int = 0) -> None:
         self.tokens += tokens
+        self.flops += flops
 
-    def rate(self) -> float:
+    def interval(self) -> tuple[float, float]:
+        """(tokens/s, FLOPs per token) since the last call; starts the next interval."""
         now = time.perf_counter()
         rate = self.tokens / max(now - self.t0, 1e-9)
-        self.t0, self.tokens = now, 0
-        return rate
+        per_token = self.flops / max(self.tokens, 1)
+        self.t0, self.tokens, self.flops = now, 0, 0
+        return rate, per_token
 
 
 def format_row(row: dict, total: int) -> str:

@@ -25,9 +25,10 @@ from .checkpoint_files import read_meta
 from .config import Config, validate
 from .data import build_data
 from .guards import NonFiniteGuard, crash_if_asked, nan_injected, set_deterministic
-from .metrics import Reporter, Throughput, format_row, mfu_of, peak_flops, peak_mem_gib
-from .model import (GPT, document_mask_for, flops_per_token, num_params, padded_vocab,
-                    select_attention)
+from .metrics import (Reporter, Throughput, mfu_of, peak_flops, peak_mem_gib, span_sq_sum,
+                      with_wandb_fallback)
+from .model import GPT, document_mask_for, num_params, padded_vocab, select_attention
+from .model.gpt import model_flops
 from .optim import build_optimizer, build_scheduler
 from .parallel import ParallelDims, UlyssesAttention
 from .parallel.activations import apply_activation_checkpointing, apply_compile
@@ -105,6 +106,8 @@ class Trainer:
         set_deterministic(cfg.train.deterministic)
         torch.manual_seed(cfg.train.seed)
         self._say(f"run dir: {os.path.abspath(run_dir)}")
+        # wandb online without a login: offline, said before the heavy work (data, model)
+        self.cfg = cfg = with_wandb_fallback(cfg, run_dir, dims.is_main)
         self.data = build_data(cfg.data, seed=cfg.train.seed,
                                global_batch_size=cfg.train.global_batch_size,
                                model_vocab_size=padded_vocab(cfg.model.vocab_size),
@@ -200,11 +203,19 @@ class Trainer:
                                          self.local_attention)
             yield ids, positions, labels, mask
 
-    def _global_count(self, micro) -> int:
-        """Valid labels of the whole global batch: local count summed over dp x sp."""
-        local = sum((labels != -100).sum() for _, _, labels, _ in micro)
-        count = torch.as_tensor(local, dtype=torch.int64, device=self.device)
-        return int(all_reduce_(count, self.dp_sp))
+    def _global_counts(self, micro) -> tuple[int, int]:
+        """(valid labels, sum of squared attention spans: documents under data.document_mask,
+        else rows) of the whole global batch, in one all-reduce over dp x sp. sp peers hold the
+        same rows, so only sp rank 0 adds its spans (tp peers are outside dp x sp)."""
+        labels_local = sum((labels != -100).sum() for _, _, labels, _ in micro)
+        spans_local = torch.zeros((), dtype=torch.int64, device=self.device)
+        if self.dims.local_rank("sp") == 0:
+            for _, _, labels, mask in micro:
+                spans_local += (labels.shape[0] * self.cfg.data.seq_len**2 if mask is None
+                                else span_sq_sum(mask.document_ids))
+        counts = torch.stack([torch.as_tensor(labels_local, device=self.device), spans_local])
+        count, spans = all_reduce_(counts.to(torch.int64), self.dp_sp).tolist()  # (2,)
+        return int(count), int(spans)
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch of `self.step`, with accumulation; skipped
@@ -212,7 +223,8 @@ class Trainer:
         micro = list(self._micro_batches(self.step, "train"))
         poison = nan_injected(self.cfg.debug, self.step + 1)  # fault injection (tests only)
         # Divide by the valid-token count of the whole global batch, exactly once.
-        n_valid = max(self._global_count(micro), 1)
+        n_valid, span_sq = self._global_counts(micro)
+        n_valid = max(n_valid, 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for i, (input_ids, position_ids, labels, mask) in enumerate(micro):
@@ -240,7 +252,7 @@ class Trainer:
         n_tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len  # each token once
         self.tokens += n_tokens
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "n_tokens": n_tokens,
-                "skipped": skipped}
+                "flops": model_flops(self.cfg.model, n_tokens, span_sq), "skipped": skipped}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -302,7 +314,7 @@ class Trainer:
         while self.step < total:
             t0 = time.perf_counter()
             out = self.train_step()
-            meter.add(out["n_tokens"])
+            meter.add(out["n_tokens"], out["flops"])
             reporter.tick(out["loss"], out["n_tokens"] / (time.perf_counter() - t0))
             self._report(reporter, out, meter, total)
             crash_if_asked(self.cfg.debug, self.step, self.dims.rank, self.dims.world_size)
@@ -321,21 +333,19 @@ class Trainer:
                           f"a row, at most train.max_skipped_steps={self.guard.max_in_a_row})")
         if not (self.step % cfg.logging.every == 0 or last or val_due or out["skipped"]):
             return
-        peak = peak_flops(self.device)
-        tok_s, peaks = meter.rate(), self._peak_mem()
+        peak = cfg.debug.peak_flops or peak_flops(self.device)
+        (tok_s, flops_per_token), peaks = meter.interval(), self._peak_mem()
         row = {"step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
                "lr": out["lr"], "tokens": self.tokens, "tokens_per_s": tok_s,
                "peak_mem_gib": max(peaks), "skipped": out["skipped"],
                "skipped_steps": self.guard.total, "mfu": None}
-        if peak:  # tokens/s is the whole job's, so is the peak
-            flops = flops_per_token(cfg.model, cfg.data.seq_len)
-            row["mfu"] = mfu_of(flops, tok_s, peak * self.dims.world_size)
+        if peak:  # tokens/s and FLOPs are the whole job's, so is the peak
+            row["mfu"] = mfu_of(flops_per_token, tok_s, peak * self.dims.world_size)
         if self.dims.distributed:
             row["peak_mem_gib_per_rank"] = peaks
         if val_due:
             row["val_loss"] = self.evaluate()
-        reporter.log(row)
-        reporter.info(format_row(row, total))
+        reporter.log(row, total)  # never raises: a metric must not end the run
 
     def _end_of_step(self, reporter: Reporter, signal_name: str | None, start: int,
                      total: int) -> bool:

@@ -289,19 +289,37 @@ def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs (forward + backward) per token for a causal model at `seq_len`.
+    """Training FLOPs (forward + backward) per token of one causal sequence of `seq_len` tokens.
 
-    6 * N + 6 * n_layers * d_model * seq_len, where
-    - N counts every matmul weight a token passes through: all block weights, the final norm and
-      the output head (d_model * Vpad, also when tied, since the head matmul still runs), but
-      not the embedding lookup. 2 FLOPs per weight forward, 4 backward.
-    - the attention term: q k^T and p v are each 2 * d_model * seq_len FLOPs per token forward
-      for full attention; causal halves that (each query sees on average S/2 keys), giving
-      2 * d * S forward and 6 * d * S with backward, per layer. (PaLM's 12 * L * d * S counts the
-      full square; we count the causal triangle once.)
+    `model_flops` of one row with a single attention span: 6 * N + 6 * n_layers * d_model * S.
+    """
+    return model_flops(cfg, seq_len, seq_len**2) // seq_len
+
+
+def model_flops(cfg: ModelConfig, n_tokens: int, span_sq_sum: int) -> int:
+    """Training FLOPs (forward + backward) of `n_tokens` tokens: 6 * N * n_tokens + attention.
+
+    N counts every matmul weight a token passes through: all block weights, the final norm and
+    the output head (d_model * Vpad, also when tied, since the head matmul still runs), but not
+    the embedding lookup; 2 FLOPs per weight forward, 4 backward (Kaplan et al. 2020, sec. 2.1).
+    The attention term is `attention_flops(cfg, span_sq_sum)`. Recompute is not counted.
     """
     d, hd = cfg.d_model, cfg.d_model // cfg.n_heads
     attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2  # wq, wo, wk, wv
     per_layer = attn + 3 * d * cfg.ffn_hidden + 2 * d  # + SwiGLU + two norms
     n = cfg.n_layers * per_layer + d + d * padded_vocab(cfg.vocab_size)  # + final norm + head
-    return 6 * n + 6 * cfg.n_layers * d * seq_len
+    return 6 * n * n_tokens + attention_flops(cfg, span_sq_sum)
+
+
+def attention_flops(cfg: ModelConfig, span_sq_sum: int) -> int:
+    """Training FLOPs of causal attention over spans whose squared lengths sum to `span_sq_sum`.
+
+    A span is what one query may attend within: the whole row (causal), or one document under
+    `data.document_mask` (causal within the document; the kernels skip the rest). A span of n
+    tokens has n^2 / 2 (query, key) pairs; q k^T and p v cost 2 * d_model FLOPs per pair each
+    forward, x3 with backward: 6 * d_model * n^2 per layer, 6 * n_layers * d_model * sum(n_i^2)
+    in all. For one span of S tokens that is 6 * L * d * S per token: PaLM's 12 * L * H * Q * T
+    (Chowdhery et al. 2022, app. B; H * Q = d_model) counts the full S x S square, we count the
+    causal triangle once, as the kernels compute it.
+    """
+    return 6 * cfg.n_layers * cfg.d_model * span_sq_sum
