@@ -148,3 +148,11 @@ def test_torch_version_check(version, ok):
     else:
         with pytest.raises(ImportError, match=r"needs torch>=2\.8"):
             check_torch(version)
+
+
+def test_bad_timeout_is_refused_in_one_line():
+    from tests.helpers import run_train
+
+    result = run_train(["parallel.timeout_s=0"], timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: parallel.timeout_s: must be a positive number, got 0.0"
