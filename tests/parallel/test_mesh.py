@@ -33,6 +33,7 @@ def test_cuda_device_is_set_before_the_process_group(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", calls.set_device)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "rendezvous", lambda *a, **k: iter([(calls.store, 1, 2)]))
+    monkeypatch.setattr(dist, "PrefixStore", lambda prefix, store: store)
     monkeypatch.setattr(dist, "init_process_group", calls.init_process_group)
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # keep os.environ untouched
     _cuda_dims().init_process_group()

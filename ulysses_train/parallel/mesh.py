@@ -98,6 +98,7 @@ class ParallelDims:
         store, _, _ = next(dist.rendezvous("env://", self.rank, self.world_size,
                                            timeout=first_contact))
         store.set_timeout(self.timeout)
+        store = dist.PrefixStore("default_pg", store)  # the key space torch's own path uses
         dist.init_process_group(self.backend, store=store, rank=self.rank,
                                 world_size=self.world_size, timeout=self.timeout, **kwargs)
 
