@@ -114,7 +114,7 @@ class ParallelDims:
         self.meshes["dp_sp"] = mesh["dp", "sp"]._flatten("dp_sp")  # (dp, sp) -> (dp*sp,)
         self.mesh = mesh
         # DeviceMesh makes its groups with torch's default timeout (30 min gloo, 10 min NCCL),
-        # not the world group's; init_device_mesh takes no timeout before torch 2.9.
+        # not the world group's, and torch 2.8's init_device_mesh takes no timeout or options.
         from torch.distributed.distributed_c10d import _set_pg_timeout
 
         for view in self.meshes.values():
@@ -166,7 +166,7 @@ def group_timeout(group=None) -> timedelta:
     """The timeout `group` (default: the world group) was made with: `parallel.timeout_s`."""
     import torch.distributed as dist
 
-    group = group or dist.group.WORLD
+    group = dist.group.WORLD if group is None else group
     device = next(iter(group._device_types))  # the group's first backend carries its options
     return group._get_backend(device).options._timeout
 
