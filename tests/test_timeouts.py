@@ -67,23 +67,23 @@ def _wait_for_training(procs, tmp_path, deadline_s=120.0) -> None:
         time.sleep(0.05)
 
 
-def _signal_rank1_and_time_rank0(tmp_path, sig, limit_s) -> tuple[int, float, str]:
-    """Send `sig` to rank 1 mid-run; return rank 0's exit code, seconds to exit, stderr.
+def _signal_rank1_and_wait_rank0(tmp_path, sig, limit_s) -> tuple[int, str]:
+    """Send `sig` to rank 1 mid-run; return rank 0's exit code and stderr.
 
-    Rank 0 gets `limit_s` (the test's own deadline, so a missing timeout fails in seconds
-    instead of hanging for torch's default); both processes are gone afterwards whatever happens.
+    Rank 0 must exit within `limit_s` of the signal: the test's own deadline, so a missing
+    timeout fails in seconds instead of hanging for torch's default. Both processes are gone
+    afterwards, whatever happens.
     """
     procs = _start_ranks(tmp_path)
     try:
         _wait_for_training(procs, tmp_path)
         os.kill(procs[1].pid, sig)
-        start = time.monotonic()
         try:
             code = procs[0].wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
             pytest.fail(f"rank 0 still running {limit_s} s after rank 1 got {sig.name}:\n"
                         + _read(tmp_path, "rank0.err")[-2000:])
-        return code, time.monotonic() - start, _read(tmp_path, "rank0.err")
+        return code, _read(tmp_path, "rank0.err")
     finally:
         for proc in procs:  # our own children, by handle: wake a stopped one so it can die
             if proc.poll() is None:
@@ -93,17 +93,19 @@ def _signal_rank1_and_time_rank0(tmp_path, sig, limit_s) -> tuple[int, float, st
 
 
 def _error_lines(stderr: str) -> list[str]:
-    assert "Traceback" not in stderr, stderr
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines
 
 
 def test_stalled_rank_ends_its_peer_within_the_timeout(tmp_path):
     """Catches: parallel.timeout_s not reaching the process group (rank 0 would wait torch's
     10-30 min default: the deadline fails the test), and a timeout surfacing as a traceback."""
-    code, seconds, stderr = _signal_rank1_and_time_rank0(tmp_path, signal.SIGSTOP,
-                                                          TIMEOUT_S + 10)
-    assert code != 0
-    assert seconds >= TIMEOUT_S - 0.5, f"{seconds:.1f} s: it did not wait for the timeout"
+    # Only an upper bound: rank 0 may already have been waiting in the collective when rank 1
+    # stopped, and the timeout counts from the start of that wait.
+    code, stderr = _signal_rank1_and_wait_rank0(tmp_path, signal.SIGSTOP, TIMEOUT_S + 10)
+    assert code != 0, stderr[-3000:]
     (line,) = _error_lines(stderr)
     assert line.startswith("error: parallel.timeout_s: collective all_reduce"), line
     assert f"waited {TIMEOUT_S} s for rank 1, which stalled or died" in line, line
@@ -111,8 +113,8 @@ def test_stalled_rank_ends_its_peer_within_the_timeout(tmp_path):
 
 def test_killed_rank_ends_its_peer_at_once(tmp_path):
     """Catches: a lost peer surfacing as a traceback (or a hang) instead of one line."""
-    code, seconds, stderr = _signal_rank1_and_time_rank0(tmp_path, signal.SIGKILL, 10)
-    assert code != 0
+    code, stderr = _signal_rank1_and_wait_rank0(tmp_path, signal.SIGKILL, 10)
+    assert code != 0, stderr[-3000:]
     (line,) = _error_lines(stderr)
     assert "lost its connection to rank 1" in line and "that rank died" in line, line
 
