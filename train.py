@@ -11,7 +11,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ulysses_train import cli
+try:
+    from ulysses_train import cli
+except ImportError as import_error:
+    if not str(import_error).startswith("ulysses_train needs torch"):
+        raise
+    print(f"error: {import_error}", file=sys.stderr, flush=True)  # one line, not a traceback
+    sys.exit(1)
 from ulysses_train.errors import ConfigError
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -33,6 +39,14 @@ def main(cfg: DictConfig) -> None:
             print("aborted: rerun the same command to resume from the newest checkpoint",
                   file=sys.stderr, flush=True)
         sys.exit(130)
+    except Exception as error:  # a peer rank stalled or died: one line, not a traceback
+        from ulysses_train.parallel.mesh import describe_collective_failure
+
+        line = describe_collective_failure(error, RANK, WORLD_SIZE, cfg.parallel.timeout_s)
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(1)
     sys.exit(code)
 
 

@@ -113,9 +113,9 @@ class CheckpointManager:
     def _pg(self):
         """Gloo group for async saves and verification verdicts; None alone. Collective once."""
         if self.distributed and self._group is None:
-            from .parallel.mesh import PG_TIMEOUT
+            from .parallel.mesh import new_group  # with the world group's parallel.timeout_s
 
-            self._group = dist.new_group(backend="gloo", timeout=PG_TIMEOUT)
+            self._group = new_group(backend="gloo")
         return self._group
 
     # ---- saving -------------------------------------------------------------------------

@@ -57,6 +57,11 @@ class ParallelConfig:
     dp: int = -1  # -1: whatever the world size leaves after tp * sp
     zero: int = 0
     backend: str = "auto"
+    # Seconds a collective may wait for its peers before it fails: a rank that dies or stalls
+    # then ends every rank within this time instead of leaving them hanging. Also bounds the
+    # first rendezvous. Long enough for the slowest legitimate wait (a checkpoint written by
+    # rank 0 while the others stand at a barrier).
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -215,6 +220,7 @@ def validate_parallel(p: ParallelConfig, world_size: int) -> None:
     require(p.dp == -1 or p.dp > 0, "parallel.dp", f"must be -1 (the rest) or positive, got {p.dp}")
     _one_of(p.zero, ZERO_STAGES, "parallel.zero")
     _one_of(p.backend, BACKENDS, "parallel.backend")
+    _positive(p.timeout_s, "parallel.timeout_s")
     inner = p.tp * p.sp
     require(world_size % inner == 0, "parallel.tp" if world_size % p.tp else "parallel.sp",
             f"tp x sp = {p.tp} x {p.sp} does not divide the world size {world_size}; launch "

@@ -13,6 +13,8 @@ over it (DESIGN §1).
 from __future__ import annotations
 
 import os
+import re
+import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -20,7 +22,7 @@ import torch
 
 from ..config import ParallelConfig, validate_parallel
 
-PG_TIMEOUT = timedelta(minutes=10)  # a dead rank fails the job instead of hanging it forever
+RENDEZVOUS_TIMEOUT = timedelta(minutes=30)  # torch's own default for first contact
 
 
 @dataclass
@@ -32,6 +34,9 @@ class ParallelDims:
     rank: int
     device: torch.device
     backend: str = "gloo"
+    # How long any collective waits for a peer before it fails (parallel.timeout_s): a rank that
+    # dies or stalls then ends the others instead of leaving them hanging.
+    timeout: timedelta = timedelta(minutes=10)
     mesh: object = field(default=None, repr=False)  # DeviceMesh once build_mesh() ran
     # Named 1-D views of the mesh: "dp", "sp", "tp" and the flattened "dp_sp". Kept here because
     # torch wants flattened meshes held by the caller, not re-sliced from the root.
@@ -49,7 +54,7 @@ class ParallelDims:
         backend = cfg.backend if cfg.backend != "auto" else (
             "nccl" if device.type == "cuda" else "gloo")
         return cls(tp=cfg.tp, sp=cfg.sp, dp=dp, world_size=world_size, rank=rank,
-                   device=device, backend=backend)
+                   device=device, backend=backend, timeout=timedelta(seconds=cfg.timeout_s))
 
     @classmethod
     def from_env(cls, cfg: ParallelConfig) -> "ParallelDims":
@@ -68,14 +73,34 @@ class ParallelDims:
 
     # ---- process group and mesh ---------------------------------------------------------
     def init_process_group(self) -> None:
-        """Join the job's process group (no-op alone, or when a caller already made one)."""
+        """Select this rank's GPU, then join the job's process group with `self.timeout`.
+
+        No-op for the group alone, or when a caller already made one (the device is still
+        selected). The device comes first: NCCL binds its communicator to the current device,
+        and DeviceMesh, FSDP2 and DCP's object collectives allocate on it; left unset, every
+        rank of a node would use cuda:0 (older torch does not set it for you).
+        """
         import torch.distributed as dist
 
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if not self.distributed or dist.is_initialized():
             return
-        kwargs = {"device_id": self.device} if self.backend == "nccl" else {}
-        dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
-                                timeout=PG_TIMEOUT, **kwargs)
+        kwargs = {}
+        if self.backend == "nccl":
+            enable_nccl_async_error_handling(os.environ)
+            kwargs["device_id"] = self.device  # eager NCCL init, so mesh groups split from it
+        # First contact waits longer than a collective may: ranks (nodes) start minutes apart
+        # for reasons that are no fault (imports, data cache, a busy node), which a short
+        # parallel.timeout_s must not turn into a failed start. The store the group uses from
+        # then on gets self.timeout, as init_process_group would set it.
+        first_contact = max(self.timeout, RENDEZVOUS_TIMEOUT)
+        store, _, _ = next(dist.rendezvous("env://", self.rank, self.world_size,
+                                           timeout=first_contact))
+        store.set_timeout(self.timeout)
+        store = dist.PrefixStore("default_pg", store)  # the key space torch's own path uses
+        dist.init_process_group(self.backend, store=store, rank=self.rank,
+                                world_size=self.world_size, timeout=self.timeout, **kwargs)
 
     def build_mesh(self) -> None:
         """Create the ("dp", "sp", "tp") DeviceMesh and its flattened "dp_sp" dimension."""
@@ -88,6 +113,12 @@ class ParallelDims:
         self.meshes = {name: mesh[name] for name in ("dp", "sp", "tp")}
         self.meshes["dp_sp"] = mesh["dp", "sp"]._flatten("dp_sp")  # (dp, sp) -> (dp*sp,)
         self.mesh = mesh
+        # DeviceMesh makes its groups with torch's default timeout (30 min gloo, 10 min NCCL),
+        # not the world group's, and torch 2.8's init_device_mesh takes no timeout or options.
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        for view in self.meshes.values():
+            _set_pg_timeout(self.timeout, view.get_group())
 
     def group(self, name: str):
         """The process group of mesh dimension `name` ("dp", "sp", "tp", "dp_sp"); None alone."""
@@ -107,3 +138,93 @@ def pick_device(rank: int) -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def enable_nccl_async_error_handling(env) -> None:
+    """Make NCCL's watchdog end this process when a collective fails or times out.
+
+    Without it a rank whose peer died waits in a NCCL kernel forever. Mode 3 (tear down without
+    aborting the communicators, whose abort can itself hang) has been torch's default since 2.2
+    (pytorch#110723); we set it only when the user chose nothing, so an explicit choice (either
+    spelling, the old NCCL_ASYNC_ERROR_HANDLING too) wins.
+    """
+    if "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in env and "NCCL_ASYNC_ERROR_HANDLING" not in env:
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "3"
+
+
+def new_group(**kwargs):
+    """`dist.new_group` with the world group's timeout (torch would give it its 30 min default).
+
+    Every rank must call it at the same point (it is a collective).
+    """
+    import torch.distributed as dist
+
+    return dist.new_group(timeout=group_timeout(), **kwargs)
+
+
+def group_timeout(group=None) -> timedelta:
+    """The timeout `group` (default: the world group) was made with: `parallel.timeout_s`."""
+    import torch.distributed as dist
+
+    group = dist.group.WORLD if group is None else group
+    device = next(iter(group._device_types))  # the group's first backend carries its options
+    return group._get_backend(device).options._timeout
+
+
+# What torch's backends say when a peer is gone: gloo's tcp transport ("Connection reset by
+# peer", "Connection closed by peer", "Read error ..."), NCCL's watchdog and remote errors.
+_LOST = (re.compile(r"Connection (?:reset|closed|refused)(?: by peer)?|Broken pipe", re.IGNORECASE),
+         re.compile(r"Read error|Write error|ncclRemoteError|communicator was aborted",
+                    re.IGNORECASE))  # the first names the cause best; the second is a fallback
+_TIMED_OUT = re.compile(r"timed out|timing out|operation timeout", re.IGNORECASE)
+_NOT_A_NAME = {"wrapper", "inner", "wait", "__call__", "_fn"}
+
+
+def describe_collective_failure(exc: BaseException, rank: int, world_size: int,
+                                timeout_s: float) -> str | None:
+    """One `error:` line for an exception that means a peer rank stalled or died, else None.
+
+    A collective that waited `timeout_s` (parallel.timeout_s) for a peer raises a timeout; one
+    whose peer exited raises a connection error at once. Both reach us as RuntimeError or
+    torch.distributed.DistError (possibly wrapped, e.g. by DCP), so the whole cause chain is
+    read. The collective is named from the traceback: the innermost torch.distributed function,
+    else the innermost function of ours. The peer is named when it can only be one rank (a
+    world of two); torch's message gives only its network address.
+    """
+    import torch.distributed as dist
+
+    from ..errors import exception_chain
+
+    chain = list(exception_chain(exc))
+    failed = [e for e in chain if isinstance(e, (RuntimeError, dist.DistError))]
+    text = " ".join(str(e) for e in failed)
+    lost = _LOST[0].search(text) or _LOST[1].search(text)
+    timed_out = _TIMED_OUT.search(text)
+    if not (failed and (lost or timed_out)):
+        return None
+    name = _collective_name(chain)
+    peer = f"rank {1 - rank}" if world_size == 2 else "a peer rank"
+    if lost:
+        return (f"error: collective {name} on rank {rank} lost its connection to {peer} "
+                f"({lost.group(0).lower()}): that rank died; its own log says why")
+    return (f"error: parallel.timeout_s: collective {name} on rank {rank} waited {timeout_s:g} s "
+            f"for {peer}, which stalled or died; check its log (raise parallel.timeout_s if "
+            "it was only slow)")
+
+
+def _collective_name(chain: list[BaseException]) -> str:
+    """The innermost torch.distributed function in the tracebacks of `chain` and the innermost
+    function of ours that called it, e.g. "wait_tensor in all_to_all"."""
+    theirs = ours = None
+    for exc in chain:
+        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+            path = frame.filename.replace(os.sep, "/")
+            if frame.name in _NOT_A_NAME:
+                continue
+            if theirs is None and "torch/distributed/" in path:
+                theirs = frame.name
+            if ours is None and "/ulysses_train/" in path:
+                ours = frame.name
+    if theirs and ours:
+        return f"{theirs} in {ours}"
+    return theirs or ours or "(unknown)"

@@ -1,0 +1,141 @@
+"""ParallelDims' process-group setup: device before group, timeouts on every group, and the
+one-line report of a collective whose peer stalled or died.
+
+The device order is checked with mocks (there is no GPU in CI), on the real code path: the mocks
+only record calls, so the assertion is about what `init_process_group` does, in which order.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.distributed import run_distributed
+from ulysses_train.config import ParallelConfig
+from ulysses_train.errors import ConfigError
+from ulysses_train.parallel import mesh
+from ulysses_train.parallel.mesh import ParallelDims
+
+
+def _cuda_dims(world_size: int = 2, rank: int = 1) -> ParallelDims:
+    return ParallelDims(tp=1, sp=1, dp=world_size, world_size=world_size, rank=rank,
+                        device=torch.device("cuda", rank), backend="nccl",
+                        timeout=timedelta(seconds=42))
+
+
+def test_cuda_device_is_set_before_the_process_group(monkeypatch):
+    """Catches: the group created first (NCCL, DeviceMesh, FSDP2 and DCP then use cuda:0 on
+    every rank of a node), or the device never set at all."""
+    calls = mock.Mock()
+    monkeypatch.setattr(torch.cuda, "set_device", calls.set_device)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "rendezvous", lambda *a, **k: iter([(calls.store, 1, 2)]))
+    monkeypatch.setattr(dist, "PrefixStore", lambda prefix, store: store)
+    monkeypatch.setattr(dist, "init_process_group", calls.init_process_group)
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # keep os.environ untouched
+    _cuda_dims().init_process_group()
+    names = [c[0] for c in calls.mock_calls]
+    assert names.index("set_device") < names.index("init_process_group"), names
+    calls.set_device.assert_called_once_with(torch.device("cuda", 1))
+    _, kwargs = calls.init_process_group.call_args
+    assert kwargs["timeout"] == timedelta(seconds=42)  # parallel.timeout_s reaches the group
+    assert kwargs["device_id"] == torch.device("cuda", 1)
+    calls.store.set_timeout.assert_called_once_with(timedelta(seconds=42))
+
+
+def test_cuda_device_is_set_even_when_the_group_exists(monkeypatch):
+    """A caller (a test harness, a notebook) may have made the group: the device still matters."""
+    calls = mock.Mock()
+    monkeypatch.setattr(torch.cuda, "set_device", calls.set_device)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "init_process_group", calls.init_process_group)
+    _cuda_dims().init_process_group()
+    calls.set_device.assert_called_once_with(torch.device("cuda", 1))
+    calls.init_process_group.assert_not_called()
+
+
+def test_nccl_async_error_handling_is_enabled_unless_the_user_chose():
+    env = {}
+    mesh.enable_nccl_async_error_handling(env)
+    assert env == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"}
+    for name in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"):
+        env = {name: "0"}
+        mesh.enable_nccl_async_error_handling(env)
+        assert env == {name: "0"}  # an explicit choice, in either spelling, wins
+
+
+def test_timeout_comes_from_config_and_must_be_positive():
+    dims = ParallelDims.from_config(ParallelConfig(timeout_s=7.5), world_size=1, rank=0)
+    assert dims.timeout == timedelta(seconds=7.5)
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="parallel.timeout_s"):
+            ParallelDims.from_config(ParallelConfig(timeout_s=bad), world_size=1, rank=0)
+
+
+def _group_timeouts(rank, world_size):
+    """Every group the job makes, with the timeout it will wait for a peer (in seconds)."""
+    dims = ParallelDims(tp=2, sp=2, dp=1, world_size=world_size, rank=rank,
+                        device=torch.device("cpu"), timeout=timedelta(seconds=7))
+    dims.build_mesh()
+    out = {name: mesh.group_timeout(dims.group(name)).total_seconds()
+           for name in ("dp", "sp", "tp", "dp_sp")}
+    out["world"] = mesh.group_timeout().total_seconds()
+    group = mesh.new_group(backend="gloo")  # what the checkpoint makes for itself
+    out["new_group"] = mesh.group_timeout(group).total_seconds()
+    # Gloo connects a new group pair by pair; a rank that exited straight away could close a
+    # pair a peer is still connecting. A collective on it first ends the handshake everywhere.
+    dist.barrier(group)
+    return out
+
+
+def test_every_group_waits_parallel_timeout_s():
+    """Catches: mesh groups (and the checkpoint's own gloo group) left at torch's 30-minute
+    default, so a stalled peer inside sp/tp/ZeRO collectives hangs the job for half an hour
+    whatever parallel.timeout_s says. tp=2 x sp=2 makes real sub-groups of the world."""
+    world_timeout = 60.0  # what run_distributed gives the world group
+    for rank, got in enumerate(run_distributed(_group_timeouts, 4, timeout=world_timeout)):
+        assert got == {"dp": 7, "sp": 7, "tp": 7, "dp_sp": 7, "world": world_timeout,
+                       "new_group": world_timeout}, (rank, got)
+
+
+def _traceback_from(fn):
+    try:
+        fn()
+    except Exception as exc:
+        return exc
+    raise AssertionError("expected an exception")
+
+
+def _gloo_timeout():
+    raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for "
+                       "recv operation to complete")
+
+
+def test_report_of_a_timed_out_collective_is_one_line():
+    exc = _traceback_from(_gloo_timeout)
+    line = mesh.describe_collective_failure(exc, rank=0, world_size=2, timeout_s=5)
+    assert "\n" not in line and line.startswith("error: parallel.timeout_s: ")
+    assert "waited 5 s for rank 1" in line and "stalled or died" in line
+    line = mesh.describe_collective_failure(exc, rank=3, world_size=8, timeout_s=5)
+    assert "on rank 3" in line and "a peer rank" in line  # cannot tell which of 7 peers
+
+
+def test_report_of_a_lost_peer_reads_the_cause_chain():
+    def save():
+        try:
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:63197: "
+                               "Connection reset by peer.")
+        except RuntimeError as exc:  # DCP wraps collective errors like this
+            raise ValueError("checkpoint save failed") from exc
+
+    line = mesh.describe_collective_failure(_traceback_from(save), 1, 2, 600)
+    assert "lost its connection to rank 0 (connection reset by peer)" in line, line
+
+
+def test_other_errors_are_not_reported_as_collective_failures():
+    for exc in (RuntimeError("CUDA out of memory"), ValueError("Timed out"),  # not a backend error
+                KeyError("x")):
+        assert mesh.describe_collective_failure(exc, 0, 2, 5) is None
