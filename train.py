@@ -2,7 +2,7 @@
 
 Hydra composes `configs/` on top of the dataclass schema; we convert the result to plain
 dataclasses and hand them to the trainer. Bad overrides are caught before Hydra's own reporting so
-the user sees one `error: <key>: ...` line and exit code 2 (DESIGN §2).
+the user sees one `error: <key>: ...` line and exit code 2 (docs/architecture.md §2).
 """
 import os
 import sys

@@ -1,6 +1,6 @@
 """`Batch`: what the data package hands the trainer, and the one place windows become batches.
 
-Invariants (DESIGN §1):
+Invariants (docs/architecture.md §1):
 - every tensor is int64 and `(N, S)`; row i of each tensor describes the same sequence;
 - `labels[:, j]` is the token after `input_ids[:, j]`, computed from a window of S+1 tokens
   *before* any slicing, so the last column of a sequence-parallel slice keeps its label;
@@ -37,7 +37,7 @@ class Batch:
     def slice(self, rows: slice = slice(None), cols: slice = slice(None)) -> Batch:
         """Rows (data parallel) and/or columns (sequence parallel) of every tensor.
 
-        Results are made contiguous: views with strides must not reach collectives (DESIGN §1).
+        Results are made contiguous: views with strides must not reach collectives (docs/architecture.md §1).
         Labels and positions were fixed on the full sequence, so nothing is recomputed here.
         """
         return Batch(**{f.name: getattr(self, f.name)[rows, cols].contiguous()

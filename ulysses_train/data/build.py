@@ -33,7 +33,7 @@ _MAP_BATCH = 256  # documents per sentencepiece batch: enough to keep every core
 def _quiet_datasets():
     """Silence datasets' progress bars while we build (we log our own progress), and its log
     messages: a file it cannot read is also logged by it, and we report that ourselves as the
-    one `error: data.paths: ...` line (DESIGN §2). Both are restored afterwards."""
+    one `error: data.paths: ...` line (docs/architecture.md §2). Both are restored afterwards."""
     import datasets
 
     was_disabled = datasets.are_progress_bars_disabled()

@@ -79,7 +79,7 @@ class PackedTokens:
 
         Document ids come from the offsets (searchsorted), counted from the row's first
         document, so an EOS at position p is in the same document as p-1 and the id steps up at
-        p+1 (DESIGN §1: EOS belongs to the document it ends).
+        p+1 (docs/architecture.md §1: EOS belongs to the document it ends).
         """
         start = k * self.seq_len
         tokens = np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)

@@ -14,7 +14,7 @@ Ownership and invariants:
 - Every token's computation sees only its own row of `input_ids`/`position_ids`, except inside
   `attention_fn`: a rank holding a slice of the sequence runs this model unchanged.
 - `forward(..., labels)` returns a token *sum* and a count, never a mean (the trainer divides by
-  the global count; DESIGN §1 "loss is token-weighted").
+  the global count; docs/architecture.md §1 "loss is token-weighted").
 - Build on the meta device, `to_empty`, then `init_weights(seed)`; see `init.py` for why the
   initial values are independent of layout and module order.
 """

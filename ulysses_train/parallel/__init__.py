@@ -1,4 +1,4 @@
-"""Parallelism, applied to a single-device model from outside (DESIGN §3)."""
+"""Parallelism, applied to a single-device model from outside (docs/architecture.md §3)."""
 from .mesh import ParallelDims
 from .ulysses import UlyssesAttention
 

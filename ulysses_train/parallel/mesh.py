@@ -8,7 +8,7 @@ Rank layout: rank = (dp_i * sp + sp_i) * tp + tp_i, so tensor-parallel peers are
 chattiest collectives stay inside a node) and a sequence-parallel group is a block of
 consecutive ranks. `dp_sp` is the group over which sp ranks count as data parallel: they hold
 the same weights but different tokens, so gradients, the token count and the loss are summed
-over it (DESIGN §1).
+over it (docs/architecture.md §1).
 """
 from __future__ import annotations
 

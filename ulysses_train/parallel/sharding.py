@@ -17,7 +17,7 @@ How `parallel.zero` maps to FSDP2:
   for each block's forward and again for its backward.
 
 Gradients are *summed* (divide factor 1): the loss is already divided by the global token count,
-and FSDP2's default average over the mesh would divide a second time (DESIGN §1).
+and FSDP2's default average over the mesh would divide a second time (docs/architecture.md §1).
 
 Mixed precision (the policy of `model/precision.py`, the same as zero=0's): parameters are
 gathered in the compute dtype (`param_dtype`, bf16 under `train.precision=bf16`), gradients are
