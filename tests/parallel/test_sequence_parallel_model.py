@@ -44,6 +44,12 @@ LAYOUTS = [  # (sp, dp, kv heads): kv < sp (replicated), kv == sp, and dp x sp
     (4, 1, 2), (4, 1, 4), (2, 2, 2)]
 
 
+def _model(layout) -> dict:
+    # init_std 0.2: at the default 0.02 a tiny model barely uses position (see
+    # test_trainer_parallel.py), so wrong positions or a mis-routed head would hardly show.
+    return {"n_heads": 4, "n_kv_heads": layout[2], "init_std": 0.2}
+
+
 def _dims(rank, world, sp, dp):
     dims = ParallelDims(tp=1, sp=sp, dp=dp, world_size=world, rank=rank,
                         device=torch.device("cpu"))
@@ -53,8 +59,7 @@ def _dims(rank, world, sp, dp):
 
 def _all_layouts(rank, world):
     """One spawn for every layout (process start dominates the cost of these tests)."""
-    results = {layout: _loss_and_grads(_dims(rank, world, *layout[:2]),
-                                       {"n_heads": 4, "n_kv_heads": layout[2]})
+    results = {layout: _loss_and_grads(_dims(rank, world, *layout[:2]), _model(layout))
                for layout in LAYOUTS}
     results["saved_bytes"] = _saved_activation_bytes(_dims(rank, world, 4, 1))
     return results
@@ -67,7 +72,10 @@ def four_ranks():
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[f"sp{s}-dp{d}-kv{k}" for s, d, k in LAYOUTS])
 def test_model_forward_backward_equals_one_process(four_ranks, layout):
-    ref_loss, ref_grads = _loss_and_grads(cpu_dims(), {"n_heads": 4, "n_kv_heads": layout[2]})
+    """Catches: heads or kv heads routed to the wrong rank by the all-to-alls, kv heads not
+    replicated when kv < sp, a loss mean per rank instead of the token-weighted sum, gradients
+    not summed over dp x sp. (What the trainer feeds the model: test_batches_per_rank.py.)"""
+    ref_loss, ref_grads = _loss_and_grads(cpu_dims(), _model(layout))
     for rank_results in four_ranks:  # every rank holds the same (global) loss and gradients
         loss, grads = rank_results[layout]
         assert loss == pytest.approx(ref_loss, rel=1e-6)

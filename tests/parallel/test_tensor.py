@@ -166,10 +166,20 @@ def _pieces(tp_mesh) -> dict:
         pairs[name] = outs
     # The loss alone, on (B, S, V) logits sharded on V; and with no valid label at all.
     z = torch.randn(BATCH, SEQ, VOCAB, generator=g) * 3
-    for case, lab in {"loss": labels, "loss_all_ignored": torch.full_like(labels, -100)}.items():
+    # Wide range: each token's largest logits (+100) lie in one vocab half, alternating between
+    # the tp ranks. exp(100) overflows fp32, so a loss without the max shift gives inf, and one
+    # with a per-rank (not all-reduced) max is off by ~100 nats on tokens whose target is on the
+    # other rank.
+    wide = z.clone()
+    token = torch.arange(BATCH * SEQ).reshape(BATCH, SEQ)
+    wide[..., :VOCAB // 2] += torch.where(token % 2 == 0, 100.0, 0.0)[..., None]
+    wide[..., VOCAB // 2:] += torch.where(token % 2 == 1, 100.0, 0.0)[..., None]
+    cases = {"loss": (z, labels), "loss_all_ignored": (z, torch.full_like(labels, -100)),
+             "loss_wide_range": (wide, labels)}
+    for case, (full_z, lab) in cases.items():
         outs = []
-        sharded = distribute_tensor(z, tp_mesh, [Shard(-1)])  # (B, S, V) -> local (B, S, V/tp)
-        for loss_fn, logits in ((vocab_parallel_loss_sum, sharded), (token_loss_sum, z.clone())):
+        sharded = distribute_tensor(full_z, tp_mesh, [Shard(-1)])  # (B, S, V) -> local (B, S, V/tp)
+        for loss_fn, logits in ((vocab_parallel_loss_sum, sharded), (token_loss_sum, full_z.clone())):
             logits.requires_grad_()
             loss_sum, count = loss_fn(logits, lab)
             (loss_sum * 0.5).backward()
@@ -309,12 +319,16 @@ def test_tp_piece_equals_dense(two_ranks, piece):
             _close(grads[name], grads_ref[name], name)
 
 
-@pytest.mark.parametrize("case", ["loss", "loss_all_ignored"])
+@pytest.mark.parametrize("case", ["loss", "loss_all_ignored", "loss_wide_range"])
 def test_vocab_parallel_loss_equals_dense(two_ranks, case):
+    """The sharded loss and its logits gradient equal the dense ones. Catches: no max
+    all-reduce (wide range: a per-rank max is ~100 nats off, no shift overflows to inf), sums
+    not all-reduced, the target picked on the wrong rank, ignored labels counted."""
     for rank_out in two_ranks:
         (loss, count, grad, kind), (loss_ref, count_ref, grad_ref, _) = rank_out["pieces"][case]
         assert kind == "Tensor"  # a plain tensor: the trainer divides and all-reduces it as before
         assert int(count) == int(count_ref)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
         _close(loss, loss_ref, "loss sum")
         _close(grad, grad_ref, "logits grad")
         if case == "loss_all_ignored":
