@@ -1,4 +1,4 @@
-"""Checkpoints: atomic commit, retention, and every resume decision of DESIGN §2."""
+"""Checkpoints: atomic commit, retention, and every resume decision of docs/architecture.md §2."""
 import json
 import os
 

@@ -100,7 +100,7 @@ def test_batch_is_a_plain_dataclass():
 
 
 def test_importing_the_package_stays_light():
-    """datasets / sentencepiece load only when a cache is built (DESIGN §2)."""
+    """datasets / sentencepiece load only when a cache is built (docs/architecture.md §2)."""
     import subprocess
     import sys
 
