@@ -31,13 +31,14 @@ import pytest
 from helpers import ROOT, metrics_rows, small_config
 from ulysses_train import checkpoint_files as files
 from ulysses_train.checkpoint import PAUSE_MARKER
-from ulysses_train.data.cache import open_or_build, read_complete
+from ulysses_train.data.cache import TOKENIZER, open_or_build, read_complete
 from ulysses_train.metrics import MetricsFile
 from ulysses_train.trainer import run
 
 # file -> number of os.replace/os.rename calls, each covered by a test below.
 ATOMIC_SITES = {
-    "checkpoint_files.py": 1,  # latest: test_latest_survives_a_torn_write
+    "checkpoint_files.py": 2,  # latest: test_latest_survives_a_torn_write; move to abandoned/:
+    #                            test_a_crash_while_moving_checkpoints_aside_loses_none
     "checkpoint.py": 2,  # step dir commit: test_torn_commit_file_keeps_the_previous_checkpoint;
     #                      debug pause marker: test_torn_pause_marker_is_never_seen
     "metrics.py": 1,  # truncate_after: test_metrics_truncation_survives_a_torn_write
@@ -165,6 +166,7 @@ def _build(directory: Path) -> dict:
     """A minimal cache: one split of 4 uint16 tokens in one document."""
     np.arange(4, dtype=np.uint16).tofile(directory / "train.bin")
     np.save(directory / "train_offsets.npy", np.array([0, 4], dtype=np.int64))
+    (directory / TOKENIZER).write_bytes(b"a stand-in tokenizer model")  # checksummed too
     return {"dtype": "uint16", "n_tokens": {"train": 4}}
 
 
@@ -180,6 +182,34 @@ def test_torn_cache_marker_publishes_nothing(tmp_path):
     assert (kept / "meta.json").read_bytes() == kept_marker and read_complete(kept) == meta
     path, _, built = open_or_build(tmp_path, "torn", _build, log=print, is_main=True)
     assert built and read_complete(path) is not None
+
+
+def test_a_crash_while_moving_checkpoints_aside_loses_none(tmp_path, monkeypatch):
+    """Resuming from step 1 moves steps 2 and 3 to abandoned/; a crash after the first move
+    leaves every checkpoint whole in one of the two places, and the rerun finishes the move.
+    Catches: a move done as copy + delete (a crash leaves a partial copy), or a delete."""
+    ck = tmp_path / "checkpoints"
+    assert run(_ckpt_config(3), str(tmp_path)) == 0
+    real_rename, calls = os.rename, []
+
+    def crash_on_second(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise SimulatedCrash(f"simulated crash while moving {src}")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", crash_on_second)
+    ckdir = files.CheckpointDir(str(ck), log=lambda _: None)
+    with pytest.raises(SimulatedCrash):
+        ckdir.abandon_after(str(ck / "step_00000001"))
+    monkeypatch.setattr(os, "rename", real_rename)
+    where = {name: [p for p in (ck / name, ck / "abandoned" / name) if p.exists()]
+             for name in ("step_00000001", "step_00000002", "step_00000003")}
+    assert all(len(paths) == 1 and files.is_complete(str(paths[0]))
+               for paths in where.values()), where
+    files.CheckpointDir(str(ck), log=lambda _: None).abandon_after(str(ck / "step_00000001"))
+    assert sorted(os.listdir(ck / "abandoned")) == ["step_00000002", "step_00000003"]
+    assert (ck / "latest").read_text().strip() == "step_00000001"
 
 
 def test_every_atomic_write_site_has_a_torn_write_test():
