@@ -238,6 +238,7 @@ def sp_gpt_errors(group, cfg, ids, positions, labels, attn_mask=None) -> dict[st
     dist.all_reduce(losses[1], group=group)  # token sums add up over the sequence slices
     errors = {"loss": rel_err(losses[1], losses[0])}
     for (name, ref), sp in zip(models[0].named_parameters(), models[1].parameters()):
-        dist.all_reduce(sp.grad, group=group)  # each rank saw different tokens: sum (docs/architecture.md §1)
+        # each rank saw different tokens: sum (docs/architecture.md §1)
+        dist.all_reduce(sp.grad, group=group)
         errors[name] = rel_err(sp.grad, ref.grad)
     return errors

@@ -196,7 +196,8 @@ def test_torchrun_bad_layout_is_one_clean_line(small_args):
     """Every rank fails validation; rank 0 reports first (the others wait, cli.fail), so the
     launcher cannot stop it before its line is out."""
     done = run_torchrun(2, small_args + ["parallel.sp=4"])
-    assert done.returncode == 1  # the launcher's own exit code and summary (docs/architecture.md §2)
+    # the launcher's own exit code and summary (docs/architecture.md §2)
+    assert done.returncode == 1
     assert re.search(r"exitcode\s*:\s*2\b", done.stderr)  # rank 0, the root cause: exit 2
     # torchrun may route worker stderr through its own streams: look at both.
     output = (done.stdout + done.stderr).splitlines()

@@ -11,7 +11,8 @@ Crash safety (a `kill -9` at any instant leaves a resumable run):
   manifest, then renames the directory into place, and only then replaces `latest` atomically
   (`os.replace`). A step directory therefore always holds every file its manifest lists, and
   `latest` always names a committed one (or is a step behind, when the kill fell between the
-  rename and the pointer: resume then follows `latest`, per docs/architecture.md §2, and redoes those steps).
+  rename and the pointer: resume then follows `latest`, per docs/architecture.md §2, and redoes
+  those steps).
 - Nothing here deletes a checkpoint on its own. Resuming from step N moves this run dir's
   checkpoints newer than N to `checkpoints/abandoned/` (as metrics.jsonl drops its rows after
   N, so a later fallback can never land beyond the logged curve); `checkpoint.keep` removes only

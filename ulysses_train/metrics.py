@@ -1,6 +1,7 @@
 """What a run reports: metrics.jsonl, throughput, memory, MFU, the progress bar and wandb.
 
-Only rank 0 writes (docs/architecture.md §2): other ranks construct a `Reporter` with `enabled=False`.
+Only rank 0 writes (docs/architecture.md §2): other ranks construct a `Reporter` with
+`enabled=False`.
 `metrics.jsonl` holds one JSON object per logged step; on resume the rows after the resumed step
 are dropped first so the file reads as one clean curve.
 

@@ -81,7 +81,8 @@ def build_model(cfg: Config, dims: ParallelDims) -> GPT:
     with torch.device("meta"):
         model = GPT(cfg.model, attention_fn=attention_fn, loss_chunk=t.loss_chunk,
                     mlp_chunk=t.mlp_chunk)
-    # The order matters (docs/architecture.md §3): TP first (the plan names the unwrapped modules), then
+    # The order matters (docs/architecture.md §3): TP first (the plan names the unwrapped modules),
+    # then
     # activation checkpointing and compile (per block, names unchanged), then FSDP2, which
     # wraps whatever layout TP left; parameters are only materialized, and initialized per name
     # shard by shard, once every wrapper is in place.
@@ -183,7 +184,8 @@ class Trainer:
         A dp rank reads only its rows; an sp rank keeps its contiguous column slice. Labels and
         global positions were fixed on the whole sequence, so slicing loses nothing. The
         document mask (None unless `data.document_mask`) is built from the rows' *unsliced*
-        document ids: under Ulysses the local kernel sees the whole sequence (docs/architecture.md §1).
+        document ids: under Ulysses the local kernel sees the whole sequence (docs/architecture.md
+        §1).
         """
         g, seq = self.cfg.train.global_batch_size, self.cfg.data.seq_len
         rows_per_dp, cols_per_sp = g // self.dims.dp, seq // self.dims.sp

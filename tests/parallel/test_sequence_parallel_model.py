@@ -84,7 +84,8 @@ def test_model_forward_backward_equals_one_process(four_ranks, layout):
 
 
 def _saved_activation_bytes(dims: ParallelDims) -> int:
-    """Bytes of the unique non-parameter storages autograd saves for backward (docs/architecture.md §4)."""
+    """Bytes of the unique non-parameter storages autograd saves for backward (docs/architecture.md
+    §4)."""
     cfg = small_config(model={"d_model": 128, "n_heads": 8, "n_kv_heads": 4, "n_layers": 2},
                        data={"seq_len": 1024})
     model = build_model(cfg, dims)

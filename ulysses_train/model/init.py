@@ -1,6 +1,7 @@
 """Layout-independent, name-seeded parameter initialisation.
 
-The problem (docs/architecture.md §1): random init applied to an already-sharded parameter gives each shard
+The problem (docs/architecture.md §1): random init applied to an already-sharded parameter gives
+each shard
 its own random stream, so a tp=2 run would start from different weights than a single process.
 The scheme here makes the initial value of every parameter a pure function of
 (seed, parameter name, shape, device type):

@@ -1,7 +1,8 @@
 """Reductions over the data-parallel (dp × sp) group: token counts, losses and gradients.
 
 Sequence-parallel ranks hold the same weights but different tokens, so for everything below they
-count as data parallel: sums go over the flattened `dp_sp` group (docs/architecture.md §1). Every function has
+count as data parallel: sums go over the flattened `dp_sp` group (docs/architecture.md §1). Every
+function has
 a size-1 path (group None) that does nothing, so a single process runs exactly the reference.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ def reduce_gradients_(params: Iterable[torch.nn.Parameter], group) -> None:
     """Sum every parameter's gradient over `group`, in fp32, in one collective per dtype/device.
 
     Sum, not mean: the loss was already divided by the global token count, so each rank's
-    gradient is its share of the global gradient (docs/architecture.md §1: divide exactly once). A parameter
+    gradient is its share of the global gradient (docs/architecture.md §1: divide exactly once). A
+    parameter
     without a gradient on this rank contributes zeros, so every rank issues the same collective.
     """
     if group is None:
