@@ -132,23 +132,48 @@ def test_corruption_still_falls_back_and_moves_the_corrupt_one_aside(tmp_path):
 
 
 def test_explicit_older_path_moves_newer_steps_aside_even_twice(tmp_path):
-    """checkpoint.resume=PATH to an older step: newer steps are moved aside, not deleted; a
-    second time, the same names in abandoned/ get a numbered suffix."""
+    """checkpoint.resume=PATH to an older step: newer steps are moved aside, not deleted; when
+    a name is taken in abandoned/ (a second go-back, here to the new line's step 2), it gets a
+    numbered suffix."""
     cfg, model, opt = _saved(tmp_path)
     ck = tmp_path / "checkpoints"
-    older = str(ck / "step_00000001")
-    for round_ in range(2):
+    for older, moved in (("step_00000001", 2), ("step_00000002", 1)):
         said = []
-        m = _manager(tmp_path, cfg, log=said.append, resume=older)
+        m = _manager(tmp_path, cfg, log=said.append, resume=str(ck / older))
         state, _ = m.restore(model, opt, {"step": 0})
-        assert state["step"] == 1 and m.ckdir.latest_name() == "step_00000001"
-        m.save(2, model, opt, {"step": 2})  # the new line's step 2
-        m.save(3, model, opt, {"step": 3})
-        assert sum("aside to" in s for s in said) == 2, said
+        assert m.ckdir.latest_name() == older and state["step"] == int(older[-1])
+        for step in range(int(older[-1]) + 1, 4):  # the new line's steps
+            m.save(step, model, opt, {"step": step})
+        assert sum("aside to" in s for s in said) == moved, said
     assert sorted(os.listdir(ck / "abandoned")) == [
-        "step_00000002", "step_00000002.1", "step_00000003", "step_00000003.1"]
+        "step_00000002", "step_00000003", "step_00000003.1"]
     for name in os.listdir(ck / "abandoned"):
         assert checkpoint_files.is_complete(str(ck / "abandoned" / name))
+
+
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["same-dir", "other-run-dir"])
+def test_rerunning_an_explicit_path_continues_its_line(tmp_path, elsewhere):
+    """Rerunning the same command with checkpoint.resume=PATH (by hand, a torchrun restart or
+    a SLURM requeue) continues from the line PATH started, instead of going back to PATH each
+    time and moving the progress aside (found by a fresh-user run: an endless loop that also
+    piled up abandoned copies). Catches: PATH honoured on every run."""
+    cfg, model, opt = _saved(tmp_path / "a")
+    path = str(tmp_path / "a" / "checkpoints" / "step_00000001")
+    run_dir = tmp_path / ("b" if elsewhere else "a")
+    m = _manager(run_dir, cfg, resume=path)
+    assert m.restore(model, opt, {"step": 0})[0]["step"] == 1
+    m.save(2, model, opt, {"step": 2})  # this line's progress after PATH
+    said = []
+    again = _manager(run_dir, cfg, log=said.append, resume=path)  # the same command again
+    state, resumed = again.restore(model, opt, {"step": 0})
+    assert state["step"] == 2 and resumed.endswith("step_00000002"), said
+    assert any("was applied already" in s for s in said), said
+    abandoned = run_dir / "checkpoints" / "abandoned"
+    kept = sorted(os.listdir(abandoned)) if abandoned.exists() else []
+    assert kept == ([] if elsewhere else ["step_00000002", "step_00000003"])
+    again.save(3, model, opt, {"step": 3})  # the line goes on; its origin is kept
+    assert checkpoint_files.read_meta(str(run_dir / "checkpoints" / "step_00000003"))[
+        "origin"] == os.path.realpath(path)
 
 
 def test_keep_removes_only_older_checkpoints_of_the_current_line(tmp_path):

@@ -44,6 +44,10 @@ def test_yaml_presets_match_python_presets(name):
     (["data=web"], "data", "unknown preset 'web'"),
     (["train.steps"], "train.steps", "write key=value"),
     (["train.deterministic=maybe"], "train.deterministic", "'maybe' is not a valid bool"),
+    (["data=files", "data.paths=a.jsonl"], "data.paths", "expects a list; write data.paths=["),
+    (["checkpoint.resume=" + os.path.abspath(__file__)], "checkpoint.resume", "is not a directory"),
+    (["data.text_field="], "data.text_field", "must name the field"),
+    (["parallel.timeout_s=1e14"], "parallel.timeout_s", "must be at most 604800 seconds"),
 ])
 def test_hydra_errors_become_one_line(overrides, key, fragment):
     with pytest.raises(ConfigError) as info:

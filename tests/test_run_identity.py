@@ -202,6 +202,21 @@ def test_a_python_upgrade_that_retrains_the_stdlib_tokenizer_is_refused():
     assert "data.python '3.11.7' -> '3.11.9'" in info.value.message
 
 
+@pytest.mark.parametrize("changed, blamed", [("data.tokens", "data.paths"),
+                                               ("data.tokenizer", "data.tokenizer_path")])
+def test_a_changed_corpus_under_a_given_tokenizer_names_the_corpus(changed, blamed):
+    """With data.tokenizer_path set, appended documents (tokens differ, tokenizer equal) name
+    data.paths, and only a changed tokenizer file names data.tokenizer_path (a fresh-user run
+    got data.tokenizer_path for appended documents)."""
+    base = {"data.name": "files", "data.tokenizer_path": "/t/tok.model",
+            "data.paths": ["/c.jsonl"], "data.tokenizer": "a" * 64, "data.tokens": [1, 2, "h"]}
+    saved = {"identity": {"data": base}}
+    now = {"data": {**base, changed: "b" * 64 if changed == "data.tokenizer" else [3, 4, "g"]}}
+    with pytest.raises(ConfigError) as info:
+        run_identity.check_resume(saved, now, "/ck/step_1", "auto", log=print)
+    assert info.value.key == blamed
+
+
 def test_a_checkpoint_without_identity_resumes_with_a_warning(tmp_path, capsys):
     """Checkpoints written before the identity existed: warn, resume (and record it next save)."""
     _stop_at_2(tmp_path)

@@ -106,6 +106,9 @@ class CheckpointManager:
         self._group = None  # the checkpoint's own gloo group, made once on first use
         self._executor: ThreadPoolExecutor | None = None  # finishes async saves
         self._pending: tuple[int, Future] | None = None  # the async save in flight
+        # The `checkpoint.resume=PATH` this run's line started from (realpath), recorded in every
+        # meta.json it saves: rerunning the same command then continues that line (restore).
+        self.origin: str | None = None
 
     def _barrier(self) -> None:
         if self.distributed:
@@ -200,6 +203,8 @@ class CheckpointManager:
                 "torch": torch.__version__}
         if self.identity is not None:
             meta["identity"] = self.identity
+        if self.origin is not None:
+            meta["origin"] = self.origin
         files.write_durably(os.path.join(tmp, files.META), json.dumps(meta, indent=1))
         files.write_manifest(tmp, hashed, algorithm)  # last file in: it covers all the others
         if os.path.exists(final):  # cannot happen after `abandon_after`; never delete it anyway
@@ -338,14 +343,38 @@ class CheckpointManager:
                                   "checkpoints; use a fresh hydra.run.dir or "
                                   "checkpoint.resume=auto")
             return None, None
-        if mode == "auto":
+        explicit = None if mode == "auto" else os.path.abspath(os.path.expanduser(mode))
+        if explicit is not None and self._continued_from(explicit):
+            explicit = None  # a rerun (or torchrun/SLURM restart) of the same command
+        if explicit is None:
             state, path = self._load_auto(model, optimizer, trainer_state)
+            self.origin = files.read_meta(path).get("origin") if path else None
         else:
-            path = os.path.abspath(os.path.expanduser(mode))
+            path = explicit
             state = self._load_explicit(path, model, optimizer, trainer_state)
+            self.origin = os.path.realpath(path)
         if path is not None and self.is_main:
             self.ckdir.abandon_after(path)
         return state, path
+
+    def _continued_from(self, path: str) -> bool:
+        """True when this run dir's `latest` checkpoint is newer than `path` and its line
+        started from `path` (its meta.json's `origin`): `checkpoint.resume=PATH` was applied
+        already, so rerunning the same command — by hand, a torchrun restart or a SLURM requeue
+        — continues that line instead of going back to PATH again (and again)."""
+        latest = self.ckdir.latest_name()
+        if latest is None or not os.path.isdir(os.path.join(self.dir, latest)):
+            return False
+        try:
+            ours, theirs = files.read_meta(os.path.join(self.dir, latest)), files.read_meta(path)
+        except (OSError, ValueError, ConfigError):
+            return False
+        if ours.get("origin") != os.path.realpath(path) or ours["step"] <= theirs["step"]:
+            return False
+        self.log(f"checkpoint.resume={path} was applied already: this run dir continued from it "
+                 f"to step {ours['step']}, so resuming from its latest checkpoint (to go back to "
+                 "that path again, move the newer step directories out of checkpoints/ first)")
+        return True
 
     def _load_auto(self, model, optimizer, trainer_state: dict) -> tuple[dict | None, str | None]:
         candidates = self.ckdir.candidates()

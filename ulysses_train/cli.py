@@ -79,6 +79,10 @@ def translate(exc: BaseException) -> ConfigError:
     if convert:
         value, kind = convert.groups()
         return ConfigError(key or "config", f"{value!r} is not a valid {kind.lower()}")
+    if "is not a ListConfig, list or tuple" in text:  # e.g. data.paths=a.jsonl
+        k = key or "config"
+        return ConfigError(k, f"expects a list; write {k}=[a.jsonl,b.jsonl] (quoted in the "
+                              f"shell: '{k}=[a.jsonl,b.jsonl]')")
     unparsable = re.search(r"Error parsing override '([^'=]+)", text)
     if unparsable:
         return ConfigError(unparsable.group(1).lstrip("+~"),

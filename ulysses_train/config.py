@@ -25,6 +25,7 @@ BACKENDS = ("auto", "nccl", "gloo")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 VOCAB_MULTIPLE = 128
+MAX_TIMEOUT_S = 7 * 24 * 3600  # parallel.timeout_s upper bound
 
 
 @dataclass
@@ -222,6 +223,9 @@ def validate_parallel(p: ParallelConfig, world_size: int) -> None:
     _one_of(p.zero, ZERO_STAGES, "parallel.zero")
     _one_of(p.backend, BACKENDS, "parallel.backend")
     _positive(p.timeout_s, "parallel.timeout_s")
+    # torch stores it as a timedelta (at most ~2.7 million years); a week is a generous cap
+    require(p.timeout_s <= MAX_TIMEOUT_S, "parallel.timeout_s", f"must be at most "
+            f"{MAX_TIMEOUT_S} seconds (a week), got {p.timeout_s}")
     inner = p.tp * p.sp
     require(world_size % inner == 0, "parallel.tp" if world_size % p.tp else "parallel.sp",
             f"tp x sp = {p.tp} x {p.sp} does not divide the world size {world_size}; launch "
@@ -297,6 +301,8 @@ def validate_data(d: DataConfig) -> None:
     _finite(d.val_fraction, "data.val_fraction", 0.0, 0.5)
     _positive(d.tokenizer_sample_bytes, "data.tokenizer_sample_bytes")
     require(bool(d.cache_dir), "data.cache_dir", "must name a directory")
+    require(bool(d.text_field), "data.text_field", "must name the field (column) that holds "
+            "the documents' text, e.g. data.text_field=text")
 
 
 def validate_train(t: TrainConfig, dp: int) -> None:
@@ -343,9 +349,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     require(c.every >= 0, "checkpoint.every", f"must be >= 0 (0 = off), got {c.every}")
     _positive(c.keep, "checkpoint.keep")
     require(bool(c.resume), "checkpoint.resume", "must be auto, never or a checkpoint path")
-    require(c.resume in ("auto", "never") or os.path.isdir(os.path.expanduser(c.resume)),
-            "checkpoint.resume", f"{c.resume} does not exist; give auto, never or a "
-            "checkpoints/step_* directory")
+    resume = os.path.expanduser(c.resume)
+    require(c.resume in ("auto", "never") or os.path.isdir(resume), "checkpoint.resume",
+            f"{c.resume} {'is not a directory' if os.path.exists(resume) else 'does not exist'}"
+            "; give auto, never or a checkpoints/step_* directory")
     if c.resume not in ("auto", "never"):  # complete and of this model's shape (meta.json only)
         from .checkpoint_files import check_resume_path
 

@@ -19,11 +19,19 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
 from .config import DebugConfig
 from .errors import RunStopped
+
+# A skipped first step advances the schedule before any `optimizer.step()`, on purpose (see
+# above); torch would warn that this skips a value of the schedule — it does not here (the LR
+# is a function of the step), and the warning only alarms. A filter, not catch_warnings
+# (not thread-safe, and async saves run in a thread).
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before "
+                        r"`optimizer\.step\(\)`")
 
 
 class NonFiniteGuard:

@@ -132,7 +132,7 @@ def check_resume(meta: dict, current: dict, path: str, mode: str,
     changed_sources = [k for k in SOURCE_KEYS if k in saved and k in now and saved[k] != now[k]]
     for key in CONTENT_KEYS:
         if key in saved and key in now and saved[key] != now[key]:
-            blame = changed_sources[0] if changed_sources else _default_blame(now)
+            blame = changed_sources[0] if changed_sources else _default_blame(key, now)
             raise ConfigError(blame, _content_message(key, saved, now, changed_sources, path,
                                                       mode))
     if changed_sources and all(k in now for k in CONTENT_KEYS):
@@ -161,8 +161,11 @@ def _content_message(key: str, saved: dict, now: dict, changed: list, path: str,
             f"restore the data it was trained on to resume, or {_new_run_advice(mode)}")
 
 
-def _default_blame(now: dict) -> str:
-    if now.get("data.tokenizer_path"):
+def _default_blame(key: str, now: dict) -> str:
+    """The config key to name when `key` (a content key) changed but no source key did: the
+    given tokenizer file for a changed tokenizer, else where the text comes from (the corpus
+    changed on disk; a fixed tokenizer then still encodes the same, so it is not to blame)."""
+    if key == "data.tokenizer" and now.get("data.tokenizer_path"):
         return "data.tokenizer_path"
     return {"files": "data.paths", "hf": "data.hf_name"}.get(now.get("data.name"), "data.name")
 

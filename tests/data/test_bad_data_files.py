@@ -91,7 +91,7 @@ def _bad_input(tmp_path, case):
         return path, "data.paths", f"{path} line 2 is a JSON list, not an object"
     if case == "number-text":
         path.write_text("\n".join(lines[:1] + ['{"text": 42}']) + "\n")
-        return path, "data.text_field", f"{path} line 2: 'text' holds a int (42), not text"
+        return path, "data.text_field", f"{path} line 2: 'text' holds an int (42), not text"
     if case == "no-row-has-field":
         jsonl(path, [{"body": "a", "id": 1}, {"body": "b"}])
         return path, "data.text_field", (f"{path}: none of its 2 rows has a 'text' field (the "

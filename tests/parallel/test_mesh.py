@@ -70,7 +70,7 @@ def test_nccl_async_error_handling_is_enabled_unless_the_user_chose():
 def test_timeout_comes_from_config_and_must_be_positive():
     dims = ParallelDims.from_config(ParallelConfig(timeout_s=7.5), world_size=1, rank=0)
     assert dims.timeout == timedelta(seconds=7.5)
-    for bad in (0, -1, float("inf"), float("nan")):
+    for bad in (0, -1, float("inf"), float("nan"), 1e14):  # 1e14: timedelta overflowed
         with pytest.raises(ConfigError, match="parallel.timeout_s"):
             ParallelDims.from_config(ParallelConfig(timeout_s=bad), world_size=1, rank=0)
 

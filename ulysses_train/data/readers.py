@@ -69,8 +69,8 @@ def text_of(row, text_field: str, where: str, bad_bytes: int = 0) -> Text:
     if value is None:
         return Text("", NULL, bad_bytes)
     if not isinstance(value, str):
-        raise ConfigError("data.text_field", f"{where}: {text_field!r} holds a "
-                          f"{type(value).__name__} ({_short(value)}), not text; set "
+        raise ConfigError("data.text_field", f"{where}: {text_field!r} holds "
+                          f"{_article(type(value).__name__)} ({_short(value)}), not text; set "
                           "data.text_field to the field that holds the documents")
     return Text(value, "", bad_bytes)
 
@@ -193,3 +193,8 @@ def input_notes(inputs: tuple[str, ...], text_field: str, source: np.ndarray, is
         elif lost:
             notes.append((name, lost))
     return notes
+
+
+def _article(noun: str) -> str:
+    """`noun` with its indefinite article: "an int", "a float"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
