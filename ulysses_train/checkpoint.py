@@ -1,5 +1,7 @@
 """Checkpoints: DCP save (sync or async), verified resume, the `latest` pointer, retention.
 
+This module saves; choosing and loading what to resume from is `checkpoint_resume.ResumeMixin`.
+
 Layout under the run dir (kept by `checkpoint_files.CheckpointDir`):
     checkpoints/step_00000100/   a committed checkpoint: DCP files + `.metadata`, `meta.json`,
                                  `manifest.json` (sizes and hashes of the others; checkpoint_files)
@@ -53,20 +55,14 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import set_state_dict
 
 from . import checkpoint_files as files
 from .checkpoint_files import CheckpointReadError  # noqa: F401 (re-exported)
 from .checkpoint_files import TMP_PREFIX, is_complete, step_dirname  # noqa: F401 (re-exported)
-from .checkpoint_state import (RecordingWriter, brief, load_failure, state_to_load,
-                               state_to_save)
+from .checkpoint_resume import ResumeMixin
+from .checkpoint_state import RecordingWriter, brief, state_to_save
 from .config import CheckpointConfig, DebugConfig, ModelConfig
-from .errors import ConfigError
-from .run_identity import check_resume
 
-# DCP wraps read failures in CheckpointException, which derives from BaseException.
-LOAD_ERRORS = (Exception, CheckpointException)
 PAUSE_MARKER = "debug_paused"  # written in the run dir when debug.pause_in_save_* pauses
 # DCP warns on every save/load without a process group; a single process is what we intend. A
 # filter, not catch_warnings: async saves warn from DCP's thread, and catch_warnings is not
@@ -79,7 +75,7 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written; `latest` still names the previous one."""
 
 
-class CheckpointManager:
+class CheckpointManager(ResumeMixin):
     """Owns `run_dir/checkpoints`: saving, retention and choosing what to resume from.
 
     Every rank writes its shards through DCP; only the main rank touches the directory structure
@@ -254,147 +250,3 @@ class CheckpointManager:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-
-    # ---- verifying ----------------------------------------------------------------------
-    def check_shape(self, path: str) -> None:
-        """Refuse a checkpoint of another model shape or data identity, from meta.json alone."""
-        files.check_shape(path, self.model_cfg)
-        if self.identity is not None:
-            check_resume(files.read_meta(path), self.identity, path, self.cfg.resume, self.log)
-
-    def verify(self, path: str) -> list[str]:
-        """Problems ('PATH: what') that make `path` unusable — verified corruption: a missing
-        or unreadable manifest, a missing file, a size or hash that differs from it; empty when
-        verified. ConfigError if it holds another model shape; CheckpointReadError for any other
-        read error (I/O, ...) on any rank. A collective: every rank gets the same verdict."""
-        try:
-            mine = (self._verify_share(path), None)
-        except CheckpointReadError as exc:
-            mine = ([], exc.why)
-        every = [mine]
-        if self.distributed:
-            every = [None] * dist.get_world_size(self._pg())
-            dist.all_gather_object(every, mine, group=self._pg())
-        errors = [f"rank {r}: {why}" if self.distributed else why
-                  for r, (_, why) in enumerate(every) if why]
-        if errors:
-            raise CheckpointReadError(path, errors[0])
-        return list(dict.fromkeys(p for problems, _ in every for p in problems))  # dedup
-
-    def _verify_share(self, path: str) -> list[str]:
-        """This rank's part of `verify`. Cheap first (every rank): every size and the tiny
-        meta.json's hash, then the shape; then this rank's share of the other files' hashes."""
-        manifest, problem = files.read_manifest(path)
-        if manifest is None:
-            return [problem]
-        hashing = files.can_hash(manifest["algorithm"])
-        if not hashing:
-            self.log(f"warning: {path} was hashed with {manifest['algorithm']}, which this "
-                     "machine lacks (pip install xxhash); checking file sizes only")
-        problems = files.check_sizes(path, manifest)
-        if not problems and hashing:
-            problems = files.check_hashes(path, manifest, [files.META])
-        if problems:
-            return problems
-        self.check_shape(path)
-        if not hashing:
-            return []
-        names = sorted(n for n in manifest["files"] if n != files.META)
-        rank, world = ((dist.get_rank(self._pg()), dist.get_world_size(self._pg()))
-                       if self.distributed else (0, 1))
-        return files.check_hashes(path, manifest, names[rank::world])
-
-    # ---- loading ------------------------------------------------------------------------
-    def load(self, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict) -> dict:
-        """Load `path` into model/optimizer; return the saved trainer state (same keys)."""
-        request, state = state_to_load(path, model, optimizer, trainer_state)
-        dcp.load(request, checkpoint_id=path, no_dist=not self.distributed)
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        return request["trainer"]
-
-    def _load_verified(self, path: str, model, optimizer, trainer_state: dict) -> dict:
-        """`load` a verified checkpoint. Its files match the manifest, so a failure here (I/O
-        error, out of memory, a bug) is no evidence of corruption: CheckpointReadError, which
-        stops the run (exit 1) — falling back would abandon a checkpoint that may be good."""
-        try:
-            return self.load(path, model, optimizer, trainer_state)
-        except LOAD_ERRORS as exc:
-            raise CheckpointReadError(path, f"loading it failed: {load_failure(exc)}") from exc
-
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                trainer_state: dict) -> tuple[dict | None, str | None]:
-        """Apply `checkpoint.resume`; return (saved trainer state, path) or (None, None).
-
-        auto: `latest`, falling back (with a warning naming the bad file) to older checkpoints
-        only past verified corruption; an error if checkpoints exist but none is intact — never
-        silently train over them. never: start fresh, refusing a run dir that already holds
-        checkpoints. PATH: exactly that one, verified, or an error. Another model shape is
-        always an error; so is any other failure to read (CheckpointReadError, exit 1). Newer
-        checkpoints than the one resumed from are moved aside, never deleted.
-        """
-        if self.is_main:
-            self.ckdir.clean_partial()
-        mode = self.cfg.resume
-        if mode == "never":
-            if self.ckdir.has_any():
-                raise ConfigError("checkpoint.resume", f"'never', but {self.dir} already holds "
-                                  "checkpoints; use a fresh hydra.run.dir or "
-                                  "checkpoint.resume=auto")
-            return None, None
-        explicit = None if mode == "auto" else os.path.abspath(os.path.expanduser(mode))
-        if explicit is not None and self._continued_from(explicit):
-            explicit = None  # a rerun (or torchrun/SLURM restart) of the same command
-        if explicit is None:
-            state, path = self._load_auto(model, optimizer, trainer_state)
-            self.origin = files.read_meta(path).get("origin") if path else None
-        else:
-            path = explicit
-            state = self._load_explicit(path, model, optimizer, trainer_state)
-            self.origin = os.path.realpath(path)
-        if path is not None and self.is_main:
-            self.ckdir.abandon_after(path)
-        return state, path
-
-    def _continued_from(self, path: str) -> bool:
-        """True when this run dir's `latest` checkpoint is newer than `path` and its line
-        started from `path` (its meta.json's `origin`): `checkpoint.resume=PATH` was applied
-        already, so rerunning the same command — by hand, a torchrun restart or a SLURM requeue
-        — continues that line instead of going back to PATH again (and again)."""
-        latest = self.ckdir.latest_name()
-        if latest is None or not os.path.isdir(os.path.join(self.dir, latest)):
-            return False
-        try:
-            ours, theirs = files.read_meta(os.path.join(self.dir, latest)), files.read_meta(path)
-        except (OSError, ValueError, ConfigError):
-            return False
-        if ours.get("origin") != os.path.realpath(path) or ours["step"] <= theirs["step"]:
-            return False
-        self.log(f"checkpoint.resume={path} was applied already: this run dir continued from it "
-                 f"to step {ours['step']}, so resuming from its latest checkpoint (to go back to "
-                 "that path again, move the newer step directories out of checkpoints/ first)")
-        return True
-
-    def _load_auto(self, model, optimizer, trainer_state: dict) -> tuple[dict | None, str | None]:
-        candidates = self.ckdir.candidates()
-        for path in candidates:
-            problems = self.verify(path)
-            if problems:
-                self.log(f"warning: checkpoint {path} is corrupt ({files.summary(problems)}); "
-                         "trying the next newest")
-                continue
-            return self._load_verified(path, model, optimizer, trainer_state), path
-        if self.ckdir.has_any():
-            raise ConfigError("checkpoint.resume", f"{self.dir} holds checkpoints but none is "
-                              f"loadable (tried {len(candidates)}); repair or move them, or give "
-                              "a fresh hydra.run.dir — refusing to train over them")
-        return None, None
-
-    def _load_explicit(self, path: str, model, optimizer, trainer_state: dict) -> dict:
-        files.check_resume_path(path, self.model_cfg)  # exists, complete, same shape
-        problems = self.verify(path)
-        if problems:
-            raise ConfigError("checkpoint.resume", f"{path} is corrupt: "
-                              f"{files.summary(problems)}; pick another step directory")
-        return self._load_verified(path, model, optimizer, trainer_state)
