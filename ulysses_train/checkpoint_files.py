@@ -19,7 +19,6 @@ partial, another model shape) from `meta.json` before any heavy work.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 from .errors import ConfigError
+from .hashing import can_hash, default_algorithm, hash_file  # noqa: F401 (re-exported)
 
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
@@ -36,7 +36,6 @@ META = "meta.json"
 DCP_METADATA = ".metadata"
 SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
               "tie_embeddings")
-_CHUNK = 8 << 20
 _MAX_THREADS = 8  # hashing releases the GIL: files of several ranks hash in parallel
 
 
@@ -47,35 +46,6 @@ def step_dirname(step: int) -> str:
 def is_complete(path: str) -> bool:
     """Committed: DCP's `.metadata`, our `meta.json` and the manifest (written last) are there."""
     return all(os.path.isfile(os.path.join(path, n)) for n in (DCP_METADATA, META, MANIFEST))
-
-
-def _hasher(algorithm: str):
-    if algorithm == "xxh3_128":
-        import xxhash  # optional: the benchmark machine may lack it
-
-        return xxhash.xxh3_128()
-    return hashlib.new(algorithm)
-
-
-def can_hash(algorithm: str) -> bool:
-    try:
-        _hasher(algorithm)
-    except (ImportError, ValueError):
-        return False
-    return True
-
-
-def default_algorithm() -> str:
-    return "xxh3_128" if can_hash("xxh3_128") else "sha256"
-
-
-def hash_file(path: str, algorithm: str) -> str:
-    h, buf = _hasher(algorithm), bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def _hash_many(path: str, names: list[str], algorithm: str) -> list[str]:

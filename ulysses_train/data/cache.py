@@ -11,8 +11,8 @@ marker) are only ever removed by the lock holder, so they are never read and nev
 Checksums: `meta.json` records the size and content hash of every other file of the directory,
 and a hash of its own content. Opening a cache verifies all of them; a cache that fails (a
 truncated token file, one changed offset, a damaged tokenizer model or marker, an older format)
-is rebuilt with a one-line warning naming it and what failed. Hash: xxh3-64 (the `xxhash`
-package, a dependency of `datasets`) when installed, else sha256. Every file is hashed whole,
+is rebuilt with a one-line warning naming it and what failed. Hash: `hashing.default_algorithm`
+(xxh3-128 where `xxhash` is installed, else sha256). Every file is hashed whole,
 except token files over `FULL_HASH_BYTES` (big corpora; they are memory-mapped, so a run reads
 only the rows it samples): those are checked by size plus `SAMPLE_BLOCKS` evenly spaced 1 MiB
 blocks, first and last included. Measured on the 2-core dev machine: xxh3 reads 1 GiB from the
@@ -37,6 +37,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ConfigError
+from ..hashing import default_algorithm, hash_file, new_hasher
 
 FORMAT_VERSION = 2  # bump whenever the files' layout or meaning changes (2: checksums)
 MARKER = "meta.json"
@@ -63,45 +64,25 @@ def split_files(split: str) -> tuple[str, str]:
     return f"{split}.bin", f"{split}_offsets.npy"
 
 
-def hash_algorithm() -> str:
-    """xxh3_64 where the `xxhash` package is installed (it comes with `datasets`), else sha256."""
-    try:
-        import xxhash  # noqa: F401
-    except ImportError:
-        return "sha256"
-    return "xxh3_64"
-
-
-def _hasher(algorithm: str):
-    """A fresh hash object; ValueError (or ImportError) if this machine lacks `algorithm`."""
-    if algorithm == "xxh3_64":
-        import xxhash
-
-        return xxhash.xxh3_64()
-    return hashlib.new(algorithm)
-
-
 def file_digest(path: Path, algorithm: str) -> str:
     """Content hash of `path`. Token files (`.bin`, memory-mapped, so only the rows a run asks
     for are ever read) over FULL_HASH_BYTES: of SAMPLE_BLOCKS blocks of 1 MiB spaced evenly from
     the first to the last (their size is checked separately). Any other file: of all of it."""
-    h = _hasher(algorithm)
     size = path.stat().st_size
+    if size <= FULL_HASH_BYTES or path.suffix != ".bin":
+        return hash_file(str(path), algorithm)
+    h = new_hasher(algorithm)
     with open(path, "rb", buffering=0) as f:
-        if size <= FULL_HASH_BYTES or path.suffix != ".bin":
-            while chunk := f.read(8 * _BLOCK):
-                h.update(chunk)
-        else:
-            for start in np.linspace(0, size - _BLOCK, SAMPLE_BLOCKS).astype(np.int64):
-                f.seek(int(start))
-                h.update(f.read(_BLOCK))
+        for start in np.linspace(0, size - _BLOCK, SAMPLE_BLOCKS).astype(np.int64):
+            f.seek(int(start))
+            h.update(f.read(_BLOCK))
     return h.hexdigest()
 
 
 def _meta_digest(meta: dict, algorithm: str) -> str:
     """Hash of the marker's content, itself excluded: a changed or half-written value fails."""
     body = {k: v for k, v in meta.items() if k != "meta_hash"}
-    h = _hasher(algorithm)
+    h = new_hasher(algorithm)
     h.update(json.dumps(body, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -109,7 +90,7 @@ def _meta_digest(meta: dict, algorithm: str) -> str:
 def add_checksums(directory: Path, meta: dict) -> dict:
     """Record size and digest of every file of `directory` (the marker excepted), and the
     marker's own digest, in `meta`; return it."""
-    algorithm = hash_algorithm()
+    algorithm = default_algorithm()
     meta["checksums"] = {"algorithm": algorithm, "files": {
         f.name: {"size": f.stat().st_size, "hash": file_digest(f, algorithm)}
         for f in sorted(directory.iterdir()) if f.is_file() and f.name != MARKER}}
@@ -131,7 +112,7 @@ def check_cache(path: Path) -> tuple[dict | None, str]:
         if meta.get("format") != FORMAT_VERSION:
             return None, f"has format {meta.get('format')}, this version reads {FORMAT_VERSION}"
         algorithm, files = meta["checksums"]["algorithm"], meta["checksums"]["files"]
-        _hasher(algorithm)
+        new_hasher(algorithm)
         if meta["meta_hash"] != _meta_digest(meta, algorithm):
             return None, "meta.json does not match its checksum"
         needed = {n for split in meta["n_tokens"] for n in split_files(split)} | {TOKENIZER}
