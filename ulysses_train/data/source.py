@@ -18,9 +18,10 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import ConfigError
+from ..hashing import hash_file
 from .batch import Batch
 from .build import SPLITS, build_corpus
-from .cache import cache_key, load_split, open_or_build
+from .cache import TOKENIZER, cache_key, load_split, open_or_build
 from .corpus import corpus_for
 from .packing import PackedTokens
 from .synthetic import EOS_ID, SyntheticTokens
@@ -108,11 +109,6 @@ def _cache_root(cfg: DataConfig) -> Path:
     return root
 
 
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_vocab_size: int,
                log: Callable[[str], None] = print, is_main: bool = True) -> DataSource:
     """The DataSource for `cfg`, building (once, under a lock) or reusing its token cache.
@@ -131,7 +127,7 @@ def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_voca
     tokenizer_path = os.path.expanduser(cfg.tokenizer_path) if cfg.tokenizer_path else ""
     if tokenizer_path:
         check_given_tokenizer(tokenizer_path, model_vocab_size)
-        tokenizer = {"given_sha256": _file_sha256(tokenizer_path)}
+        tokenizer = {"given_sha256": hash_file(tokenizer_path, "sha256")}
     else:
         tokenizer = {"settings": TRAINER_SETTINGS, "vocab_size": model_vocab_size,
                      "sample_bytes": cfg.tokenizer_sample_bytes}
@@ -161,7 +157,7 @@ def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_voca
         streams[split] = PackedTokens(ids, offsets, cfg.seq_len, seed=seed, split=split)
         tokens[split] = [int(meta["n_docs"][split]), int(meta["n_tokens"][split]),
                          hashlib.sha256(np.ascontiguousarray(offsets, np.int64)).hexdigest()]
-    identity = {"data.tokenizer": _file_sha256(str(path / "tokenizer.model")),
+    identity = {"data.tokenizer": hash_file(str(path / TOKENIZER), "sha256"),
                 "data.tokens": tokens, "data.cache": path.name}
     return DataSource(streams, vocab_size=meta["vocab_size"], eos_id=meta["eos_id"],
                       global_batch_size=global_batch_size, summary=_summary(meta),
