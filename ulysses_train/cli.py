@@ -5,8 +5,7 @@ below it sees plain dataclasses (`ulysses_train.config.Config`), never a DictCon
 
 Why pre-check: Hydra reports an unknown key or a wrong type as a multi-line message and exits 1.
 The contract (docs/architecture.md §2) is one line `error: <key>: <what to do>` and exit 2 on every
-rank, so we
-compose the overrides ourselves first, inside a try, and translate whatever goes wrong.
+rank, so we compose the overrides ourselves first, inside a try, and translate whatever goes wrong.
 """
 from __future__ import annotations
 

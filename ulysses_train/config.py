@@ -1,10 +1,9 @@
 """The configuration schema: one dataclass per config group, plus validation.
 
 These dataclasses are the whole user-facing schema (docs/architecture.md §2). Hydra composes YAML
-files in
-`configs/` on top of them (registration happens in `train.py`, so importing the package never
-imports Hydra); the library only ever sees these plain dataclasses. `validate` checks every value before any
-heavy work and reports the first bad one as a `ConfigError` naming its key.
+files in `configs/` on top of them (registration happens in `train.py`, so importing the package
+never imports Hydra); the library only ever sees these plain dataclasses. `validate` checks every
+value before any heavy work and reports the first bad one as a `ConfigError` naming its key.
 """
 from __future__ import annotations
 

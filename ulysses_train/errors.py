@@ -2,9 +2,8 @@
 
 Anything wrong with what the user gave us (config values, data paths, checkpoints) is raised as a
 `ConfigError` naming the config key. The entry point prints it as one line,
-`error: <key>: <message>`, and exits 2 (docs/architecture.md §2); library code never prints or
-exits itself.
-`RunStopped` is the same report for a run that had to stop itself (exit code 3).
+`error: <key>: <message>`, and exits 2 (docs/architecture.md §2); library code never prints or exits
+itself. `RunStopped` is the same report for a run that had to stop itself (exit code 3).
 """
 
 

@@ -1,9 +1,8 @@
 """What a run reports: metrics.jsonl, throughput, memory, MFU, the progress bar and wandb.
 
 Only rank 0 writes (docs/architecture.md §2): other ranks construct a `Reporter` with
-`enabled=False`.
-`metrics.jsonl` holds one JSON object per logged step; on resume the rows after the resumed step
-are dropped first so the file reads as one clean curve.
+`enabled=False`. `metrics.jsonl` holds one JSON object per logged step; on resume the rows after the
+resumed step are dropped first so the file reads as one clean curve.
 
 Nothing here may end a run: a metric is an observation, not a reason to lose a multi-day job. An
 impossible value (MFU above 1, a non-finite number in a step that was not skipped) is written

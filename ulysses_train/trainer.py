@@ -82,8 +82,7 @@ def build_model(cfg: Config, dims: ParallelDims) -> GPT:
         model = GPT(cfg.model, attention_fn=attention_fn, loss_chunk=t.loss_chunk,
                     mlp_chunk=t.mlp_chunk)
     # The order matters (docs/architecture.md §3): TP first (the plan names the unwrapped modules),
-    # then
-    # activation checkpointing and compile (per block, names unchanged), then FSDP2, which
+    # then activation checkpointing and compile (per block, names unchanged), then FSDP2, which
     # wraps whatever layout TP left; parameters are only materialized, and initialized per name
     # shard by shard, once every wrapper is in place.
     if dims.tp > 1:

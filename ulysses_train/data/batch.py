@@ -38,8 +38,8 @@ class Batch:
         """Rows (data parallel) and/or columns (sequence parallel) of every tensor.
 
         Results are made contiguous: views with strides must not reach collectives
-        (docs/architecture.md §1).
-        Labels and positions were fixed on the full sequence, so nothing is recomputed here.
+        (docs/architecture.md §1). Labels and positions were fixed on the full sequence, so nothing
+        is recomputed here.
         """
         return Batch(**{f.name: getattr(self, f.name)[rows, cols].contiguous()
                         for f in fields(self)})

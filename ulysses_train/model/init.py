@@ -1,10 +1,9 @@
 """Layout-independent, name-seeded parameter initialisation.
 
 The problem (docs/architecture.md §1): random init applied to an already-sharded parameter gives
-each shard
-its own random stream, so a tp=2 run would start from different weights than a single process.
-The scheme here makes the initial value of every parameter a pure function of
-(seed, parameter name, shape, device type):
+each shard its own random stream, so a tp=2 run would start from different weights than a single
+process. The scheme here makes the initial value of every parameter a pure function of (seed,
+parameter name, shape, device type):
 
 1. a 63-bit generator seed is derived from `sha256(f"{seed}:{name}")` (stable across processes
    and Python versions, unlike `hash()`, which is salted per process);

@@ -3,8 +3,7 @@
 With `data.document_mask=true` a token attends only to earlier tokens of its own document
 (causal within the document), and its position restarts at 0 at each document start (the data
 pipeline does that; docs/architecture.md §1: the two always go together). The mask is a property of
-the
-*global* row: under Ulysses the local kernel sees the whole sequence `(B, S, H/P, D)`, so a
+the *global* row: under Ulysses the local kernel sees the whole sequence `(B, S, H/P, D)`, so a
 `DocumentMask` is built once per micro-batch from the unsliced document ids, which every
 sequence-parallel rank holds anyway, and handed unchanged to every layer and every rank.
 

@@ -2,8 +2,8 @@
 
 Sequence-parallel ranks hold the same weights but different tokens, so for everything below they
 count as data parallel: sums go over the flattened `dp_sp` group (docs/architecture.md §1). Every
-function has
-a size-1 path (group None) that does nothing, so a single process runs exactly the reference.
+function has a size-1 path (group None) that does nothing, so a single process runs exactly the
+reference.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def reduce_gradients_(params: Iterable[torch.nn.Parameter], group) -> None:
 
     Sum, not mean: the loss was already divided by the global token count, so each rank's
     gradient is its share of the global gradient (docs/architecture.md §1: divide exactly once). A
-    parameter
-    without a gradient on this rank contributes zeros, so every rank issues the same collective.
+    parameter without a gradient on this rank contributes zeros, so every rank issues the same
+    collective.
     """
     if group is None:
         return

@@ -23,9 +23,8 @@ input-gradients add up before the single all-reduce). Plus 1 forward for the emb
 1 backward for the head input, and 2 forward for the loss.
 
 Order (docs/architecture.md §3): build on meta -> `apply_tensor_parallel` -> activation
-checkpointing ->
-compile -> FSDP2 over the dp_sp mesh -> `to_empty` -> `init_weights` (name-seeded, so every
-`full_tensor()` equals the single-process init).
+checkpointing -> compile -> FSDP2 over the dp_sp mesh -> `to_empty` -> `init_weights` (name-seeded,
+so every `full_tensor()` equals the single-process init).
 """
 from __future__ import annotations
 

@@ -9,8 +9,7 @@ proportional to S*d/P, constant when sequence length and rank count grow togethe
 
 The module owns no parameters and knows nothing about the model around it: it is injected as
 the model's `attention_fn` (docs/architecture.md §3, "model code runs on one device"), and it can
-wrap any
-kernel with the signature `fn(q, k, v, **kw)` in the `(B, S, H, D)` layout.
+wrap any kernel with the signature `fn(q, k, v, **kw)` in the `(B, S, H, D)` layout.
 """
 from __future__ import annotations
 
