@@ -7,8 +7,8 @@
 Prints one JSON line per sequence length: seq_len, tokens_per_s, model_tflops, mfu (null where
 the device's peak is unknown), peak_mem_gib, plus the options used (ac, offload, mlp_chunk, ...).
 Batch size 1, synthetic tokens. The model is built exactly as the trainer builds it
-(`trainer.build_model`: same checkpointing, tiling and compile passes), and the optimizer is the
-trainer's AdamW (fused on CUDA), so the numbers are the trainer's step minus data loading.
+(`model_build.build_model`: same checkpointing, tiling and compile passes), and the optimizer is
+the trainer's AdamW (fused on CUDA), so the numbers are the trainer's step minus data loading.
 
 Defaults are the long-context recipe: bf16 autocast on GPU (fp32 on CPU), tiled loss (no
 full-vocab logits), and `--ac auto`, which picks per sequence length the cheapest choice that
@@ -48,7 +48,7 @@ from ulysses_train.model import flops_per_token, model_config  # noqa: E402
 from ulysses_train.model.presets import PRESETS  # noqa: E402
 from ulysses_train.optim import build_optimizer  # noqa: E402
 from ulysses_train.parallel import ParallelDims  # noqa: E402
-from ulysses_train.trainer import build_model, resolve_dtype  # noqa: E402
+from ulysses_train.model_build import build_model, resolve_dtype  # noqa: E402
 
 SHAPE_FLAGS = {"n_layers": int, "d_model": int, "n_heads": int, "n_kv_heads": int,
                "ffn_hidden": int, "vocab_size": int}

@@ -24,7 +24,7 @@ from ulysses_train.config import Config  # noqa: E402
 from ulysses_train.model.presets import model_config  # noqa: E402
 from ulysses_train.parallel import ParallelDims  # noqa: E402
 from ulysses_train.parallel.activations import ActivationOffload  # noqa: E402
-from ulysses_train.trainer import build_model  # noqa: E402
+from ulysses_train.model_build import build_model  # noqa: E402
 
 
 def parked(cfg: Config, n_layers: int, seq: int, dtype: torch.dtype) -> tuple[int, list[str]]:

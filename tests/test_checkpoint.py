@@ -10,7 +10,7 @@ from ulysses_train.checkpoint import CheckpointManager, CheckpointSaveError, is_
 from ulysses_train.config import CheckpointConfig
 from ulysses_train.errors import ConfigError
 from ulysses_train.optim import build_optimizer
-from ulysses_train.trainer import build_model
+from ulysses_train.model_build import build_model
 
 from helpers import cpu_dims, flip_byte, run_train, small_config
 

@@ -19,7 +19,8 @@ from ulysses_train.checkpoint_state import init_optimizer_state
 from ulysses_train.errors import RunStopped
 from ulysses_train.optim import build_optimizer
 from ulysses_train.parallel import ParallelDims
-from ulysses_train.trainer import Trainer, build_model
+from ulysses_train.model_build import build_model
+from ulysses_train.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

@@ -24,7 +24,7 @@ from ulysses_train.checkpoint import CheckpointManager, CheckpointReadError
 from ulysses_train.config import CheckpointConfig
 from ulysses_train.optim import build_optimizer
 from ulysses_train.parallel import ParallelDims
-from ulysses_train.trainer import build_model
+from ulysses_train.model_build import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -210,7 +210,7 @@ def _hashing_rank(rank, world, root):
     cfg = small_config(parallel={"zero": 3})
     dims = ParallelDims.from_config(cfg.parallel, world, rank)
     dims.build_mesh()
-    from ulysses_train.trainer import build_model as build
+    from ulysses_train.model_build import build_model as build
 
     model = build(cfg, dims)
     opt = build_optimizer(model, cfg.optim)

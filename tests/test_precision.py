@@ -182,7 +182,7 @@ def test_recomputes_run_under_the_forward_autocast_state():
     """Backward recomputes (tiled MLP, tiled loss, full checkpointing) compute in bf16 like
     their forward. Bug caught: the tiled MLP's backward ran outside autocast, i.e. fp32 matmuls,
     a different function from the one whose gradient it claims to be."""
-    from ulysses_train.trainer import build_model
+    from ulysses_train.model_build import build_model
 
     cfg = small_config(train={"activation_checkpointing": "full", "mlp_chunk": 8,
                               "loss_chunk": 8})

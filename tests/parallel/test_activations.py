@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import cpu_dims, small_config
 from ulysses_train.parallel.activations import ActivationOffload, _Parked
-from ulysses_train.trainer import build_model
+from ulysses_train.model_build import build_model
 
 SEQ = 48
 

@@ -9,7 +9,7 @@ from distributed import run_distributed
 from helpers import cpu_dims, small_config
 from ulysses_train.parallel import ParallelDims
 from ulysses_train.parallel.data_parallel import all_reduce_, reduce_gradients_
-from ulysses_train.trainer import build_model
+from ulysses_train.model_build import build_model
 
 SEQ, BATCH = 32, 2
 
