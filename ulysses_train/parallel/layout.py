@@ -11,9 +11,9 @@ groups, U = P / R Ulysses ranks per ring rank. sp-group rank = ring_rank * U + u
 - ring = 1 (Ulysses only): the row is padded to S' = the next multiple of P and rank u holds
   positions [u*S'/P, (u+1)*S'/P) — exactly the layout before rings existed when P divides S.
 - ring = R > 1: the row is padded to S' = the next multiple of 2P and cut into 2R equal chunks
-  of S'/(2R); ring rank i holds chunks i and 2R-1-i, concatenated in that order (the causal
-  load balance of Brandon et al. 2023 "Striped/zig-zag" layouts, as in Megatron's context
-  parallel: every ring rank then does the same causal work). After the Ulysses all-to-all a
+  of S'/(2R); ring rank i holds chunks i and 2R-1-i, concatenated in that order (the
+  "zig-zag" causal load balance of Megatron-LM's context parallelism: every ring rank then
+  does the same amount of causal attention work). After the Ulysses all-to-all a
   ring rank sees exactly those S'/R positions; Ulysses rank u holds the u-th contiguous piece
   of S'/P of them (2P divides S', so each of the two chunks splits into U whole pieces).
 Positions >= S are padding: their labels are ignored and they count 0 tokens; under causal
