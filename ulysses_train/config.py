@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from .errors import ConfigError, require
 
@@ -46,9 +46,19 @@ class ModelConfig:
     rope_beta_slow: float = 1.0  # yarn: pairs making <= this many turns are interpolated
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths > original / this are interpolated
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths < original / this are kept
+    # yarn's attention scaling of cos/sin (transformers' names): attention_factor wins; else
+    # mscale/mscale_all_dim when both are set; null = transformers' default 0.1 ln(factor) + 1.
+    rope_attention_factor: Optional[float] = None
+    rope_mscale: Optional[float] = None
+    rope_mscale_all_dim: Optional[float] = None
+    rope_truncate: bool = True  # yarn: floor/ceil the correction range (transformers' truncate)
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # q/k/v projections with a bias (Qwen2); initialised to zero
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # A Hugging Face model dir or one of our run/step dirs: the architecture (model.*) comes
+    # from it (hf/config.py), the weights too (init_from.py). "" = train from scratch.
+    init_from: str = ""
 
 
 @dataclass
@@ -199,6 +209,9 @@ def validate_rope(m: ModelConfig) -> None:
     """Every scaling key is checked whatever the method: a bad value fails now, not in the run
     that first switches to the method reading it.
     """
+    require(m.rope_scaling != "dynamic", "model.rope_scaling", "dynamic NTK scaling is "
+            "inference-only (its frequencies change with each input's length, so no one table "
+            "can be trained); use yarn, llama3, linear or ntk")
     _one_of(m.rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
     require(m.rope_scaling != "ntk" or m.d_model // m.n_heads > 2, "model.rope_scaling",
             "ntk needs a head dim > 2 (its base change divides by head_dim - 2)")
@@ -213,6 +226,10 @@ def validate_rope(m: ModelConfig) -> None:
     require(m.rope_high_freq_factor > m.rope_low_freq_factor, "model.rope_high_freq_factor",
             f"must be > model.rope_low_freq_factor={m.rope_low_freq_factor}, "
             f"got {m.rope_high_freq_factor}")
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        value = getattr(m, "rope_" + key)
+        require(value is None or (math.isfinite(value) and value > 0), f"model.rope_{key}",
+                f"must be a positive number or null (transformers' default), got {value}")
 
 
 def validate_parallel(p: ParallelConfig, world_size: int) -> None:

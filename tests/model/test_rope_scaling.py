@@ -14,7 +14,7 @@ from ulysses_train.config import ModelConfig, validate
 from ulysses_train.errors import ConfigError
 from ulysses_train.model import GPT, rope_inv_freq
 from ulysses_train.model.rope import (rope_cos_sin, rope_frequencies, rope_scaled_inv_freq,
-                                      yarn_mscale)
+                                      yarn_attention_factor, yarn_correction_range)
 
 from helpers import small_config
 
@@ -49,17 +49,23 @@ def ref_llama3(dim, theta, factor, original, low=1.0, high=4.0):
     return out
 
 
-def ref_yarn(dim, theta, factor, original, beta_fast=32.0, beta_slow=1.0):
-    """YaRN (Peng et al. 2023, eq. "NTK-by-parts"): h(f) = (1 - g(r)) f / s + g(r) f, r = L / wavelength."""
+def ref_yarn(dim, theta, factor, original, beta_fast=32.0, beta_slow=1.0, truncate=True):
+    """YaRN (Peng et al. 2023, "NTK-by-parts", as its reference code and transformers compute it):
+    h(f_i) = (1 - g_i) f_i / s + g_i f_i, where the kept share g_i falls linearly in the pair
+    index i from 1 at i <= low to 0 at i >= high, and low/high are the indices of the pairs
+    making beta_fast/beta_slow turns over the original context (floored/ceiled when truncating,
+    clamped to [0, dim - 1])."""
+    def pair(turns):  # solve original * theta^(-2i/dim) / (2 pi) = turns for i
+        return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair(beta_fast), pair(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
     out = []
-    for f in ref_base(dim, theta):
-        r = original / (2 * math.pi / f)
-        if r < beta_slow:
-            gamma = 0.0
-        elif r > beta_fast:
-            gamma = 1.0
-        else:
-            gamma = (r - beta_slow) / (beta_fast - beta_slow)
+    for i, f in enumerate(ref_base(dim, theta)):
+        gamma = 1 - min(max((i - low) / (high - low), 0.0), 1.0)
         out.append((1 - gamma) * f / factor + gamma * f)
     return out
 
@@ -130,29 +136,44 @@ def test_llama3_three_bands():
     assert (share[1:] > share[:-1]).all()
 
 
-def test_yarn_ramp_endpoints_and_temperature():
+def test_yarn_ramp_is_linear_in_the_pair_index_between_floored_bounds():
     dim, theta, factor, original = 128, 10000.0, 16.0, 4096
     base = rope_inv_freq(dim, theta)
     got = rope_scaled_inv_freq(dim, theta, "yarn", factor, original, beta_fast=32.0, beta_slow=1.0)
-    turns = original * base.double() / (2 * math.pi)  # r = L / wavelength
-    fast, slow = turns >= 32.0, turns <= 1.0
+    low, high = yarn_correction_range(dim, theta, original, 32.0, 1.0)
+    assert (low, high) == (20, 46)  # i(32 turns) = 20.94 floored, i(1 turn) = 45.03 ceiled
+    i = torch.arange(dim // 2)
+    fast, slow = i <= low, i >= high
     ramp = ~fast & ~slow
-    assert fast.sum() > 0 and slow.sum() > 0 and ramp.sum() > 0
     assert torch.equal(got[fast], base[fast])
     assert torch.allclose(got[slow], base[slow] / factor, rtol=1e-6, atol=0)
-    # Inside the ramp, the kept share gamma is linear in r: gamma = (r - 1) / (32 - 1).
+    # Inside the range the kept share is linear in the index, not in the number of turns.
     gamma = (got[ramp].double() / base[ramp].double() - 1 / factor) / (1 - 1 / factor)
-    assert torch.allclose(gamma, (turns[ramp] - 1.0) / 31.0, atol=1e-5)
+    assert torch.allclose(gamma, 1 - (i[ramp].double() - low) / (high - low), atol=1e-5)
+    untruncated = yarn_correction_range(dim, theta, original, 32.0, 1.0, truncate=False)
+    assert low < untruncated[0] < untruncated[1] < high
+    loose = rope_scaled_inv_freq(dim, theta, "yarn", factor, original, truncate=False)
+    assert close(loose, ref_yarn(dim, theta, factor, original, truncate=False))
+    assert not torch.equal(loose, got)
 
-    mscale = 0.1 * math.log(factor) + 1.0  # the paper's sqrt(1/t)
-    assert yarn_mscale(factor) == pytest.approx(mscale, rel=1e-12) and yarn_mscale(1.0) == 1.0
+
+def test_yarn_attention_scaling():
+    factor = 16.0
+    default = 0.1 * math.log(factor) + 1.0  # the paper's sqrt(1/t)
+    assert yarn_attention_factor(factor) == pytest.approx(default, rel=1e-12)
+    assert yarn_attention_factor(1.0) == 1.0
+    assert yarn_attention_factor(factor, attention_factor=0.5) == 0.5  # given: used as is
+    ratio = (0.1 * 0.7 * math.log(factor) + 1) / (0.1 * 0.9 * math.log(factor) + 1)
+    assert yarn_attention_factor(factor, mscale=0.7, mscale_all_dim=0.9) == pytest.approx(ratio)
+    assert yarn_attention_factor(factor, mscale=0.7) == pytest.approx(default)  # needs both
     cfg = replace(CFG, rope_scaling="yarn", rope_factor=factor)
     inv_freq, m = rope_frequencies(cfg)
-    assert m == pytest.approx(mscale, rel=1e-12)
+    assert m == pytest.approx(default, rel=1e-12)
+    assert rope_frequencies(replace(cfg, rope_attention_factor=1.25))[1] == 1.25
     cos, sin = rope_cos_sin(torch.arange(300)[None] * 97, inv_freq, m)
     assert cos.dtype == sin.dtype == torch.float32
-    assert torch.allclose(cos ** 2 + sin ** 2, torch.full_like(cos, mscale ** 2), rtol=1e-5)
-    for other in ("none", "linear", "ntk", "llama3"):  # the temperature is yarn's alone
+    assert torch.allclose(cos ** 2 + sin ** 2, torch.full_like(cos, default ** 2), rtol=1e-5)
+    for other in ("none", "linear", "ntk", "llama3"):  # the scaling is yarn's alone
         assert rope_frequencies(replace(cfg, rope_scaling=other))[1] == 1.0
 
 
@@ -183,7 +204,7 @@ def test_gpt_forward_with_each_scaling(method, reference_run):
     cfg = replace(CFG, rope_scaling=method)
     model = build(cfg, meta=True)  # init_weights must recompute the scaled table after to_empty
     inv_freq, mscale = rope_frequencies(cfg)
-    assert torch.equal(model.inv_freq, inv_freq) and model.rope_mscale == mscale
+    assert torch.equal(model.inv_freq, inv_freq) and model.attention_scaling == mscale
     with torch.no_grad():
         logits = model(ids, pos)
     assert torch.isfinite(logits).all()
@@ -193,10 +214,10 @@ def test_gpt_forward_with_each_scaling(method, reference_run):
 def test_gpt_applies_the_yarn_temperature():
     ids, pos = torch.arange(16)[None] % CFG.vocab_size, torch.arange(16)[None] * 50
     model = build(replace(CFG, rope_scaling="yarn"))
-    assert model.rope_mscale == pytest.approx(0.1 * math.log(4.0) + 1.0)
+    assert model.attention_scaling == pytest.approx(0.1 * math.log(4.0) + 1.0)
     with torch.no_grad():
         with_t = model(ids, pos)
-        model.rope_mscale = 1.0
+        model.attention_scaling = 1.0
         without_t = model(ids, pos)
     assert not torch.allclose(with_t, without_t, atol=1e-4)
 
@@ -208,6 +229,11 @@ def test_every_method_validates():
 
 BAD = [  # (key, value, key named in the error)
     ("rope_scaling", "dynamic", "model.rope_scaling"),
+    ("rope_scaling", "longrope", "model.rope_scaling"),
+    ("rope_attention_factor", 0.0, "model.rope_attention_factor"),
+    ("rope_attention_factor", math.nan, "model.rope_attention_factor"),
+    ("rope_mscale", -1.0, "model.rope_mscale"),
+    ("rope_mscale_all_dim", math.inf, "model.rope_mscale_all_dim"),
     ("rope_factor", 0.5, "model.rope_factor"),
     ("rope_factor", 0.0, "model.rope_factor"),
     ("rope_factor", math.nan, "model.rope_factor"),

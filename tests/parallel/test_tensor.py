@@ -20,6 +20,7 @@ from helpers import small_config
 from ulysses_train.errors import ConfigError
 from ulysses_train.model.attention import sdpa_attention
 from ulysses_train.model.gpt import GPT, token_loss_sum
+from ulysses_train.model.init import copy_full_
 from ulysses_train.model.rope import rope_cos_sin
 from ulysses_train.optim import build_optimizer
 from ulysses_train.parallel import ParallelDims, UlyssesAttention
@@ -190,11 +191,27 @@ def _pieces(tp_mesh) -> dict:
     return pairs
 
 
+def _qkv_bias_case(tp_mesh=None) -> dict:
+    """Logits and gradients of a GPT with q/k/v biases (Qwen2) set to distinct non-zero values,
+    so a bias sharded differently from its weight's output rows would change the logits."""
+    model = _build(_cfg(qkv_bias=True), tp_mesh)
+    biases = {n: p for n, p in model.named_parameters() if n.endswith(".bias")}
+    for i, (name, p) in enumerate(sorted(biases.items())):
+        copy_full_(p, torch.linspace(-1.0, 1.0, p.shape[0]) * (i + 1) / len(biases))
+    ids, pos, labels = _inputs()
+    loss_sum, n_valid = model(ids, pos, labels)
+    (loss_sum / n_valid).backward()
+    return {"logits": _full(model(ids, pos)), "placements": {
+                n: str(getattr(p, "placements", None)) for n, p in biases.items()},
+            "grads": {n: _full(p.grad) for n, p in model.named_parameters()}}
+
+
 def _two_ranks(rank, world) -> dict:
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     out = {"pieces": _pieces(mesh),
            "untied": _tp_model_case(mesh, _cfg()),
-           "tied": _tp_model_case(mesh, _cfg(tie_embeddings=True))}
+           "tied": _tp_model_case(mesh, _cfg(tie_embeddings=True)),
+           "qkv_bias": _qkv_bias_case(mesh)}
     with torch.device("meta"):  # the divisibility check runs before any sharding
         bad = GPT(_cfg(n_kv_heads=1).model)
     out["bad"] = _error(lambda: apply_tensor_parallel(bad, mesh), ConfigError)
@@ -286,6 +303,18 @@ def test_tp2_model_equals_one_process(two_ranks, tie):
         # this rank's rows, not a full (V, d) copy.
         assert got["grad_placements_ok"]
         assert got["emb_grad_bytes"] == VOCAB // 2 * 64 * 4
+
+
+def test_tp2_shards_qkv_biases_with_their_weights(two_ranks):
+    ref = _qkv_bias_case()
+    assert len(ref["placements"]) == 3 * 2  # wq, wk, wv per layer
+    for rank_out in two_ranks:
+        got = rank_out["qkv_bias"]
+        assert set(got["placements"].values()) == {"(Shard(dim=0),)"}
+        _close(got["logits"], ref["logits"], "logits")
+        assert got["grads"].keys() == ref["grads"].keys()
+        for name, expected in ref["grads"].items():
+            _close(got["grads"][name], expected, name)
 
 
 def test_tp_logits_stay_vocab_sharded(two_ranks, four_ranks):

@@ -8,7 +8,8 @@ Ownership and invariants:
   `attention_fn` (a `UlyssesAttention(local_attention, group)` wrapper later); tensor parallelism
   is applied from outside by a plan that refers to the attribute names below, which are therefore
   part of the contract: `tok_embeddings`, `layers[i].{attention_norm, attention.{wq, wk, wv, wo},
-  ffn_norm, feed_forward.{w1, w2, w3}}`, `norm`, `output` (None when embeddings are tied).
+  ffn_norm, feed_forward.{w1, w2, w3}}`, `norm`, `output` (None when embeddings are tied);
+  `wq`/`wk`/`wv` carry a `bias` only with `model.qkv_bias`.
 - Head counts are never baked into reshapes (`view(B, S, -1, D)`), so the same code runs on the
   local heads of a tensor-parallel shard.
 - Every token's computation sees only its own row of `input_ids`/`position_ids`, except inside
@@ -98,9 +99,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn):
         super().__init__()
         self.head_dim = cfg.d_model // cfg.n_heads
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
+        bias = cfg.qkv_bias  # Qwen2: biases on q, k, v only (never on wo or the MLP)
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.attention_fn = attention_fn
 
@@ -186,8 +188,8 @@ class GPT(nn.Module):
         # module's parameters separately.)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, self.vocab_size, bias=False)
         # Non-persistent: derived from the config, recomputed by init_weights, not checkpointed.
-        # rope_mscale: yarn's temperature on cos/sin (1.0 for the other scalings), a plain float.
-        inv_freq, self.rope_mscale = rope_frequencies(cfg)
+        # attention_scaling: yarn's factor on cos/sin (1.0 for the other scalings), a float.
+        inv_freq, self.attention_scaling = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # (logits, labels) -> (loss_sum, n_valid). Injected, like attention_fn: a tensor-parallel
         # plan replaces it with a vocab-parallel loss for its vocab-sharded logits.
@@ -212,7 +214,7 @@ class GPT(nn.Module):
         # The residual stream is in the compute dtype in every layout: autocast leaves the
         # lookup of a fp32 table in fp32, while FSDP2's bf16 parameter copy already yields bf16.
         h = h.to(compute_dtype(h))
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.rope_mscale)  # 2 x (B, S, 1, D), fp32
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.attention_scaling)  # 2 x (B, S, 1, D)
         for layer in self.layers:
             h = layer(h, cos, sin, mask=attn_mask)
         h = self.norm(h)
@@ -234,8 +236,9 @@ class GPT(nn.Module):
     def init_weights(self, seed: int) -> None:
         """Initialise every parameter and non-persistent buffer deterministically from `seed`.
 
-        Scheme: norm weights 1; every other weight (embedding, projections, head) N(0, init_std),
-        except the residual-stream output projections `wo` and `w2`, drawn with
+        Scheme: norm weights 1; q/k/v biases (`qkv_bias`) 0, as Qwen2 initialises them; every
+        other weight (embedding, projections, head) N(0, init_std), except the
+        residual-stream output projections `wo` and `w2`, drawn with
         init_std / sqrt(2 * n_layers) so that the residual stream's variance does not grow with
         depth (2 residual writes per block; GPT-2 / Megatron scaling). Each parameter is drawn
         in full from its own generator seeded by (seed, name): see `init.py`.
@@ -246,6 +249,9 @@ class GPT(nn.Module):
             if name.endswith("norm.weight"):  # attention_norm, ffn_norm and the final norm
                 init_param_(param, name, seed, lambda t, g: t.fill_(1.0))
                 continue
+            if name.endswith((".wq.bias", ".wk.bias", ".wv.bias")):
+                init_param_(param, name, seed, lambda t, g: t.zero_())
+                continue
             if name.endswith((".wo.weight", ".w2.weight")):
                 sd = residual_std
             elif name.endswith(".weight"):
@@ -255,7 +261,7 @@ class GPT(nn.Module):
             init_param_(param, name, seed, lambda t, g, sd=sd: t.normal_(0.0, sd, generator=g))
         device = self.inv_freq.device
         # Reassign instead of copy_: restores fp32 even if the module was cast to a lower dtype.
-        inv_freq, self.rope_mscale = rope_frequencies(self.cfg)
+        inv_freq, self.attention_scaling = rope_frequencies(self.cfg)
         self.inv_freq = inv_freq.to(device)
 
 

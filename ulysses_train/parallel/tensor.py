@@ -56,6 +56,7 @@ def tp_plan(model: GPT) -> dict[str, object]:
                                                  desired_input_layouts=(Replicate(), None, None),
                                                  use_local_output=False),
         # (B, S, d) -> (B, S, H*D/tp) local: this rank's heads, plain tensors for the kernel.
+        # A q/k/v bias (model.qkv_bias) is sharded Shard(0) like its weight's output rows.
         "layers.*.attention.wq": ColwiseParallel(),
         "layers.*.attention.wk": ColwiseParallel(),
         "layers.*.attention.wv": ColwiseParallel(),
