@@ -30,7 +30,9 @@ def main(cfg: DictConfig) -> None:
     from ulysses_train.trainer import run
 
     try:
-        config = OmegaConf.to_object(cfg)
+        # model.init_from decides model.* exactly as the pre-check did (hf/config.py)
+        config = cli.apply_init_from(OmegaConf.to_object(cfg), cli.explicit_model_keys(
+            HydraConfig.get().overrides.task))
         code = run(config, HydraConfig.get().runtime.output_dir)
     except ConfigError as error:  # bad input (exit 2), or a run that stopped itself (exit 3)
         cli.fail(error, RANK)

@@ -20,6 +20,7 @@ from typing import NoReturn, Sequence
 
 from .config import MODEL_PRESETS, Config, validate
 from .errors import ConfigError, exception_chain
+from .hf.config import apply_init_from, explicit_model_keys, run_name
 from .run_identity import check_before_start
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -39,6 +40,8 @@ def register() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
     if not OmegaConf.has_resolver("run_hash"):
         OmegaConf.register_new_resolver("run_hash", run_hash)
+    if not OmegaConf.has_resolver("run_name"):  # the run dir names the model init_from gives
+        OmegaConf.register_new_resolver("run_name", run_name)
 
 
 def rank_overrides(rank: int) -> list[str]:
@@ -125,6 +128,7 @@ def _compose(overrides: Sequence[str], world_size: int) -> tuple[Config, str]:
                 raise ConfigError(extra, "unknown key; check the spelling "
                                          "(python train.py --cfg job prints every key)")
             config = OmegaConf.to_object(cfg)
+        config = apply_init_from(config, explicit_model_keys(overrides))
         validate(config, world_size)
         return config, run_dir
     except ConfigError:

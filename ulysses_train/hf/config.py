@@ -1,0 +1,281 @@
+"""`model.init_from`, config side: the architecture (`model.*`) of an HF dir or of our checkpoint.
+
+A Hugging Face model dir's `config.json` (model_type llama, mistral or qwen2; transformers 4 or 5
+spelling) or one of our run / `checkpoints/step_*` dirs (its meta.json "model") decides the
+model's fields, overriding the preset. `apply_init_from` is the one place that does it; both the
+command-line pre-check (cli.py) and train.py's main call it with the keys the user set
+explicitly, so they build the same config. Rules:
+
+- A key the source *states* and the user also set explicitly to another value is an error
+  naming it (`error: model.<key>: ...`, exit 2).
+- Keys the source does not state keep the user's value: for an HF dir without `rope_scaling`,
+  the RoPE scaling keys are the context extension itself (`model.rope_scaling=yarn ...`), and
+  `model.rope_original_seq_len` defaults to the model's `max_position_embeddings` (its pretraining
+  context) unless set. For our own checkpoints `rope_theta` and the scaling keys are defaults
+  too: a later stage of a context extension changes them on purpose.
+- What we cannot train faithfully is refused in one line before any heavy work.
+
+No torch, no transformers: this runs in the pre-check, before torch is imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Iterable
+
+from ..errors import ConfigError
+
+KEY = "model.init_from"
+SUPPORTED = ("llama", "mistral", "qwen2")
+# transformers' defaults for keys a config.json may omit (LlamaConfig / MistralConfig /
+# Qwen2Config, transformers 5).
+_DEFAULTS = {
+    "llama": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=2048),
+    "mistral": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, sliding_window=4096,
+                    max_position_embeddings=131072),
+    "qwen2": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=32768),
+}
+# Our RoPE keys <- transformers' rope_parameters names, per rope_type.
+_ROPE_KEYS = {
+    "linear": {},
+    "llama3": {"rope_low_freq_factor": "low_freq_factor",
+               "rope_high_freq_factor": "high_freq_factor"},
+    "yarn": {"rope_beta_fast": "beta_fast", "rope_beta_slow": "beta_slow",
+             "rope_attention_factor": "attention_factor", "rope_mscale": "mscale",
+             "rope_mscale_all_dim": "mscale_all_dim", "rope_truncate": "truncate"},
+}
+# transformers' fallbacks inside _compute_yarn_parameters (`get(...) or 32`, `or 1`, True).
+_YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
+# ModelConfig fields a checkpoint of ours does not decide.
+_NOT_FROM_CHECKPOINT = ("name", "init_std", "init_from")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(KEY, f"cannot read {path} ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(KEY, f"{path} is not a JSON object")
+    return data
+
+
+def resolve_step_dir(path: str, key: str = KEY) -> str | None:
+    """`path` itself if it is one of our step dirs (has meta.json), the step `checkpoints/latest`
+    names if it is a run dir, None if it is neither. ConfigError for a run dir whose `latest`
+    is missing or names a missing step."""
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    ckpts = os.path.join(path, "checkpoints")
+    if not os.path.isdir(ckpts):
+        return None
+    latest = os.path.join(ckpts, "latest")
+    try:
+        with open(latest) as f:
+            name = f.read().strip()
+    except OSError:
+        raise ConfigError(key, f"{path} is a run dir without checkpoints/latest (no committed "
+                               "checkpoint); give a checkpoints/step_* dir") from None
+    step = os.path.join(ckpts, name)
+    if not os.path.isfile(os.path.join(step, "meta.json")):
+        raise ConfigError(key, f"{latest} names {name!r}, which is not a complete checkpoint; "
+                               "give a checkpoints/step_* dir")
+    return step
+
+
+def model_fields_from(path: str, seq_len: int) -> tuple[dict, dict, str]:
+    """(stated, defaults, name) for `model.init_from=path`: the ModelConfig fields the source
+    decides (conflict-checked against explicit overrides), fields it only suggests (applied
+    unless the user set them), and an honest `model.name`. `seq_len` is data.seq_len (a
+    sliding window shorter than it is refused). ConfigError for anything unusable.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise ConfigError(KEY, f"{path} {'is not a directory' if os.path.exists(path) else 'does not exist'}"
+                               "; give a Hugging Face model dir or one of our run / step dirs")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        hf = _read_json(os.path.join(path, "config.json"))
+        stated, defaults = hf_model_fields(hf, seq_len, os.path.join(path, "config.json"))
+        return stated, defaults, os.path.basename(path)
+    step = resolve_step_dir(path)
+    if step is None:
+        raise ConfigError(KEY, f"{path} has neither a config.json (Hugging Face model dir) nor a "
+                               "meta.json or checkpoints/latest (our step / run dir)")
+    saved = _read_json(os.path.join(step, "meta.json")).get("model")
+    if not isinstance(saved, dict):
+        raise ConfigError(KEY, f"{step}/meta.json has no \"model\" entry")
+    stated, defaults = checkpoint_model_fields(saved)
+    return stated, defaults, str(saved.get("name") or os.path.basename(path))
+
+
+def checkpoint_model_fields(saved: dict) -> tuple[dict, dict]:
+    """(stated, defaults) of our meta.json "model" (the ModelConfig of the run that saved it):
+    the architecture is stated; rope_theta and the RoPE scaling keys are defaults, since a
+    later stage of a context extension changes them on purpose. Fields an older version did
+    not record keep their dataclass defaults."""
+    from ..config import ModelConfig
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - set(_NOT_FROM_CHECKPOINT)
+    fields = {k: v for k, v in saved.items() if k in known}
+    rope = {k: v for k, v in fields.items() if k.startswith("rope_")}
+    return {k: v for k, v in fields.items() if k not in rope}, rope
+
+
+def _refuse(where: str, what: str) -> ConfigError:
+    return ConfigError(KEY, f"{where}: {what}")
+
+
+def hf_model_fields(hf: dict, seq_len: int, where: str = "config.json") -> tuple[dict, dict]:
+    """(stated, defaults) ModelConfig fields of a transformers config.json dict `hf`.
+
+    Refuses (ConfigError naming `where`) what our model does not compute: see `_check_supported`.
+    """
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED:
+        raise _refuse(where, f"model_type {kind!r} is not supported; supported: "
+                             f"{', '.join(SUPPORTED)}")
+    defaults = _DEFAULTS[kind]
+    try:
+        d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        stated = dict(n_layers=int(hf["num_hidden_layers"]), d_model=d, n_heads=heads,
+                      n_kv_heads=int(hf.get("num_key_value_heads") or heads),
+                      ffn_hidden=int(hf["intermediate_size"]),
+                      vocab_size=int(hf["vocab_size"]),
+                      norm_eps=float(hf.get("rms_norm_eps", defaults["rms_norm_eps"])),
+                      tie_embeddings=bool(hf.get("tie_word_embeddings",
+                                                 defaults["tie_word_embeddings"])),
+                      qkv_bias=kind == "qwen2")
+    except KeyError as exc:
+        raise _refuse(where, f"missing {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise _refuse(where, f"a size is not a number ({exc})") from None
+    _check_supported(hf, kind, seq_len, where)
+    max_pos = int(hf.get("max_position_embeddings", defaults["max_position_embeddings"]))
+    rope_stated, rope_defaults = _rope_fields(hf, max_pos, where)
+    return {**stated, **rope_stated}, rope_defaults
+
+
+def _check_supported(hf: dict, kind: str, seq_len: int, where: str) -> None:
+    """One line for each config.json setting our model would silently compute differently."""
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise _refuse(where, f"hidden_act {act!r} is not supported (our MLP is SwiGLU: silu)")
+    rope = _rope_dict(hf)
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise _refuse(where, f"partial_rotary_factor={partial}: partial rotary embeddings are "
+                             "not supported (we rotate the whole head)")
+    head_dim, d, heads = hf.get("head_dim"), hf["hidden_size"], hf["num_attention_heads"]
+    if head_dim is not None and int(head_dim) * int(heads) != int(d):
+        raise _refuse(where, f"head_dim={head_dim} != hidden_size / num_attention_heads = "
+                             f"{d} / {heads}; only head_dim = hidden_size / heads is supported")
+    for bias in ("attention_bias", "mlp_bias"):
+        if kind == "llama" and hf.get(bias):
+            raise _refuse(where, f"{bias}=true: our Llama has no such biases (only Qwen2's q/k/v "
+                                 "biases are supported)")
+    window = hf.get("sliding_window", _DEFAULTS[kind].get("sliding_window"))
+    if kind == "mistral" and window is not None and int(window) < seq_len:
+        raise _refuse(where, f"sliding_window={window} is smaller than data.seq_len={seq_len}: "
+                             "sliding-window attention is not implemented, so this is refused; "
+                             f"train with data.seq_len <= {window}")
+    if kind == "qwen2" and hf.get("use_sliding_window"):
+        raise _refuse(where, "use_sliding_window=true: sliding-window attention is not "
+                             "implemented, so this is refused")
+
+
+def _rope_dict(hf: dict) -> dict:
+    """The RoPE parameters in either spelling: transformers 5 `rope_parameters` (rope_theta
+    inside), older `rope_scaling` next to a top-level `rope_theta`."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    return dict(rope) if isinstance(rope, dict) else {}
+
+
+def _rope_fields(hf: dict, max_pos: int, where: str) -> tuple[dict, dict]:
+    """(stated, defaults) RoPE fields. rope_type default/absent states only rope_theta."""
+    rope = _rope_dict(hf)
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return {"rope_theta": theta}, {"rope_scaling": "none", "rope_original_seq_len": max_pos}
+    if kind == "dynamic":
+        raise _refuse(where, "rope_type 'dynamic' is inference-only (its frequencies change with "
+                             "each input's length, so no one table can be trained); use yarn, "
+                             "llama3 or linear")
+    if kind not in _ROPE_KEYS:
+        raise _refuse(where, f"rope_type {kind!r} is not supported; supported: default, "
+                             f"{', '.join(_ROPE_KEYS)}")
+    original = int(rope.get("original_max_position_embeddings") or max_pos)
+    factor = rope.get("factor")
+    if factor is None and kind == "yarn":  # transformers: the extended / original ratio
+        factor = max_pos / original
+    if factor is None or not math.isfinite(float(factor)):
+        raise _refuse(where, f"rope_type {kind!r} needs a numeric 'factor', got {factor!r}")
+    stated = {"rope_theta": theta, "rope_scaling": kind, "rope_factor": float(factor),
+              "rope_original_seq_len": original}
+    for ours, theirs in _ROPE_KEYS[kind].items():
+        value = rope.get(theirs)
+        if value is None:
+            value = _YARN_DEFAULTS.get(theirs) if kind == "yarn" else None
+        if value is None and kind == "llama3":
+            raise _refuse(where, f"rope_type 'llama3' needs {theirs!r}")
+        stated[ours] = bool(value) if theirs == "truncate" else (
+            None if value is None else float(value))
+    return stated, {}
+
+
+def explicit_model_keys(overrides: Iterable[str]) -> set[str]:
+    """ModelConfig field names the command line sets (`model.x=..`, `+model.x=..`,
+    `++model.x=..`); a preset choice `model=name` sets none."""
+    keys = set()
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("model."):
+            keys.add(key[len("model."):])
+    return keys
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) \
+            and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+    return a == b
+
+
+def apply_init_from(cfg, explicit: Iterable[str]):
+    """`cfg` (a Config) with `model.*` decided by `model.init_from` (unchanged without it).
+
+    `explicit`: ModelConfig field names the user set on the command line
+    (`explicit_model_keys`). ConfigError `model.<key>` when one of them disagrees with a value
+    the source states; ConfigError `model.init_from` when the source is unusable.
+    """
+    if not cfg.model.init_from:
+        return cfg
+    explicit = set(explicit)
+    stated, defaults, name = model_fields_from(cfg.model.init_from, cfg.data.seq_len)
+    source = os.path.expanduser(cfg.model.init_from)
+    for key, value in stated.items():
+        mine = getattr(cfg.model, key)
+        if key in explicit and not _same(mine, value):
+            raise ConfigError(f"model.{key}", f"set to {mine} on the command line, but "
+                              f"model.init_from={source} says {value}; drop the override (the "
+                              "weights were trained with that value)")
+    updates = {k: v for k, v in defaults.items() if k not in explicit}
+    updates.update(stated)
+    if "name" not in explicit:
+        updates["name"] = name
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **updates))
+
+
+def run_name(name: str, init_from: str) -> str:
+    """The model name the run dir shows: `model.name`, or with `model.init_from` the name
+    `apply_init_from` will give the model (a Hydra resolver; never raises, since the
+    pre-check reports a bad path itself)."""
+    if not init_from:
+        return name
+    try:
+        return model_fields_from(init_from, 1 << 62)[2]
+    except ConfigError:
+        return os.path.basename(os.path.abspath(os.path.expanduser(init_from))) or name
