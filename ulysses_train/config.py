@@ -49,6 +49,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Initial weights (a new run): a Hugging Face model dir, a run dir or a step_* dir; "" = none
+    init_from: str = ""
 
 
 @dataclass
@@ -344,6 +346,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     validate_data(cfg.data)
     validate_train(cfg.train, validate_layout(cfg, world_size))
     validate_optim(cfg.optim)
+    if cfg.model.init_from:  # files, headers and meta.json only: fails before any heavy work
+        from .init_from import check_initial_weights
+
+        check_initial_weights(cfg.model.init_from, cfg.model)
     c = cfg.checkpoint
     require(c.every >= 0, "checkpoint.every", f"must be >= 0 (0 = off), got {c.every}")
     _positive(c.keep, "checkpoint.keep")
