@@ -38,8 +38,8 @@ def resolve(path: str) -> tuple[str, str]:
         latest = files.CheckpointDir(ckdir, log=lambda _: None).latest_name()
         if latest is not None:
             return OURS, _complete_step(os.path.join(ckdir, latest), f"{ckdir}/latest names")
-    if os.path.isfile(os.path.join(path, files.META)) or os.path.isfile(
-            os.path.join(path, files.DCP_METADATA)):
+    if os.path.basename(path).startswith(files.STEP_PREFIX) or any(
+            os.path.isfile(os.path.join(path, n)) for n in (files.META, files.DCP_METADATA)):
         return OURS, _complete_step(path, "")
     if weights_dir.is_hf_dir(path):
         return HF, path
