@@ -87,7 +87,9 @@ def test_paths_that_are_no_model(tmp_path, hf_untied):
     _refused(os.path.join(hf_untied, "config.json"), cfg, "is not a directory")
     _refused(tmp_path, cfg, "neither a Hugging Face model directory")
     (tmp_path / "config.json").write_text("{}")
-    _refused(tmp_path, cfg, f"has no {SINGLE}")
+    _refused(tmp_path, cfg, f"has no {SINGLE}", "not a Hugging Face model directory")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    _refused(tmp_path, cfg, "only PyTorch .bin weights")
 
 
 def test_file_layout_errors(hf_untied, tmp_path):

@@ -96,8 +96,11 @@ def _check_files(path: str, files: list[str], weight_map: dict[str, str] | None)
     """The set of safetensors files is exactly what the index (or the single-file layout) says."""
     if weight_map is None:
         if not files:
-            raise fail(f"{path} has no {SINGLE} (nor {INDEX} with shards): not a Hugging Face "
-                       "model directory with safetensors weights")
+            bins = any(n.endswith(".bin") for n in os.listdir(path))
+            raise fail(f"{path} has no {SINGLE} (nor {INDEX} with shards)" + (
+                ", only PyTorch .bin weights: convert them to safetensors (transformers: "
+                "save_pretrained)" if bins else ": not a Hugging Face model directory with "
+                "safetensors weights"))
         if files != [SINGLE]:
             raise fail(f"{path} holds {listing(files)} but no {INDEX}: with several (or other) "
                        f"safetensors files the index must say which tensor is where; keep "
