@@ -361,6 +361,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     validate_data(cfg.data)
     validate_train(cfg.train, validate_layout(cfg, world_size))
     validate_optim(cfg.optim)
+    if cfg.model.init_from:  # files, headers and meta.json only: fails before any heavy work
+        from .init_from import check_initial_weights
+
+        check_initial_weights(cfg.model.init_from, cfg.model)
     c = cfg.checkpoint
     require(c.every >= 0, "checkpoint.every", f"must be >= 0 (0 = off), got {c.every}")
     _positive(c.keep, "checkpoint.keep")

@@ -25,6 +25,7 @@ from .checkpoint_files import read_meta
 from .config import Config, validate
 from .data import build_data
 from .guards import NonFiniteGuard, crash_if_asked, nan_injected, set_deterministic
+from .init_from import load_initial_weights
 from .metrics import (Reporter, Throughput, mfu_of, peak_flops, peak_mem_gib, span_sq_sum,
                       with_wandb_fallback)
 from .model import document_mask_for, num_params, padded_vocab, select_attention
@@ -85,6 +86,7 @@ class Trainer:
         self.step = 0  # completed optimizer steps (skipped ones too) == data position
         self.tokens = 0  # tokens trained on so far, each counted once
         self.resumed_from = self._restore()
+        self._init_from()
         self.has_val = "val" in self.data.splits  # data.val_fraction=0 leaves no val split
 
     def _say(self, text: str) -> None:
@@ -125,6 +127,18 @@ class Trainer:
         if "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         return path
+
+    def _init_from(self) -> None:
+        """`model.init_from`: weights only, into a run that starts now; a run resuming from its
+        own checkpoint keeps that checkpoint's weights (resume wins), and says so."""
+        source = self.cfg.model.init_from
+        if not source:
+            return
+        if self.resumed_from:
+            self._say(f"model.init_from={source} not loaded: resuming from {self.resumed_from}, "
+                      "the run's own checkpoint wins")
+            return
+        self._say(load_initial_weights(self.model, source, self.cfg.model, self.dims))
 
     def save(self) -> str:
         """Checkpoint this step; return its path (the manager logs it; async: commits later)."""

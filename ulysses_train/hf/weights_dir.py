@@ -1,0 +1,211 @@
+"""A Hugging Face safetensors model directory, checked from its headers alone (no torch).
+
+What `model.init_from=DIR` accepts as weights (transformers' own layout):
+- `model.safetensors` alone, or
+- shards `model-0000X-of-0000N.safetensors` with `model.safetensors.index.json`, whose
+  `weight_map` names the shard of every tensor.
+
+Every check here reads only the index and each file's header (8 bytes of length, then a JSON
+table of name -> dtype, shape, byte offsets; https://huggingface.co/docs/safetensors), so a bad
+directory fails in milliseconds, before the model is built. Why so strict about the files: DCP's
+`HuggingFaceStorageReader`, which loads the tensors, reads *every* `*.safetensors` in the
+directory and silently keeps one of two tensors with the same name, so a stray file (Mistral's
+repos ship `consolidated.safetensors` next to the HF shards) or a duplicate would load the wrong
+values without a word. Refused: a shard the index names but the directory lacks, a
+`*.safetensors` file the index does not name, a tensor in two files, an index that disagrees
+with the headers, and several files without an index.
+
+Errors are `ConfigError("model.init_from", ...)`: one line, exit 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .names import hf_names
+
+KEY = "model.init_from"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+SUFFIX = ".safetensors"
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# Non-weights some older Llama conversions saved: transformers ignores them on load, and so do we.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+MAX_NAMED = 3  # tensors named in one error line before "and N more"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives: its file (absolute path), shape and safetensors dtype ("BF16")."""
+
+    file: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def fail(message: str) -> ConfigError:
+    return ConfigError(KEY, message)
+
+
+def listing(names, limit: int = MAX_NAMED) -> str:
+    """'a, b, c and 4 more' (sorted, at most `limit` named)."""
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def is_hf_dir(path: str) -> bool:
+    """A directory that looks like a Hugging Face model: config.json or any safetensors file."""
+    return os.path.isfile(os.path.join(path, "config.json")) or any(
+        n.endswith(SUFFIX) or n == INDEX for n in os.listdir(path))
+
+
+def read_header(file: str) -> dict[str, dict]:
+    """{tensor name: {"dtype", "shape", "data_offsets"}} of one safetensors file (header only)."""
+    try:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"header of {length} bytes")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        for entry in header.values():
+            entry["dtype"], tuple(entry["shape"])
+        return header
+    except (OSError, ValueError, struct.error, TypeError, KeyError, AttributeError) as exc:
+        raise fail(f"{file} is not a readable safetensors file ({type(exc).__name__}: "
+                   f"{str(exc)[:80]}); re-download it") from exc
+
+
+def _read_index(path: str) -> dict[str, str]:
+    where = os.path.join(path, INDEX)
+    try:
+        with open(where) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {str(k): str(v) for k, v in weight_map.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise fail(f"{where} is unreadable ({type(exc).__name__}); it must hold a "
+                   "\"weight_map\" of tensor name -> shard file") from exc
+
+
+def _check_files(path: str, files: list[str], weight_map: dict[str, str] | None) -> None:
+    """The set of safetensors files is exactly what the index (or the single-file layout) says."""
+    if weight_map is None:
+        if not files:
+            bins = any(n.endswith(".bin") for n in os.listdir(path))
+            raise fail(f"{path} has no {SINGLE} (nor {INDEX} with shards)" + (
+                ", only PyTorch .bin weights: convert them to safetensors (transformers: "
+                "save_pretrained)" if bins else ": not a Hugging Face model directory with "
+                "safetensors weights"))
+        if files != [SINGLE]:
+            raise fail(f"{path} holds {listing(files)} but no {INDEX}: with several (or other) "
+                       f"safetensors files the index must say which tensor is where; keep "
+                       f"{SINGLE} alone or add the index")
+        return
+    named = set(weight_map.values())
+    missing = sorted(f for f in named if not os.path.isfile(os.path.join(path, f)))
+    if missing:
+        raise fail(f"{INDEX} names shard(s) {listing(missing)} missing from {path}; download "
+                   "the missing shard(s)")
+    stray = sorted(set(files) - named)
+    if stray:
+        raise fail(f"{path} holds {listing(stray)}, not named in {INDEX}: every *.safetensors "
+                   "file in the directory is read, so a stray one could load wrong weights; "
+                   "move it out of the directory")
+
+
+def tensor_table(path: str) -> dict[str, TensorInfo]:
+    """{tensor name: TensorInfo} of an HF model directory, after the file checks above."""
+    files = sorted(n for n in os.listdir(path) if n.endswith(SUFFIX))
+    weight_map = _read_index(path) if os.path.isfile(os.path.join(path, INDEX)) else None
+    _check_files(path, files, weight_map)
+    table: dict[str, TensorInfo] = {}
+    for name in files:
+        file = os.path.join(path, name)
+        for tensor, entry in read_header(file).items():
+            if tensor in table:
+                raise fail(f"tensor {tensor} is in both {os.path.basename(table[tensor].file)} "
+                           f"and {name}: only one may hold it (which one would load is "
+                           "undefined); remove the duplicate file")
+            table[tensor] = TensorInfo(file, tuple(entry["shape"]), entry["dtype"])
+    if weight_map is not None:
+        wrong = sorted(t for t, f in weight_map.items()
+                       if t not in table or os.path.basename(table[t].file) != f)
+        unlisted = sorted(set(table) - set(weight_map))
+        if wrong or unlisted:
+            what = (f"places {listing(wrong)} in the wrong shard" if wrong
+                    else f"does not list {listing(unlisted)}")
+            raise fail(f"{INDEX} disagrees with the shards' headers: it {what}; the index and "
+                       "the files come from different downloads")
+    return table
+
+
+def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """{our parameter name: shape} of model/gpt.py's GPT for ModelConfig `cfg`, with the
+    *unpadded* vocabulary (`cfg.vocab_size` rows: what an HF checkpoint holds).
+
+    Linear weights are (out_features, in_features); head_dim = d_model / n_heads.
+    tests/hf/test_init_from_checks.py holds this to the shapes of a GPT built on meta.
+    """
+    d, hd, f = cfg.d_model, cfg.d_model // cfg.n_heads, cfg.ffn_hidden
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    layer = {"attention_norm.weight": (d,), "ffn_norm.weight": (d,),
+             "attention.wq.weight": (q, d), "attention.wk.weight": (kv, d),
+             "attention.wv.weight": (kv, d), "attention.wo.weight": (d, q),
+             "feed_forward.w1.weight": (f, d), "feed_forward.w3.weight": (f, d),
+             "feed_forward.w2.weight": (d, f),
+             "attention.wq.bias": (q,), "attention.wk.bias": (kv,), "attention.wv.bias": (kv,)}
+    shapes = {"tok_embeddings.weight": (cfg.vocab_size, d), "norm.weight": (d,),
+              "output.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.n_layers):
+        shapes.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    return shapes
+
+
+def check_tensors(table: dict[str, TensorInfo], cfg) -> dict[str, str]:
+    """Refuse a checkpoint whose tensors do not fit ModelConfig `cfg`; return {ours: HF name}.
+
+    In this order: lm_head vs `model.tie_embeddings` (transformers ties the head to the
+    embedding when config.json's tie_word_embeddings is true, so a tied model must not bring a
+    head of its own, an untied one must), q/k/v biases vs `model.qkv_bias`, missing tensors,
+    other unexpected tensors, shapes, dtypes.
+    """
+    qkv_bias = bool(getattr(cfg, "qkv_bias", False))
+    mapping = hf_names(cfg.n_layers, cfg.tie_embeddings, qkv_bias)
+    present = {t for t in table if not t.endswith(IGNORED_SUFFIXES)}
+    expected = set(mapping.values())
+    if cfg.tie_embeddings and "lm_head.weight" in present:
+        raise fail("lm_head.weight is present but model.tie_embeddings=true (config.json "
+                   "tie_word_embeddings): a tied model uses the embedding as its head; set "
+                   "tie_word_embeddings=false if the head is meant to be separate")
+    if not cfg.tie_embeddings and "lm_head.weight" not in present:
+        raise fail("lm_head.weight is missing but model.tie_embeddings=false: an untied model "
+                   "needs its own head; set tie_word_embeddings=true if it shares the embedding")
+    biases = sorted(t for t in present - expected if t.endswith("_proj.bias"))
+    if biases:
+        hint = ("q/k/v biases (model.qkv_bias=false)" if not qkv_bias
+                else "those biases (only q/k/v have them)")
+        raise fail(f"the checkpoint has biases {listing(biases)} but the model has no {hint}")
+    missing = expected - present
+    if missing:
+        raise fail(f"{len(missing)} tensor(s) missing from the checkpoint: {listing(missing)}; "
+                   "is it a complete Llama/Mistral/Qwen2 checkpoint of this config.json?")
+    unexpected = present - expected
+    if unexpected:
+        raise fail(f"{len(unexpected)} tensor(s) the model has no place for: "
+                   f"{listing(unexpected)}; is config.json's architecture the checkpoint's?")
+    shapes = expected_shapes(cfg)
+    for ours, theirs in mapping.items():
+        info = table[theirs]
+        if info.shape != shapes[ours]:
+            raise fail(f"{theirs} has shape {list(info.shape)}, the model expects "
+                       f"{list(shapes[ours])} (from model.* / config.json); the weights do not "
+                       "belong to this architecture")
+        if info.dtype not in FLOAT_DTYPES:
+            raise fail(f"{theirs} is stored as {info.dtype}; only unquantized float weights "
+                       f"({', '.join(FLOAT_DTYPES)}) can be loaded")
+    return mapping

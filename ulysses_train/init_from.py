@@ -1,0 +1,137 @@
+"""`model.init_from`: initial weights from a Hugging Face model directory or one of our runs.
+
+Weights only: the run that loads them is a new run, with its own optimizer state, schedule and
+data position (stage 2 of a context extension starts from stage 1 this way). What PATH may be:
+- a Hugging Face model dir (config.json + `model.safetensors`, or shards + index): the tensors
+  are checked from the safetensors headers (hf/weights_dir.py) and read slice by slice into each
+  rank's shards (hf/load.py);
+- one of our run dirs (its `checkpoints/latest`), its `checkpoints/` dir, or a `step_N` dir:
+  DCP reads the `model.*` entries only, resharding between any two layouts for free.
+
+`check_initial_weights` is the cheap half (files, headers, meta.json; no torch, no tensor
+data), called by config validation before any heavy work; `load_initial_weights` is the load,
+called by every rank after the model is built, sharded and initialised (model_build.py).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from . import checkpoint_files as files
+from .errors import ConfigError
+from .hf import weights_dir
+from .hf.weights_dir import KEY, fail
+
+HF, OURS = "Hugging Face model dir", "checkpoint"
+
+
+def resolve(path: str) -> tuple[str, str]:
+    """(kind, directory to read): HF for an HF model dir, OURS with the step dir to load."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise fail(f"{path} does not exist; give a Hugging Face model directory, a run dir or "
+                   "a checkpoints/step_* directory")
+    if not os.path.isdir(path):
+        raise fail(f"{path} is not a directory; give a Hugging Face model directory (not a "
+                   "file inside it), a run dir or a checkpoints/step_* directory")
+    for ckdir in (os.path.join(path, "checkpoints"), path):  # a run dir, or its checkpoints/
+        latest = files.CheckpointDir(ckdir, log=lambda _: None).latest_name()
+        if latest is not None:
+            return OURS, _complete_step(os.path.join(ckdir, latest), f"{ckdir}/latest names")
+    if os.path.basename(path).startswith(files.STEP_PREFIX) or any(
+            os.path.isfile(os.path.join(path, n)) for n in (files.META, files.DCP_METADATA)):
+        return OURS, _complete_step(path, "")
+    if weights_dir.is_hf_dir(path):
+        return HF, path
+    raise fail(f"{path} is neither a Hugging Face model directory (config.json + "
+               f"{weights_dir.SINGLE}, or shards + {weights_dir.INDEX}) nor one of our "
+               "checkpoints (a run dir with checkpoints/latest, or a step_* directory)")
+
+
+def _complete_step(step_dir: str, named_by: str) -> str:
+    if not os.path.isdir(step_dir) or not files.is_complete(step_dir):
+        who = f"{named_by} {step_dir}, which" if named_by else step_dir
+        raise fail(f"{who} is not a complete checkpoint (missing, or a partial save); point "
+                   "model.init_from at a complete checkpoints/step_* directory")
+    return step_dir
+
+
+def _shape_keys(model_cfg) -> tuple[str, ...]:
+    # qkv_bias (Qwen2) is a shape key where the schema has it.
+    return files.SHAPE_KEYS + (("qkv_bias",) if hasattr(model_cfg, "qkv_bias") else ())
+
+
+def check_checkpoint(step_dir: str, model_cfg) -> None:
+    """Our checkpoint must hold this model's architecture (meta.json "model") and be intact in
+    size (manifest.json; hashes are not read: loading reads the bytes anyway)."""
+    try:
+        saved = files.read_meta(step_dir)["model"]
+    except ConfigError as exc:
+        raise fail(exc.message) from exc
+    diffs = [f"{k}={saved.get(k, False if k == 'qkv_bias' else None)} (this run: "
+             f"{getattr(model_cfg, k)})" for k in _shape_keys(model_cfg)
+             if saved.get(k, False if k == "qkv_bias" else None) != getattr(model_cfg, k)]
+    if diffs:
+        raise fail(f"{step_dir} holds another architecture: {', '.join(diffs)}; set model.* "
+                   "(or the model= preset) to the checkpoint's")
+    manifest, problem = files.read_manifest(step_dir)
+    problems = [problem] if manifest is None else files.check_sizes(step_dir, manifest)
+    if problems:
+        raise fail(f"{step_dir} is damaged: {files.summary(problems)}; use another step_* dir")
+
+
+def check_initial_weights(path: str, model_cfg) -> tuple[str, str]:
+    """Everything about `model.init_from=path` that can be checked without reading a tensor;
+    returns (kind, directory). ConfigError (`model.init_from: ...`, exit 2) on any problem."""
+    kind, where = resolve(path)
+    if kind == HF:
+        weights_dir.check_tensors(weights_dir.tensor_table(where), model_cfg)
+    else:
+        check_checkpoint(where, model_cfg)
+    return kind, where
+
+
+def load_initial_weights(model, path: str, model_cfg, dims) -> str:
+    """Load the weights at `path` (see the module docstring) into `model`, which
+    `model_build.build_model` has built, sharded and initialised for layout `dims`; return one
+    line for the log: what was loaded, from where, in how long.
+
+    A collective: every rank calls it at the same point. ConfigError as `check_initial_weights`;
+    a checkpoint whose DCP metadata disagrees with the model is a ConfigError too.
+    """
+    start = time.perf_counter()
+    kind, where = check_initial_weights(path, model_cfg)
+    if kind == HF:
+        from .hf.load import load_hf_weights
+
+        table = weights_dir.tensor_table(where)
+        mapping = weights_dir.check_tensors(table, model_cfg)
+        n = load_hf_weights(model, where, mapping, table, dims.distributed)
+        dtypes = sorted({table[t].dtype for t in mapping.values()})
+        what = f"{n / 1e6:.2f}M parameters ({'/'.join(dtypes).lower()} -> fp32)"
+    else:
+        n = _load_our_weights(model, where, dims.distributed)
+        what = f"{n / 1e6:.2f}M parameters (weights only: new optimizer, schedule, data)"
+    return (f"{KEY}: loaded {what} from {kind} {where} in "
+            f"{time.perf_counter() - start:.1f} s")
+
+
+def _load_our_weights(model, step_dir: str, distributed: bool) -> int:
+    """DCP-load the `model.*` entries of our checkpoint `step_dir` (nothing else) into `model`;
+    return the parameter count. Checks every entry's presence and global shape first."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         set_model_state_dict)
+
+    state = get_model_state_dict(model)  # FQN-keyed, sharded like the model (no copies)
+    saved = dcp.FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    missing = [k for k in state if f"model.{k}" not in saved]
+    if missing:
+        raise fail(f"{step_dir} lacks model tensors {weights_dir.listing(missing)}")
+    for k, v in state.items():
+        if tuple(saved[f"model.{k}"].size) != tuple(v.shape):
+            raise fail(f"{step_dir}: model.{k} has shape {list(saved[f'model.{k}'].size)}, the "
+                       f"model {list(v.shape)}; set model.* to the checkpoint's architecture")
+    dcp.load({"model": state}, checkpoint_id=step_dir, no_dist=not distributed)
+    set_model_state_dict(model, state)  # a no-op copy when DCP filled the parameters in place
+    return sum(v.numel() for v in state.values())
