@@ -156,3 +156,47 @@ def test_a_directory_without_a_tokenizer_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         locate(str(tmp_path), "", print)
     assert info.value.key == "data.tokenizer_path" and "holds neither" in info.value.message
+
+
+def _train_args(tmp_path, tokenizer):
+    from helpers import SMALL
+
+    keep = [a for a in SMALL if not a.startswith(("data", "model.vocab_size"))]
+    values = {"data": "stdlib", "data.max_docs": 10, "data.seq_len": 32, "model.vocab_size": 600,
+              "data.tokenizer_path": tokenizer, "train.steps": 2,
+              "data.cache_dir": tmp_path / "cache", "hydra.run.dir": tmp_path / "run"}
+    return keep + [f"{k}={v}" for k, v in values.items()]
+
+
+def test_train_py_on_a_tokenizer_json_end_to_end(tmp_path, hf_tokenizer):
+    """Two steps of train.py on a tokenizer.json; the run keeps its tokenizer, and its
+    checkpoint records the tokenizer's identity; resuming after the tokenizer changed is refused
+    (in process: the one-line report of a ConfigError is cli.py's, tested there)."""
+    from helpers import metrics_rows, run_train, small_config
+    from ulysses_train.trainer import run
+
+    folder = copy_tree(hf_tokenizer.parent, tmp_path / "tok")
+    result = run_train(_train_args(tmp_path, folder / "tokenizer.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in metrics_rows(tmp_path / "run")] == [1, 2]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "run" / "tokenizer" / name).read_bytes() == (folder / name).read_bytes()
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    identity = open_tokenizer(str(folder / "tokenizer.json")).identity()
+    assert meta["identity"]["data"]["data.tokenizer"] == identity
+
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    cfg = small_config(data={"name": "stdlib", "max_docs": 10, "seq_len": 32,
+                             "tokenizer_path": str(folder / "tokenizer.json"),
+                             "cache_dir": str(tmp_path / "cache")},
+                       model={"vocab_size": 600}, train={"steps": 3})
+    with pytest.raises(ConfigError) as info:
+        run(cfg, str(tmp_path / "run"))
+    assert info.value.key == "data.tokenizer_path"
+    assert info.value.message.startswith("the tokenizer differs")
+    cfg.model.vocab_size = 599  # a new run: the size check, before the cache is built
+    with pytest.raises(ConfigError) as info:
+        run(cfg, str(tmp_path / "other_run"))
+    assert info.value.key == "data.tokenizer_path"
+    assert "has 600 ids but model.vocab_size is 599" in info.value.message

@@ -127,6 +127,7 @@ def save_run_tokenizer(tok: Tokenizer, out: str) -> bool:
                                           ).encode()
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)  # a run dir Hydra did not make (Trainer used directly)
     for stale in glob.glob(os.path.join(parent, _TMP + "*")) + \
             glob.glob(os.path.join(parent, _OLD + "*")):  # from a crash in an earlier call
         shutil.rmtree(stale, ignore_errors=True)
