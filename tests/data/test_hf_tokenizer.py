@@ -67,6 +67,15 @@ def test_unusable_special_tokens_are_one_line_errors(tmp_path, hf_tokenizer, con
     assert "\n" not in info.value.message
 
 
+def test_a_file_the_tokenizers_library_cannot_read_is_a_one_line_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": "not a tokenizer"}')
+    with pytest.raises(ConfigError) as info:
+        open_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert info.value.key == "data.tokenizer_path"
+    assert "is not a Hugging Face tokenizer.json" in info.value.message
+    assert "\n" not in info.value.message
+
+
 def _documents(source) -> list[list[int]]:
     """The train split's documents as written into the cache, in stream order."""
     tokens, offsets = load_split(source.cache_path, read_complete(source.cache_path), "train")
