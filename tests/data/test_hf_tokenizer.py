@@ -87,7 +87,8 @@ def test_documents_are_packed_with_the_tokenizers_bos_and_eos(tmp_path, hf_token
     folder = copy_tree(hf_tokenizer.parent, tmp_path / "tok")
     if add_bos is not None:
         config = json.loads((folder / "tokenizer_config.json").read_text())
-        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": add_bos}))
+        config["add_bos_token"] = add_bos
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
     texts = [t[:2000] for t in stdlib_texts(4, skip=100)]
     paths = []
     for i, text in enumerate(texts):
@@ -144,7 +145,8 @@ def test_the_default_is_the_tokenizer_of_model_init_from(tmp_path, hf_tokenizer,
         assert locate("", str(init_from), log.append) == str(run / "tokenizer" / "tokenizer.model")
     assert locate("", str(tmp_path / "checkpoints"), log.append) == ""  # none there: train one
     assert "training a tokenizer" in log[-1]
-    assert locate(str(spm_tokenizer), str(hf_dir), log.append) == str(spm_tokenizer)  # explicit wins
+    explicit = locate(str(spm_tokenizer), str(hf_dir), log.append)
+    assert explicit == str(spm_tokenizer)  # data.tokenizer_path wins over model.init_from
     assert locate(str(hf_dir), "", log.append) == str(hf_dir / "tokenizer.json")  # a directory
 
     source = build_from(tmp_path, small_stdlib(tmp_path / "cache", max_docs=10),
@@ -190,7 +192,8 @@ def test_train_py_on_a_tokenizer_json_end_to_end(tmp_path, hf_tokenizer):
     assert [r["step"] for r in metrics_rows(tmp_path / "run")] == [1, 2]
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "run" / "tokenizer" / name).read_bytes() == (folder / name).read_bytes()
-    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    meta = json.loads((step / "meta.json").read_text())
     identity = open_tokenizer(str(folder / "tokenizer.json")).identity()
     assert meta["identity"]["data"]["data.tokenizer"] == identity
 

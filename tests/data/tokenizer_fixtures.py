@@ -18,10 +18,10 @@ from ulysses_train.data.tokenizer_train import train_tokenizer
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 # Llama 3's pre-tokenizer split pattern (its tokenizer.json, "pre_tokenizer" Split).
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
-                r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-SAMPLE = ("def f(x):\n    return x ** 2  # squares\n\n\tTabs, ünïcödé, 世界, emoji \U0001F600 "
-          "and   spaces   <|end_of_text|> inside.\n")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+SAMPLE = ("def f(x):\n    return x ** 2  # squares\n\n\tTabs, ünïcödé, 世界, "
+          "emoji \U0001F600 and   spaces   <|end_of_text|> inside.\n")
 
 
 def stdlib_texts(n: int = 40, skip: int = 0) -> list[str]:

@@ -130,8 +130,9 @@ def _write_streams(ids, keep: dict[str, np.ndarray], tok: Tokenizer, dtype: np.d
                    out: Path) -> dict[str, int]:
     """Write each split's flat stream ([BOS] + document + EOS, one after the other) and
     offsets (a document's BOS and EOS are its own); return tokens per split."""
-    bos = tok.bos_id if tok.add_bos else None
     import pyarrow.compute as pc
+
+    bos = tok.bos_id if tok.add_bos else None
 
     files = {s: open(out / split_files(s)[0], "wb") for s in keep}
     doc_lengths: dict[str, list[np.ndarray]] = {s: [] for s in keep}

@@ -41,21 +41,23 @@ class DataSource:
 
     def __init__(self, streams: dict[str, TokenStream], *, vocab_size: int, eos_id: int,
                  global_batch_size: int, summary: str, cache_path: Path | None = None,
-                 document_positions: bool = False, identity: dict | None = None):
+                 document_positions: bool = False, identity: dict | None = None,
+                 bos_id: int | None = None, tokenizer_files: Sequence[str] = ()):
         self.streams = streams
         # What the tokens are, for checkpoints' data identity (run_identity.py): the tokenizer's
-        # sha256 (tokenizer.py, tokenizer_identity), per split [documents, tokens, sha256 of the document offsets], and
-        # the cache's name. Empty for synthetic data (a function of the config alone).
+        # sha256 (tokenizer.py, tokenizer_identity), per split [documents, tokens, sha256 of
+        # the document offsets], and the cache's name. Empty for synthetic data (a function of
+        # the config alone).
         self.identity = identity or {}
         # data.document_mask: positions restart at each document (the mask's other half).
         self.document_positions = document_positions
         self.vocab_size = vocab_size  # ids produced are in [0, vocab_size)
         self.eos_id = eos_id
-        self.bos_id: int | None = None  # written before each document when not None
+        self.bos_id = bos_id  # written before each document when not None
         self.global_batch_size = global_batch_size
         self.splits = tuple(streams)
         self.cache_path = cache_path  # None for synthetic data
-        self.tokenizer_files: list[str] = []  # names inside cache_path (build_data sets them)
+        self.tokenizer_files = list(tokenizer_files)  # the tokenizer's files in cache_path
         self._summary = summary
 
     def describe(self) -> str:
@@ -169,7 +171,8 @@ def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_voca
 
     def build(tmp: Path) -> dict:
         return build_corpus(tmp, corpus, key=key, vocab_size=limit,
-                            tokenizer_path=given.path if given else "", sample_bytes=cfg.tokenizer_sample_bytes,
+                            tokenizer_path=given.path if given else "",
+                            sample_bytes=cfg.tokenizer_sample_bytes,
                             val_fraction=cfg.val_fraction, log=log)
 
     path, meta, built = open_or_build(root, f"{corpus.kind}-{key}", build, log=log,
@@ -192,9 +195,8 @@ def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_voca
     names = tokenizer_files(meta)
     identity = {"data.tokenizer": tokenizer_identity({n: str(path / n) for n in names}),
                 "data.tokens": tokens, "data.cache": path.name}
-    source = DataSource(streams, vocab_size=meta["vocab_size"], eos_id=meta["eos_id"],
-                        global_batch_size=global_batch_size, summary=_summary(meta),
-                        cache_path=path, document_positions=cfg.document_mask, identity=identity)
-    source.tokenizer_files = names
-    source.bos_id = meta.get("bos_id") if meta.get("add_bos") else None
-    return source
+    return DataSource(streams, vocab_size=meta["vocab_size"], eos_id=meta["eos_id"],
+                      global_batch_size=global_batch_size, summary=_summary(meta),
+                      cache_path=path, document_positions=cfg.document_mask, identity=identity,
+                      bos_id=meta.get("bos_id") if meta.get("add_bos") else None,
+                      tokenizer_files=names)

@@ -80,7 +80,8 @@ class Tokenizer:
 
     def describe(self) -> str:
         bos = f"BOS {self.bos_id} + " if self.add_bos else ""
-        return f"{self.model_name}, {self.vocab_size} ids, documents = {bos}text + EOS {self.eos_id}"
+        return (f"{self.model_name}, {self.vocab_size} ids, documents = {bos}text + "
+                f"EOS {self.eos_id}")
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -209,7 +210,8 @@ def open_tokenizer(path: str) -> Tokenizer:
         stat = os.stat(path)
     except OSError as e:
         raise ConfigError(KEY, f"cannot read {path} ({e.strerror}); give an existing "
-                          "tokenizer.json or sentencepiece .model, or a directory with one") from None
+                          "tokenizer.json or sentencepiece .model, or a directory with one"
+                          ) from None
     key = f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"  # rebuilt file: reload
     tok = _loaded.get(key)
     if tok is None:
