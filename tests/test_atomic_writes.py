@@ -15,7 +15,9 @@ Bugs these tests catch (each README safety claim -> its bug):
   committed directory, or the directory renamed into place before they are written;
 - "resume cuts metrics.jsonl back to the checkpoint": truncation written in place (a crash
   would lose every row);
-- "a cache directory with its marker is complete": a marker written into the published directory.
+- "a cache directory with its marker is complete": a marker written into the published directory;
+- "<run_dir>/tokenizer/ is whole or absent": its files written into the folder in place, or the
+  old folder deleted file by file before the new one is in place.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from helpers import ROOT, metrics_rows, small_config
 from ulysses_train import checkpoint_files as files
 from ulysses_train.checkpoint import PAUSE_MARKER
 from ulysses_train.data.cache import TOKENIZER, open_or_build, read_complete
+from ulysses_train.data.tokenizer import open_tokenizer
+from ulysses_train.data.tokenizer_files import save_run_tokenizer
 from ulysses_train.metrics import MetricsFile
 from ulysses_train.trainer import run
 
@@ -43,6 +47,8 @@ ATOMIC_SITES = {
     #                      debug pause marker: test_torn_pause_marker_is_never_seen
     "metrics.py": 1,  # truncate_after: test_metrics_truncation_survives_a_torn_write
     "data/cache.py": 2,  # marker + directory publish: test_torn_cache_marker_publishes_nothing
+    "data/tokenizer_files.py": 2,  # <run_dir>/tokenizer/ moved aside, then the new one in place:
+    #                                test_run_tokenizer_folder_is_whole_or_absent
 }
 
 
@@ -210,6 +216,45 @@ def test_a_crash_while_moving_checkpoints_aside_loses_none(tmp_path, monkeypatch
     files.CheckpointDir(str(ck), log=lambda _: None).abandon_after(str(ck / "step_00000001"))
     assert sorted(os.listdir(ck / "abandoned")) == ["step_00000002", "step_00000003"]
     assert (ck / "latest").read_text().strip() == "step_00000001"
+
+
+def _word_tokenizer(folder: Path, words: list[str]):
+    """A tiny tokenizer.json (word level; EOS named in tokenizer_config.json)."""
+    from tokenizers import Tokenizer, models
+
+    folder.mkdir()
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *words])}
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    return open_tokenizer(str(folder / "tokenizer.json"))
+
+
+def test_run_tokenizer_folder_is_whole_or_absent(tmp_path, monkeypatch):
+    """Replacing <run_dir>/tokenizer/: a crash while writing the new files keeps the old folder
+    whole; a crash after the old one was moved aside leaves none (never a mix); the next save
+    publishes the new one and removes what the crashes left."""
+    old, new = _word_tokenizer(tmp_path / "a", ["a"]), _word_tokenizer(tmp_path / "b", ["b"])
+    out = tmp_path / "run" / "tokenizer"
+    out.parent.mkdir()
+    save_run_tokenizer(old, str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with torn_writes(lambda p: os.path.basename(p) == "tokenizer.json" and "run" in p):
+        with pytest.raises(SimulatedCrash):
+            save_run_tokenizer(new, str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    real_replace = os.replace
+
+    def crash(src, dst):
+        raise SimulatedCrash(f"simulated crash before publishing {src}")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(SimulatedCrash):
+        save_run_tokenizer(new, str(out))
+    assert not out.exists()
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert save_run_tokenizer(new, str(out))
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert os.listdir(out.parent) == ["tokenizer"]
 
 
 def test_every_atomic_write_site_has_a_torn_write_test():

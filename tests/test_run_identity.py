@@ -245,3 +245,22 @@ def test_override_fragments_parse_back_to_the_value(tmp_path):
     config = cli.precheck(args)
     assert config.data.paths == [str(tmp_path / "a.jsonl")] and config.data.document_mask
     assert cli.run_dir_for(args) == odd
+
+
+@pytest.mark.parametrize("init_from_now", ["/hf/llama", "/hf/other"])
+def test_a_changed_default_tokenizer_from_model_init_from_names_it(init_from_now):
+    """data.tokenizer_path empty: the tokenizer is model.init_from's, which the identity then
+    records; a changed tokenizer names model.init_from (moved or edited in place alike), not
+    the corpus."""
+    cfg = Config()
+    assert "model.init_from" not in run_identity.config_identity(cfg)
+    cfg.model.init_from = "/hf/llama"
+    base = run_identity.config_identity(cfg)
+    assert base["model.init_from"] == "/hf/llama"
+    cfg.data.tokenizer_path = "/t/tokenizer.json"  # an explicit tokenizer: init_from is no source
+    assert "model.init_from" not in run_identity.config_identity(cfg)
+    saved = {"identity": {"data": {**base, "data.tokenizer": "a" * 64}}}
+    now = {"data": {**base, "model.init_from": init_from_now, "data.tokenizer": "b" * 64}}
+    with pytest.raises(ConfigError) as info:
+        run_identity.check_resume(saved, now, "/ck/step_1", "auto", log=print)
+    assert info.value.key == "model.init_from"

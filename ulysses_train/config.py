@@ -57,7 +57,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     # A Hugging Face model dir or one of our run/step dirs: the architecture (model.*) comes
-    # from it (hf/config.py), the weights too (init_from.py). "" = train from scratch.
+    # from it (hf/config.py), the weights too (init_from.py), and its tokenizer files are
+    # data.tokenizer_path's default (data/tokenizer_files.py). "" = train from scratch.
     init_from: str = ""
 
 
@@ -88,7 +89,9 @@ class DataConfig:
     max_docs: int = 0  # 0 = every document; caps what is read (useful for streaming sources)
     val_fraction: float = 0.02  # share of documents held out for validation (split by document)
     cache_dir: str = "~/.cache/ulysses_train"
-    tokenizer_path: str = ""  # an existing sentencepiece .model; "" = train one on the corpus
+    # A sentencepiece .model, a Hugging Face tokenizer.json, or a directory with one; "" = the
+    # tokenizer files of model.init_from, else train a sentencepiece model on the corpus.
+    tokenizer_path: str = ""
     tokenizer_sample_bytes: int = 8_000_000
 
 

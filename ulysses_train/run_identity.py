@@ -8,11 +8,13 @@ if every input of that stream is the same, so each checkpoint's `meta.json` reco
 - the stream's shape, checked from the config alone (before torch is imported):
   `data.name`, `data.seq_len`, `train.global_batch_size`, `train.seed`, `data.document_mask`,
   `data.val_fraction` (`STREAM_KEYS`);
-- the content, known once the data is built: `data.tokenizer` (sha256 of the tokenizer model
-  file) and `data.tokens` (per split: documents, tokens, sha256 of the document offsets), plus
-  `data.cache` (the token cache's name: kind and cache key), for the message only (`CONTENT_KEYS`);
+- the content, known once the data is built: `data.tokenizer` (sha256 of the files defining
+  the tokenizer, sentencepiece or Hugging Face: data/tokenizer.py) and `data.tokens` (per
+  split: documents, tokens, sha256 of the document offsets), plus `data.cache` (the token
+  cache's name: kind and cache key), for the message only (`CONTENT_KEYS`);
 - where the text comes from (`SOURCE_KEYS`: paths, hf_*, text_field, max_docs, tokenizer path
-  and sample size; for the stdlib the Python version). Their effect *is* the content, so they
+  and sample size; `model.init_from` when its tokenizer is the default; for the stdlib the
+  Python version). Their effect *is* the content, so they
   only decide which key an error names: a corpus moved or touched (a new cache key, the same
   tokens) resumes with a note, a corpus with appended documents or a Python upgrade that
   retrains the tokenizer is refused.
@@ -40,7 +42,7 @@ STREAM_KEYS = ("data.name", "data.seq_len", "train.global_batch_size", "train.se
                "data.document_mask", "data.val_fraction")
 SOURCE_KEYS = ("data.paths", "data.hf_name", "data.hf_config", "data.hf_split",
                "data.text_field", "data.max_docs", "data.tokenizer_path",
-               "data.tokenizer_sample_bytes", "data.python")
+               "data.tokenizer_sample_bytes", "data.python", "model.init_from")
 CONTENT_KEYS = ("data.tokenizer", "data.tokens")
 _WHAT = {"data.tokenizer": "the tokenizer", "data.tokens": "the tokenized corpus"}
 
@@ -67,6 +69,8 @@ def config_identity(cfg) -> dict:
         out["data.text_field"] = d.text_field
     out.update({"data.max_docs": d.max_docs, "data.tokenizer_path": d.tokenizer_path,
                 "data.tokenizer_sample_bytes": d.tokenizer_sample_bytes})
+    if not d.tokenizer_path and cfg.model.init_from:  # its tokenizer files are the default
+        out["model.init_from"] = cfg.model.init_from
     return out
 
 
@@ -167,6 +171,8 @@ def _default_blame(key: str, now: dict) -> str:
     changed on disk; a fixed tokenizer then still encodes the same, so it is not to blame)."""
     if key == "data.tokenizer" and now.get("data.tokenizer_path"):
         return "data.tokenizer_path"
+    if key == "data.tokenizer" and now.get("model.init_from"):
+        return "model.init_from"  # the default tokenizer came from there
     return {"files": "data.paths", "hf": "data.hf_name"}.get(now.get("data.name"), "data.name")
 
 

@@ -72,7 +72,11 @@ class Trainer:
         self.data = build_data(cfg.data, seed=cfg.train.seed,
                                global_batch_size=cfg.train.global_batch_size,
                                model_vocab_size=padded_vocab(cfg.model.vocab_size),
-                               log=self._say, is_main=dims.is_main)
+                               log=self._say, is_main=dims.is_main,
+                               init_from=cfg.model.init_from,
+                               max_tokenizer_vocab=cfg.model.vocab_size)
+        if dims.is_main:  # <run_dir>/tokenizer/: what AutoTokenizer and the export load
+            self.data.save_tokenizer(os.path.join(run_dir, "tokenizer"))
         self.model = build_model(cfg, dims)
         self.local_attention = select_attention(self.device, cfg.data.document_mask)  # for masks
         self.dp_sp = dims.group("dp_sp")  # None alone: every reduction is then the identity

@@ -100,12 +100,14 @@ def test_batch_is_a_plain_dataclass():
 
 
 def test_importing_the_package_stays_light():
-    """datasets / sentencepiece load only when a cache is built (docs/architecture.md §2)."""
+    """datasets / sentencepiece / tokenizers load only when a cache is built, transformers never
+    (docs/architecture.md §2)."""
     import subprocess
     import sys
 
     code = ("import sys, ulysses_train.data; "
-            "print(sorted(m for m in ('datasets', 'sentencepiece', 'filelock', 'pyarrow') "
+            "print(sorted(m for m in ('datasets', 'sentencepiece', 'tokenizers', 'transformers', "
+            "'filelock', 'pyarrow') "
             "if m in sys.modules))")
     root = __file__.rsplit("/tests/", 1)[0]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

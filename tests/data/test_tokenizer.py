@@ -3,7 +3,7 @@ import pytest
 
 from data_helpers import build, small_stdlib
 from ulysses_train.config import DataConfig
-from ulysses_train.data.tokenizer import line_chunks
+from ulysses_train.data.tokenizer_train import line_chunks
 from ulysses_train.errors import ConfigError
 
 

@@ -2,11 +2,12 @@
 
 Steps, each logged with counts and time: (1) generate the documents into an Arrow dataset
 (`datasets.Dataset.from_generator`); (2) split them by their stable hash; (3) train a tokenizer
-on a deterministic sample of the train split (or copy the given one); (4) tokenize every
-document (`Dataset.map`, batched; sentencepiece encodes a batch on all cores); (5) write, per
-split, the documents' tokens back to back, each followed by EOS, as one flat array (`<split>.bin`)
-plus document start offsets (`<split>_offsets.npy`, ending with the stream length). The Arrow
-intermediates are deleted; the caller publishes the directory (see cache.py).
+on a deterministic sample of the train split, or copy the given one's files (tokenizer.py);
+(4) tokenize every document (`Dataset.map`, batched; sentencepiece and tokenizers encode a batch
+on all cores); (5) write, per split, the documents' tokens back to back, each followed by EOS
+(and preceded by BOS when the tokenizer's config says add_bos_token), as one flat array
+(`<split>.bin`) plus document start offsets (`<split>_offsets.npy`, ending with the stream
+length). The Arrow intermediates are deleted; the caller publishes the directory (see cache.py).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from ..errors import ConfigError, exception_chain
 from .cache import TOKENIZER, split_files, token_dtype
 from .corpus import Corpus
 from .readers import input_notes
-from .tokenizer import encode_batch, load_tokenizer, train_tokenizer
+from .tokenizer import Tokenizer, encode_batch, open_tokenizer
+from .tokenizer_train import train_tokenizer
 
 SPLITS = ("train", "val")
 _MAP_BATCH = 256  # documents per sentencepiece batch: enough to keep every core busy
@@ -124,10 +126,13 @@ def _notes(corpus: Corpus, columns: dict, nonempty: np.ndarray) -> list[str]:
     return [f"{name}: {what} (skipped)" for name, what in notes]
 
 
-def _write_streams(ids, keep: dict[str, np.ndarray], eos: int, dtype: np.dtype,
+def _write_streams(ids, keep: dict[str, np.ndarray], tok: Tokenizer, dtype: np.dtype,
                    out: Path) -> dict[str, int]:
-    """Write each split's flat stream (documents + EOS) and offsets; return tokens per split."""
+    """Write each split's flat stream ([BOS] + document + EOS, one after the other) and
+    offsets (a document's BOS and EOS are its own); return tokens per split."""
     import pyarrow.compute as pc
+
+    bos = tok.bos_id if tok.add_bos else None
 
     files = {s: open(out / split_files(s)[0], "wb") for s in keep}
     doc_lengths: dict[str, list[np.ndarray]] = {s: [] for s in keep}
@@ -142,9 +147,15 @@ def _write_streams(ids, keep: dict[str, np.ndarray], eos: int, dtype: np.dtype,
                 tokens = values[np.repeat(chosen, lengths)]
                 kept = lengths[chosen].astype(np.int64)
                 # EOS after each kept document: insert before each document's end index.
-                stream = np.insert(tokens, np.cumsum(kept), eos).astype(dtype)
+                ends = np.cumsum(kept)
+                where, what = ends, np.full(len(ends), tok.eos_id)
+                if bos is not None:  # and BOS at each start; np.insert keeps this order at
+                    # equal indices: (start_i, BOS), (end_i, EOS), (start_i+1 = end_i, BOS), ...
+                    where = np.stack([ends - kept, ends], axis=1).ravel()
+                    what = np.tile([bos, tok.eos_id], len(ends))
+                stream = np.insert(tokens, where, what).astype(dtype)
                 stream.tofile(files[split])
-                doc_lengths[split].append(kept + 1)
+                doc_lengths[split].append(kept + 1 + (bos is not None))
             first += len(lengths)
     finally:
         for f in files.values():
@@ -177,21 +188,22 @@ def build_corpus(out: Path, corpus: Corpus, *, key: str, vocab_size: int, tokeni
         log(f"data: read {n_read} {corpus.unit} ({n_bytes.sum() / 1e6:.1f} MB, "
             f"{int(keep['val'].sum())} for validation) in {time.perf_counter() - t0:.1f}s")
 
-        model_path = str(out / TOKENIZER)
-        if tokenizer_path:
-            shutil.copyfile(tokenizer_path, model_path)
+        if tokenizer_path:  # its files, under their canonical names (tokenizer.py)
+            for name, path in open_tokenizer(tokenizer_path).files.items():
+                shutil.copyfile(path, out / name)
+            model_path = str(out / open_tokenizer(tokenizer_path).model_name)
             how = f"given {tokenizer_path}"
         else:
+            model_path = str(out / TOKENIZER)
             sample = _tokenizer_sample(docs, keep["train"], hashes, n_bytes, sample_bytes)
             how = _train(sample, vocab_size, model_path, log)
-        sp = load_tokenizer(model_path)
-        vocab, eos = sp.get_piece_size(), sp.eos_id()
+        tok = open_tokenizer(model_path)
 
         t0 = time.perf_counter()
         log(f"data: tokenizing {int(nonempty.sum())} documents ...")
         ids = _tokenize(docs, model_path, key)
-        dtype = token_dtype(vocab)
-        n_tokens = _write_streams(ids, keep, eos, dtype, out)
+        dtype = token_dtype(tok.vocab_size)
+        n_tokens = _write_streams(ids, keep, tok, dtype, out)
         log(f"data: {n_tokens['train'] / 1e6:.2f}M train / {n_tokens['val'] / 1e6:.2f}M val "
             f"tokens in {time.perf_counter() - t0:.1f}s")
     del docs, ids
@@ -200,7 +212,9 @@ def build_corpus(out: Path, corpus: Corpus, *, key: str, vocab_size: int, tokeni
             "n_inputs": n_read, "warnings": notes,
             "n_docs": {s: int(m.sum()) for s, m in keep.items()},
             "n_tokens": n_tokens, "bad_files": int((bad > 0).sum()), "bad_bytes": int(bad.sum()),
-            "vocab_size": int(vocab), "eos_id": int(eos), "dtype": dtype.name, "tokenizer": how}
+            "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "dtype": dtype.name,
+            "tokenizer": how, "tokenizer_files": sorted(tok.files), "bos_id": tok.bos_id,
+            "add_bos": tok.add_bos}
 
 
 def _tokenize(docs, model_path: str, key: str):

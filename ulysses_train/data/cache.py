@@ -1,7 +1,8 @@
 """The on-disk cache of tokenized corpora: keyed, locked, checksummed, published atomically.
 
-Layout: `<cache_dir>/<name>/` holds the tokenizer, one flat token file and one offsets file per
-split, and `meta.json`. A cache directory only ever appears by `os.replace` of a finished
+Layout: `<cache_dir>/<name>/` holds the tokenizer's files (`tokenizer.model` or
+`tokenizer.json`, and its configs: data/tokenizer.py), one flat token file and one offsets file
+per split, and `meta.json`. A cache directory only ever appears by `os.replace` of a finished
 temporary directory, and `meta.json` (the completion marker) is the last file written into it,
 so a reader that finds the marker finds everything. Builds happen under a `FileLock` per name:
 among processes that start together (ranks, runs) exactly one builds; the others wait on the
@@ -52,6 +53,12 @@ def cache_key(parts: dict) -> str:
     """A short, stable hash of everything the cached files depend on."""
     blob = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tokenizer_files(meta: dict) -> list[str]:
+    """Names of the tokenizer's files in a cache (caches built before Hugging Face tokenizers
+    were read hold only our sentencepiece model, and do not list it)."""
+    return list(meta.get("tokenizer_files", [TOKENIZER]))
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -115,7 +122,8 @@ def check_cache(path: Path) -> tuple[dict | None, str]:
         new_hasher(algorithm)
         if meta["meta_hash"] != _meta_digest(meta, algorithm):
             return None, "meta.json does not match its checksum"
-        needed = {n for split in meta["n_tokens"] for n in split_files(split)} | {TOKENIZER}
+        needed = {n for split in meta["n_tokens"] for n in split_files(split)}
+        needed |= set(tokenizer_files(meta))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"meta.json is damaged ({type(e).__name__}: {e})"
     except ImportError:

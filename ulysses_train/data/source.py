@@ -18,14 +18,16 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import ConfigError
-from ..hashing import hash_file
 from .batch import Batch
 from .build import SPLITS, build_corpus
-from .cache import TOKENIZER, cache_key, load_split, open_or_build
+from .cache import cache_key, load_split, open_or_build, tokenizer_files
 from .corpus import corpus_for
 from .packing import PackedTokens
 from .synthetic import EOS_ID, SyntheticTokens
-from .tokenizer import TRAINER_SETTINGS, check_given_tokenizer
+from .tokenizer import KEY as TOKENIZER_KEY
+from .tokenizer import MODEL_FILES, Tokenizer, open_tokenizer, tokenizer_identity
+from .tokenizer_files import locate, save_run_tokenizer
+from .tokenizer_train import TRAINER_SETTINGS
 
 
 class TokenStream(Protocol):
@@ -39,23 +41,35 @@ class DataSource:
 
     def __init__(self, streams: dict[str, TokenStream], *, vocab_size: int, eos_id: int,
                  global_batch_size: int, summary: str, cache_path: Path | None = None,
-                 document_positions: bool = False, identity: dict | None = None):
+                 document_positions: bool = False, identity: dict | None = None,
+                 bos_id: int | None = None, tokenizer_files: Sequence[str] = ()):
         self.streams = streams
-        # What the tokens are, for checkpoints' data identity (run_identity.py): the tokenizer
-        # model's sha256, per split [documents, tokens, sha256 of the document offsets], and
-        # the cache's name. Empty for synthetic data (a function of the config alone).
+        # What the tokens are, for checkpoints' data identity (run_identity.py): the tokenizer's
+        # sha256 (tokenizer.py, tokenizer_identity), per split [documents, tokens, sha256 of
+        # the document offsets], and the cache's name. Empty for synthetic data (a function of
+        # the config alone).
         self.identity = identity or {}
         # data.document_mask: positions restart at each document (the mask's other half).
         self.document_positions = document_positions
         self.vocab_size = vocab_size  # ids produced are in [0, vocab_size)
         self.eos_id = eos_id
+        self.bos_id = bos_id  # written before each document when not None
         self.global_batch_size = global_batch_size
         self.splits = tuple(streams)
         self.cache_path = cache_path  # None for synthetic data
+        self.tokenizer_files = list(tokenizer_files)  # the tokenizer's files in cache_path
         self._summary = summary
 
     def describe(self) -> str:
         return self._summary
+
+    def save_tokenizer(self, out: str) -> bool:
+        """Copy the tokenizer these tokens were made with into the folder `out` (one rank
+        only; tokenizer_files.py); False if it already holds it or the data is synthetic."""
+        if self.cache_path is None:
+            return False
+        model = next(n for n in self.tokenizer_files if n in MODEL_FILES)
+        return save_run_tokenizer(open_tokenizer(str(self.cache_path / model)), out)
 
     def global_batch(self, step: int, split: str = "train", rows: slice | None = None) -> Batch:
         """Rows `rows` (default: all) of global batch `step` of `split`, shape (len(rows), S)."""
@@ -109,10 +123,30 @@ def _cache_root(cfg: DataConfig) -> Path:
     return root
 
 
+def _given_tokenizer(cfg: DataConfig, init_from: str, limit: int, log) -> Tokenizer | None:
+    """The tokenizer `data.tokenizer_path` (or `model.init_from`) names, checked before any
+    heavy work; None: train one. Raises ConfigError(data.tokenizer_path)."""
+    path = locate(cfg.tokenizer_path, init_from, log)
+    if not path:
+        return None
+    tok = open_tokenizer(path)
+    if tok.vocab_size > limit:
+        raise ConfigError(TOKENIZER_KEY, f"{path} has {tok.vocab_size} ids but model.vocab_size "
+                          f"is {limit}, so some token ids would have no embedding row; raise "
+                          "model.vocab_size or use another tokenizer")
+    log(f"data: tokenizer {path}: {tok.describe()}")
+    return tok
+
+
 def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_vocab_size: int,
-               log: Callable[[str], None] = print, is_main: bool = True) -> DataSource:
+               log: Callable[[str], None] = print, is_main: bool = True, init_from: str = "",
+               max_tokenizer_vocab: int = 0) -> DataSource:
     """The DataSource for `cfg`, building (once, under a lock) or reusing its token cache.
 
+    `model_vocab_size`: the embedding rows (padded); synthetic tokens are drawn below it.
+    `max_tokenizer_vocab` (default: `model_vocab_size`): the most ids a tokenizer may have, the
+    model's unpadded `model.vocab_size` (padding rows are dropped on export). `init_from`:
+    `model.init_from`, whose tokenizer files are the default (tokenizer_files.py).
     Every process of a job may call this at the same time: one builds, the others wait and read
     the same files. Only `is_main` logs. Bad input raises `ConfigError` naming the key.
     """
@@ -124,20 +158,21 @@ def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_voca
         return _synthetic(cfg, seed, global_batch_size, model_vocab_size)
     log = log if is_main else _silent
     corpus = corpus_for(cfg)
-    tokenizer_path = os.path.expanduser(cfg.tokenizer_path) if cfg.tokenizer_path else ""
-    if tokenizer_path:
-        check_given_tokenizer(tokenizer_path, model_vocab_size)
-        tokenizer = {"given_sha256": hash_file(tokenizer_path, "sha256")}
+    limit = max_tokenizer_vocab or model_vocab_size
+    given = _given_tokenizer(cfg, init_from, limit, log)
+    if given is not None:
+        tokenizer = {"given_sha256": given.identity()}
     else:
-        tokenizer = {"settings": TRAINER_SETTINGS, "vocab_size": model_vocab_size,
+        tokenizer = {"settings": TRAINER_SETTINGS, "vocab_size": limit,
                      "sample_bytes": cfg.tokenizer_sample_bytes}
     key = cache_key({"kind": corpus.kind, "inputs": corpus.fingerprint, "tokenizer": tokenizer,
                      "max_docs": cfg.max_docs, "val_fraction": cfg.val_fraction})
     root = _cache_root(cfg)
 
     def build(tmp: Path) -> dict:
-        return build_corpus(tmp, corpus, key=key, vocab_size=model_vocab_size,
-                            tokenizer_path=tokenizer_path, sample_bytes=cfg.tokenizer_sample_bytes,
+        return build_corpus(tmp, corpus, key=key, vocab_size=limit,
+                            tokenizer_path=given.path if given else "",
+                            sample_bytes=cfg.tokenizer_sample_bytes,
                             val_fraction=cfg.val_fraction, log=log)
 
     path, meta, built = open_or_build(root, f"{corpus.kind}-{key}", build, log=log,
@@ -157,8 +192,11 @@ def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_voca
         streams[split] = PackedTokens(ids, offsets, cfg.seq_len, seed=seed, split=split)
         tokens[split] = [int(meta["n_docs"][split]), int(meta["n_tokens"][split]),
                          hashlib.sha256(np.ascontiguousarray(offsets, np.int64)).hexdigest()]
-    identity = {"data.tokenizer": hash_file(str(path / TOKENIZER), "sha256"),
+    names = tokenizer_files(meta)
+    identity = {"data.tokenizer": tokenizer_identity({n: str(path / n) for n in names}),
                 "data.tokens": tokens, "data.cache": path.name}
     return DataSource(streams, vocab_size=meta["vocab_size"], eos_id=meta["eos_id"],
                       global_batch_size=global_batch_size, summary=_summary(meta),
-                      cache_path=path, document_positions=cfg.document_mask, identity=identity)
+                      cache_path=path, document_positions=cfg.document_mask, identity=identity,
+                      bos_id=meta.get("bos_id") if meta.get("add_bos") else None,
+                      tokenizer_files=names)

@@ -1,124 +1,231 @@
-"""The sentencepiece tokenizer: trained on the corpus (default) or loaded from a given model.
+"""One tokenizer interface, two implementations: a sentencepiece `.model` and a Hugging Face
+`tokenizer.json` (loaded with the `tokenizers` library: Llama 3's byte-level BPE, Qwen2's, ...).
 
-The trained model is BPE with byte fallback (no text is unrepresentable: unseen characters
-become byte pieces) and identity normalization without dummy prefix or whitespace collapsing,
-so `decode(encode(text)) == text` for code and prose alike. Training sentences are chunks of
-whole lines, newlines included, so pieces such as "):\n" and runs of indentation can be learned.
-Ids: 0 = <unk>, 1 = </s> (EOS, appended after every document), no BOS or padding pieces.
-`sentencepiece` is imported inside the functions: `import ulysses_train.data` stays light.
+A tokenizer is its model file plus, beside it, the files that name its special tokens:
+`tokenizer_config.json` (`bos_token`, `eos_token`, `add_bos_token`) and `special_tokens_map.json`.
+What packing needs (data/build.py, data/packing.py) comes from them, first source that says:
+- EOS, written after every document: `eos_token` of tokenizer_config.json, else of
+  special_tokens_map.json, else the sentencepiece model's own EOS id. None at all is an error.
+- BOS, written before every document when `add_bos`: `bos_token` found the same way.
+  `add_bos` is tokenizer_config.json's `add_bos_token` when present; else, for a
+  tokenizer.json, whether its post-processor puts BOS first (Llama 3 does it that way); else
+  false (our own trained model has no BOS).
+Text is encoded without special tokens (`add_special_tokens=False`, the same ids transformers'
+`tokenizer.encode(text, add_special_tokens=False)` gives); the packer adds BOS/EOS itself.
+`sentencepiece` and `tokenizers` are imported inside the functions: `import ulysses_train.data`
+stays light.
 """
 from __future__ import annotations
 
-import io
+import hashlib
+import json
 import os
-import re
-from typing import Callable, Iterable, Iterator
+from typing import Sequence
 
 from ..errors import ConfigError
+from ..hashing import hash_file
 
-# Everything here is part of the cache key: change a setting and caches rebuild.
-TRAINER_SETTINGS = dict(
-    model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
-    remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
-    split_digits=True, character_coverage=0.9999, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
-    max_sentence_length=1 << 16, train_extremely_large_corpus=False,
-)
-CHUNK_CHARS = 4000  # training sentence size: several lines, well under max_sentence_length
+SPM_MODEL = "tokenizer.model"  # the names the files get in caches and in <run_dir>/tokenizer/
+HF_MODEL = "tokenizer.json"
+MODEL_FILES = (HF_MODEL, SPM_MODEL)  # preference order inside a directory (transformers': fast)
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+KEY = "data.tokenizer_path"
 
-_TOO_HIGH = re.compile(r"Vocabulary size too high.*?<= *(\d+)", re.S)
-_TOO_LOW = re.compile(r"smaller than required_chars\. *(\d+) vs (\d+)", re.S)
-_processors: dict[str, object] = {}
+_loaded: dict[str, "Tokenizer"] = {}  # per process: the datasets.map batches reuse one tokenizer
 
 
-def line_chunks(texts: Iterable[str], chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
-    """Cut documents into training sentences of whole lines, at most `chunk_chars` long.
+class Tokenizer:
+    """A loaded tokenizer: `encode_batch`, `vocab_size` (ids are in [0, vocab_size)), `bos_id`
+    (None: it has none), `eos_id`, `add_bos`, and `files` (canonical name -> path of every file
+    that defines it). Raises ConfigError(data.tokenizer_path) for a file it cannot use."""
 
-    A single longer line is cut hard; nothing is dropped, and no chunk spans two documents.
-    """
-    for text in texts:
-        chunk = ""
-        for line in text.splitlines(keepends=True):
-            while len(line) > chunk_chars:  # pathological lines (minified data, long literals)
-                if chunk:
-                    yield chunk
-                    chunk = ""
-                yield line[:chunk_chars]
-                line = line[chunk_chars:]
-            if chunk and len(chunk) + len(line) > chunk_chars:
-                yield chunk
-                chunk = ""
-            chunk += line
-        if chunk:
-            yield chunk
+    kind = ""
+    model_name = ""  # the model file's canonical name
+
+    def __init__(self, path: str):
+        self.path = path
+        folder = os.path.dirname(os.path.abspath(path))
+        self.files = {self.model_name: path}
+        for name in CONFIG_FILES:
+            if os.path.isfile(os.path.join(folder, name)):
+                self.files[name] = os.path.join(folder, name)
+        self.vocab_size = self._vocab_size()
+        self.bos_id, self.eos_id, self.add_bos = special_ids(self)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        """Token ids of each text, without special tokens."""
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    def id_to_token(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def default_id(self, role: str) -> int | None:
+        """The model file's own id for `role` ("bos" or "eos") when no config names one."""
+        return None
+
+    def default_add_bos(self) -> bool:
+        return False
+
+    def _vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def identity(self) -> str:
+        """sha256 of what defines this tokenizer: of the model file when it is the only file
+        (as checkpoints recorded before tokenizer configs were read), else of every file's
+        sha256 by canonical name."""
+        return tokenizer_identity(self.files)
+
+    def describe(self) -> str:
+        bos = f"BOS {self.bos_id} + " if self.add_bos else ""
+        return (f"{self.model_name}, {self.vocab_size} ids, documents = {bos}text + "
+                f"EOS {self.eos_id}")
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out_path: str,
-                    log: Callable[[str], None] = print) -> int:
-    """Train a model on `texts` with as many pieces as they support, up to `vocab_size`.
+class SentencePieceTokenizer(Tokenizer):
+    kind, model_name = "sentencepiece", SPM_MODEL
 
-    Sentencepiece refuses a vocab larger than the corpus allows and says the largest it would
-    accept; we retry once with that. Returns the number of pieces of the written model.
-    """
-    import sentencepiece as spm
+    def __init__(self, path: str):
+        import sentencepiece as spm
 
-    spm.set_min_log_level(2)  # its INFO lines would drown our log
-    size = vocab_size
-    for _attempt in range(3):
-        buffer = io.BytesIO()
         try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=line_chunks(texts), model_writer=buffer, vocab_size=size,
-                num_threads=max(1, os.cpu_count() or 1), **TRAINER_SETTINGS)
-        except RuntimeError as e:
-            too_high, too_low = _TOO_HIGH.search(str(e)), _TOO_LOW.search(str(e))
-            if too_high and int(too_high.group(1)) < size:
-                log(f"data: the corpus supports at most {too_high.group(1)} tokenizer pieces "
-                    f"(model.vocab_size allows {vocab_size}); using {too_high.group(1)}")
-                size = int(too_high.group(1))
-                continue
-            if too_low:
-                raise ConfigError("model.vocab_size", f"{vocab_size} is too small for a "
-                                  f"byte-fallback tokenizer of this corpus (needs at least "
-                                  f"{too_low.group(2)}); raise it or set data.tokenizer_path")
-            raise
-        with open(out_path, "wb") as f:
-            f.write(buffer.getvalue())
-        return size
-    raise RuntimeError(f"sentencepiece kept refusing vocab sizes down to {size}")
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(KEY, f"{path} is not a sentencepiece model: {e}") from None
+        super().__init__(path)
+
+    def encode_batch(self, texts, num_threads=1):
+        return self.sp.encode(list(texts), num_threads=num_threads)
+
+    def token_to_id(self, token):
+        i = self.sp.piece_to_id(token)
+        # piece_to_id answers unk for an unknown piece: only unk itself may map there.
+        return i if i != self.sp.unk_id() or token == self.sp.id_to_piece(i) else None
+
+    def id_to_token(self, token_id):
+        return self.sp.id_to_piece(token_id)
+
+    def default_id(self, role):
+        i = self.sp.bos_id() if role == "bos" else self.sp.eos_id()
+        return i if i >= 0 else None
+
+    def _vocab_size(self):
+        return self.sp.get_piece_size()
+
+
+class HFTokenizer(Tokenizer):
+    kind, model_name = "tokenizers", HF_MODEL
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as Backend
+
+        try:
+            self.tok = Backend.from_file(path)
+        except Exception as e:  # the Rust side raises plain Exception subclasses
+            raise ConfigError(KEY, f"{path} is not a Hugging Face tokenizer.json: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        super().__init__(path)
+
+    def encode_batch(self, texts, num_threads=1):
+        # tokenizers parallelises batches itself (RAYON_NUM_THREADS); num_threads is for spm.
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def token_to_id(self, token):
+        return self.tok.token_to_id(token)
+
+    def id_to_token(self, token_id):
+        return self.tok.id_to_token(token_id)
+
+    def default_add_bos(self):
+        # What the post-processor does to an empty text: Llama 3's adds <|begin_of_text|>.
+        ids = self.tok.encode("", add_special_tokens=True).ids
+        return bool(ids) and self.bos_id is not None and ids[0] == self.bos_id
+
+    def _vocab_size(self):
+        # Added tokens included (Llama 3: 128000 BPE ids + 256 special); max id + 1 in case a
+        # tokenizer leaves holes.
+        return max(self.tok.get_vocab_size(with_added_tokens=True),
+                   max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(KEY, f"{path} is not readable JSON ({e}); fix or remove it") from None
+    if not isinstance(value, dict):
+        raise ConfigError(KEY, f"{path} holds a {type(value).__name__}, expected a JSON object")
+    return value
+
+
+def _token_name(value) -> str | None:
+    """A special token as the configs spell it: "<s>", {"content": "<s>", ...} or null."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def special_ids(tok: Tokenizer) -> tuple[int | None, int, bool]:
+    """(bos_id, eos_id, add_bos) of `tok`, from its configs (see the module docstring).
+    Raises ConfigError for a named token the vocabulary lacks, or for no EOS at all."""
+    configs = {name: _read_json(tok.files[name]) for name in CONFIG_FILES if name in tok.files}
+    ids = {}
+    for role in ("bos", "eos"):
+        key = f"{role}_token"
+        source = next((n for n in CONFIG_FILES if key in configs.get(n, {})), None)
+        if source is None:
+            ids[role] = tok.default_id(role)
+            continue
+        name = _token_name(configs[source][key])
+        ids[role] = None if name is None else tok.token_to_id(name)
+        if name is not None and ids[role] is None:
+            raise ConfigError(KEY, f"{source} names {key} {name!r}, which is not in the "
+                              f"vocabulary of {tok.path}; fix {source}")
+    tok.bos_id = ids["bos"]  # default_add_bos reads it
+    config = configs.get("tokenizer_config.json", {})
+    add_bos = bool(config["add_bos_token"]) if "add_bos_token" in config else tok.default_add_bos()
+    if ids["eos"] is None:
+        raise ConfigError(KEY, f"{tok.path} has no EOS token, and documents are packed with EOS "
+                          "between them; name one as eos_token in tokenizer_config.json")
+    if add_bos and ids["bos"] is None:
+        raise ConfigError(KEY, f"{tok.path}: add_bos_token is true but no bos_token is named; "
+                          "name one in tokenizer_config.json")
+    return ids["bos"], ids["eos"], add_bos
+
+
+def tokenizer_identity(files: dict[str, str]) -> str:
+    """sha256 naming the tokenizer defined by `files` (canonical name -> path); see
+    `Tokenizer.identity`."""
+    if len(files) == 1:
+        return hash_file(next(iter(files.values())), "sha256")
+    digests = {name: hash_file(path, "sha256") for name, path in sorted(files.items())}
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
+def open_tokenizer(path: str) -> Tokenizer:
+    """The Tokenizer of model file `path` (`.json`: tokenizers, else sentencepiece), loaded once
+    per process while the file is unchanged. Raises ConfigError(data.tokenizer_path)."""
+    try:
+        stat = os.stat(path)
+    except OSError as e:
+        raise ConfigError(KEY, f"cannot read {path} ({e.strerror}); give an existing "
+                          "tokenizer.json or sentencepiece .model, or a directory with one"
+                          ) from None
+    key = f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"  # rebuilt file: reload
+    tok = _loaded.get(key)
+    if tok is None:
+        kind = HFTokenizer if path.endswith(".json") else SentencePieceTokenizer
+        tok = _loaded[key] = kind(path)
+    return tok
 
 
 def load_tokenizer(path: str):
-    """A SentencePieceProcessor for `path`, loaded once per process (the map workers reuse it)."""
-    import sentencepiece as spm
-
-    stat = os.stat(path)
-    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"  # a rebuilt model at the same path reloads
-    sp = _processors.get(key)
-    if sp is None:
-        sp = spm.SentencePieceProcessor(model_file=path)
-        _processors[key] = sp
-    return sp
-
-
-def check_given_tokenizer(path: str, model_vocab_size: int) -> None:
-    """Validate a user-supplied sentencepiece model before any heavy work."""
-    import sentencepiece as spm
-
-    if not os.path.isfile(path):
-        raise ConfigError("data.tokenizer_path", f"file not found: {path}; give an existing "
-                          "sentencepiece .model, or leave it empty to train one")
-    try:
-        sp = spm.SentencePieceProcessor(model_file=path)
-    except (OSError, RuntimeError) as e:
-        raise ConfigError("data.tokenizer_path", f"{path} is not a sentencepiece model: {e}")
-    if sp.get_piece_size() > model_vocab_size:
-        raise ConfigError("data.tokenizer_path", f"{path} has {sp.get_piece_size()} pieces but "
-                          f"model.vocab_size is {model_vocab_size}; raise model.vocab_size")
-    if sp.eos_id() < 0:
-        raise ConfigError("data.tokenizer_path", f"{path} has no EOS piece; documents need one")
+    """The raw SentencePieceProcessor of a sentencepiece model file (tests decode with it)."""
+    return open_tokenizer(path).sp
 
 
 def encode_batch(batch: dict, model_path: str, num_threads: int) -> dict:
-    """datasets.map function: token ids of each text (EOS is added when the stream is written)."""
-    sp = load_tokenizer(model_path)
-    return {"ids": sp.encode(batch["text"], num_threads=num_threads)}
+    """datasets.map function: token ids of each text (BOS/EOS are added when the stream is
+    written)."""
+    return {"ids": open_tokenizer(model_path).encode_batch(batch["text"], num_threads)}
