@@ -23,6 +23,7 @@ from ring_helpers import Recorder, dense_mask, doc_ids, hybrid_groups, reference
 from ulysses_train.model.attention import sdpa_attention
 from ulysses_train.model.masking import DocumentMask
 from ulysses_train.parallel.layout import SequenceLayout
+from ulysses_train.parallel import ring as ring_mod
 from ulysses_train.parallel.ring import UlyssesRingAttention
 from ulysses_train.parallel.ulysses import UlyssesAttention
 
@@ -141,3 +142,108 @@ def test_transfer_posted_before_kernels_and_waited_after(main_results, sp, ring,
 def test_document_rows_seeing_no_key_in_a_step_occur(main_results, sp, ring):
     # The LSE = -inf fix is only tested if some masked sub-block has a row with no visible key.
     assert sum(res[(sp, ring, 32, 2, True)]["empty_rows"] for res in main_results) > 0
+
+
+# --- MemTracker and selective checkpointing import torch._dynamo: a 4-rank spawn of their own ---
+
+class _Stay:
+    """A Transfer that sends nothing and receives nothing: the ring's memory without transfers."""
+
+    def __init__(self, send, group, tag):
+        self.send = send
+
+    def wait(self):
+        return self.send
+
+
+def _peak_bytes(group, layout, sp_rank, stay=False) -> tuple[int, int]:
+    """MemTracker peaks (bytes of the tensors created inside; inputs excluded) of the ring
+    forward and backward functions on this rank's tokens (pure ring: no all-to-all)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    q, k, v, grad = (t[:, layout.rank_positions(sp_rank)] for t in _inputs(2, layout.padded_len))
+    real, ring_mod.Transfer = ring_mod.Transfer, _Stay if stay else ring_mod.Transfer
+    try:
+        with MemTracker() as forward:
+            out, lse = ring_mod.ring_forward(q, k, v, None, True, group)
+        with MemTracker() as backward:
+            ring_mod.ring_backward(grad, q, k, v, out, lse, None, True, group)
+    finally:
+        ring_mod.Transfer = real
+    return tuple(sum(t["Total"] for t in mt.get_tracker_snapshot("peak").values())
+                 for mt in (forward, backward))
+
+
+def _memory(rank) -> dict[str, object]:
+    """Ring peaks at R = 4 (the world) and R = 2 (pairs) with the same 16 local tokens, and at
+    R = 4 with transfers that allocate nothing."""
+    r4, r2 = SequenceLayout(64, 4, 4), SequenceLayout(32, 2, 2)
+    pair = hybrid_groups(2, 2)[0][1]
+    k_local = _inputs(2, 64)[1][:, r4.rank_positions(rank)]
+    return {"r4": _peak_bytes(dist.group.WORLD, r4, rank), "r2": _peak_bytes(pair, r2, rank % 2),
+            "r4_stay": _peak_bytes(dist.group.WORLD, r4, rank, stay=True),
+            "kv_block": 2 * k_local.numel() * k_local.element_size()}
+
+
+def _selective(groups, sp_rank, mode) -> dict[str, object]:
+    """Ring transfers posted by forward and by backward of a checkpointed projection +
+    attention, and its gradient error vs no checkpointing (sp=4 ring=2: all-to-alls too)."""
+    from ulysses_train.parallel.activations import _checkpoint_fn
+
+    layout = SequenceLayout(32, 4, 2)
+    attn = UlyssesRingAttention(*groups, layout)
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(D, D)
+    x = _inputs(2, 32)[0][:, layout.rank_positions(sp_rank)]
+
+    def block(t):
+        h = proj(t)
+        return attn(h, h[:, :, :HKV], h[:, :, HKV:])
+
+    grads = []
+    for fn in (None, _checkpoint_fn(mode)):
+        proj.zero_grad()
+        with Recorder() as forward:
+            out = block(x) if fn is None else fn(block, x)
+        with Recorder() as backward:
+            out.sum().backward()
+        grads.append(proj.weight.grad.clone())
+    return {"forward": forward.events, "backward": backward.events,
+            "error": rel_err(grads[1], grads[0])}
+
+
+def _tools_job(rank, world):
+    results = {"memory": _memory(rank)}
+    groups, sp_rank, _ = hybrid_groups(4, 2)
+    for mode in ("selective", "full"):
+        results[mode] = _selective(groups, sp_rank, mode)
+    return results
+
+
+@pytest.fixture(scope="module")
+def tools_results():
+    return run_distributed(_tools_job, 4, timeout=300)
+
+
+def test_ring_holds_local_block_plus_two_in_flight(tools_results):
+    for res in tools_results:
+        m, block = res["memory"], res["memory"]["kv_block"]
+        # Per-rank forward memory does not grow with the ring: R = 4 holds what R = 2 holds
+        # (an all-gather, or keeping the blocks seen, would add 2 blocks).
+        assert m["r4"][0] == m["r2"][0], m
+        # The transfers add one received block to the packed local copy: K/V held = the local
+        # input + the block being sent + the block arriving, 3 of the sequence's 4 blocks.
+        assert m["r4"][0] - m["r4_stay"][0] == block, m
+        # Backward: + the next K/V block, and this block's dK/dV (fp32 = K/V here) arriving.
+        assert m["r4"][1] - m["r4_stay"][1] <= 2 * block, m
+
+
+def test_selective_checkpointing_keeps_the_ring_output(tools_results):
+    for res in tools_results:
+        sel, full = res["selective"], res["full"]
+        assert max(sel["error"], full["error"]) <= TOL
+        # ring = 2: one K/V hop forward; backward one K/V hop and two dK/dV hops, no re-run.
+        assert (sel["forward"].count("p"), sel["backward"].count("p"), sel["backward"].count("q")) == (1, 1, 2)
+        assert sel["backward"].count("F") == 0
+        # Full checkpointing re-runs the ring forward in backward (the contrast).
+        assert full["backward"].count("F") > 0 and full["backward"].count("p") == 2

@@ -71,12 +71,12 @@ def _bias(document_ids, blk, c, dtype):
     return kernels.document_bias(document_ids, blk, c, dtype)
 
 
-@torch.library.custom_op("ulysses_train::ring_attention", mutates_args=())
-def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      document_ids: torch.Tensor | None, causal: bool, group_name: str
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ring forward: q (B, L, Hq, D), k/v (B, L, Hkv, D) -> out (B, L, Hq, D), LSE (B, Hq, L) fp32."""
-    group = _group(group_name)
+def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None,
+                 causal: bool, group: ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ring forward: q (B, L, Hq, D), k/v (B, L, Hkv, D) -> out (B, L, Hq, D), LSE (B, Hq, L) fp32.
+
+    L = S'/R tokens in the zig-zag order; `document_ids` the global (B, S') ids or None.
+    """
     ring, rank = group.size(), group.rank()
     plans = kernels.step_plans(rank, ring, q.shape[1], causal, document_ids)
     c = q.shape[1] // len(kernels.rank_chunks(rank, ring))
@@ -100,19 +100,24 @@ def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.to(q.dtype).transpose(1, 2).contiguous(), lse  # (B, Hq, L, D) -> (B, L, Hq, D)
 
 
+@torch.library.custom_op("ulysses_train::ring_attention", mutates_args=())
+def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      document_ids: torch.Tensor | None, causal: bool, group_name: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ring_forward` as an op (the group by name: ops take no ProcessGroup objects)."""
+    return ring_forward(q, k, v, document_ids, causal, _group(group_name))
+
+
 @ring_attention_op.register_fake
 def _(q, k, v, document_ids, causal, group_name):
     return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
 
 
-@torch.library.custom_op("ulysses_train::ring_attention_backward", mutates_args=())
-def ring_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                               v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                               document_ids: torch.Tensor | None, causal: bool, group_name: str
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+def ring_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  out: torch.Tensor, lse: torch.Tensor, document_ids: torch.Tensor | None,
+                  causal: bool, group: ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring backward from the saved out and LSE: dq like q, and dk/dv stacked (2, B, L, Hkv, D)
     in fp32 (one buffer, so one return; split outside the op, which may not return aliases)."""
-    group = _group(group_name)
     ring, rank = group.size(), group.rank()
     plans = kernels.step_plans(rank, ring, q.shape[1], causal, document_ids)
     c = q.shape[1] // len(kernels.rank_chunks(rank, ring))
@@ -142,6 +147,15 @@ def ring_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch
             kv = transfer.wait()
     dkv = grad_transfer.wait() if grad_transfer is not None else dkv  # my own block, complete
     return dq.transpose(1, 2).to(q.dtype).contiguous(), dkv
+
+
+@torch.library.custom_op("ulysses_train::ring_attention_backward", mutates_args=())
+def ring_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                               v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                               document_ids: torch.Tensor | None, causal: bool, group_name: str
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ring_backward` as an op."""
+    return ring_backward(grad_out, q, k, v, out, lse, document_ids, causal, _group(group_name))
 
 
 @ring_attention_backward_op.register_fake
