@@ -44,7 +44,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ulysses_train.model.attention import sdpa_attention  # noqa: E402
-from ulysses_train.parallel import comm, ring  # noqa: E402
+from ulysses_train.parallel import ring  # noqa: E402
 from ulysses_train.parallel.layout import SequenceLayout  # noqa: E402
 from ulysses_train.parallel.ring import UlyssesRingAttention  # noqa: E402
 from ulysses_train.parallel.ulysses import UlyssesAttention  # noqa: E402
@@ -140,24 +140,28 @@ def model_bytes(cfg, world: int, r: int, element_size: int) -> int:
 
 @contextlib.contextmanager
 def count_sent(totals: list[int]):
-    """Adds to totals[0] the bytes this rank sends through all-to-alls and ring P2P hops."""
-    a2a, transfer = comm.all_to_all, ring.Transfer
+    """Adds to totals[0] the bytes this rank sends through all-to-alls and ring P2P hops.
 
-    def counted_a2a(x, group):
-        p = dist.get_world_size(group)
-        totals[0] += x.numel() * x.element_size() * (p - 1) // p  # the own chunk stays
-        return a2a(x, group)
+    The all-to-all is counted at `torch.ops._c10d_functional.all_to_all_single`, which our comm
+    layer calls forward and its registered autograd formula calls backward (the own chunk is
+    not sent); the ring at each `ring.Transfer` (one send per hop)."""
+    ops, a2a, transfer = torch.ops._c10d_functional, torch.ops._c10d_functional.all_to_all_single, ring.Transfer
+
+    def counted_a2a(x, out_splits, in_splits, group_name):
+        p = len(in_splits)
+        totals[0] += x.numel() * x.element_size() * (p - 1) // p
+        return a2a(x, out_splits, in_splits, group_name)
 
     class Counted(transfer):
         def __init__(self, send, group, tag):
             totals[0] += send.numel() * send.element_size()
             super().__init__(send, group, tag)
 
-    comm.all_to_all, ring.Transfer = counted_a2a, Counted
+    ops.all_to_all_single, ring.Transfer = counted_a2a, Counted
     try:
         yield
     finally:
-        comm.all_to_all, ring.Transfer = a2a, transfer
+        ops.all_to_all_single, ring.Transfer = a2a, transfer
 
 
 def sent_bytes(step, fn, local) -> tuple[int, int]:
