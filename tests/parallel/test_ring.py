@@ -80,6 +80,40 @@ def _size_one_ring(groups, sp_rank) -> bool:
     return all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+def _noncausal(groups, sp_rank) -> dict[str, float]:
+    """causal=False: every sub-block is computed in full (sp=4 ring=4)."""
+    layout = SequenceLayout(32, 4, 4)
+    q, k, v, grad = _inputs(2, 32)
+    want = fwd_bwd(sdpa_attention, q, k, v, grad, causal=False)
+    pos = layout.rank_positions(sp_rank)
+    with Recorder() as rec:
+        got = fwd_bwd(UlyssesRingAttention(*groups, layout), *(t[:, pos] for t in (q, k, v, grad)),
+                      causal=False)
+    errors = {name: rel_err(a, b[:, pos]) for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
+    return {"errors": errors, "calls": rec.events.count("F")}
+
+
+def _bad_inputs(groups, sp_rank) -> dict[str, str]:
+    """ValueErrors for inputs the ring cannot use, raised before anything is sent (sp=4 ring=4)."""
+    layout = SequenceLayout(32, 4, 4)
+    q, k, v, _ = (t[:, layout.rank_positions(sp_rank)] for t in _inputs(2, 32))
+    attn = UlyssesRingAttention(*groups, layout)
+    calls = {"local_mask": lambda: attn(q, k, v, mask=DocumentMask(torch.zeros(2, 8, dtype=torch.long))),
+             "noncausal_mask": lambda: attn(q, k, v, causal=False, mask=DocumentMask(torch.zeros(2, 32, dtype=torch.long))),
+             "tokens": lambda: attn(q[:, :4], k[:, :4], v[:, :4]),
+             "layout": lambda: UlyssesRingAttention(*groups, SequenceLayout(32, 4, 2))}
+    messages = {}
+    with Recorder() as rec:
+        for name, call in calls.items():
+            try:
+                call()
+                messages[name] = "no error"
+            except ValueError as exc:
+                messages[name] = str(exc)
+    messages["events"] = rec.events
+    return messages
+
+
 def _main_job(rank, world):
     results = {}
     for sp, ring in LAYOUTS:
@@ -89,6 +123,9 @@ def _main_job(rank, world):
             res = _compare(groups, sp_rank, layout, batch, masked)
             res["expected_calls"] = _expected_calls(layout, ring_rank, batch, masked)
             results[(sp, ring, seq, batch, masked)] = res
+        if (sp, ring) == (4, 4):
+            results["noncausal"] = _noncausal(groups, sp_rank)
+            results["bad"] = _bad_inputs(groups, sp_rank)
     groups, sp_rank, _ = hybrid_groups(4, 1)
     results["size1"] = _size_one_ring(groups, sp_rank)
     return results
@@ -109,6 +146,21 @@ def test_matches_full_attention(main_results, sp, ring, seq, batch, masked):
 
 def test_size_one_ring_is_exactly_ulysses(main_results):
     assert all(res["size1"] for res in main_results)
+
+
+def test_non_causal_computes_every_block(main_results):
+    for res in main_results:
+        assert max(res["noncausal"]["errors"].values()) <= TOL, res["noncausal"]
+        assert res["noncausal"]["calls"] == 4 * 4  # 2 x 2 sub-blocks at each of R = 4 steps
+
+
+def test_bad_inputs_raise_before_any_transfer(main_results):
+    bad = main_results[0]["bad"]
+    assert "must describe the global padded rows (B, S') = (2, 32)" in bad["local_mask"]
+    assert "pass causal=True" in bad["noncausal_mask"]
+    assert "must hold S'/R = 8 tokens" in bad["tokens"]
+    assert "the Ulysses group has 1 ranks but the layout expects 2" in bad["layout"]
+    assert bad["events"] == ""
 
 
 @pytest.mark.parametrize("seq,batch,masked", SHAPES)
@@ -212,8 +264,31 @@ def _selective(groups, sp_rank, mode) -> dict[str, object]:
             "error": rel_err(grads[1], grads[0])}
 
 
+def _bench_bytes(rank, world) -> dict[str, tuple]:
+    """scripts/bench_ulysses.py's bytes-sent counter vs its communication model (forward)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench_ulysses.py")
+    spec = importlib.util.spec_from_file_location("bench_ulysses", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = {}
+    for hkv in (HKV, HQ):  # kv replicated by the Ulysses all-to-all, and not
+        cfg = {"seq_len": 64, "heads": HQ, "kv_heads": hkv, "head_dim": D, "batch": 1}
+        inputs = bench.global_inputs(cfg)
+        for r in (1, 2, 4):
+            layout = SequenceLayout(64, world, r)
+            attn = (UlyssesAttention(sdpa_attention, None) if r == 1
+                    else UlyssesRingAttention(*bench.hybrid_groups(world, r), layout))
+            local = [t[:, layout.rank_positions(rank)].contiguous() for t in inputs]
+            step = bench.make_step(attn, local, causal=True)
+            out[(hkv, r)] = (bench.sent_bytes(step, attn, local)[0], bench.model_bytes(cfg, world, r, 4))
+    return out
+
+
 def _tools_job(rank, world):
-    results = {"memory": _memory(rank)}
+    results = {"memory": _memory(rank), "bench": _bench_bytes(rank, world)}
     groups, sp_rank, _ = hybrid_groups(4, 2)
     for mode in ("selective", "full"):
         results[mode] = _selective(groups, sp_rank, mode)
@@ -236,6 +311,12 @@ def test_ring_holds_local_block_plus_two_in_flight(tools_results):
         assert m["r4"][0] - m["r4_stay"][0] == block, m
         # Backward: + the next K/V block, and this block's dK/dV (fp32 = K/V here) arriving.
         assert m["r4"][1] - m["r4_stay"][1] <= 2 * block, m
+
+
+def test_bench_communication_model_matches_bytes_sent(tools_results):
+    for res in tools_results:
+        for key, (measured, model) in res["bench"].items():
+            assert measured == model > 0, (key, measured, model)
 
 
 def test_selective_checkpointing_keeps_the_ring_output(tools_results):
