@@ -206,7 +206,9 @@ class RingAttention(nn.Module):
     Per ring step the K/V block of rank (i - t) mod R is here; fully masked sub-blocks are
     skipped (parallel/ring_kernels.py), the rest run a local kernel that returns its LSE, and
     results are merged in fp32. Sends per call: R-1 K/V hops forward; R-1 K/V hops and R dK/dV
-    hops backward (none when R = 1). Raises ValueError on shapes or a mask that do not match.
+    hops backward (none when R = 1). Raises ValueError on shapes or a mask that do not match,
+    before anything is sent. Source: Liu et al. 2023, "Ring Attention with Blockwise
+    Transformers"; zig-zag balance as Megatron-LM context parallelism.
     """
 
     def __init__(self, ring_group: ProcessGroup | None, layout: SequenceLayout):
@@ -262,6 +264,8 @@ class UlyssesRingAttention(nn.Module):
     Steps: (B, S'/P, H, D) -> all-to-all over the Ulysses group -> (B, S'/R, H/U, D), which
     holds `layout.ring_positions(ring_rank)` -> RingAttention -> inverse all-to-all.
     Head rules as UlyssesAttention for U (kv heads replicated when Hkv < U); ValueError otherwise.
+    Sources: Jacobs et al. 2023 (DeepSpeed-Ulysses), Liu et al. 2023 (Ring Attention), Fang &
+    Zhao 2024 (USP: "A Unified Sequence Parallelism Approach for Long Context Generative AI").
     """
 
     def __init__(self, ulysses_group: ProcessGroup | None, ring_group: ProcessGroup | None,
@@ -272,6 +276,8 @@ class UlyssesRingAttention(nn.Module):
         self.ulysses_group, self.layout = ulysses_group, layout
         if layout.ring == 1:  # exactly today's layer: no ring, no LSE merge
             self.ulysses = UlyssesAttention(local_attention, ulysses_group)
+            # what model.attention.document_mask_for looks for to prebuild the mask's form
+            self.local_attention = local_attention
         else:
             self.ring = RingAttention(ring_group, layout)
 
