@@ -145,7 +145,8 @@ def count_sent(totals: list[int]):
     The all-to-all is counted at `torch.ops._c10d_functional.all_to_all_single`, which our comm
     layer calls forward and its registered autograd formula calls backward (the own chunk is
     not sent); the ring at each `ring.Transfer` (one send per hop)."""
-    ops, a2a, transfer = torch.ops._c10d_functional, torch.ops._c10d_functional.all_to_all_single, ring.Transfer
+    ops, transfer = torch.ops._c10d_functional, ring.Transfer
+    a2a = ops.all_to_all_single
 
     def counted_a2a(x, out_splits, in_splits, group_name):
         p = len(in_splits)

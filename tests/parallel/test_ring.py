@@ -98,8 +98,9 @@ def _bad_inputs(groups, sp_rank) -> dict[str, str]:
     layout = SequenceLayout(32, 4, 4)
     q, k, v, _ = (t[:, layout.rank_positions(sp_rank)] for t in _inputs(2, 32))
     attn = UlyssesRingAttention(*groups, layout)
-    calls = {"local_mask": lambda: attn(q, k, v, mask=DocumentMask(torch.zeros(2, 8, dtype=torch.long))),
-             "noncausal_mask": lambda: attn(q, k, v, causal=False, mask=DocumentMask(torch.zeros(2, 32, dtype=torch.long))),
+    local_mask, global_mask = (DocumentMask(torch.zeros(2, n, dtype=torch.long)) for n in (8, 32))
+    calls = {"local_mask": lambda: attn(q, k, v, mask=local_mask),
+             "noncausal_mask": lambda: attn(q, k, v, causal=False, mask=global_mask),
              "tokens": lambda: attn(q[:, :4], k[:, :4], v[:, :4]),
              "layout": lambda: UlyssesRingAttention(*groups, SequenceLayout(32, 4, 2))}
     messages = {}
@@ -324,7 +325,8 @@ def test_selective_checkpointing_keeps_the_ring_output(tools_results):
         sel, full = res["selective"], res["full"]
         assert max(sel["error"], full["error"]) <= TOL
         # ring = 2: one K/V hop forward; backward one K/V hop and two dK/dV hops, no re-run.
-        assert (sel["forward"].count("p"), sel["backward"].count("p"), sel["backward"].count("q")) == (1, 1, 2)
+        hops = (sel["forward"].count("p"), sel["backward"].count("p"), sel["backward"].count("q"))
+        assert hops == (1, 1, 2)
         assert sel["backward"].count("F") == 0
         # Full checkpointing re-runs the ring forward in backward (the contrast).
         assert full["backward"].count("F") > 0 and full["backward"].count("p") == 2

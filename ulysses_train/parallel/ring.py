@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from ..model.attention import sdpa_attention
 from ..model.masking import DocumentMask
@@ -48,7 +49,8 @@ class Transfer:
     def __init__(self, send: torch.Tensor, group: ProcessGroup, tag: int):
         rank, size = group.rank(), group.size()
         self.recv = torch.empty_like(send)
-        nxt, prev = dist.get_global_rank(group, (rank + 1) % size), dist.get_global_rank(group, (rank - 1) % size)
+        nxt = dist.get_global_rank(group, (rank + 1) % size)
+        prev = dist.get_global_rank(group, (rank - 1) % size)
         self.works = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, nxt, group, tag),
                                              dist.P2POp(dist.irecv, self.recv, prev, group, tag)])
         self.send = send  # keep the source alive until the send completes
@@ -61,7 +63,8 @@ class Transfer:
 
 
 def _group(name: str) -> ProcessGroup:
-    from torch.distributed.distributed_c10d import _resolve_process_group
+    # Ops take no ProcessGroup objects, only names; this is how torch's own functional
+    # collectives turn a name back into its group (private, stable since 2.3).
     return _resolve_process_group(name)
 
 
