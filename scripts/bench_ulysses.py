@@ -9,7 +9,16 @@ Implementations, timed on the same inputs (each rank's sequence slice of one glo
   deepspeed is importable and supports the head counts (it needs kv_heads >= world);
 - `local_shard`: every rank runs the local kernel on `(B, S, H/P, D)` with no communication —
   the compute floor of Ulysses, so ulysses - local_shard is the price of the all-to-alls;
-- `full_1proc`: rank 0 alone runs full attention on the whole `(B, S, H, D)` (the others wait).
+- `full_1proc`: rank 0 alone runs full attention on the whole `(B, S, H, D)` (the others wait);
+- `ring`: `UlyssesRingAttention` with ring = P (pure ring attention, zig-zag layout);
+- `hybrid`: `UlyssesRingAttention` with ring = 2 and Ulysses = P/2 (USP), when P >= 4.
+Ring and hybrid rows also report `sent_bytes_fwd` / `sent_bytes_bwd` per rank (counted at the
+all-to-all and P2P calls, the own chunk of an all-to-all not counted) next to `model_bytes_fwd`,
+the communication model (`comm_model`): per rank, forward, per attention layer,
+  Ulysses over U ranks: B * S/P * D * (2*Hq + 2*Hkv*rep) * (U-1)/U elements, rep = max(U/Hkv, 1)
+    (q, k, v in, out back: 4*S*d/P for MHA, up to the own chunk's (U-1)/U);
+  ring over R ranks: the local K and V block, B * S/R * max(Hkv/U, 1) * D each, sent R-1 times.
+Backward: the same all-to-alls again; the ring sends K/V R-1 times and fp32 dK/dV R times.
 Repeats are interleaved (every round runs each implementation once, in a rotating order) so
 load drifts hit all of them alike; the median over rounds is reported. Every rank is timed
 between two barriers; rank 0 prints one JSON line per (configuration, implementation) with all
@@ -35,6 +44,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ulysses_train.model.attention import sdpa_attention  # noqa: E402
+from ulysses_train.parallel import ring  # noqa: E402
+from ulysses_train.parallel.layout import SequenceLayout  # noqa: E402
+from ulysses_train.parallel.ring import UlyssesRingAttention  # noqa: E402
 from ulysses_train.parallel.ulysses import UlyssesAttention  # noqa: E402
 
 DEFAULT_CONFIGS = ["1024x16x16x64x1", "512x32x32x64x2", "2048x32x8x64x1", "2048x16x4x64x1", "1024x16x2x64x1"]
@@ -96,21 +108,99 @@ def head_shard(inputs: list[torch.Tensor], cfg: dict[str, int], rank: int, world
     return [t.contiguous() for t in (q[:, :, heads], k, v, grad_out[:, :, heads])]
 
 
+def hybrid_groups(world: int, r: int):
+    """(ulysses_group, ring_group) of this rank for ring degree r (collective: all ranks call)."""
+    rank, u = dist.get_rank(), world // r
+    mine = [None, None]
+    for ranks, slot in [([j * u + i for i in range(u)], 0) for j in range(r)] + \
+                       [([j * u + i for j in range(r)], 1) for i in range(u)]:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine[slot] = group
+    return tuple(mine)
+
+
+def ring_rows(cfg, world: int) -> dict[str, int]:
+    """impl name -> ring degree for the ring rows this configuration supports."""
+    rows = {"ring": world} if world > 1 else {}
+    u = world // 2
+    if world >= 4 and cfg["heads"] % u == 0 and (cfg["kv_heads"] % u == 0 or u % cfg["kv_heads"] == 0):
+        rows["hybrid"] = 2
+    return {name: r for name, r in rows.items() if cfg["seq_len"] % (2 * world) == 0}
+
+
+def model_bytes(cfg, world: int, r: int, element_size: int) -> int:
+    """The communication model's forward bytes per rank (module docstring)."""
+    b, s, hq, hkv, d = cfg["batch"], cfg["seq_len"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    u = world // r
+    ulysses = b * s // world * d * (2 * hq + 2 * hkv * max(u // hkv, 1)) * (u - 1) // u
+    ring_part = 2 * b * s // r * max(hkv // u, 1) * d * (r - 1)
+    return (ulysses + ring_part) * element_size
+
+
+@contextlib.contextmanager
+def count_sent(totals: list[int]):
+    """Adds to totals[0] the bytes this rank sends through all-to-alls and ring P2P hops.
+
+    The all-to-all is counted at `torch.ops._c10d_functional.all_to_all_single`, which our comm
+    layer calls forward and its registered autograd formula calls backward (the own chunk is
+    not sent); the ring at each `ring.Transfer` (one send per hop)."""
+    ops, transfer = torch.ops._c10d_functional, ring.Transfer
+    a2a = ops.all_to_all_single
+
+    def counted_a2a(x, out_splits, in_splits, group_name):
+        p = len(in_splits)
+        totals[0] += x.numel() * x.element_size() * (p - 1) // p
+        return a2a(x, out_splits, in_splits, group_name)
+
+    class Counted(transfer):
+        def __init__(self, send, group, tag):
+            totals[0] += send.numel() * send.element_size()
+            super().__init__(send, group, tag)
+
+    ops.all_to_all_single, ring.Transfer = counted_a2a, Counted
+    try:
+        yield
+    finally:
+        ops.all_to_all_single, ring.Transfer = a2a, transfer
+
+
+def sent_bytes(step, fn, local) -> tuple[int, int]:
+    """Bytes this rank sends in one forward, and in the backward of a whole step."""
+    fwd, total = [0], [0]
+    with count_sent(fwd), torch.no_grad():
+        fn(*local[:3], causal=True)
+    with count_sent(total):
+        step()
+    return fwd[0], total[0] - fwd[0]
+
+
 def implementations(cfg, inputs, rank: int, world: int):
-    """name -> step closure (None where this rank takes no part), and this rank's token slice."""
+    """name -> step closure (None where this rank takes no part), this rank's token positions per
+    implementation, and the ring rows' sent bytes."""
     group = dist.group.WORLD
-    mine = slice(rank * cfg["seq_len"] // world, (rank + 1) * cfg["seq_len"] // world)
+    mine = torch.arange(rank * cfg["seq_len"] // world, (rank + 1) * cfg["seq_len"] // world)
     local = [t[:, mine].contiguous() for t in inputs]  # this rank's tokens: (B, S/P, H, D)
-    steps = {"ulysses": make_step(UlyssesAttention(sdpa_attention, group), local, causal=True)}
+    ulysses = UlyssesAttention(sdpa_attention, group)
+    steps = {"ulysses": make_step(ulysses, local, causal=True)}
+    positions = {"ulysses": mine, "deepspeed": mine}
+    sent = {"ulysses": sent_bytes(steps["ulysses"], ulysses, local) + (model_bytes(cfg, world, 1, 4),)}
+    for name, r in ring_rows(cfg, world).items():
+        layout = SequenceLayout(cfg["seq_len"], world, r)
+        attn = UlyssesRingAttention(*hybrid_groups(world, r), layout)
+        positions[name] = layout.rank_positions(rank)
+        zig = [t[:, positions[name]].contiguous() for t in inputs]  # the zig-zag tokens
+        steps[name] = make_step(attn, zig, causal=True)
+        sent[name] = sent_bytes(steps[name], attn, zig) + (model_bytes(cfg, world, r, 4),)
     ds = deepspeed_attention(group) if cfg["kv_heads"] >= world else None
     if ds is not None:
         steps["deepspeed"] = make_step(ds, local, causal=True)
     steps["local_shard"] = make_step(sdpa_attention, head_shard(inputs, cfg, rank, world), causal=True)
     steps["full_1proc"] = make_step(sdpa_attention, inputs, causal=True) if rank == 0 else None
-    return steps, mine
+    return steps, positions, sent
 
 
-def rel_error(step, mine: slice, reference: list[torch.Tensor]) -> float:
+def rel_error(step, mine: torch.Tensor, reference: list[torch.Tensor]) -> float:
     """Worst of max|x - ref| / max|ref| over out, dq, dk, dv, all ranks (each checks its slice)."""
     worst = max(((got - ref[:, mine]).abs().max() / ref.abs().max()).item()
                 for got, ref in zip(step(), reference))
@@ -134,10 +224,10 @@ def time_round(steps: dict, order: list[str]) -> dict[str, float]:
 
 def bench_config(cfg: dict[str, int], rank: int, world: int, repeats: int, warmup: int) -> None:
     inputs = global_inputs(cfg)
-    steps, mine = implementations(cfg, inputs, rank, world)
+    steps, positions, sent = implementations(cfg, inputs, rank, world)
     reference = make_step(sdpa_attention, inputs, causal=True)()  # out, dq, dk, dv; every rank, once
-    errors = {name: rel_error(steps[name], mine, reference) for name in ("ulysses", "deepspeed")
-              if name in steps}
+    errors = {name: rel_error(steps[name], positions[name], reference)
+              for name in ("ulysses", "deepspeed", "ring", "hybrid") if name in steps}
     names = list(steps)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for i in range(warmup + repeats):
@@ -156,6 +246,11 @@ def bench_config(cfg: dict[str, int], rank: int, world: int, repeats: int, warmu
             # Same-round ratios cancel load that drifts between rounds (shared CI machines).
             ratios = [a / b for a, b in zip(samples["ulysses"], samples["deepspeed"])]
             row["median_ratio_vs_deepspeed"] = round(statistics.median(ratios), 4)
+        if name in sent:
+            row["sent_bytes_fwd"], row["sent_bytes_bwd"], row["model_bytes_fwd"] = sent[name]
+        if name in sent and name != "ulysses":
+            ratios = [a / b for a, b in zip(samples[name], samples["ulysses"])]
+            row["median_ratio_vs_ulysses"] = round(statistics.median(ratios), 4)
         print(json.dumps(row), flush=True)
     if "deepspeed" not in steps:
         print(json.dumps({"impl": "deepspeed", **cfg, "world": world, "skipped":

@@ -9,7 +9,8 @@ parameter names (and therefore checkpoints) are the same whatever is chosen here
 - full: each block keeps only its input and is recomputed in backward (one extra forward).
 - selective: recompute the cheap ops (norms, projections, RoPE, MLP) but keep what is expensive
   to redo: the attention kernel's outputs (at long context attention is most of the FLOPs) and
-  the Ulysses all-to-all results (recomputing them would repeat the communication). Uses
+  the Ulysses all-to-all results (recomputing them would repeat the communication), and the
+  ring attention op's output and LSE (recomputing would re-run the whole ring). Uses
   torch's selective-checkpoint policy API (`create_selective_checkpoint_contexts`).
 
 `train.activation_offload` (with full/selective): the block inputs the checkpoints keep are
@@ -26,6 +27,8 @@ from torch import nn
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
+from . import ring  # noqa: F401  registers torch.ops.ulysses_train.ring_attention before _saved_ops reads it
+
 
 @functools.cache
 def _saved_ops() -> frozenset:
@@ -33,7 +36,8 @@ def _saved_ops() -> frozenset:
     names = ["aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
              "aten._scaled_dot_product_cudnn_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
              "aten._flash_attention_forward", "aten._efficient_attention_forward",
-             "_c10d_functional.all_to_all_single", "_c10d_functional.wait_tensor"]
+             "_c10d_functional.all_to_all_single", "_c10d_functional.wait_tensor",
+             "ulysses_train.ring_attention"]  # registered by the ring import above
     ops = set()
     for name in names:
         namespace, op = name.split(".")
