@@ -181,8 +181,11 @@ def test_tokenizer_files_are_copied_and_give_the_special_ids(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("warning: ")  # no tokenizer/: said, weights out
     tok = tmp_path / "run" / "tokenizer"
     tok.mkdir()
-    (tok / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 5}}, "added_tokens": [
-        {"id": 1, "content": "<s>"}, {"id": 2, "content": "</s>"}]}))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    real = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "a": 5}, unk_token="<unk>"))
+    real.pre_tokenizer = pre_tokenizers.Whitespace()
+    real.save(str(tok / "tokenizer.json"))  # read by the same code that packs training data
     (tok / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>",
                                                            "eos_token": {"content": "</s>"}}))
     assert export(run, tmp_path / "hf") == 0

@@ -6,7 +6,6 @@ no transformers.
 """
 from __future__ import annotations
 
-import json
 import os
 
 from ..errors import ConfigError
@@ -86,46 +85,15 @@ def generation_config_json(bos: int | None, eos: int | None) -> dict:
 
 
 def special_token_ids(tokenizer_dir: str) -> tuple[int | None, int | None]:
-    """(bos, eos) ids of the tokenizer files in `tokenizer_dir`: a sentencepiece
-    `tokenizer.model` says them itself (-1 = none); for a `tokenizer.json` the token strings of
-    `tokenizer_config.json` (or `special_tokens_map.json`) are looked up among its tokens.
-    (None, None) when nothing says."""
-    sp_path = os.path.join(tokenizer_dir, "tokenizer.model")
-    if os.path.isfile(sp_path):
-        import sentencepiece as spm
+    """(bos, eos) ids of the tokenizer files in `tokenizer_dir` (the run's `tokenizer/`), read
+    by the same code that packed the training data (data/tokenizer.py), so the exported
+    config.json names the ids the model was trained with. (None, None) when there are none.
+    Raises ConfigError for tokenizer files that cannot be used."""
+    from ..data.tokenizer import open_tokenizer
+    from ..data.tokenizer_files import model_in
 
-        sp = spm.SentencePieceProcessor(model_file=sp_path)
-        return (sp.bos_id() if sp.bos_id() >= 0 else None,
-                sp.eos_id() if sp.eos_id() >= 0 else None)
-    vocab = _tokenizer_json_ids(os.path.join(tokenizer_dir, "tokenizer.json"))
-    strings = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
-        strings.update(_token_strings(os.path.join(tokenizer_dir, name)))
-    return vocab.get(strings.get("bos_token")), vocab.get(strings.get("eos_token"))
-
-
-def _tokenizer_json_ids(path: str) -> dict:
-    try:
-        with open(path) as f:
-            tok = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    ids = dict((tok.get("model") or {}).get("vocab") or {}) \
-        if isinstance((tok.get("model") or {}).get("vocab"), dict) else {}
-    ids.update({t["content"]: t["id"] for t in tok.get("added_tokens") or []})
-    return ids
-
-
-def _token_strings(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    out = {}
-    for key in ("bos_token", "eos_token"):
-        value = data.get(key)
-        value = value.get("content") if isinstance(value, dict) else value
-        if isinstance(value, str):
-            out[key] = value
-    return out
+    path = model_in(tokenizer_dir) if os.path.isdir(tokenizer_dir) else None
+    if path is None:
+        return None, None
+    tok = open_tokenizer(path)
+    return tok.bos_id, tok.eos_id
