@@ -25,19 +25,28 @@ ARGS = [a for a in SMALL if not a.startswith("model.")]  # the architecture come
 
 
 def hf_dir(tmp_path, name="tiny-llama", model_type="llama", **kw) -> str:
-    """A model dir holding the config.json transformers writes for `model_type`."""
+    """A model dir as transformers' `save_pretrained` writes it for `model_type` (config.json
+    and random weights: model.init_from loads both)."""
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
            "qwen2": transformers.Qwen2Config}[model_type]
     path = str(tmp_path / name)
-    cls(**{**TINY, **kw}).save_pretrained(path)
+    transformers.AutoModelForCausalLM.from_config(cls(**{**TINY, **kw})).save_pretrained(path)
     return path
 
 
 def raw_dir(tmp_path, config: dict, name="raw") -> str:
-    """A model dir with a hand-written config.json (older spellings, odd settings)."""
+    """A model dir with a hand-written config.json (older spellings, odd settings), plus the
+    weights transformers makes for it where it can build the model."""
     path = tmp_path / name
     path.mkdir()
     (path / "config.json").write_text(json.dumps(config))
+    try:
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(path))
+    except Exception:  # a config transformers refuses too: the test is about its refusal
+        return str(path)
+    model.save_pretrained(tmp_path / f"{name}-weights")  # would rewrite config.json: elsewhere
+    os.replace(tmp_path / f"{name}-weights" / "model.safetensors", path / "model.safetensors")
     return str(path)
 
 
@@ -149,13 +158,16 @@ def test_unsupported_config_json_is_refused_in_one_line(tmp_path, change, words)
 
 
 def _our_step(tmp_path, **model) -> str:
-    """A run dir with checkpoints/latest -> step_00000004 holding meta.json (what we read)."""
-    step = tmp_path / "stage1" / "checkpoints" / "step_00000004"
-    step.mkdir(parents=True)
-    saved = dataclasses.asdict(ModelConfig(name="stage1-model", **model))
-    (step / "meta.json").write_text(json.dumps({"step": 4, "model": saved}))
-    (step.parent / "latest").write_text("step_00000004\n")
-    return str(step)
+    """A one-step run of ours (stage 1) whose checkpoints/latest names step_00000001."""
+    from ulysses_train.trainer import Trainer
+
+    from helpers import cpu_dims
+
+    overrides = [f"model.{k}={v}" for k, v in model.items()]
+    cfg = precheck(*overrides, "model.name=stage1-model", "train.steps=1",
+                   f"data.cache_dir={tmp_path / 'cache'}")
+    Trainer(cfg, str(tmp_path / "stage1"), cpu_dims()).fit()
+    return str(tmp_path / "stage1" / "checkpoints" / "step_00000001")
 
 
 def test_our_checkpoint_decides_the_architecture_rope_stays_free(tmp_path):

@@ -42,3 +42,21 @@ def require(ok: bool, key: str, message: str) -> None:
     """Raise `ConfigError(key, message)` unless `ok`."""
     if not ok:
         raise ConfigError(key, message)
+
+
+def read_json_object(path: str, key: str) -> dict:
+    """The JSON object in the user's file `path` (a config.json, meta.json, tokenizer config).
+
+    Raises ConfigError(key) naming the file when it is unreadable, not JSON, or not an object.
+    """
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(key, f"{path} is not readable JSON ({type(exc).__name__}: {exc}); "
+                          "fix or replace it") from None
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"{path} holds a JSON {type(value).__name__}, expected an object")
+    return value

@@ -22,7 +22,7 @@ import json
 import os
 from typing import Sequence
 
-from ..errors import ConfigError
+from ..errors import ConfigError, read_json_object
 from ..hashing import hash_file
 
 SPM_MODEL = "tokenizer.model"  # the names the files get in caches and in <run_dir>/tokenizer/
@@ -150,17 +150,6 @@ class HFTokenizer(Tokenizer):
                    max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1)
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(KEY, f"{path} is not readable JSON ({e}); fix or remove it") from None
-    if not isinstance(value, dict):
-        raise ConfigError(KEY, f"{path} holds a {type(value).__name__}, expected a JSON object")
-    return value
-
-
 def _token_name(value) -> str | None:
     """A special token as the configs spell it: "<s>", {"content": "<s>", ...} or null."""
     return value.get("content") if isinstance(value, dict) else value
@@ -169,7 +158,8 @@ def _token_name(value) -> str | None:
 def special_ids(tok: Tokenizer) -> tuple[int | None, int, bool]:
     """(bos_id, eos_id, add_bos) of `tok`, from its configs (see the module docstring).
     Raises ConfigError for a named token the vocabulary lacks, or for no EOS at all."""
-    configs = {name: _read_json(tok.files[name]) for name in CONFIG_FILES if name in tok.files}
+    configs = {name: read_json_object(tok.files[name], KEY)
+               for name in CONFIG_FILES if name in tok.files}
     ids = {}
     for role in ("bos", "eos"):
         key = f"{role}_token"

@@ -20,12 +20,11 @@ No torch, no transformers: this runs in the pre-check, before torch is imported.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Iterable
 
-from ..errors import ConfigError
+from ..errors import ConfigError, read_json_object
 
 KEY = "model.init_from"
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -50,17 +49,6 @@ _ROPE_KEYS = {
 _YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
 # ModelConfig fields a checkpoint of ours does not decide.
 _NOT_FROM_CHECKPOINT = ("name", "init_std", "init_from")
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(KEY, f"cannot read {path} ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(KEY, f"{path} is not a JSON object")
-    return data
 
 
 def resolve_step_dir(path: str, key: str = KEY) -> str | None:
@@ -97,14 +85,14 @@ def model_fields_from(path: str, seq_len: int) -> tuple[dict, dict, str]:
         raise ConfigError(KEY, f"{path} {'is not a directory' if os.path.exists(path) else 'does not exist'}"
                                "; give a Hugging Face model dir or one of our run / step dirs")
     if os.path.isfile(os.path.join(path, "config.json")):
-        hf = _read_json(os.path.join(path, "config.json"))
+        hf = read_json_object(os.path.join(path, "config.json"), KEY)
         stated, defaults = hf_model_fields(hf, seq_len, os.path.join(path, "config.json"))
         return stated, defaults, os.path.basename(path)
     step = resolve_step_dir(path)
     if step is None:
         raise ConfigError(KEY, f"{path} has neither a config.json (Hugging Face model dir) nor a "
                                "meta.json or checkpoints/latest (our step / run dir)")
-    saved = _read_json(os.path.join(step, "meta.json")).get("model")
+    saved = read_json_object(os.path.join(step, "meta.json"), KEY).get("model")
     if not isinstance(saved, dict):
         raise ConfigError(KEY, f"{step}/meta.json has no \"model\" entry")
     stated, defaults = checkpoint_model_fields(saved)
