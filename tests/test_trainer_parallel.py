@@ -96,6 +96,16 @@ LAYOUTS = {  # id: (world, parallel overrides, micro-batch size, train overrides
     # tp rank, replicated over sp), ZeRO-3 the unclipped one (FSDP's divide factor).
     "tp2xsp2-selective-tiled": (4, {"tp": 2, "sp": 2}, 2, SELECTIVE_TILED, ("documents",)),
     "sp2xdp2-zero3-full-offload": (4, {"sp": 2, "dp": 2, "zero": 3}, 2, FULL_OFFLOAD, ("causal",)),
+    # Hybrid sharding (parallel.shard_group): replicate 2 x shard 2, each shard group one sp=2
+    # group; micro-batches of 1 so accumulation without communication (zero=2) and with the
+    # cross-group all-reduce deferred to the last micro-batch (zero=3) are both in the curve.
+    "hsdp-r2xs2-sp2-zero2-micro1": (4, {"sp": 2, "dp": 2, "zero": 2, "shard_group": 2}, 1, None,
+                                    ("causal",)),
+    "hsdp-r2xs2-sp2-zero3-micro1": (4, {"sp": 2, "dp": 2, "zero": 3, "shard_group": 2}, 1, None,
+                                    ("documents",)),
+    # FSDP2's 3-D mesh (replicate, shard, tp): 8 ranks, the clipped curve (norm over all three)
+    "hsdp-r2xs2-sp2xtp2-zero3": (8, {"tp": 2, "sp": 2, "dp": 2, "zero": 3, "shard_group": 2}, 2,
+                                 None, ("documents",)),
 }
 
 
