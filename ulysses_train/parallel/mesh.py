@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -133,7 +134,12 @@ class ParallelDims:
         self.meshes["dp_sp"] = mesh["dp_replicate", "dp_shard", "sp"]._flatten("dp_sp")
         if self.hsdp:  # FSDP2's HSDP mesh: (R, D/R, sp) -> (replicate R, shard D/R*sp)
             mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
-            self.meshes["hsdp"] = mesh["dp_replicate", "dp_shard_sp"]
+            # Slicing a flattened dim together with a root dim is how torch 2.8..2.13 make this
+            # view (torchtitan's HSDP mesh too); torch >= 2.11 warns that it will be deprecated
+            # in favour of DeviceMesh._unflatten, which torch 2.8 lacks.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Slicing a flattened dim", UserWarning)
+                self.meshes["hsdp"] = mesh["dp_replicate", "dp_shard_sp"]
         self.mesh = mesh
         # DeviceMesh makes its groups with torch's default timeout (30 min gloo, 10 min NCCL),
         # not the world group's, and torch 2.8's init_device_mesh takes no timeout or options.
