@@ -1,7 +1,9 @@
 """Two "nodes" on one machine: two torchrun launchers joined by a c10d rendezvous.
 
-Each launcher is the README's multi-node command (`torchrun --nnodes=2 --nproc_per_node=2
---rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:PORT ...`), started twice; sequence parallel
+Each launcher is the README's multi-node command (`torchrun --nnodes=2 --nproc-per-node=2
+--rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:PORT --rdzv-id=ID --max-restarts=1 train.py ...`;
+torchrun reads `--nproc_per_node` and `--nproc-per-node` alike, and this is the spelling of
+scripts/slurm_train.sh), started twice; sequence parallel
 sp=2 inside each node (ranks 2n, 2n+1) and HSDP across the nodes (parallel.shard_group=2:
 ZeRO-2 shards within a node, replicas across).
 - The 8-step curve equals one process (<= 1e-4 relative), and the run dir holds one metrics row
@@ -14,6 +16,7 @@ ZeRO-2 shards within a node, replicas across).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,8 +30,8 @@ from test_trainer_parallel import _train
 
 STEPS = 8
 # seq_len 128 (4 x SMALL's) so that a step outlasts the kill's polling by a wide margin
-ARGS = SMALL + [f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=4", "data.seq_len=128",
-                "parallel.sp=2", "parallel.zero=2", "parallel.shard_group=2"]
+ARGS = SMALL + [f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=4",
+                "data.seq_len=128", "parallel.sp=2", "parallel.zero=2", "parallel.shard_group=2"]
 CURVE_RTOL = 1e-4
 
 
@@ -38,15 +41,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launcher_flags(port: int, run_id: str) -> list[str]:
+    return ["--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}", "--max-restarts=1"]
+
+
 def _launch(port: int, run_id: str, run_dir, log_path) -> subprocess.Popen:
     """One "node": the README's command with this machine as the rendezvous host."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={run_id}",
-           "--max-restarts=1", os.path.join(ROOT, "train.py"), *ARGS,
-           f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *_launcher_flags(port, run_id),
+           os.path.join(ROOT, "train.py"), *ARGS, f"hydra.run.dir={run_dir}"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -121,6 +127,8 @@ def test_two_nodes_train_like_one_process(straight, tmp_path):
     for a, b in zip(ref, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=CURVE_RTOL), a["step"]
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=CURVE_RTOL), a["step"]
+    worst = max(abs(b[k] / a[k] - 1) for a, b in zip(ref, got) for k in ("loss", "grad_norm"))
+    print(f"two nodes vs one process: largest relative difference {worst:.1e}")
     saves = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name != "latest")
     assert saves == [f"step_{s:08d}" for s in range(2, STEPS + 1, 2)]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
@@ -134,3 +142,12 @@ def test_a_killed_node_restarts_and_resumes_bit_exactly(straight, tmp_path):
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [(r["loss"], r["grad_norm"]) for r in got] == \
         [(r["loss"], r["grad_norm"]) for r in ref]  # bit-exact across the restart
+
+
+def test_slurm_script_launches_with_the_tested_flags():
+    """scripts/slurm_train.sh passes every launcher flag this test runs (its own values)."""
+    text = open(os.path.join(ROOT, "scripts", "slurm_train.sh")).read()
+    launch = text[text.index("torchrun \\"):text.index('train.py "$@"')]
+    tested = {flag.split("=")[0] for flag in _launcher_flags(0, "x")}
+    assert tested <= set(re.findall(r"(--[\w-]+)=", launch)), launch
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text

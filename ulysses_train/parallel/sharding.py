@@ -17,7 +17,7 @@ How `parallel.zero` maps to FSDP2:
 - 3: `fully_shard(reshard_after_forward=True)`. Parameters are sharded too and re-gathered
   for each block's forward and again for its backward.
 
-Hybrid sharding (`parallel.shard_group=N` < dp × sp, docs/architecture.md): FSDP2's own 2-D
+Hybrid sharding (`parallel.shard_group=N` < dp × sp, docs/architecture.md §5): FSDP2's own 2-D
 mesh (replicate, shard) — the mesh's "hsdp" view, shard groups of N consecutive ranks. Each
 block's gradients are reduce-scattered inside the shard group and then all-reduced across the
 dp_sp/N replicas (one all-reduce per block, over the slow links); parameters are all-gathered
