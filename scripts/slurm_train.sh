@@ -5,6 +5,10 @@
 #   sbatch scripts/slurm_train.sh model=tinyllama_1b parallel.sp=8 data.seq_len=131072
 #   sbatch --nodes=4 --time=48:00:00 scripts/slurm_train.sh hydra.run.dir=runs/exp1 ...
 #
+# Across nodes, shard ZeRO within a node and replicate across nodes (hybrid sharding), e.g.
+#   sbatch scripts/slurm_train.sh parallel.sp=8 parallel.zero=3 parallel.shard_group=8
+# The torchrun line below is the one tests/test_multinode.py runs as two "nodes" on one machine.
+#
 # Arguments are train.py overrides. Submit from the repository root (the run dir is relative to
 # it); the same overrides always map to the same run dir, so a requeued or resubmitted job
 # resumes from its newest checkpoint (checkpoint.resume=auto).
@@ -42,6 +46,12 @@ HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 # so restarted workers would read the dead ones' addresses: restarts need the sharing off.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# Network settings across nodes (README, "Several nodes"): uncomment what your cluster needs.
+# export NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0  # the interface the nodes reach each other on
+# export NCCL_IB_HCA=mlx5_0:1,mlx5_1:1                 # InfiniBand adapters NCCL may use
+# export NCCL_IB_DISABLE=1                             # IB off (sockets): only to rule IB out
+# export NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET     # log the transport/interface NCCL chose
+# Collective timeout: the train.py override parallel.timeout_s (default 600 s).
 
 STOPPING=0
 on_usr1() {

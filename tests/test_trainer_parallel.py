@@ -96,6 +96,16 @@ LAYOUTS = {  # id: (world, parallel overrides, micro-batch size, train overrides
     # tp rank, replicated over sp), ZeRO-3 the unclipped one (FSDP's divide factor).
     "tp2xsp2-selective-tiled": (4, {"tp": 2, "sp": 2}, 2, SELECTIVE_TILED, ("documents",)),
     "sp2xdp2-zero3-full-offload": (4, {"sp": 2, "dp": 2, "zero": 3}, 2, FULL_OFFLOAD, ("causal",)),
+    # Hybrid sharding (parallel.shard_group): replicate 2 x shard 2, each shard group one sp=2
+    # group; micro-batches of 1 so accumulation without communication (zero=2) and with the
+    # cross-group all-reduce deferred to the last micro-batch (zero=3) are both in the curve.
+    "hsdp-r2xs2-sp2-zero2-micro1": (4, {"sp": 2, "dp": 2, "zero": 2, "shard_group": 2}, 1, None,
+                                    ("causal",)),
+    "hsdp-r2xs2-sp2-zero3-micro1": (4, {"sp": 2, "dp": 2, "zero": 3, "shard_group": 2}, 1, None,
+                                    ("documents",)),
+    # FSDP2's 3-D mesh (replicate, shard, tp): 8 ranks, the clipped curve (norm over all three)
+    "hsdp-r2xs2-sp2xtp2-zero3": (8, {"tp": 2, "sp": 2, "dp": 2, "zero": 3, "shard_group": 2}, 2,
+                                 None, ("documents",)),
 }
 
 
@@ -145,12 +155,16 @@ def test_checkpoint_reshards_across_layouts(tmp_path):
 
 
 def _state_bytes_by_zero(rank, world):
-    return {zero: _state_bytes(rank, world, zero) for zero in (0, 2, 3)}
+    by_zero = {zero: _state_bytes(rank, world, zero) for zero in (0, 2, 3)}
+    for zero in (2, 3):  # HSDP: shard groups of 2, replicated twice
+        by_zero[f"hsdp{zero}"] = _state_bytes(rank, world, zero, shard_group=2)
+    return by_zero
 
 
-def _state_bytes(rank, world, zero):
+def _state_bytes(rank, world, zero, shard_group=0):
     """Per-rank bytes of parameters, gradients and optimizer state after one step."""
-    cfg = small_config(parallel={"dp": world, "zero": zero}, data={"seq_len": 64},
+    cfg = small_config(parallel={"dp": world, "zero": zero, "shard_group": shard_group},
+                       data={"seq_len": 64},
                        train={"steps": 1, "micro_batch_size": 1}, checkpoint={"resume": "never"})
     dims = ParallelDims.from_config(cfg.parallel, world, rank)
     dims.build_mesh()
@@ -168,7 +182,8 @@ def _state_bytes(rank, world, zero):
 
 
 def test_zero_stages_shard_state_per_rank():
-    """ZeRO-2 shards gradients and optimizer state ~1/dp_sp; ZeRO-3 the parameters too."""
+    """ZeRO-2 shards gradients and optimizer state ~1/dp_sp; ZeRO-3 the parameters too; HSDP
+    (parallel.shard_group=2 of dp_sp=4) ~1/2."""
     by_zero = run_distributed(_state_bytes_by_zero, 4)[0]
     print("per-rank bytes at dp_sp=4:", by_zero)
     full = by_zero[0]
@@ -178,6 +193,11 @@ def test_zero_stages_shard_state_per_rank():
     # leaves are the reduce-scattered shards.
     assert by_zero[3]["params"] <= 0.3 * full["params"]
     assert by_zero[3]["grads"] <= 0.3 * full["grads"]
+    # HSDP with shard groups of 2: each state is halved, not quartered (replicated twice).
+    for zero in (2, 3):
+        hsdp = by_zero[f"hsdp{zero}"]
+        assert 0.4 * full["optim"] <= hsdp["optim"] <= 0.6 * full["optim"]
+    assert 0.4 * full["params"] <= by_zero["hsdp3"]["params"] <= 0.6 * full["params"]
 
 
 def test_torchrun_sp2_trains_and_resumes(tmp_path, small_args):

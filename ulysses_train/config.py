@@ -74,6 +74,11 @@ class ParallelConfig:
     # first rendezvous. Long enough for the slowest legitimate wait (a checkpoint written by
     # rank 0 while the others stand at a barrier).
     timeout_s: float = 600.0
+    # Hybrid sharding (HSDP): ZeRO shards within groups of this many ranks of the dp x sp group
+    # (typically one node's) and replicates across the groups, so parameter all-gathers and
+    # gradient reduce-scatters stay inside a group and only one gradient all-reduce per step
+    # crosses them. 0 (or -1) = the whole dp x sp group: plain ZeRO, no replication.
+    shard_group: int = 0
 
 
 @dataclass
@@ -253,6 +258,26 @@ def validate_parallel(p: ParallelConfig, world_size: int) -> None:
     require(p.tp * p.sp * dp == world_size, "parallel.dp",
             f"tp x sp x dp = {p.tp} x {p.sp} x {dp} = {inner * dp} but {world_size} processes "
             "were launched; use parallel.dp=-1 or launch that many")
+    validate_shard_group(p, dp)
+
+
+def validate_shard_group(p: ParallelConfig, dp: int) -> None:
+    """`parallel.shard_group`: 0/-1 (whole dp x sp), or a size that divides dp x sp into groups
+    made of whole sequence-parallel groups (an sp group's ranks hold one sequence's slices and
+    must share every weight shard), with ZeRO on (without sharding there is nothing to group)."""
+    n, dp_sp = p.shard_group, dp * p.sp
+    if n in (0, -1, dp_sp):
+        return
+    key = "parallel.shard_group"
+    require(n > 0, key, f"must be a positive group size, or 0 / -1 for the whole dp x sp group "
+            f"({dp_sp} ranks), got {n}")
+    require(p.zero > 0, key, f"hybrid sharding ({n} ranks per shard group) needs sharding: set "
+            "parallel.zero=2 or 3, or drop parallel.shard_group (at zero=0 every rank holds "
+            "everything already)")
+    require(n % p.sp == 0, key, f"{n} ranks per shard group would split a sequence-parallel "
+            f"group (parallel.sp={p.sp}); use a multiple of {p.sp}")
+    require(dp_sp % n == 0, key, f"{n} does not divide the dp x sp group ({dp} x {p.sp} = "
+            f"{dp_sp} ranks); use a divisor of {dp_sp}, e.g. the ranks of one node")
 
 
 def padded_vocab(vocab_size: int) -> int:

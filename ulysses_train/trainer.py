@@ -33,7 +33,7 @@ from .model_build import build_model, resolve_dtype
 from .model.gpt import model_flops
 from .optim import build_optimizer, build_scheduler
 from .parallel import ParallelDims
-from .parallel.data_parallel import all_reduce_, reduce_gradients_
+from .parallel.data_parallel import all_reduce_, reduce_gradients_, replicate
 from .parallel.sharding import set_last_micro_batch
 from .parallel.tensor import clip_grad_norm_
 from .run_identity import check_before_start, config_identity, lower_lr_fragment
@@ -81,6 +81,10 @@ class Trainer:
         self.local_attention = select_attention(self.device, cfg.data.document_mask)  # for masks
         self.dp_sp = dims.group("dp_sp")  # None alone: every reduction is then the identity
         self.sharded = cfg.parallel.zero > 0 and dims.dp_sp > 1  # FSDP2 reduces gradients itself
+        # zero=0: DDP reduces gradients during backward (forward/backward go through it); None
+        # alone, sharded, or with tp (DTensor parameters: reduce_gradients_ after backward).
+        self.ddp = (None if self.sharded or dims.tp > 1
+                    else replicate(self.model, self.dp_sp, self.device))
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint, cfg.model, log=self._say,
@@ -207,15 +211,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for i, (input_ids, position_ids, labels, mask) in enumerate(micro):
+            last = i == len(micro) - 1  # gradients are communicated on the last micro-batch
             if self.sharded:
-                set_last_micro_batch(self.model, self.cfg.parallel.zero, i == len(micro) - 1)
-            with self._autocast():
-                part, _ = self.model(input_ids, position_ids, labels, attn_mask=mask)
-            if poison:
-                part = part * math.nan
-            (part / n_valid).backward()
+                set_last_micro_batch(self.model, self.cfg.parallel.zero, last)
+            no_sync = self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext()
+            with no_sync:
+                with self._autocast():
+                    part, _ = (self.ddp or self.model)(input_ids, position_ids, labels,
+                                                       attn_mask=mask)
+                if poison:
+                    part = part * math.nan
+                (part / n_valid).backward()
             loss_sum += part.detach()
-        if not self.sharded:
+        if not self.sharded and self.ddp is None:
             reduce_gradients_(self.model.parameters(), self.dp_sp)
         # Gradients are now the global ones (replicated, or tp/FSDP shards): the norm sums each
         # shard once over the dimensions it is split on, so norm and clipping are global.

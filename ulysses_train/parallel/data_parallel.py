@@ -4,6 +4,16 @@ Sequence-parallel ranks hold the same weights but different tokens, so for every
 count as data parallel: sums go over the flattened `dp_sp` group (docs/architecture.md §1). Every
 function has a size-1 path (group None) that does nothing, so a single process runs exactly the
 reference.
+
+Gradients at zero=0 (replicated weights): torch's DistributedDataParallel (`replicate`) — its
+reducer all-reduces ~25 MB buckets of gradients as soon as each bucket's gradients are ready, so
+communication overlaps the rest of backward, and `no_sync()` skips it on the micro-batches
+before the last. Why DDP and not the composable `replicate`: in torch 2.8..2.13 the composable
+one lives only under the private `torch.distributed._composable` (and is DDP inside), while
+DDP is public and stable. DDP cannot take DTensor parameters (its start-up broadcast has no
+sharding rule), so with tensor parallelism (tp > 1) zero=0 keeps `reduce_gradients_`: one
+coalesced all-reduce after backward (torchtitan likewise refuses DDP with more than 1-D meshes;
+use zero=2/3 there for overlap).
 """
 from __future__ import annotations
 
@@ -11,6 +21,7 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
@@ -48,3 +59,45 @@ def reduce_gradients_(params: Iterable[torch.nn.Parameter], group) -> None:
         wire = wire.to(flat.dtype)
         for grad, reduced in zip(grads, _unflatten_dense_tensors(wire, grads)):
             grad.copy_(reduced)
+
+
+def replicate(model: nn.Module, group, device: torch.device,
+              bucket_cap_mb: float | None = None) -> nn.Module | None:
+    """A DDP wrapper of `model` whose gradients are *summed* over `group`; None when group is
+    None (one rank: nothing to reduce).
+
+    Call it for zero=0 with plain (non-DTensor) parameters only (module docstring). Run forward
+    and backward through the wrapper; `model` itself stays the unwrapped module, so its
+    parameters, state dict and checkpoints are unchanged. Sum, not DDP's mean: the loss was
+    already divided by the global token count (docs/architecture.md §1: divide exactly once).
+    `bucket_cap_mb`: DDP's bucket size (None: its default, 25 MB; the first bucket is 1 MB).
+    Buffers (RoPE tables) are computed alike on every rank, so they are not broadcast.
+    """
+    if group is None:
+        return None
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch 2.13 renamed broadcast_buffers (deprecated, warns) to forward_sync_buffers; 2.8
+    # has only the old name. Either way: no buffer broadcast before each forward.
+    buffers = ("forward_sync_buffers" if "forward_sync_buffers"
+               in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+    ddp = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        process_group=group, bucket_cap_mb=bucket_cap_mb, **{buffers: False},
+        gradient_as_bucket_view=True)  # grads are views into the buckets: no second copy
+    ddp.register_comm_hook(group, sum_hook)
+    return ddp
+
+
+def sum_hook(group, bucket):  # no annotations: DDP checks them, and ours would be strings
+    """DDP communication hook: all-reduce (SUM) one bucket of gradients, asynchronously;
+    returns a torch.futures.Future of the reduced bucket.
+
+    DDP's default hook divides by the group size; ours must not (see `replicate`).
+    bucket.buffer(): the bucket's gradients flattened, 1-D, in the parameters' dtype (fp32:
+    master weights are fp32 under every precision policy, model/precision.py).
+    """
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])

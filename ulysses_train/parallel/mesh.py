@@ -2,19 +2,27 @@
 
 Built from `parallel.*` and the world size, validated before any process-group work, and passed
 explicitly to whoever needs it — there are no module globals. After the process group exists,
-`build_mesh()` creates the DeviceMesh `("dp", "sp", "tp")` and the flattened `dp_sp` view.
+`build_mesh()` creates the DeviceMesh and its named views: `dp`, `sp`, `tp`, the flattened
+`dp_sp`, and for hybrid sharding (`parallel.shard_group`) the 2-D `hsdp` view (replicate, shard).
 
 Rank layout: rank = (dp_i * sp + sp_i) * tp + tp_i, so tensor-parallel peers are adjacent (the
 chattiest collectives stay inside a node) and a sequence-parallel group is a block of
 consecutive ranks. `dp_sp` is the group over which sp ranks count as data parallel: they hold
 the same weights but different tokens, so gradients, the token count and the loss are summed
 over it (docs/architecture.md §1).
+
+Hybrid sharding splits dp into (dp_replicate, dp_shard), replicate-major, so a shard group —
+dp_shard x sp ranks — is a block of consecutive ranks (one node's, when it has that many GPUs)
+and holds whole sp groups. FSDP2 wants its 2-D mesh and the tp mesh cut from one root mesh, so
+the root is 4-D ("dp_replicate", "dp_shard", "sp", "tp") and "dp" is the flattened pair; with
+the default shard_group (all of dp x sp) dp_replicate is 1 and every view is what it was.
 """
 from __future__ import annotations
 
 import os
 import re
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -37,6 +45,9 @@ class ParallelDims:
     # How long any collective waits for a peer before it fails (parallel.timeout_s): a rank that
     # dies or stalls then ends the others instead of leaving them hanging.
     timeout: timedelta = timedelta(minutes=10)
+    # Ranks of dp x sp that ZeRO shards over (parallel.shard_group); 0 = all of them. Between 0
+    # and dp_sp, FSDP2 shards within such groups and replicates across them (HSDP).
+    shard_group: int = 0
     mesh: object = field(default=None, repr=False)  # DeviceMesh once build_mesh() ran
     # Named 1-D views of the mesh: "dp", "sp", "tp" and the flattened "dp_sp". Kept here because
     # torch wants flattened meshes held by the caller, not re-sliced from the root.
@@ -45,6 +56,11 @@ class ParallelDims:
     def __post_init__(self):
         if self.tp * self.sp * self.dp != self.world_size:
             raise ValueError(f"tp*sp*dp = {self.tp}*{self.sp}*{self.dp} != world {self.world_size}")
+        if self.shard_group in (0, -1):
+            self.shard_group = self.dp_sp
+        if self.dp_sp % self.shard_group or self.shard_group % self.sp:
+            raise ValueError(f"shard_group {self.shard_group} is not whole sp groups of dp_sp "
+                             f"{self.dp_sp}")
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int, rank: int) -> "ParallelDims":
@@ -54,7 +70,8 @@ class ParallelDims:
         backend = cfg.backend if cfg.backend != "auto" else (
             "nccl" if device.type == "cuda" else "gloo")
         return cls(tp=cfg.tp, sp=cfg.sp, dp=dp, world_size=world_size, rank=rank,
-                   device=device, backend=backend, timeout=timedelta(seconds=cfg.timeout_s))
+                   device=device, backend=backend, timeout=timedelta(seconds=cfg.timeout_s),
+                   shard_group=cfg.shard_group)
 
     @classmethod
     def from_env(cls, cfg: ParallelConfig) -> "ParallelDims":
@@ -103,22 +120,34 @@ class ParallelDims:
                                 world_size=self.world_size, timeout=self.timeout, **kwargs)
 
     def build_mesh(self) -> None:
-        """Create the ("dp", "sp", "tp") DeviceMesh and its flattened "dp_sp" dimension."""
+        """Create the DeviceMesh and its named views "dp", "sp", "tp", "dp_sp" (and "hsdp")."""
         if not self.distributed or self.mesh is not None:
             return
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(self.device.type, (self.dp, self.sp, self.tp),
-                                mesh_dim_names=("dp", "sp", "tp"))
-        self.meshes = {name: mesh[name] for name in ("dp", "sp", "tp")}
-        self.meshes["dp_sp"] = mesh["dp", "sp"]._flatten("dp_sp")  # (dp, sp) -> (dp*sp,)
+        mesh = init_device_mesh(self.device.type, (self.replicas, self.dp // self.replicas,
+                                                   self.sp, self.tp),
+                                mesh_dim_names=("dp_replicate", "dp_shard", "sp", "tp"))
+        self.meshes = {name: mesh[name] for name in ("sp", "tp")}
+        self.meshes["dp"] = mesh["dp_replicate", "dp_shard"]._flatten("dp")  # (R, D/R) -> (D,)
+        # (R, D/R, sp) -> (D*sp,)
+        self.meshes["dp_sp"] = mesh["dp_replicate", "dp_shard", "sp"]._flatten("dp_sp")
+        if self.hsdp:  # FSDP2's HSDP mesh: (R, D/R, sp) -> (replicate R, shard D/R*sp)
+            mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
+            # Slicing a flattened dim together with a root dim is how torch 2.8..2.13 make this
+            # view (torchtitan's HSDP mesh too); torch >= 2.11 warns that it will be deprecated
+            # in favour of DeviceMesh._unflatten, which torch 2.8 lacks.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Slicing a flattened dim", UserWarning)
+                self.meshes["hsdp"] = mesh["dp_replicate", "dp_shard_sp"]
         self.mesh = mesh
         # DeviceMesh makes its groups with torch's default timeout (30 min gloo, 10 min NCCL),
         # not the world group's, and torch 2.8's init_device_mesh takes no timeout or options.
         from torch.distributed.distributed_c10d import _set_pg_timeout
 
         for view in self.meshes.values():
-            _set_pg_timeout(self.timeout, view.get_group())
+            for dim in range(view.ndim):
+                _set_pg_timeout(self.timeout, view.get_group(dim))
 
     def group(self, name: str):
         """The process group of mesh dimension `name` ("dp", "sp", "tp", "dp_sp"); None alone."""
@@ -131,6 +160,16 @@ class ParallelDims:
     @property
     def dp_sp(self) -> int:
         return self.dp * self.sp
+
+    @property
+    def replicas(self) -> int:
+        """How many copies of the ZeRO shards exist: dp_sp / shard_group (1 = plain ZeRO)."""
+        return self.dp_sp // self.shard_group
+
+    @property
+    def hsdp(self) -> bool:
+        """Hybrid sharding: shard within groups of `shard_group` ranks, replicate across them."""
+        return self.replicas > 1
 
 
 def pick_device(rank: int) -> torch.device:
