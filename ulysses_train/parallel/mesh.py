@@ -2,13 +2,20 @@
 
 Built from `parallel.*` and the world size, validated before any process-group work, and passed
 explicitly to whoever needs it — there are no module globals. After the process group exists,
-`build_mesh()` creates the DeviceMesh `("dp", "sp", "tp")` and the flattened `dp_sp` view.
+`build_mesh()` creates the DeviceMesh `("dp", "ring", "ulysses", "tp")` and its named views.
 
-Rank layout: rank = (dp_i * sp + sp_i) * tp + tp_i, so tensor-parallel peers are adjacent (the
-chattiest collectives stay inside a node) and a sequence-parallel group is a block of
-consecutive ranks. `dp_sp` is the group over which sp ranks count as data parallel: they hold
-the same weights but different tokens, so gradients, the token count and the loss are summed
-over it (docs/architecture.md §1).
+Rank layout, outermost first: rank = ((dp_i * ring + ring_i) * U + ulysses_i) * tp + tp_i, with
+U = sp / ring. Tensor-parallel peers are adjacent and Ulysses peers next (their all-to-alls and
+TP's collectives are the chattiest: they stay inside a node); the ring, whose point-to-point
+K/V transfers overlap compute, may cross nodes. A sequence-parallel group (ring x Ulysses) is
+a block of consecutive ranks (per tp coordinate) and its group rank is ring_i * U + ulysses_i,
+the rank `SequenceLayout.rank_positions` takes. With ring = 1 every group is exactly the
+`("dp", "sp", "tp")` one of Ulysses alone.
+
+Named views (`meshes`, `group(name)`): "dp", "ring", "ulysses", "tp"; "sp" = ring x ulysses
+flattened (the whole sequence group); "dp_sp" = dp x sp flattened, the group over which sp ranks
+count as data parallel: they hold the same weights but different tokens, so gradients, the
+token count and the loss are summed over it (docs/architecture.md §1).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from datetime import timedelta
 import torch
 
 from ..config import ParallelConfig, validate_parallel
+from .layout import SequenceLayout
 
 RENDEZVOUS_TIMEOUT = timedelta(minutes=30)  # torch's own default for first contact
 
@@ -34,17 +42,21 @@ class ParallelDims:
     rank: int
     device: torch.device
     backend: str = "gloo"
+    ring: int = 1  # ring degree inside sp; sp / ring Ulysses ranks per ring rank
     # How long any collective waits for a peer before it fails (parallel.timeout_s): a rank that
     # dies or stalls then ends the others instead of leaving them hanging.
     timeout: timedelta = timedelta(minutes=10)
     mesh: object = field(default=None, repr=False)  # DeviceMesh once build_mesh() ran
-    # Named 1-D views of the mesh: "dp", "sp", "tp" and the flattened "dp_sp". Kept here because
-    # torch wants flattened meshes held by the caller, not re-sliced from the root.
+    # Named 1-D views of the mesh: "dp", "ring", "ulysses", "tp" and the flattened "sp" and
+    # "dp_sp". Kept here because torch wants flattened meshes held by the caller, not re-sliced
+    # from the root.
     meshes: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.tp * self.sp * self.dp != self.world_size:
             raise ValueError(f"tp*sp*dp = {self.tp}*{self.sp}*{self.dp} != world {self.world_size}")
+        if self.ring < 1 or self.sp % self.ring:
+            raise ValueError(f"ring {self.ring} does not divide sp {self.sp}")
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int, rank: int) -> "ParallelDims":
@@ -54,7 +66,8 @@ class ParallelDims:
         backend = cfg.backend if cfg.backend != "auto" else (
             "nccl" if device.type == "cuda" else "gloo")
         return cls(tp=cfg.tp, sp=cfg.sp, dp=dp, world_size=world_size, rank=rank,
-                   device=device, backend=backend, timeout=timedelta(seconds=cfg.timeout_s))
+                   device=device, backend=backend, ring=cfg.ring,
+                   timeout=timedelta(seconds=cfg.timeout_s))
 
     @classmethod
     def from_env(cls, cfg: ParallelConfig) -> "ParallelDims":
@@ -102,16 +115,28 @@ class ParallelDims:
         dist.init_process_group(self.backend, store=store, rank=self.rank,
                                 world_size=self.world_size, timeout=self.timeout, **kwargs)
 
+    @property
+    def ulysses(self) -> int:
+        """U = sp / ring: ranks per Ulysses all-to-all."""
+        return self.sp // self.ring
+
+    def sequence_layout(self, seq_len: int) -> SequenceLayout:
+        """Which global positions of a `seq_len` row each sp rank holds (parallel/layout.py)."""
+        return SequenceLayout(seq_len, self.sp, self.ring)
+
     def build_mesh(self) -> None:
-        """Create the ("dp", "sp", "tp") DeviceMesh and its flattened "dp_sp" dimension."""
+        """Create the ("dp", "ring", "ulysses", "tp") DeviceMesh and its flattened "sp" and
+        "dp_sp" dimensions."""
         if not self.distributed or self.mesh is not None:
             return
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(self.device.type, (self.dp, self.sp, self.tp),
-                                mesh_dim_names=("dp", "sp", "tp"))
-        self.meshes = {name: mesh[name] for name in ("dp", "sp", "tp")}
-        self.meshes["dp_sp"] = mesh["dp", "sp"]._flatten("dp_sp")  # (dp, sp) -> (dp*sp,)
+        mesh = init_device_mesh(self.device.type, (self.dp, self.ring, self.ulysses, self.tp),
+                                mesh_dim_names=("dp", "ring", "ulysses", "tp"))
+        self.meshes = {name: mesh[name] for name in ("dp", "ring", "ulysses", "tp")}
+        self.meshes["sp"] = mesh["ring", "ulysses"]._flatten("sp")  # (ring, U) -> (sp,)
+        # (dp, ring, U) -> (dp*sp,)
+        self.meshes["dp_sp"] = mesh["dp", "ring", "ulysses"]._flatten("dp_sp")
         self.mesh = mesh
         # DeviceMesh makes its groups with torch's default timeout (30 min gloo, 10 min NCCL),
         # not the world group's, and torch 2.8's init_device_mesh takes no timeout or options.
@@ -121,7 +146,8 @@ class ParallelDims:
             _set_pg_timeout(self.timeout, view.get_group())
 
     def group(self, name: str):
-        """The process group of mesh dimension `name` ("dp", "sp", "tp", "dp_sp"); None alone."""
+        """The process group of mesh dimension `name` ("dp", "ring", "ulysses", "tp", "sp",
+        "dp_sp"); None alone."""
         return None if self.mesh is None else self.meshes[name].get_group()
 
     def local_rank(self, name: str) -> int:
