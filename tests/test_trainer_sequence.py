@@ -119,3 +119,31 @@ def test_loss_curve_equals_one_process(reference, tmp_path, case):
         counts = [out[curve][1] for out in results[::tp]]
         assert sum(counts) == reference(curve, seq_len)[1]
 
+
+
+def _train_until(rank, world, parallel, exit_after, run_dir):
+    cfg = _seq_config("causal", parallel, 2, 64, {"exit_after_steps": exit_after}, steps=12)
+    dims = ParallelDims.from_config(cfg.parallel, world, rank)
+    dims.build_mesh()
+    _train(cfg, dims, run_dir)
+
+
+@needs_ring
+def test_checkpoint_reshards_between_ring_ulysses_and_one_process(tmp_path):
+    """One run of 12 steps moved between layouts every 3 steps: one process -> sp=4 ring=2 ->
+    sp=4 -> one process. Its curve is the uninterrupted one-process curve (DCP reshards on load;
+    the trainer state is layout-free). Catches a checkpoint that records the ring's token
+    layout, or a resume that reads the data at another position under a ring."""
+    straight = tmp_path / "straight"
+    _train(_seq_config("causal", {}, 2, 64, steps=12), cpu_dims(), str(straight))
+    run_dir = str(tmp_path / "moved")
+    _train(_seq_config("causal", {}, 2, 64, {"exit_after_steps": 3}, steps=12), cpu_dims(),
+           run_dir)
+    run_distributed(_train_until, 4, {"sp": 4, "ring": 2}, 3, run_dir, timeout=300)
+    run_distributed(_train_until, 4, {"sp": 4}, 3, run_dir, timeout=300)
+    _train(_seq_config("causal", {}, 2, 64, steps=12), cpu_dims(), run_dir)
+    ref, got = metrics_rows(straight), metrics_rows(run_dir)
+    assert [r["step"] for r in got] == list(range(1, 13))
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=RING_RTOL), a["step"]
+        assert b["tokens"] == a["tokens"]
