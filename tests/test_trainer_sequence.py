@@ -11,10 +11,10 @@ each layout against one process at the same `data.seq_len`. New here:
 - rings (`parallel.ring` > 1): zig-zag token layout for data, positions, document ids, labels.
   These need `ulysses_train.parallel.ring` (the ring layer, written in parallel with this file)
   and are skipped where it is absent.
-Bugs the curves catch: padding counted as tokens or labels, padding attended by real tokens
-(a padded document id equal to the last real one), positions restarting per shard, a rank's
-shard taken by consecutive slices under a ring (its chunks are i and 2R-1-i), a mask built on the
-unpadded rows (the kernel refuses its shape).
+Bugs these catch (each planted once by hand: the curves fail): padded labels counted in the
+loss (loss off by ~2 at seq_len=5), a rank's shard taken by consecutive slices under a ring
+(its chunks are i and 2R-1-i; off by 0.12 at sp=3 ring=3); also padding counted in `tokens`,
+and a mask built on the unpadded rows (the kernel refuses its shape).
 """
 from __future__ import annotations
 
