@@ -46,12 +46,16 @@ def _seq_config(curve, parallel, micro, seq_len, train=None, steps=STEPS):
 
 
 def _train(cfg, dims, run_dir):
-    """Metrics rows (rank 0) and this rank's valid labels in the first global batch."""
+    """Metrics rows (rank 0), this rank's valid labels in the first global batch, and that
+    batch's global (valid labels, sum of squared attention spans) as the step divides by and
+    counts FLOPs with (padding must add to neither)."""
     trainer = Trainer(cfg, run_dir, dims)
     trainer.data = UnevenLabels(trainer.data)
-    valid = sum(int((labels != -100).sum()) for _, _, labels, _ in trainer._micro_batches(0, "train"))
+    micro = list(trainer._micro_batches(0, "train"))
+    valid = sum(int((labels != -100).sum()) for _, _, labels, _ in micro)
+    counts = trainer._global_counts(micro)  # collective over dp x sp
     trainer.fit()
-    return (metrics_rows(run_dir) if dims.is_main else None), valid
+    return (metrics_rows(run_dir) if dims.is_main else None), valid, counts
 
 
 def _layout_rank(rank, world, parallel, micro, seq_len, curves, run_dir):
@@ -118,6 +122,8 @@ def test_loss_curve_equals_one_process(reference, tmp_path, case):
     for curve in curves:
         counts = [out[curve][1] for out in results[::tp]]
         assert sum(counts) == reference(curve, seq_len)[1]
+        # valid labels and attention spans (MFU) of the real tokens, on every rank
+        assert all(out[curve][2] == reference(curve, seq_len)[2] for out in results), curve
 
 
 
