@@ -93,7 +93,6 @@ LAYOUTS_BAD = [  # (sections, world size, key)
     ({"parallel": {"sp": 8}}, 8, "model.n_heads"),  # 4 heads over 8 ranks
     ({"parallel": {"sp": 2}, "model": {"d_model": 96, "n_heads": 6, "n_kv_heads": 3}}, 2,
      "model.n_kv_heads"),  # 3 kv heads vs sp 2: neither divides the other
-    ({"parallel": {"sp": 4}, "data": {"seq_len": 30}}, 4, "data.seq_len"),
     ({"parallel": {"sp": 1}}, 4, "train.global_batch_size"),  # dp 4 x micro 2 > 4
     ({"parallel": {"sp": 4}}, 1, "parallel.sp"),  # asks for 4 ranks, got 1
     ({"parallel": {"tp": 8}}, 8, "model.n_heads"),  # 4 heads over tp 8
@@ -101,6 +100,16 @@ LAYOUTS_BAD = [  # (sections, world size, key)
     ({"parallel": {"tp": 2}, "model": {"ffn_hidden": 129}}, 2, "model.ffn_hidden"),
     ({"parallel": {"tp": 2, "sp": 2}, "model": {"n_heads": 2, "n_kv_heads": 2,
                                                  "d_model": 32}}, 4, "model.n_heads"),
+    # parallel.ring: the degree itself, then heads vs the Ulysses degree U = sp / ring
+    ({"parallel": {"sp": 4, "ring": 0}}, 4, "parallel.ring"),
+    ({"parallel": {"sp": 4, "ring": -2}}, 4, "parallel.ring"),
+    ({"parallel": {"sp": 4, "ring": 3}}, 4, "parallel.ring"),  # 3 does not divide 4
+    ({"parallel": {"sp": 2, "ring": 4}}, 2, "parallel.ring"),  # ring > sp
+    ({"parallel": {"sp": 8, "ring": 1}}, 8, "model.n_heads"),  # U = 8 > 4 heads
+    ({"parallel": {"sp": 16, "ring": 2}}, 16, "parallel.ring"),  # U = 8 > 4 heads
+    ({"parallel": {"tp": 2, "sp": 8, "ring": 2}}, 16, "parallel.ring"),  # tp x U = 8 > 4
+    ({"parallel": {"sp": 6, "ring": 2}, "model": {"n_heads": 6, "n_kv_heads": 2,
+                                                   "d_model": 96}}, 6, "parallel.ring"),  # kv 2 vs U 3
 ]
 
 
@@ -118,6 +127,15 @@ def test_layouts_that_do_not_fit(sections, world, key):
     ({"parallel": {"sp": 2}, "train": {"micro_batch_size": 1}}, 2),
     ({"parallel": {"tp": 2, "sp": 2}}, 4),  # kv 2 / tp 2 = 1 local kv head, replicated over sp
     ({"parallel": {"tp": 2, "dp": 2, "zero": 3}}, 4),
+    ({"parallel": {"sp": 4}, "data": {"seq_len": 30}}, 4),  # any seq_len: rows are padded
+    ({"parallel": {"sp": 8}, "data": {"seq_len": 5},  # and some ranks hold only padding
+      "model": {"n_heads": 8, "n_kv_heads": 4}}, 8),
+    ({"parallel": {"sp": 8, "ring": 4}}, 8),  # beyond the head count: U = 2
+    ({"parallel": {"sp": 8, "ring": 8}}, 8),  # pure ring
+    ({"parallel": {"tp": 2, "sp": 4, "ring": 2}}, 8),  # tp x U = 4 heads, 1 kv head replicated
+    ({"parallel": {"sp": 3, "ring": 3}, "data": {"seq_len": 250}}, 3),  # 4 heads, U = 1
+    ({"parallel": {"sp": 6, "ring": 3}, "model": {"n_heads": 6, "n_kv_heads": 2,
+                                                   "d_model": 96}}, 6),  # kv 2 == U 2
 ])
 def test_layouts_that_fit(sections, world):
     validate(small_config(**sections), world_size=world)

@@ -12,19 +12,22 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .errors import ConfigError, require
+# Layout validation lives in config_validate.py (re-exported here: callers import it from config).
+from .config_validate import (BACKENDS, MAX_TIMEOUT_S, VOCAB_MULTIPLE, ZERO_STAGES,  # noqa: F401
+                              check_tp, check_ulysses_heads, padded_vocab, validate_layout,
+                              validate_parallel)
+from .config_validate import finite as _finite
+from .config_validate import one_of as _one_of
+from .config_validate import positive as _positive
+from .errors import ConfigError, require  # noqa: F401  (ConfigError: re-exported)
 
 MODEL_PRESETS = ("tiny", "llama_125m", "tinyllama_1b", "llama3_8b")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
 DATA_SOURCES = ("stdlib", "files", "hf", "synthetic")
 PRECISIONS = ("auto", "fp32", "bf16")
 AC_MODES = ("none", "full", "selective")
-ZERO_STAGES = (0, 2, 3)
-BACKENDS = ("auto", "nccl", "gloo")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
-VOCAB_MULTIPLE = 128
-MAX_TIMEOUT_S = 7 * 24 * 3600  # parallel.timeout_s upper bound
 
 
 @dataclass
@@ -67,6 +70,9 @@ class ParallelConfig:
     tp: int = 1
     sp: int = 1
     dp: int = -1  # -1: whatever the world size leaves after tp * sp
+    # Ring degree inside the sequence-parallel group: sp = ring x Ulysses (sp/ring ranks per
+    # all-to-all). 1 = Ulysses only. Changes the layout, not the math (checkpoints reshard).
+    ring: int = 1
     zero: int = 0
     backend: str = "auto"
     # Seconds a collective may wait for its peers before it fails: a rank that dies or stalls
@@ -182,22 +188,6 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
-def _one_of(value, allowed, key: str) -> None:
-    require(value in allowed, key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def _positive(value, key: str) -> None:
-    require(value > 0 and math.isfinite(value), key, f"must be a positive number, got {value}")
-
-
-def _finite(value: float, key: str, lo: float | None = None, hi: float | None = None) -> None:
-    require(math.isfinite(value), key, f"must be a finite number, got {value}")
-    if lo is not None:
-        require(value >= lo, key, f"must be >= {lo}, got {value}")
-    if hi is not None:
-        require(value <= hi, key, f"must be <= {hi}, got {value}")
-
-
 def validate_model(m: ModelConfig) -> None:
     for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
         _positive(getattr(m, key), f"model.{key}")
@@ -238,96 +228,6 @@ def validate_rope(m: ModelConfig) -> None:
         value = getattr(m, "rope_" + key)
         require(value is None or (math.isfinite(value) and value > 0), f"model.rope_{key}",
                 f"must be a positive number or null (transformers' default), got {value}")
-
-
-def validate_parallel(p: ParallelConfig, world_size: int) -> None:
-    _positive(p.tp, "parallel.tp")
-    _positive(p.sp, "parallel.sp")
-    require(p.dp == -1 or p.dp > 0, "parallel.dp", f"must be -1 (the rest) or positive, got {p.dp}")
-    _one_of(p.zero, ZERO_STAGES, "parallel.zero")
-    _one_of(p.backend, BACKENDS, "parallel.backend")
-    _positive(p.timeout_s, "parallel.timeout_s")
-    # torch stores it as a timedelta (at most ~2.7 million years); a week is a generous cap
-    require(p.timeout_s <= MAX_TIMEOUT_S, "parallel.timeout_s", f"must be at most "
-            f"{MAX_TIMEOUT_S} seconds (a week), got {p.timeout_s}")
-    inner = p.tp * p.sp
-    require(world_size % inner == 0, "parallel.tp" if world_size % p.tp else "parallel.sp",
-            f"tp x sp = {p.tp} x {p.sp} does not divide the world size {world_size}; launch "
-            f"a multiple of {inner} processes (torchrun --nproc_per_node=...)")
-    dp = p.dp if p.dp > 0 else world_size // inner
-    require(p.tp * p.sp * dp == world_size, "parallel.dp",
-            f"tp x sp x dp = {p.tp} x {p.sp} x {dp} = {inner * dp} but {world_size} processes "
-            "were launched; use parallel.dp=-1 or launch that many")
-    validate_shard_group(p, dp)
-
-
-def validate_shard_group(p: ParallelConfig, dp: int) -> None:
-    """`parallel.shard_group`: 0/-1 (whole dp x sp), or a size that divides dp x sp into groups
-    made of whole sequence-parallel groups (an sp group's ranks hold one sequence's slices and
-    must share every weight shard), with ZeRO on (without sharding there is nothing to group)."""
-    n, dp_sp = p.shard_group, dp * p.sp
-    if n in (0, -1, dp_sp):
-        return
-    key = "parallel.shard_group"
-    require(n > 0, key, f"must be a positive group size, or 0 / -1 for the whole dp x sp group "
-            f"({dp_sp} ranks), got {n}")
-    require(p.zero > 0, key, f"hybrid sharding ({n} ranks per shard group) needs sharding: set "
-            "parallel.zero=2 or 3, or drop parallel.shard_group (at zero=0 every rank holds "
-            "everything already)")
-    require(n % p.sp == 0, key, f"{n} ranks per shard group would split a sequence-parallel "
-            f"group (parallel.sp={p.sp}); use a multiple of {p.sp}")
-    require(dp_sp % n == 0, key, f"{n} does not divide the dp x sp group ({dp} x {p.sp} = "
-            f"{dp_sp} ranks); use a divisor of {dp_sp}, e.g. the ranks of one node")
-
-
-def padded_vocab(vocab_size: int) -> int:
-    """Embedding/head rows: `vocab_size` rounded up to a multiple of 128.
-
-    Why: matmul kernels are fastest on multiples of 128, and a tensor-parallel split of the head
-    needs a row count divisible by tp. The extra rows are never targets; they only learn to
-    receive low logits.
-    """
-    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-def check_tp(cfg: ModelConfig, tp: int) -> None:
-    """Raise `ConfigError` unless every dimension the plan shards splits evenly over `tp`.
-
-    Pure and collective-free: every rank can run it on the config alone, before any heavy work.
-    """
-    hint = f"tensor parallel (parallel.tp={tp}) splits it over tp ranks"
-    require(cfg.n_heads % tp == 0, "model.n_heads",
-            f"{cfg.n_heads} query heads are not divisible by parallel.tp={tp}; {hint}: "
-            "choose a tp that divides n_heads")
-    require(cfg.n_kv_heads % tp == 0, "model.n_kv_heads",
-            f"{cfg.n_kv_heads} kv heads are not divisible by parallel.tp={tp}; {hint}: "
-            "choose a tp that divides n_kv_heads")
-    vocab = padded_vocab(cfg.vocab_size)
-    require(vocab % tp == 0, "model.vocab_size",
-            f"the padded vocabulary ({vocab} rows, vocab_size={cfg.vocab_size} rounded up to a "
-            f"multiple of 128) is not divisible by parallel.tp={tp}; {hint}: use a tp that "
-            f"divides {vocab}")
-    require(cfg.ffn_hidden % tp == 0, "model.ffn_hidden",
-            f"{cfg.ffn_hidden} is not divisible by parallel.tp={tp}; {hint}: choose a "
-            f"ffn_hidden that is a multiple of {tp}")
-
-
-def validate_layout(cfg: "Config", world_size: int) -> int:
-    """Checks that need both the model and the layout; returns the resolved dp degree."""
-    p, m = cfg.parallel, cfg.model
-    dp = p.dp if p.dp > 0 else world_size // (p.tp * p.sp)
-    check_tp(m, p.tp)
-    heads_split = p.tp * p.sp
-    require(m.n_heads % heads_split == 0, "model.n_heads",
-            f"{m.n_heads} heads cannot be split over tp x sp = {heads_split} ranks; use a "
-            "layout whose tp x sp divides the head count")
-    kv = m.n_kv_heads // p.tp
-    require(kv % p.sp == 0 or p.sp % kv == 0, "model.n_kv_heads",
-            f"{kv} kv heads per tp rank and sp={p.sp}: one must divide the other (kv heads are "
-            "split over sp, or replicated when fewer than sp)")
-    require(cfg.data.seq_len % p.sp == 0, "data.seq_len",
-            f"{cfg.data.seq_len} is not divisible by parallel.sp={p.sp}; pick a multiple of it")
-    return dp
 
 
 def validate_data(d: DataConfig) -> None:

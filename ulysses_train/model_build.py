@@ -1,7 +1,8 @@
 """Building the model for a layout: the one place where parallelism enters the single-device GPT.
 
 `build_model` constructs the model on the meta device with its attention function (Ulysses
-around the local kernel when sp > 1), applies tensor parallelism, activation checkpointing,
+around the local kernel when sp > 1 and ring = 1; Ulysses x ring attention when ring > 1),
+applies tensor parallelism, activation checkpointing,
 compile and FSDP2 in that order (docs/architecture.md §3), then materialises and initialises
 the parameters by name, so every layout starts from the same weights. `resolve_dtype` owns
 `train.precision`'s meaning.
@@ -25,6 +26,23 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
+def build_attention(cfg: Config, dims: ParallelDims):
+    """The model's `attention_fn` for this layout: the local kernel alone (sp = 1), Ulysses
+    around it over the sp group (ring = 1), or the hybrid Ulysses x ring layer over the
+    ("ulysses", "ring") groups, which reads the token layout (parallel/layout.py) the data path
+    shards by. Every one takes q/k/v of this rank's tokens and a DocumentMask of the padded
+    global rows."""
+    local_attention = select_attention(dims.device, cfg.data.document_mask)
+    if dims.sp == 1:
+        return local_attention
+    if dims.ring == 1:
+        return UlyssesAttention(local_attention, dims.group("sp"))
+    from .parallel.ring import UlyssesRingAttention  # only where a ring is asked for
+
+    return UlyssesRingAttention(dims.group("ulysses"), dims.group("ring"),
+                                dims.sequence_layout(cfg.data.seq_len))
+
+
 def build_model(cfg: Config, dims: ParallelDims) -> GPT:
     """Meta-device construction, parallelism injected, then materialize and initialize.
 
@@ -33,10 +51,7 @@ def build_model(cfg: Config, dims: ParallelDims) -> GPT:
     spent on a throwaway init, and `init_weights` gives every layout the same initial weights
     (parameters are seeded by name).
     """
-    local_attention = select_attention(dims.device, cfg.data.document_mask)
-    attention_fn = local_attention
-    if dims.sp > 1:
-        attention_fn = UlyssesAttention(local_attention, dims.group("sp"))
+    attention_fn = build_attention(cfg, dims)
     t = cfg.train
     with torch.device("meta"):
         model = GPT(cfg.model, attention_fn=attention_fn, loss_chunk=t.loss_chunk,

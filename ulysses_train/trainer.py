@@ -79,6 +79,7 @@ class Trainer:
             self.data.save_tokenizer(os.path.join(run_dir, "tokenizer"))
         self.model = build_model(cfg, dims)
         self.local_attention = select_attention(self.device, cfg.data.document_mask)  # for masks
+        self.layout = dims.sequence_layout(cfg.data.seq_len)  # who holds which token (padded)
         self.dp_sp = dims.group("dp_sp")  # None alone: every reduction is then the identity
         self.sharded = cfg.parallel.zero > 0 and dims.dp_sp > 1  # FSDP2 reduces gradients itself
         # zero=0: DDP reduces gradients during backward (forward/backward go through it); None
@@ -162,26 +163,27 @@ class Trainer:
         """Yield this rank's (input_ids, position_ids, labels, mask) micro-batches of one global
         batch.
 
-        A dp rank reads only its rows; an sp rank keeps its contiguous column slice. Labels and
-        global positions were fixed on the whole sequence, so slicing loses nothing. The
-        document mask (None unless `data.document_mask`) is built from the rows' *unsliced*
-        document ids: under Ulysses the local kernel sees the whole sequence (docs/architecture.md
-        §1).
+        A dp rank reads only its rows; the rows are padded to the layout's length S' and an sp
+        rank keeps the columns `SequenceLayout.rank_positions` gives it (consecutive S'/P under
+        Ulysses alone; two zig-zag chunks with a ring). Labels and global positions were fixed
+        on the whole sequence and padding is inert (`Batch.pad_to`), so sharding loses nothing.
+        The document mask (None unless `data.document_mask`) is built from the rows' *padded,
+        unsharded* document ids: the attention sees the whole row (docs/architecture.md §1).
         """
-        g, seq = self.cfg.train.global_batch_size, self.cfg.data.seq_len
-        rows_per_dp, cols_per_sp = g // self.dims.dp, seq // self.dims.sp
+        rows_per_dp = self.cfg.train.global_batch_size // self.dims.dp
         dp_i, sp_i = self.dims.local_rank("dp"), self.dims.local_rank("sp")
         full_rows = self.data.global_batch(step, split, rows=slice(dp_i * rows_per_dp,
                                                                    (dp_i + 1) * rows_per_dp))
-        batch = full_rows.slice(cols=slice(sp_i * cols_per_sp, (sp_i + 1) * cols_per_sp))
+        full_rows = full_rows.pad_to(self.layout.padded_len)  # (G/dp, S) -> (G/dp, S')
+        batch = full_rows.take(self.layout.rank_positions(sp_i))  # (G/dp, S') -> (G/dp, S'/sp)
         mb = self.cfg.train.micro_batch_size
         for start in range(0, rows_per_dp, mb):
             rows = slice(start, start + mb)
-            # (G/dp, S) -> (mb, S/sp) per micro-batch
+            # (G/dp, S'/sp) -> (mb, S'/sp) per micro-batch
             ids, positions, labels = (t[rows].to(self.device, non_blocking=True)
                                       for t in (batch.input_ids, batch.position_ids, batch.labels))
             mask = None
-            if self.cfg.data.document_mask:  # (mb, S) global ids, once per micro-batch
+            if self.cfg.data.document_mask:  # (mb, S') global ids, once per micro-batch
                 mask = document_mask_for(full_rows.document_ids[rows].to(self.device),
                                          self.local_attention)
             yield ids, positions, labels, mask
@@ -189,13 +191,15 @@ class Trainer:
     def _global_counts(self, micro) -> tuple[int, int]:
         """(valid labels, sum of squared attention spans: documents under data.document_mask,
         else rows) of the whole global batch, in one all-reduce over dp x sp. sp peers hold the
-        same rows, so only sp rank 0 adds its spans (tp peers are outside dp x sp)."""
+        same rows, so only sp rank 0 adds its spans (tp peers are outside dp x sp). Padding
+        (the columns past seq_len) is neither a label nor a span: both count real tokens."""
         labels_local = sum((labels != -100).sum() for _, _, labels, _ in micro)
         spans_local = torch.zeros((), dtype=torch.int64, device=self.device)
         if self.dims.local_rank("sp") == 0:
             for _, _, labels, mask in micro:
-                spans_local += (labels.shape[0] * self.cfg.data.seq_len**2 if mask is None
-                                else span_sq_sum(mask.document_ids))
+                seq = self.cfg.data.seq_len
+                spans_local += (labels.shape[0] * seq**2 if mask is None
+                                else span_sq_sum(mask.document_ids[:, :seq]))
         counts = torch.stack([torch.as_tensor(labels_local, device=self.device), spans_local])
         count, spans = all_reduce_(counts.to(torch.int64), self.dp_sp).tolist()  # (2,)
         return int(count), int(spans)
@@ -258,7 +262,8 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def _banner(self) -> None:
         n = num_params(self.model)
-        layout = (f" | layout: dp={self.dims.dp} sp={self.dims.sp} tp={self.dims.tp} "
+        ring = f" ring={self.dims.ring}" if self.dims.ring > 1 else ""
+        layout = (f" | layout: dp={self.dims.dp} sp={self.dims.sp}{ring} tp={self.dims.tp} "
                   f"({self.dims.world_size} ranks, {self.dims.backend})"
                   if self.dims.distributed else "")
         self._say(f"model: {self.cfg.model.name}, {n / 1e6:.2f}M parameters | device: "

@@ -81,7 +81,7 @@ def _group_timeouts(rank, world_size):
                         device=torch.device("cpu"), timeout=timedelta(seconds=7))
     dims.build_mesh()
     out = {name: mesh.group_timeout(dims.group(name)).total_seconds()
-           for name in ("dp", "sp", "tp", "dp_sp")}
+           for name in ("dp", "ring", "ulysses", "sp", "tp", "dp_sp")}
     out["world"] = mesh.group_timeout().total_seconds()
     group = mesh.new_group(backend="gloo")  # what the checkpoint makes for itself
     out["new_group"] = mesh.group_timeout(group).total_seconds()
@@ -91,14 +91,78 @@ def _group_timeouts(rank, world_size):
     return out
 
 
-def test_every_group_waits_parallel_timeout_s():
+# (dp, sp, ring, tp) layouts of 4 ranks whose groups the mesh must make.
+MESH_LAYOUTS = [(1, 4, 2, 1), (1, 4, 4, 1), (2, 2, 2, 1), (1, 2, 2, 2), (1, 2, 1, 2), (1, 4, 1, 1),
+                (2, 2, 1, 1)]
+
+
+def _mesh_rank(rank, world_size):
+    """The group timeouts, and per layout this rank's (global ranks, local rank) of each view."""
+    out = {"timeouts": _group_timeouts(rank, world_size)}
+    for dp, sp, ring, tp in MESH_LAYOUTS:
+        dims = ParallelDims(tp=tp, sp=sp, dp=dp, ring=ring, world_size=world_size, rank=rank,
+                            device=torch.device("cpu"))
+        dims.build_mesh()
+        out[dp, sp, ring, tp] = {
+            name: (dist.get_process_group_ranks(dims.group(name)), dims.local_rank(name))
+            for name in ("dp", "ring", "ulysses", "sp", "tp", "dp_sp")}
+    return out
+
+
+@pytest.fixture(scope="module")
+def mesh_ranks():
+    return run_distributed(_mesh_rank, 4, timeout=60.0)
+
+
+def test_every_group_waits_parallel_timeout_s(mesh_ranks):
     """Catches: mesh groups (and the checkpoint's own gloo group) left at torch's 30-minute
     default, so a stalled peer inside sp/tp/ZeRO collectives hangs the job for half an hour
     whatever parallel.timeout_s says. tp=2 x sp=2 makes real sub-groups of the world."""
     world_timeout = 60.0  # what run_distributed gives the world group
-    for rank, got in enumerate(run_distributed(_group_timeouts, 4, timeout=world_timeout)):
-        assert got == {"dp": 7, "sp": 7, "tp": 7, "dp_sp": 7, "world": world_timeout,
-                       "new_group": world_timeout}, (rank, got)
+    for rank, got in enumerate(r["timeouts"] for r in mesh_ranks):
+        assert got == {"dp": 7, "ring": 7, "ulysses": 7, "sp": 7, "tp": 7, "dp_sp": 7,
+                       "world": world_timeout, "new_group": world_timeout}, (rank, got)
+
+
+def _expected_groups(rank, dp, sp, ring, tp) -> dict:
+    """From the rank formula alone: rank = ((dp_i * ring + ring_i) * U + u_i) * tp + tp_i."""
+    u = sp // ring
+    coords = {"dp": dp, "ring": ring, "ulysses": u, "tp": tp}
+    names = list(coords)
+
+    def of(r):
+        out = {}
+        for name in reversed(names):
+            r, out[name] = divmod(r, coords[name])
+        return out
+
+    me = of(rank)
+
+    def group(free):  # ranks that agree with me on every coordinate not in `free`
+        members = [r for r in range(dp * sp * tp)
+                   if all(of(r)[n] == me[n] for n in names if n not in free)]
+        return members, members.index(rank)
+
+    return {"dp": group({"dp"}), "ring": group({"ring"}), "ulysses": group({"ulysses"}),
+            "tp": group({"tp"}), "sp": group({"ring", "ulysses"}),
+            "dp_sp": group({"dp", "ring", "ulysses"})}
+
+
+@pytest.mark.parametrize("layout", MESH_LAYOUTS, ids=[f"dp{a}-sp{b}-ring{c}-tp{d}"
+                                                      for a, b, c, d in MESH_LAYOUTS])
+def test_mesh_groups_follow_the_rank_formula(mesh_ranks, layout):
+    """dp, ring, ulysses, tp outermost first: tp peers adjacent, then Ulysses peers; the sp group
+    is ring x ulysses with group rank ring_i * U + ulysses_i (what SequenceLayout.rank_positions
+    takes). Catches: ring and ulysses swapped (Ulysses peers strided across nodes), an sp view
+    not flattened in ring-major order, ring=1 groups that differ from Ulysses alone."""
+    for rank, got in enumerate(r[layout] for r in mesh_ranks):
+        assert got == _expected_groups(rank, *layout), (rank, layout)
+    dp, sp, ring, tp = layout
+    if ring == 1:  # exactly the ("dp", "sp", "tp") groups of Ulysses alone: sp = ulysses
+        for rank, got in enumerate(r[layout] for r in mesh_ranks):
+            assert got["sp"] == got["ulysses"] and got["ring"] == ([rank], 0)
+            assert got["sp"][0] == [(rank // (sp * tp)) * sp * tp + i * tp + rank % tp
+                                    for i in range(sp)]
 
 
 def _traceback_from(fn):

@@ -1,6 +1,9 @@
 """The whole GPT under Ulysses sequence parallelism equals one process: loss, every gradient,
-and a quarter of the activation memory per rank at sp = 4."""
+and a quarter of the activation memory per rank at sp = 4 (an eighth at sp = 8, with and
+without a ring)."""
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from ulysses_train.parallel.data_parallel import all_reduce_, reduce_gradients_
 from ulysses_train.model_build import build_model
 
 SEQ, BATCH = 32, 2
+HAS_RING = importlib.util.find_spec("ulysses_train.parallel.ring") is not None
 
 
 def _inputs():
@@ -50,9 +54,9 @@ def _model(layout) -> dict:
     return {"n_heads": 4, "n_kv_heads": layout[2], "init_std": 0.2}
 
 
-def _dims(rank, world, sp, dp):
+def _dims(rank, world, sp, dp, ring=1):
     dims = ParallelDims(tp=1, sp=sp, dp=dp, world_size=world, rank=rank,
-                        device=torch.device("cpu"))
+                        device=torch.device("cpu"), ring=ring)
     dims.build_mesh()
     return dims
 
@@ -90,10 +94,10 @@ def _saved_activation_bytes(dims: ParallelDims) -> int:
                        data={"seq_len": 1024})
     model = build_model(cfg, dims)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seq = cfg.data.seq_len // dims.sp
-    start = dims.local_rank("sp") * seq
-    ids = torch.randint(0, 256, (1, seq))
-    positions = torch.arange(start, start + seq).unsqueeze(0)
+    # (S'/P,) global positions of this rank's tokens: consecutive, or zig-zag with a ring
+    positions = dims.sequence_layout(cfg.data.seq_len).rank_positions(dims.local_rank("sp"))
+    positions = positions.unsqueeze(0)  # (S'/P,) -> (1, S'/P)
+    ids = torch.randint(0, 256, positions.shape)
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -114,3 +118,27 @@ def test_activation_memory_per_rank_shrinks_with_sp(four_ranks):
     print(f"saved activations: sp=1 {full / 2**20:.2f} MiB, sp=4 max/rank "
           f"{max(per_rank) / 2**20:.2f} MiB, ratio {ratio:.3f}")
     assert ratio <= 0.35
+
+
+def _saved_bytes_at_sp8(rank, world):
+    """Per ring degree: this rank's saved bytes at sp = 8 (8 heads: Ulysses alone reaches 8)."""
+    out = {1: _saved_activation_bytes(_dims(rank, world, 8, 1))}
+    if HAS_RING:  # ring 4: U = 2, the layout the head count would not otherwise need
+        out[4] = _saved_activation_bytes(_dims(rank, world, 8, 1, ring=4))
+    return out
+
+
+def test_activation_memory_per_rank_is_an_eighth_at_sp8():
+    """<= 1.3/8 of one process on every rank (issue 12): Ulysses alone, and with a ring of 4
+    (once the ring layer is in the tree). Catches a ring that keeps the whole sequence's K/V
+    for backward, or a layout that gives some rank more than S'/P tokens."""
+    full = _saved_activation_bytes(cpu_dims())
+    by_ring = {}
+    for rank_result in run_distributed(_saved_bytes_at_sp8, 8, timeout=180):
+        for ring, saved in rank_result.items():
+            by_ring[ring] = max(by_ring.get(ring, 0), saved)
+    for ring, worst in by_ring.items():
+        print(f"saved activations: sp=1 {full / 2**20:.2f} MiB, sp=8 ring={ring} max/rank "
+              f"{worst / 2**20:.3f} MiB, ratio {worst / full:.4f} (limit {1.3 / 8:.4f})")
+        assert worst / full <= 1.3 / 8, ring
+    assert set(by_ring) == ({1, 4} if HAS_RING else {1})

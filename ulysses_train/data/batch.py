@@ -11,6 +11,9 @@ Invariants (docs/architecture.md §1):
 - `document_ids` count documents from 0 at the start of each row and step up by one right after
   each EOS (an EOS belongs to the document it ends); they are per row, so equality is all a
   document mask needs.
+Sequence parallelism cuts whole rows, never windows: `pad_to` pads a row to the layout's
+length and `take` keeps a rank's columns (positions from `parallel.layout.SequenceLayout`, the
+one owner of who holds which token).
 """
 from __future__ import annotations
 
@@ -43,6 +46,38 @@ class Batch:
         """
         return Batch(**{f.name: getattr(self, f.name)[rows, cols].contiguous()
                         for f in fields(self)})
+
+    def pad_to(self, length: int) -> Batch:
+        """Every row padded at the end to `length` columns (`SequenceLayout.padded_len`).
+
+        The padding is inert, so the loss, gradients and token count are those of the
+        unpadded rows: input token 0; label IGNORE_INDEX (out of the loss and of the count of
+        valid labels); position = its column index (real tokens keep theirs: positions stay
+        global); document id = the row's last id + 1, a document of its own, so under a
+        document mask no real token attends to padding. Under plain causal attention no real
+        token sees it either: it comes after every real token. Returns self if nothing to pad.
+        """
+        n, s = self.shape
+        if length < s:
+            raise ValueError(f"cannot pad {s} columns to {length}")
+        if length == s:
+            return self
+        pad = length - s
+        cols = torch.arange(s, length, dtype=torch.int64).expand(n, pad)  # (pad,) -> (N, pad)
+        fill = {"input_ids": torch.zeros(n, pad, dtype=torch.int64),
+                "labels": torch.full((n, pad), IGNORE_INDEX, dtype=torch.int64),
+                "position_ids": cols,
+                "document_ids": (self.document_ids[:, -1:] + 1).expand(n, pad)}
+        # (N, S) + (N, S' - S) -> (N, S') per tensor
+        return Batch(**{name: torch.cat([getattr(self, name), extra.to(getattr(self, name).device)],
+                                        dim=1) for name, extra in fill.items()})
+
+    def take(self, positions: torch.Tensor) -> Batch:
+        """Columns `positions` (int64 `(S'/P,)`, `SequenceLayout.rank_positions`) of every
+        tensor, in that order: one sequence-parallel rank's tokens `(N, S'/P)`, contiguous
+        (index_select copies). Consecutive positions give exactly `slice(cols=...)`."""
+        return Batch(**{f.name: getattr(self, f.name).index_select(1, positions.to(
+            getattr(self, f.name).device)) for f in fields(self)})
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)

@@ -2,20 +2,27 @@
 
 Built from `parallel.*` and the world size, validated before any process-group work, and passed
 explicitly to whoever needs it — there are no module globals. After the process group exists,
-`build_mesh()` creates the DeviceMesh and its named views: `dp`, `sp`, `tp`, the flattened
-`dp_sp`, and for hybrid sharding (`parallel.shard_group`) the 2-D `hsdp` view (replicate, shard).
+`build_mesh()` creates the DeviceMesh and its named views.
 
-Rank layout: rank = (dp_i * sp + sp_i) * tp + tp_i, so tensor-parallel peers are adjacent (the
-chattiest collectives stay inside a node) and a sequence-parallel group is a block of
-consecutive ranks. `dp_sp` is the group over which sp ranks count as data parallel: they hold
-the same weights but different tokens, so gradients, the token count and the loss are summed
-over it (docs/architecture.md §1).
+Rank layout, outermost first: rank = ((dp_i * ring + ring_i) * U + ulysses_i) * tp + tp_i, with
+U = sp / ring. Tensor-parallel peers are adjacent and Ulysses peers next (their all-to-alls and
+TP's collectives are the chattiest: they stay inside a node); the ring, whose point-to-point
+K/V transfers overlap compute, may cross nodes. A sequence-parallel group (ring x Ulysses) is
+a block of consecutive ranks (per tp coordinate) and its group rank is ring_i * U + ulysses_i,
+the rank `SequenceLayout.rank_positions` takes. With ring = 1 every group is exactly the
+`("dp", "sp", "tp")` one of Ulysses alone.
 
-Hybrid sharding splits dp into (dp_replicate, dp_shard), replicate-major, so a shard group —
-dp_shard x sp ranks — is a block of consecutive ranks (one node's, when it has that many GPUs)
-and holds whole sp groups. FSDP2 wants its 2-D mesh and the tp mesh cut from one root mesh, so
-the root is 4-D ("dp_replicate", "dp_shard", "sp", "tp") and "dp" is the flattened pair; with
-the default shard_group (all of dp x sp) dp_replicate is 1 and every view is what it was.
+Named views (`meshes`, `group(name)`): "dp", "ring", "ulysses", "tp"; "sp" = ring x ulysses
+flattened (the whole sequence group); "dp_sp" = dp x sp flattened, the group over which sp ranks
+count as data parallel: they hold the same weights but different tokens, so gradients, the
+token count and the loss are summed over it (docs/architecture.md §1).
+
+Hybrid sharding (`parallel.shard_group`) splits dp into (dp_replicate, dp_shard),
+replicate-major, so a shard group — dp_shard x sp ranks — is a block of consecutive ranks (one
+node's, when it has that many GPUs) and holds whole sp groups; its 2-D view "hsdp" is
+(replicate, shard). FSDP2 wants its 2-D mesh and the tp mesh cut from one root mesh, so the
+root is 5-D ("dp_replicate", "dp_shard", "ring", "ulysses", "tp") and "dp" is the flattened
+pair; with the default shard_group (all of dp x sp) dp_replicate is 1.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from datetime import timedelta
 import torch
 
 from ..config import ParallelConfig, validate_parallel
+from .layout import SequenceLayout
 
 RENDEZVOUS_TIMEOUT = timedelta(minutes=30)  # torch's own default for first contact
 
@@ -42,6 +50,7 @@ class ParallelDims:
     rank: int
     device: torch.device
     backend: str = "gloo"
+    ring: int = 1  # ring degree inside sp; sp / ring Ulysses ranks per ring rank
     # How long any collective waits for a peer before it fails (parallel.timeout_s): a rank that
     # dies or stalls then ends the others instead of leaving them hanging.
     timeout: timedelta = timedelta(minutes=10)
@@ -49,13 +58,16 @@ class ParallelDims:
     # and dp_sp, FSDP2 shards within such groups and replicates across them (HSDP).
     shard_group: int = 0
     mesh: object = field(default=None, repr=False)  # DeviceMesh once build_mesh() ran
-    # Named 1-D views of the mesh: "dp", "sp", "tp" and the flattened "dp_sp". Kept here because
-    # torch wants flattened meshes held by the caller, not re-sliced from the root.
+    # Named 1-D views of the mesh: "dp", "ring", "ulysses", "tp" and the flattened "sp" and
+    # "dp_sp". Kept here because torch wants flattened meshes held by the caller, not re-sliced
+    # from the root.
     meshes: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.tp * self.sp * self.dp != self.world_size:
             raise ValueError(f"tp*sp*dp = {self.tp}*{self.sp}*{self.dp} != world {self.world_size}")
+        if self.ring < 1 or self.sp % self.ring:
+            raise ValueError(f"ring {self.ring} does not divide sp {self.sp}")
         if self.shard_group in (0, -1):
             self.shard_group = self.dp_sp
         if self.dp_sp % self.shard_group or self.shard_group % self.sp:
@@ -70,8 +82,8 @@ class ParallelDims:
         backend = cfg.backend if cfg.backend != "auto" else (
             "nccl" if device.type == "cuda" else "gloo")
         return cls(tp=cfg.tp, sp=cfg.sp, dp=dp, world_size=world_size, rank=rank,
-                   device=device, backend=backend, timeout=timedelta(seconds=cfg.timeout_s),
-                   shard_group=cfg.shard_group)
+                   device=device, backend=backend, ring=cfg.ring,
+                   timeout=timedelta(seconds=cfg.timeout_s), shard_group=cfg.shard_group)
 
     @classmethod
     def from_env(cls, cfg: ParallelConfig) -> "ParallelDims":
@@ -119,21 +131,33 @@ class ParallelDims:
         dist.init_process_group(self.backend, store=store, rank=self.rank,
                                 world_size=self.world_size, timeout=self.timeout, **kwargs)
 
+    @property
+    def ulysses(self) -> int:
+        """U = sp / ring: ranks per Ulysses all-to-all."""
+        return self.sp // self.ring
+
+    def sequence_layout(self, seq_len: int) -> SequenceLayout:
+        """Which global positions of a `seq_len` row each sp rank holds (parallel/layout.py)."""
+        return SequenceLayout(seq_len, self.sp, self.ring)
+
     def build_mesh(self) -> None:
-        """Create the DeviceMesh and its named views "dp", "sp", "tp", "dp_sp" (and "hsdp")."""
+        """Create the root DeviceMesh and its named views "dp", "ring", "ulysses", "tp",
+        "sp", "dp_sp" (and "hsdp")."""
         if not self.distributed or self.mesh is not None:
             return
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(self.device.type, (self.replicas, self.dp // self.replicas,
-                                                   self.sp, self.tp),
-                                mesh_dim_names=("dp_replicate", "dp_shard", "sp", "tp"))
-        self.meshes = {name: mesh[name] for name in ("sp", "tp")}
+        mesh = init_device_mesh(
+            self.device.type,
+            (self.replicas, self.dp // self.replicas, self.ring, self.ulysses, self.tp),
+            mesh_dim_names=("dp_replicate", "dp_shard", "ring", "ulysses", "tp"))
+        self.meshes = {name: mesh[name] for name in ("ring", "ulysses", "tp")}
         self.meshes["dp"] = mesh["dp_replicate", "dp_shard"]._flatten("dp")  # (R, D/R) -> (D,)
-        # (R, D/R, sp) -> (D*sp,)
-        self.meshes["dp_sp"] = mesh["dp_replicate", "dp_shard", "sp"]._flatten("dp_sp")
-        if self.hsdp:  # FSDP2's HSDP mesh: (R, D/R, sp) -> (replicate R, shard D/R*sp)
-            mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
+        self.meshes["sp"] = mesh["ring", "ulysses"]._flatten("sp")  # (ring, U) -> (sp,)
+        # (R, D/R, ring, U) -> (D*sp,)
+        self.meshes["dp_sp"] = mesh["dp_replicate", "dp_shard", "ring", "ulysses"]._flatten("dp_sp")
+        if self.hsdp:  # FSDP2's HSDP mesh: (R, D/R, ring, U) -> (replicate R, shard D/R*sp)
+            mesh["dp_shard", "ring", "ulysses"]._flatten("dp_shard_sp")
             # Slicing a flattened dim together with a root dim is how torch 2.8..2.13 make this
             # view (torchtitan's HSDP mesh too); torch >= 2.11 warns that it will be deprecated
             # in favour of DeviceMesh._unflatten, which torch 2.8 lacks.
@@ -150,7 +174,8 @@ class ParallelDims:
                 _set_pg_timeout(self.timeout, view.get_group(dim))
 
     def group(self, name: str):
-        """The process group of mesh dimension `name` ("dp", "sp", "tp", "dp_sp"); None alone."""
+        """The process group of mesh dimension `name` ("dp", "ring", "ulysses", "tp", "sp",
+        "dp_sp"); None alone."""
         return None if self.mesh is None else self.meshes[name].get_group()
 
     def local_rank(self, name: str) -> int:
