@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from .. import checkpoint  # noqa: F401 (filters DCP's one-process warning, as saving does)
 from ..checkpoint_files import CheckpointDir, is_complete, read_meta
 from ..config import Config, ModelConfig, padded_vocab, validate
 from ..errors import ConfigError
