@@ -46,7 +46,7 @@ def loss_and_correct(logits, labels: torch.Tensor) -> tuple[torch.Tensor, torch.
     valid = labels != IGNORE_INDEX
     owned = valid & (labels >= start) & (labels < start + z.shape[-1])
     index = torch.where(owned, labels - start, 0).unsqueeze(-1)  # (B, c, 1)
-    m = z.max(dim=-1).values  # PLANTED BUG
+    m = _all_reduce(z.max(dim=-1).values, group, dist.ReduceOp.MAX)  # (B, c)
     picked = torch.where(owned, z.gather(-1, index).squeeze(-1) - m, 0.0)  # z_t - m, or 0
     sums = torch.stack([(z - m.unsqueeze(-1)).exp().sum(-1), picked])  # (2, B, c), one reduce
     sum_exp, target = _all_reduce(sums, group, dist.ReduceOp.SUM).unbind(0)
