@@ -4,6 +4,8 @@
   nothing);
 - the passkey scorer sees success: a model that copies the key scores 100 %, one that misses a
   single digit 0 %, a random one 0 % (an eval that always says 0 % would pass none of these);
+- and it sees real learning: 150 training steps on data=passkey lift the key digits' top-1 share
+  from ~0 to well above the 1/10 of guessing a digit;
 - under sp=2 and tp=2 (and dp=2 with ZeRO-3) the values equal one process: the loss per bucket
   to 1e-4 relative, token counts and the top-1 count over every held-out token exactly;
 - `eval.every` in training logs one value per bucket, equal to a direct evaluation.
@@ -35,8 +37,10 @@ EVAL = {"batches": 2, "passkey_lengths": [72, 96], "passkey_depths": [0.0, 0.5, 
         "passkey_trials": 3}
 
 
-def _config(**sections):
-    sections.setdefault("data", {}).update(name="passkey", seq_len=SEQ)
+def _config(data="passkey", **sections):
+    """data=passkey labels only the key's repeats (10 per row); data=synthetic labels every
+    token (for buckets that must all hold tokens); passkey prompts use the word vocabulary."""
+    sections.setdefault("data", {}).update(name=data, seq_len=SEQ)
     sections["eval"] = {**EVAL, **sections.get("eval", {})}
     sections.setdefault("model", {}).setdefault("init_std", 0.2)  # positions matter more
     return small_config(**sections)
@@ -51,7 +55,7 @@ def test_bucket_edges():
 
 @pytest.mark.parametrize("loss_chunk", [0, 16])
 def test_buckets_add_up_to_the_models_loss(loss_chunk):
-    cfg = _config(train={"loss_chunk": loss_chunk})
+    cfg = _config("synthetic", train={"loss_chunk": loss_chunk})  # every token a label
     model = build_model(cfg, cpu_dims())
     data = build_data(cfg.data, seed=0, global_batch_size=4, model_vocab_size=256)
     rows = loss_by_position(model, cpu_dims(), held_out_micro_batches(cfg, cpu_dims(), data,
@@ -141,7 +145,7 @@ def _layouts_rank(rank, world, checkpoint):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A checkpoint of 30 steps on data=passkey: it predicts the filler (many top-1 hits) and
+    """A checkpoint of 30 steps on data=passkey: it hits some key digits (top-1) and
     its loss depends on the position, so layout bugs move the numbers."""
     run_dir = str(tmp_path_factory.mktemp("trained"))
     cfg = _config(train={"steps": 30}, optim={"lr": 3e-3}, checkpoint={"every": 0})
@@ -151,9 +155,9 @@ def trained(tmp_path_factory):
 
 def test_layouts_equal_one_process(trained):
     ref = _evaluate(_config(), cpu_dims(), trained)
-    assert ref["top1"] > 100  # trained: the filler is predicted
+    assert ref["top1"] > 0  # some key digits hit: equal top-1 counts are not 0 == 0
     losses = [r["loss"] for r in ref["loss_by_position"]]
-    assert max(losses) > 1.05 * min(losses)  # the loss depends on the position
+    assert max(losses) > 1.02 * min(losses)  # the loss depends on the position
     got = run_distributed(_layouts_rank, 2, trained, timeout=300)[0]
     for name, result in got.items():
         for a, b in zip(ref["loss_by_position"], result["loss_by_position"]):
@@ -164,7 +168,7 @@ def test_layouts_equal_one_process(trained):
 
 
 def test_eval_every_logs_each_bucket(tmp_path):
-    cfg = _config(train={"steps": 4}, eval={"every": 2, "buckets": [0, 32, SEQ]},
+    cfg = _config("synthetic", train={"steps": 4}, eval={"every": 2, "buckets": [0, 32, SEQ]},
                   checkpoint={"every": 0})
     trainer = Trainer(cfg, str(tmp_path), cpu_dims())
     trainer.fit()
@@ -177,3 +181,24 @@ def test_eval_every_logs_each_bucket(tmp_path):
                                for mb in trainer._micro_batches(i, "val")), [0, 32, SEQ])
     for key, row in zip(keys, direct):
         assert math.isfinite(rows[-1][key]) and rows[-1][key] == pytest.approx(row["loss"])
+
+
+def test_short_training_on_passkey_retrieves_key_digits(tmp_path):
+    """Real training, real scorer: 150 steps on data=passkey (the key's repeats as labels) lift
+    the share of key digits that are top-1 at the trained length well above 1/10, what a model
+    that only knows that a digit comes next would get. Whole keys need longer (README's recipe);
+    this shows the eval sees retrieval being learnt, not just a constructed copier."""
+    cfg = _config(model={"d_model": 128, "ffn_hidden": 384, "vocab_size": 128, "init_std": 0.02},
+                  train={"steps": 150, "global_batch_size": 16, "micro_batch_size": 16},
+                  optim={"lr": 3e-3, "warmup_steps": 20}, checkpoint={"every": 0})
+    trainer = Trainer(cfg, str(tmp_path), cpu_dims())
+    args = (WordTokenizer(), [SEQ], [0.0, 0.5, 1.0], 8, 8)
+
+    def digits_hit() -> float:
+        rows = passkey_accuracy(trainer.model, trainer.dims, *args)
+        return sum(r["token_accuracy"] for r in rows) / len(rows)
+
+    before = digits_hit()
+    trainer.fit()
+    after = digits_hit()
+    assert after > 0.3 and after > before + 0.15, (before, after)

@@ -93,7 +93,12 @@ def test_passkey_rows_hide_the_key_and_answer_it():
     train, again = data.global_batch(3, "train"), data.global_batch(3, "train", rows=slice(2, 4))
     assert torch.equal(train.input_ids[2:], again.input_ids)  # a row is a function of its index
     assert not torch.equal(train.input_ids, data.global_batch(3, "val").input_ids)
-    assert (train.labels != IGNORE_INDEX).all()  # plain language-model training
+    for row in range(4):  # labels: the key's second mention and the answer, nothing else
+        window = torch.cat([train.input_ids[row], train.labels[row, -1:]])
+        key = window[-KEY_DIGITS:]
+        labelled = train.labels[row][train.labels[row] != IGNORE_INDEX]
+        assert torch.equal(labelled, torch.cat([key, key]))
+        assert torch.equal(train.labels[row, -KEY_DIGITS:], key)  # the answer ends the row
     with pytest.raises(ConfigError, match="data.seq_len"):
         build_data(DataConfig(name="passkey", seq_len=min_length(tok) - 1), seed=0,
                    global_batch_size=4, model_vocab_size=128)
