@@ -49,6 +49,7 @@ ATOMIC_SITES = {
     "data/cache.py": 2,  # marker + directory publish: test_torn_cache_marker_publishes_nothing
     "data/tokenizer_files.py": 2,  # <run_dir>/tokenizer/ moved aside, then the new one in place:
     #                                test_run_tokenizer_folder_is_whole_or_absent
+    "evaluate/run.py": 1,  # eval.json and eval.png: test_torn_eval_result_keeps_the_previous_one
 }
 
 
@@ -267,3 +268,23 @@ def test_every_atomic_write_site_has_a_torn_write_test():
         if n:
             found[str(path.relative_to(package))] = n
     assert found == ATOMIC_SITES
+
+
+def test_torn_eval_result_keeps_the_previous_one(tmp_path):
+    """scripts/eval.py rewrites eval.json / eval.png in place of a previous result: a crash
+    mid-write leaves the previous files whole."""
+    from ulysses_train.evaluate.run import write_results
+
+    first = {"loss_by_position": [{"start": 0, "end": 64, "loss": 2.0, "tokens": 8}],
+             "passkey": [{"length": 64, "depth": 0.5, "accuracy": 1.0, "trials": 2}]}
+    json_path, png_path = write_results(first, str(tmp_path))
+    before = {p: Path(p).read_bytes() for p in (json_path, png_path)}
+    second = {**first, "passkey": [{**first["passkey"][0], "accuracy": 0.0}]}
+    with pytest.raises(SimulatedCrash), torn_writes(lambda p: p.endswith("eval.png.tmp")):
+        write_results(second, str(tmp_path))  # the json is replaced first, then the png tears
+    assert Path(png_path).read_bytes() == before[png_path]
+    assert Path(json_path).read_bytes() != before[json_path]
+    write_results(first, str(tmp_path))
+    with pytest.raises(SimulatedCrash), torn_writes(lambda p: p.endswith("eval.json.tmp")):
+        write_results(second, str(tmp_path))
+    assert {p: Path(p).read_bytes() for p in (json_path, png_path)} == before

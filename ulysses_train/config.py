@@ -23,7 +23,7 @@ from .errors import ConfigError, require  # noqa: F401  (ConfigError: re-exporte
 
 MODEL_PRESETS = ("tiny", "llama_125m", "tinyllama_1b", "llama3_8b")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
-DATA_SOURCES = ("stdlib", "files", "hf", "synthetic")
+DATA_SOURCES = ("stdlib", "files", "hf", "synthetic", "passkey")
 PRECISIONS = ("auto", "fp32", "bf16")
 AC_MODES = ("none", "full", "selective")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -177,6 +177,20 @@ class DebugConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Long-context evaluation (scripts/eval.py; `every` also in training). README: "Long-context
+    evaluation"."""
+
+    checkpoint: str = ""  # scripts/eval.py: a run dir (its latest), a step_N dir or an HF dir
+    every: int = 0  # training: loss by position every N steps (0 = off)
+    buckets: List[int] = field(default_factory=list)  # position edges; [] = 0, 64, 128, ..., seq_len
+    batches: int = 4  # held-out global batches for the loss by position
+    passkey_lengths: List[int] = field(default_factory=list)  # [] = seq_len/4, seq_len/2, seq_len
+    passkey_depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = 10  # prompts per (length, depth); 0 = no passkey
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -186,6 +200,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -282,6 +297,22 @@ def validate_optim(o: OptimConfig) -> None:
     _positive(o.eps, "optim.eps")
 
 
+def validate_eval(e: EvalConfig, d: DataConfig) -> None:
+    require(e.every >= 0, "eval.every", f"must be >= 0 (0 = off), got {e.every}")
+    _positive(e.batches, "eval.batches")
+    require(e.passkey_trials >= 0, "eval.passkey_trials", f"must be >= 0, got {e.passkey_trials}")
+    b = list(e.buckets)
+    require(not b or (len(b) >= 2 and b[0] >= 0 and all(x < y for x, y in zip(b, b[1:]))),
+            "eval.buckets", f"{b} must be >= 2 increasing position edges from >= 0, e.g. "
+            "[0,64,128,256] (or [] for powers of two up to data.seq_len)")
+    require(all(n > 0 for n in e.passkey_lengths), "eval.passkey_lengths",
+            f"{list(e.passkey_lengths)} must be positive token counts")
+    require(len(e.passkey_depths) > 0 and all(0 <= x <= 1 for x in e.passkey_depths),
+            "eval.passkey_depths", f"{list(e.passkey_depths)} must be relative depths in [0, 1]")
+    require(e.every == 0 or d.val_fraction > 0 or d.name in ("synthetic", "passkey"),
+            "eval.every", "needs held-out data: set data.val_fraction > 0 or eval.every=0")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Check every key; raise `ConfigError` naming the first bad one. Needs no process group."""
     validate_model(cfg.model)
@@ -312,3 +343,4 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _positive(cfg.debug.nan_steps, "debug.nan_steps")
     _finite(cfg.debug.peak_flops, "debug.peak_flops", 0.0)
     _one_of(cfg.debug.pause_in_save_before, ("commit", "latest"), "debug.pause_in_save_before")
+    validate_eval(cfg.eval, cfg.data)

@@ -24,6 +24,7 @@ from .checkpoint import CheckpointManager
 from .checkpoint_files import read_meta
 from .config import Config, validate
 from .data import build_data
+from .evaluate import training as eval_in_training
 from .guards import NonFiniteGuard, crash_if_asked, nan_injected, set_deterministic
 from .init_from import load_initial_weights
 from .metrics import (Reporter, Throughput, mfu_of, peak_flops, peak_mem_gib, span_sq_sum,
@@ -323,7 +324,9 @@ class Trainer:
             reporter.info(f"warning: step {self.step}: loss {out['loss']}, grad_norm "
                           f"{out['grad_norm']}; optimizer step skipped ({self.guard.in_a_row} in "
                           f"a row, at most train.max_skipped_steps={self.guard.max_in_a_row})")
-        if not (self.step % cfg.logging.every == 0 or last or val_due or out["skipped"]):
+        eval_due = self.has_val and eval_in_training.due(cfg.eval, self.step, last)
+        if not (self.step % cfg.logging.every == 0 or last or val_due or eval_due
+                or out["skipped"]):
             return
         peak = cfg.debug.peak_flops or peak_flops(self.device)
         (tok_s, flops_per_token), peaks = meter.interval(), self._peak_mem()
@@ -337,6 +340,8 @@ class Trainer:
             row["peak_mem_gib_per_rank"] = peaks
         if val_due:
             row["val_loss"] = self.evaluate()
+        if eval_due:  # held-out loss per position bucket (evaluate/training.py)
+            row.update(eval_in_training.row_of(self))
         reporter.log(row, total)  # never raises: a metric must not end the run
 
     def _end_of_step(self, reporter: Reporter, signal_name: str | None, start: int,

@@ -23,6 +23,7 @@ from .build import SPLITS, build_corpus
 from .cache import cache_key, load_split, open_or_build, tokenizer_files
 from .corpus import corpus_for
 from .packing import PackedTokens
+from .passkey import PasskeyTokens, WordTokenizer, min_length
 from .synthetic import EOS_ID, SyntheticTokens
 from .tokenizer import KEY as TOKENIZER_KEY
 from .tokenizer import MODEL_FILES, Tokenizer, open_tokenizer, tokenizer_identity
@@ -97,6 +98,20 @@ def _synthetic(cfg: DataConfig, seed: int, global_batch_size: int, vocab: int) -
                       document_positions=cfg.document_mask)
 
 
+def _passkey(cfg: DataConfig, seed: int, global_batch_size: int, vocab: int) -> DataSource:
+    words = WordTokenizer()
+    if len(words) > vocab:
+        raise ConfigError("model.vocab_size", f"data=passkey needs {len(words)} ids, the model "
+                          f"has {vocab}; raise model.vocab_size")
+    if cfg.seq_len < min_length(words):
+        raise ConfigError("data.seq_len", f"{cfg.seq_len} is too short for a passkey prompt; "
+                          f"use at least {min_length(words)}")
+    streams = {s: PasskeyTokens(cfg.seq_len, seed=seed, split=s) for s in SPLITS}
+    return DataSource(streams, vocab_size=len(words), eos_id=words.eos_id,
+                      global_batch_size=global_batch_size, summary=streams["train"].describe(),
+                      document_positions=cfg.document_mask)
+
+
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
@@ -156,6 +171,8 @@ def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_voca
         raise ConfigError("data.seq_len", f"must be positive, got {cfg.seq_len}")
     if cfg.name == "synthetic":
         return _synthetic(cfg, seed, global_batch_size, model_vocab_size)
+    if cfg.name == "passkey":
+        return _passkey(cfg, seed, global_batch_size, model_vocab_size)
     log = log if is_main else _silent
     corpus = corpus_for(cfg)
     limit = max_tokenizer_vocab or model_vocab_size

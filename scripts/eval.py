@@ -1,0 +1,86 @@
+"""Long-context evaluation of a checkpoint: `python scripts/eval.py eval.checkpoint=PATH [overrides]`
+or `torchrun --nproc_per_node=N scripts/eval.py eval.checkpoint=PATH parallel.sp=N ...`.
+
+The same config groups and overrides as train.py (configs/), the same one-line errors (exit 2),
+the same launch in the training layout. Writes eval.json and eval.png into its run dir, by
+default runs/eval-<model>-<data>-<hash of the command line>, so evaluating another checkpoint
+or with other settings never overwrites a previous result (README: "Long-context evaluation").
+"""
+import hashlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+try:
+    from ulysses_train import cli
+except ImportError as import_error:
+    if not str(import_error).startswith("ulysses_train needs torch"):
+        raise
+    print(f"error: {import_error}", file=sys.stderr, flush=True)  # one line, not a traceback
+    sys.exit(1)
+from ulysses_train.errors import ConfigError  # noqa: E402
+
+RANK = int(os.environ.get("RANK", "0"))
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+cli.register()
+
+
+def explicit_model_keys(args) -> set:
+    """model.<key> set on the command line: they win over the checkpoint's meta.json."""
+    return {a.split("=", 1)[0].lstrip("+~").split(".", 1)[1] for a in args
+            if a.lstrip("+~").startswith("model.") and "=" in a}
+
+
+def default_run_dir(args) -> list:
+    """hydra.run.dir=runs/eval-... unless the user chose one; the hash covers every override
+    (eval.checkpoint included), so each checkpoint and setting gets its own directory."""
+    if any(a.startswith("hydra.run.dir=") for a in args):
+        return []
+    digest = hashlib.sha1("\0".join(sorted(args)).encode()).hexdigest()[:8]
+    return [f"hydra.run.dir=runs/eval-${{model.name}}-${{data.name}}-{digest}"]
+
+
+@hydra.main(config_path=CONFIGS, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from ulysses_train.evaluate.run import run
+
+    try:
+        config = OmegaConf.to_object(cfg)
+        code = run(config, HydraConfig.get().runtime.output_dir, MODEL_KEYS)
+    except ConfigError as error:
+        cli.fail(error, RANK)
+    except Exception as error:  # a peer rank stalled or died: one line, not a traceback
+        from ulysses_train.parallel.mesh import describe_collective_failure
+
+        line = describe_collective_failure(error, RANK, WORLD_SIZE, cfg.parallel.timeout_s)
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    MODEL_KEYS = explicit_model_keys(args)
+    if not any(a.startswith("-") for a in args):  # --help, --cfg job: Hydra's own business
+        try:
+            # (the eval run dir: precheck's resume checks then look at it, not at a training run)
+            config = cli.precheck(args + default_run_dir(args), WORLD_SIZE)
+            if not config.eval.checkpoint:
+                raise ConfigError("eval.checkpoint", "is required: give a run dir, a "
+                                  "checkpoints/step_N dir or a Hugging Face model dir")
+            from ulysses_train.evaluate.run import resolve_checkpoint
+
+            resolve_checkpoint(config.eval.checkpoint)  # before torch starts any work
+        except ConfigError as error:
+            cli.fail(error, RANK)
+        sys.argv += default_run_dir(args)
+    sys.argv += cli.rank_overrides(RANK)
+    main()

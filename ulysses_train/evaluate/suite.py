@@ -1,0 +1,109 @@
+"""The whole evaluation of one model: which held-out batches, which tokenizer, which lengths.
+
+Held-out text = the data pipeline's validation split (the batches `trainer.evaluate` reads:
+global batches 0, 1, ... of "val"). The passkey prompts are tokenized with the run's tokenizer:
+the word vocabulary of `data=passkey` (also used with `data=synthetic`, whose ids mean nothing),
+else the sentencepiece model of the token cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator
+
+import torch
+
+from ..config import Config
+from ..errors import ConfigError
+from .loss_by_position import bucket_edges, loss_by_position
+from .passkey import passkey_accuracy
+from .tokens import local_piece
+
+
+class _SentencePiece:
+    def __init__(self, path: str):
+        from ..data.tokenizer import load_tokenizer
+
+        self.sp = load_tokenizer(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+
+def run_tokenizer(cfg: Config, data):
+    """The tokenizer the run's data was made with (`encode(text) -> ids`), or None if unknown."""
+    from ..data.passkey import WordTokenizer
+
+    if cfg.data.name in ("passkey", "synthetic"):
+        return WordTokenizer()
+    cache = getattr(data, "cache_path", None)
+    if cache is not None and os.path.isfile(os.path.join(cache, "tokenizer.model")):
+        return _SentencePiece(os.path.join(cache, "tokenizer.model"))
+    return None
+
+
+def passkey_lengths(cfg: Config, tok) -> list[int]:
+    """eval.passkey_lengths, or seq_len/4, seq_len/2, seq_len (those long enough for a prompt).
+    ConfigError for an explicit length shorter than the prompt itself."""
+    from ..data.passkey import min_length
+
+    shortest, seq = min_length(tok), cfg.data.seq_len
+    if cfg.eval.passkey_lengths:
+        too_short = [n for n in cfg.eval.passkey_lengths if n < shortest]
+        if too_short:
+            raise ConfigError("eval.passkey_lengths", f"{too_short} shorter than the prompt "
+                              f"({shortest} tokens with this tokenizer); use longer lengths")
+        return [int(n) for n in cfg.eval.passkey_lengths]
+    return sorted({n for n in (seq // 4, seq // 2, seq) if n >= shortest})
+
+
+def held_out_micro_batches(cfg: Config, dims, data, device) -> Iterator[tuple]:
+    """This rank's (input_ids, position_ids, labels, mask) of `eval.batches` validation global
+    batches, micro-batched by train.micro_batch_size, as the trainer slices them."""
+    from ..model import document_mask_for, select_attention
+
+    attention = select_attention(device, cfg.data.document_mask)
+    mb = cfg.train.micro_batch_size
+    for i in range(cfg.eval.batches):
+        full = data.global_batch(i, "val")  # (G, S) on every rank
+        ids, pos, labels, rows = local_piece(dims, full.input_ids, full.labels, full.position_ids)
+        for start in range(0, len(ids), mb):
+            part = slice(start, start + mb)
+            mask = None
+            if cfg.data.document_mask:  # from the rows' whole (unsliced) document ids
+                mask = document_mask_for(full.document_ids[rows[part]].to(device), attention)
+            yield ids[part].to(device), pos[part].to(device), labels[part].to(device), mask
+
+
+def autocast_for(dtype: torch.dtype, device: torch.device) -> Callable:
+    """A context factory: autocast to `dtype` on `device`, or nothing for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def evaluate_model(model, cfg: Config, dims, data, dtype: torch.dtype,
+                   log: Callable[[str], None] = lambda _: None) -> dict:
+    """{"loss_by_position": rows, "passkey": rows} of `model` (collective: every rank calls it).
+
+    passkey is [] when eval.passkey_trials is 0 or the run's tokenizer is unknown (logged).
+    """
+    device = next(iter(model.parameters())).device
+    autocast = autocast_for(dtype, device)
+    edges = bucket_edges(cfg.data.seq_len, cfg.eval.buckets)
+    log(f"eval: loss by position over {cfg.eval.batches} held-out batches ...")
+    by_position = loss_by_position(model, dims, held_out_micro_batches(cfg, dims, data, device),
+                                   edges, autocast)
+    for row in by_position:
+        loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"
+        log(f"eval: positions [{row['start']}, {row['end']}): loss {loss} ({row['tokens']} tokens)")
+    passkey: list[dict] = []
+    tok = run_tokenizer(cfg, data)
+    if cfg.eval.passkey_trials and tok is None:
+        log("eval: passkey skipped: the run's tokenizer is unknown")
+    elif cfg.eval.passkey_trials:
+        passkey = passkey_accuracy(model, dims, tok, passkey_lengths(cfg, tok),
+                                   cfg.eval.passkey_depths, cfg.eval.passkey_trials,
+                                   cfg.train.micro_batch_size, seed=cfg.train.seed,
+                                   autocast=autocast, log=log)
+    return {"loss_by_position": by_position, "passkey": passkey}

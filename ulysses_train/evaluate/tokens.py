@@ -1,0 +1,128 @@
+"""Per-token loss and top-1 correctness from a built model, in any training layout.
+
+The model's forward with labels calls its injected `model.loss_fn(logits, labels)` on each tile
+of the sequence (`train.loss_chunk`, model/tiling.py): plain logits alone, vocab-sharded
+DTensor logits under tensor parallelism. `token_stats` swaps in a recorder for one forward, so
+the head runs exactly as in training (tiled: never the full S x V logits) and every tile's
+per-token values are kept instead of being summed.
+
+Per token, with logits z over the (padded) vocabulary and target t:
+    loss = log(sum_v exp(z_v - m)) - (z_t - m),  m = max_v z_v     (cross-entropy, stable form)
+    correct = z_t >= m                                                (t is a top-1 token)
+Under tensor parallelism m, the exp-sum and z_t are all-reduced over the tp group (Megatron's
+vocab-parallel cross-entropy, Shoeybi et al. 2019, sec. 3), so both values are the
+one-process ones, replicated on the tp ranks. Ties count as correct.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from ..data import IGNORE_INDEX
+
+
+def _vocab_shard(logits) -> tuple[torch.Tensor, int, object]:
+    """(local logits (..., V/tp), first vocab id of the shard, tp group or None)."""
+    if hasattr(logits, "to_local"):  # a DTensor sharded on the vocab dim (tensor.py's plan)
+        mesh, local = logits.device_mesh, logits.to_local()
+        return local, mesh.get_local_rank() * local.shape[-1], mesh.get_group()
+    return logits, 0, None
+
+
+def _all_reduce(t: torch.Tensor, group, op) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+@torch.no_grad()
+def loss_and_correct(logits, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (fp32 loss, bool top-1 correct), both (B, c), for logits (B, c, V) — plain or
+    a vocab-sharded DTensor — and labels (B, c). Ignored labels get loss 0 and False."""
+    local, start, group = _vocab_shard(logits)
+    z = local.float()  # (B, c, V/tp)
+    valid = labels != IGNORE_INDEX
+    owned = valid & (labels >= start) & (labels < start + z.shape[-1])
+    index = torch.where(owned, labels - start, 0).unsqueeze(-1)  # (B, c, 1)
+    m = _all_reduce(z.max(dim=-1).values, group, dist.ReduceOp.MAX)  # (B, c)
+    picked = torch.where(owned, z.gather(-1, index).squeeze(-1) - m, 0.0)  # z_t - m, or 0
+    sums = torch.stack([(z - m.unsqueeze(-1)).exp().sum(-1), picked])  # (2, B, c), one reduce
+    sum_exp, target = _all_reduce(sums, group, dist.ReduceOp.SUM).unbind(0)
+    loss = torch.where(valid, sum_exp.log() - target, 0.0)
+    return loss, valid & (target >= 0)
+
+
+class _Recorder:
+    """A `model.loss_fn` that keeps each tile's per-token values and returns the usual sums."""
+
+    def __init__(self):
+        self.loss: list[torch.Tensor] = []
+        self.correct: list[torch.Tensor] = []
+
+    def __call__(self, logits, labels: torch.Tensor):
+        loss, correct = loss_and_correct(logits, labels)
+        self.loss.append(loss)
+        self.correct.append(correct)
+        return loss.sum(), (labels != IGNORE_INDEX).sum()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module, recorder: _Recorder):
+    saved, was_training = model.loss_fn, model.training
+    model.loss_fn = recorder
+    model.eval()
+    try:
+        yield
+    finally:
+        model.loss_fn = saved
+        model.train(was_training)
+
+
+@torch.no_grad()
+def token_stats(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                labels: torch.Tensor, attn_mask=None, autocast=contextlib.nullcontext
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (loss, correct), (B, S_local) each, of this rank's tokens (its rows and sp
+    columns, as the trainer feeds them). Collective under tp/sp like a training forward: every
+    rank of the job must call it with the same shapes."""
+    recorder = _Recorder()
+    with _eval_mode(model, recorder), autocast():
+        model(input_ids, position_ids, labels, attn_mask=attn_mask)
+    # tiles run left to right along the sequence: (B, c) x tiles -> (B, S_local)
+    return torch.cat(recorder.loss, dim=1), torch.cat(recorder.correct, dim=1)
+
+
+def local_piece(dims, input_ids: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's share of a whole batch (N, L) that every rank holds: its dp rows and its sp
+    columns (parallel/layout.py's SequenceLayout, which pads L to a multiple of sp; padding
+    has label -100 and comes after every real token, so causal attention never lets a real
+    token see it). Rows are padded with ignored copies of row 0 to a multiple of dp, so every
+    dp rank runs the same number of forwards (FSDP2 gathers are collective).
+
+    Returns (input_ids, position_ids, labels, row_index), the first three (N/dp, L'/sp), the
+    last (N/dp,) global row numbers, -1 for a padding row. position_ids default to 0..L-1.
+    """
+    from ..parallel.layout import SequenceLayout
+
+    n, length = input_ids.shape
+    if position_ids is None:
+        position_ids = torch.arange(length).expand(n, length)  # (L,) -> (N, L)
+    layout = SequenceLayout(length, dims.sp)
+    rows_per_dp = -(-n // dims.dp)
+    pad_rows, pad_cols = rows_per_dp * dims.dp - n, layout.padding
+    row_index = torch.cat([torch.arange(n), torch.full((pad_rows,), -1)])
+    ids = torch.cat([input_ids, input_ids[:1].expand(pad_rows, length)])  # (N', L)
+    pos = torch.cat([position_ids, position_ids[:1].expand(pad_rows, length)])
+    lab = torch.cat([labels, torch.full((pad_rows, length), IGNORE_INDEX)])
+    ids, lab = (torch.nn.functional.pad(t, (0, pad_cols), value=v)  # (N', L) -> (N', L')
+                for t, v in ((ids, 0), (lab, IGNORE_INDEX)))
+    pos = torch.cat([pos, length + torch.arange(pad_cols).expand(len(pos), pad_cols)], dim=1)
+    dp_i = dims.local_rank("dp")
+    rows = slice(dp_i * rows_per_dp, (dp_i + 1) * rows_per_dp)
+    cols = layout.rank_positions(dims.local_rank("sp"))
+    return (ids[rows][:, cols].contiguous(), pos[rows][:, cols].contiguous(),
+            lab[rows][:, cols].contiguous(), row_index[rows])
