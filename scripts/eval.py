@@ -31,12 +31,6 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 cli.register()
 
 
-def explicit_model_keys(args) -> set:
-    """model.<key> set on the command line: they win over the checkpoint's meta.json."""
-    return {a.split("=", 1)[0].lstrip("+~").split(".", 1)[1] for a in args
-            if a.lstrip("+~").startswith("model.") and "=" in a}
-
-
 def default_run_dir(args) -> list:
     """hydra.run.dir=runs/eval-... unless the user chose one; the hash covers every override
     (eval.checkpoint included), so each checkpoint and setting gets its own directory."""
@@ -51,8 +45,10 @@ def main(cfg: DictConfig) -> None:
     from ulysses_train.evaluate.run import run
 
     try:
-        config = OmegaConf.to_object(cfg)
-        code = run(config, HydraConfig.get().runtime.output_dir, MODEL_KEYS)
+        # eval.checkpoint (as model.init_from) decides model.*, exactly as the pre-check did
+        config = cli.apply_init_from(OmegaConf.to_object(cfg), cli.explicit_model_keys(
+            HydraConfig.get().overrides.task))
+        code = run(config, HydraConfig.get().runtime.output_dir)
     except ConfigError as error:
         cli.fail(error, RANK)
     except Exception as error:  # a peer rank stalled or died: one line, not a traceback
@@ -68,19 +64,20 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    MODEL_KEYS = explicit_model_keys(args)
     if not any(a.startswith("-") for a in args):  # --help, --cfg job: Hydra's own business
-        try:
-            # (the eval run dir: precheck's resume checks then look at it, not at a training run)
-            config = cli.precheck(args + default_run_dir(args), WORLD_SIZE)
-            if not config.eval.checkpoint:
-                raise ConfigError("eval.checkpoint", "is required: give a run dir, a "
-                                  "checkpoints/step_N dir or a Hugging Face model dir")
-            from ulysses_train.evaluate.run import resolve_checkpoint
+        from ulysses_train.evaluate.run import checkpoint_as_init_from
 
-            resolve_checkpoint(config.eval.checkpoint)  # before torch starts any work
+        try:
+            args += checkpoint_as_init_from(args)  # the evaluated model: architecture, weights
+            args += default_run_dir(args)  # (precheck's resume checks then look at the eval dir)
+            try:
+                cli.precheck(args, WORLD_SIZE)
+            except ConfigError as error:  # the user named eval.checkpoint: say that key
+                if error.key != "model.init_from":
+                    raise
+                raise ConfigError("eval.checkpoint", error.message) from None
         except ConfigError as error:
             cli.fail(error, RANK)
-        sys.argv += default_run_dir(args)
+        sys.argv = sys.argv[:1] + args
     sys.argv += cli.rank_overrides(RANK)
     main()

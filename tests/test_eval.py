@@ -24,7 +24,7 @@ from ulysses_train.data import IGNORE_INDEX, build_data
 from ulysses_train.data.passkey import KEY_DIGITS, WordTokenizer
 from ulysses_train.evaluate import bucket_edges, evaluate_model, loss_by_position
 from ulysses_train.evaluate.passkey import passkey_accuracy, trial_batch
-from ulysses_train.evaluate.run import _load_own_checkpoint
+from ulysses_train.init_from import load_initial_weights
 from ulysses_train.evaluate.suite import held_out_micro_batches
 from ulysses_train.evaluate.tokens import token_stats
 from ulysses_train.model_build import build_model
@@ -123,14 +123,15 @@ def _top1_count(model, cfg, dims, data) -> int:
 
 def _evaluate(cfg, dims, checkpoint):
     model = build_model(cfg, dims)
-    _load_own_checkpoint(model, checkpoint, dims.distributed)
+    load_initial_weights(model, checkpoint, cfg.model, dims)  # what scripts/eval.py does
     data = build_data(cfg.data, seed=0, global_batch_size=cfg.train.global_batch_size,
                       model_vocab_size=256)
     result = evaluate_model(model, cfg, dims, data, torch.float32)
     return {**result, "top1": _top1_count(model, cfg, dims, data)}
 
 
-LAYOUTS = {"sp2": {"sp": 2}, "tp2": {"tp": 2}, "dp2-zero3": {"dp": 2, "zero": 3}}
+LAYOUTS = {"sp2": {"sp": 2}, "sp2-ring2": {"sp": 2, "ring": 2}, "tp2": {"tp": 2},
+           "dp2-zero3": {"dp": 2, "zero": 3}}
 
 
 def _layouts_rank(rank, world, checkpoint):

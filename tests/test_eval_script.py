@@ -58,7 +58,8 @@ def test_eval_script_writes_json_and_png_and_sp2_agrees(tmp_path):
 
 @pytest.mark.parametrize("args,key", [
     ([], "eval.checkpoint"),
-    (["eval.checkpoint=.", "eval.buckets=[64,0]"], "eval.buckets"),
+    (["eval.checkpoint=nowhere"], "eval.checkpoint"),  # init_from's check, named as given
+    (["eval.checkpoint=.", "model.init_from=elsewhere"], "model.init_from"),
 ])
 def test_eval_script_bad_input_is_one_line(tmp_path, args, key):
     done = run_eval(PASSKEY + args, tmp_path)

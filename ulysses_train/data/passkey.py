@@ -82,7 +82,9 @@ def passkey_window(tok: Tokenizer, length: int, depth: float, key: str
     The filler (FILLER repeated, as ids) is cut to fill the window exactly and split at
     round(depth * its length). Raises ValueError when `length` leaves no room for the filler.
     """
-    intro, question = tok.encode(INTRO), tok.encode(QUESTION)
+    bos = getattr(tok, "bos_id", None)  # a model trained on BOS-led documents sees one here too
+    intro = ([] if bos is None else [bos]) + tok.encode(INTRO)
+    question = tok.encode(QUESTION)
     key_line, answer = tok.encode(KEY_LINE.format(key=key)), tok.encode(" " + key)
     n_filler = length + 1 - (len(intro) + len(key_line) + len(question) + len(answer))
     if n_filler < 0:
@@ -98,8 +100,9 @@ def passkey_window(tok: Tokenizer, length: int, depth: float, key: str
 def min_length(tok: Tokenizer) -> int:
     """The shortest prompt length (model inputs) `tok` allows: the prompt without filler."""
     key = "1" * KEY_DIGITS
-    return sum(len(tok.encode(t)) for t in (INTRO, KEY_LINE.format(key=key), QUESTION,
-                                             " " + key)) - 1
+    bos = int(getattr(tok, "bos_id", None) is not None)
+    return bos + sum(len(tok.encode(t)) for t in (INTRO, KEY_LINE.format(key=key), QUESTION,
+                                                   " " + key)) - 1
 
 
 def repeat_labels(window: torch.Tensor, tok: WordTokenizer) -> torch.Tensor:

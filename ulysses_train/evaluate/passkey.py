@@ -43,19 +43,20 @@ def trial_batch(tok: Tokenizer, length: int, depth: float, trials: int, seed: in
 @torch.no_grad()
 def passkey_accuracy(model: torch.nn.Module, dims, tok: Tokenizer, lengths: Sequence[int],
                      depths: Sequence[float], trials: int, micro_batch: int, seed: int = 0,
-                     autocast=contextlib.nullcontext,
+                     seq_len: int | None = None, autocast=contextlib.nullcontext,
                      log: Callable[[str], None] = lambda _: None) -> list[dict]:
     """[{"length", "depth", "accuracy", "token_accuracy", "trials"}] for every (length, depth).
 
     Collective: every rank of the job calls it with the same arguments. `micro_batch` rows per
-    forward per dp rank. Raises ValueError for a length too short for the prompt.
+    forward per dp rank; `seq_len` the length a ring layout was built for (tokens.local_piece).
+    Raises ValueError for a length too short for the prompt.
     """
     device = next(iter(model.parameters())).device
     rows = []
     for length in lengths:
         for depth in depths:
             ids, labels = trial_batch(tok, length, depth, trials, seed)
-            ids, positions, labels, row_index = local_piece(dims, ids, labels)
+            ids, positions, labels, row_index = local_piece(dims, ids, labels, seq_len=seq_len)
             wrong = torch.zeros(trials, dtype=torch.float64, device=device)  # per trial
             tokens = torch.zeros(2, dtype=torch.float64, device=device)  # (answer tokens, hits)
             for start in range(0, len(ids), micro_batch):

@@ -20,26 +20,33 @@ from .passkey import passkey_accuracy
 from .tokens import local_piece
 
 
-class _SentencePiece:
-    def __init__(self, path: str):
-        from ..data.tokenizer import load_tokenizer
+class _RunTokenizer:
+    """`encode(text) -> ids` (no special tokens) of the tokenizer the run's data was packed
+    with (data/tokenizer.py), and `bos_id` when documents were packed after a BOS: a prompt
+    then starts with it too, as every training document did."""
 
-        self.sp = load_tokenizer(path)
+    def __init__(self, path: str, bos_id: int | None):
+        from ..data.tokenizer import open_tokenizer
+
+        self.tok, self.bos_id = open_tokenizer(path), bos_id
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        return self.tok.encode_batch([text])[0]
 
 
 def run_tokenizer(cfg: Config, data):
-    """The tokenizer the run's data was made with (`encode(text) -> ids`), or None if unknown."""
+    """The tokenizer the run's data was made with, or None if unknown (e.g. data=hf streamed
+    without a cache)."""
     from ..data.passkey import WordTokenizer
+    from ..data.tokenizer_files import MODEL_FILES
 
     if cfg.data.name in ("passkey", "synthetic"):
         return WordTokenizer()
-    cache = getattr(data, "cache_path", None)
-    if cache is not None and os.path.isfile(os.path.join(cache, "tokenizer.model")):
-        return _SentencePiece(os.path.join(cache, "tokenizer.model"))
-    return None
+    cache, files = getattr(data, "cache_path", None), getattr(data, "tokenizer_files", [])
+    model = next((n for n in files if n in MODEL_FILES), None)
+    if cache is None or model is None:
+        return None
+    return _RunTokenizer(os.path.join(cache, model), getattr(data, "bos_id", None))
 
 
 def passkey_lengths(cfg: Config, tok) -> list[int]:
@@ -66,7 +73,10 @@ def held_out_micro_batches(cfg: Config, dims, data, device) -> Iterator[tuple]:
     mb = cfg.train.micro_batch_size
     for i in range(cfg.eval.batches):
         full = data.global_batch(i, "val")  # (G, S) on every rank
-        ids, pos, labels, rows = local_piece(dims, full.input_ids, full.labels, full.position_ids)
+        # (G, S) -> (G, S'): the padded rows the mask must describe (pad_to's inert padding)
+        full = full.pad_to(dims.sequence_layout(cfg.data.seq_len).padded_len)
+        ids, pos, labels, rows = local_piece(dims, full.input_ids, full.labels,
+                                             full.position_ids, seq_len=cfg.data.seq_len)
         for start in range(0, len(ids), mb):
             part = slice(start, start + mb)
             mask = None
@@ -105,5 +115,5 @@ def evaluate_model(model, cfg: Config, dims, data, dtype: torch.dtype,
         passkey = passkey_accuracy(model, dims, tok, passkey_lengths(cfg, tok),
                                    cfg.eval.passkey_depths, cfg.eval.passkey_trials,
                                    cfg.train.micro_batch_size, seed=cfg.train.seed,
-                                   autocast=autocast, log=log)
+                                   seq_len=cfg.data.seq_len, autocast=autocast, log=log)
     return {"loss_by_position": by_position, "passkey": passkey}

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import IGNORE_INDEX
+from ..errors import ConfigError
 
 
 def _vocab_shard(logits) -> tuple[torch.Tensor, int, object]:
@@ -95,7 +96,7 @@ def token_stats(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: t
 
 
 def local_piece(dims, input_ids: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None = None
+                position_ids: torch.Tensor | None = None, seq_len: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's share of a whole batch (N, L) that every rank holds: its dp rows and its sp
     columns (parallel/layout.py's SequenceLayout, which pads L to a multiple of sp; padding
@@ -105,15 +106,24 @@ def local_piece(dims, input_ids: torch.Tensor, labels: torch.Tensor,
 
     Returns (input_ids, position_ids, labels, row_index), the first three (N/dp, L'/sp), the
     last (N/dp,) global row numbers, -1 for a padding row. position_ids default to 0..L-1.
+
+    With a ring (`dims.ring > 1`) the attention layer was built for the layout of `seq_len`
+    (data.seq_len, model_build.py), so rows are padded to that layout: L must be <= seq_len
+    (ConfigError otherwise). Without one, any L works.
     """
     from ..parallel.layout import SequenceLayout
 
     n, length = input_ids.shape
     if position_ids is None:
         position_ids = torch.arange(length).expand(n, length)  # (L,) -> (N, L)
-    layout = SequenceLayout(length, dims.sp)
+    ring = getattr(dims, "ring", 1)
+    layout = SequenceLayout(seq_len if ring > 1 and seq_len else length, dims.sp, ring)
+    if length > layout.padded_len:
+        raise ConfigError("eval.passkey_lengths", f"{length} tokens exceed data.seq_len="
+                          f"{seq_len}, the length the ring layout (parallel.ring={ring}) was "
+                          "built for; raise data.seq_len to the longest eval length")
     rows_per_dp = -(-n // dims.dp)
-    pad_rows, pad_cols = rows_per_dp * dims.dp - n, layout.padding
+    pad_rows, pad_cols = rows_per_dp * dims.dp - n, layout.padded_len - length
     row_index = torch.cat([torch.arange(n), torch.full((pad_rows,), -1)])
     ids = torch.cat([input_ids, input_ids[:1].expand(pad_rows, length)])  # (N', L)
     pos = torch.cat([position_ids, position_ids[:1].expand(pad_rows, length)])
