@@ -131,7 +131,8 @@ def _compose(overrides: Sequence[str], world_size: int, check: bool = True) -> t
                                          "(python train.py --cfg job prints every key)")
             config = OmegaConf.to_object(cfg)
         config = apply_init_from(config, explicit_model_keys(overrides))
-        if check:
+        if check:  # parallel.auto: validate the layout train.py will run
+            config = apply_auto(config, overrides, world_size)
             validate(config, world_size)
         return config, run_dir
     except ConfigError:
@@ -140,6 +141,20 @@ def _compose(overrides: Sequence[str], world_size: int, check: bool = True) -> t
         raise translate(exc) from exc
     finally:
         GlobalHydra.instance().clear()
+
+
+def apply_auto(config: Config, overrides: Sequence[str], world_size: int,
+               log: bool = False) -> Config:
+    """`config` with `parallel.auto`'s planned layout (plan/auto.py); unchanged without it.
+    `log`: print the choice and its predicted peak (rank 0 of train.py)."""
+    if not config.parallel.auto:
+        return config
+    from .plan.auto import resolve
+
+    config, line = resolve(config, overrides, world_size)
+    if log:
+        print(line, flush=True)
+    return config
 
 
 def compose(overrides: Sequence[str]) -> Config:
