@@ -4,7 +4,7 @@ Method: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Tra
 Models", sec. 4) count, op by op, the tensors a layer saves for backward. We redo that count for
 *this* block (model/gpt.py: RMSNorm, q/k/v/o projections, RoPE, SDPA/Flash attention, SwiGLU; no
 dropout, so none of their mask bytes; FlashAttention, so none of their 5·a·s/h score bytes) and for
-each layout; docs/plan.md lists every tensor. All results are bytes for the T = B·s local tokens
+each layout; the functions below list every tensor they count. All results are bytes for the T = B·s local tokens
 of one rank (shapes.py), a = activation bytes (4 fp32, 2 bf16 autocast), statistics fp32.
 """
 from __future__ import annotations
