@@ -31,8 +31,9 @@ def main(cfg: DictConfig) -> None:
 
     try:
         # model.init_from decides model.* exactly as the pre-check did (hf/config.py)
-        config = cli.apply_init_from(OmegaConf.to_object(cfg), cli.explicit_model_keys(
-            HydraConfig.get().overrides.task))
+        overrides = HydraConfig.get().overrides.task
+        config = cli.apply_init_from(OmegaConf.to_object(cfg), cli.explicit_model_keys(overrides))
+        config = cli.apply_auto(config, overrides, WORLD_SIZE, log=RANK == 0)  # parallel.auto
         code = run(config, HydraConfig.get().runtime.output_dir)
     except ConfigError as error:  # bad input (exit 2), or a run that stopped itself (exit 3)
         cli.fail(error, RANK)

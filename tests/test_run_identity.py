@@ -23,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 # ---- the default run dir ----------------------------------------------------------------------
 # Keys that change only how the run is driven, logged, debugged, or how the same math is computed.
-HOW_SECTIONS = ("parallel", "checkpoint", "logging", "debug", "eval")
+HOW_SECTIONS = ("parallel", "checkpoint", "logging", "debug", "eval", "plan")
 HOW_TRAIN = ("steps", "exit_after_steps", "max_skipped_steps", "val_every", "micro_batch_size",
              "activation_checkpointing", "activation_offload", "loss_chunk", "mlp_chunk",
              "compile", "deterministic")

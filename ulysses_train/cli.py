@@ -109,8 +109,10 @@ def _unknown_key(tree: dict, schema, prefix: str = "") -> str | None:
     return None
 
 
-def _compose(overrides: Sequence[str], world_size: int) -> tuple[Config, str]:
-    """The typed, validated config of the overrides, and the run dir Hydra will use."""
+def _compose(overrides: Sequence[str], world_size: int, check: bool = True) -> tuple[Config, str]:
+    """The typed, validated config of the overrides, and the run dir Hydra will use.
+
+    `check=False` skips `validate` (the planner validates each layout it tries itself)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf, open_dict
@@ -129,7 +131,9 @@ def _compose(overrides: Sequence[str], world_size: int) -> tuple[Config, str]:
                                          "(python train.py --cfg job prints every key)")
             config = OmegaConf.to_object(cfg)
         config = apply_init_from(config, explicit_model_keys(overrides))
-        validate(config, world_size)
+        if check:  # parallel.auto: validate the layout train.py will run
+            config = apply_auto(config, overrides, world_size)
+            validate(config, world_size)
         return config, run_dir
     except ConfigError:
         raise
@@ -137,6 +141,26 @@ def _compose(overrides: Sequence[str], world_size: int) -> tuple[Config, str]:
         raise translate(exc) from exc
     finally:
         GlobalHydra.instance().clear()
+
+
+def apply_auto(config: Config, overrides: Sequence[str], world_size: int,
+               log: bool = False) -> Config:
+    """`config` with `parallel.auto`'s planned layout (plan/auto.py); unchanged without it.
+    `log`: print the choice and its predicted peak (rank 0 of train.py)."""
+    if not config.parallel.auto:
+        return config
+    from .plan.auto import resolve
+
+    config, line = resolve(config, overrides, world_size)
+    if log:
+        print(line, flush=True)
+    return config
+
+
+def compose(overrides: Sequence[str]) -> Config:
+    """The typed config of the overrides, unvalidated (keys and types are checked). Raises
+    ConfigError."""
+    return _compose(overrides, 1, check=False)[0]
 
 
 def run_dir_for(overrides: Sequence[str], world_size: int = 1) -> str:

@@ -85,6 +85,22 @@ class ParallelConfig:
     # gradient reduce-scatters stay inside a group and only one gradient all-reduce per step
     # crosses them. 0 (or -1) = the whole dp x sp group: plain ZeRO, no replication.
     shard_group: int = 0
+    # Pick tp/sp/dp/zero and the memory knobs from `python -m ulysses_train.plan`'s best layout
+    # for this world size and device memory; parallel.* keys set explicitly are kept (plan/auto.py).
+    auto: bool = False
+
+
+@dataclass
+class PlanConfig:
+    """`python -m ulysses_train.plan` and `parallel.auto` (validated in plan/config.py)."""
+
+    gpus: int = 0  # GPUs to plan for (0: the world size under parallel.auto)
+    gpu_mem_gib: float = 0.0  # memory per GPU (0 under parallel.auto: what the device reports)
+    gpus_per_node: int = 8
+    intra_node_gbps: float = 7200.0  # Gbit/s per GPU inside a node (NVLink 4: 900 GB/s)
+    inter_node_gbps: float = 400.0  # Gbit/s per GPU between nodes (one 400G NIC per GPU)
+    tflops: float = 0.0  # sustained TFLOP/s per GPU (0: plan/timing.py DEFAULT_TFLOPS)
+    format: str = "table"  # table | json
 
 
 @dataclass
@@ -201,6 +217,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def validate_model(m: ModelConfig) -> None:

@@ -1,0 +1,149 @@
+"""Activation bytes of one block: what autograd keeps for backward, and the working sets.
+
+Method: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+Models", sec. 4) count, op by op, the tensors a layer saves for backward. We redo that count for
+*this* block (model/gpt.py: RMSNorm, q/k/v/o projections, RoPE, SDPA/Flash attention, SwiGLU; no
+dropout, so none of their mask bytes; FlashAttention, so none of their 5·a·s/h score bytes) and for
+each layout; the functions below list every tensor they count. All results are bytes for the T = B·s local tokens
+of one rank (shapes.py), a = activation bytes (4 fp32, 2 bf16 autocast), statistics fp32.
+"""
+from __future__ import annotations
+
+from .shapes import Shapes
+
+FP32 = 4
+
+
+def norm_saved(sh: Shapes, device: str) -> int:
+    """Bytes one RMSNorm keeps per token. fp32: `F.rms_norm`, which on CPU is torch's composite
+    (keeps x, the normalised x·rstd and rstd: 2d + 1 values) and on CUDA the fused kernel (x and
+    rstd). Lower precision: `_LowPrecisionRMSNorm` keeps x (a bytes) and fp32 rstd."""
+    if sh.act_bytes == FP32 and device == "cpu":
+        return 2 * sh.d * FP32 + FP32
+    return sh.d * sh.act_bytes + FP32
+
+
+def attention_saved(sh: Shapes) -> int:
+    """Bytes the attention half keeps per token besides its norm: the kernel's q, k, v, out and
+    fp32 LSE (k/v in the attention layout, kv_attn heads), the projection input n1 (wq/wk/wv
+    share one), and, when the output came through the Ulysses all-to-all (U > 1), wo's input.
+    With U = 1 the kernel returns out in (B, S, H, D) memory order, so wo's input is the same
+    storage (model/attention.py's `.contiguous()` is a no-op)."""
+    a, D = sh.act_bytes, sh.D
+    kernel = (2 * sh.hq + 2 * sh.kv_attn) * D * a + FP32 * sh.hq
+    wo_in = sh.hq * D * a if sh.U > 1 else 0
+    return kernel + wo_in + sh.d * a
+
+
+def mlp_saved(sh: Shapes) -> int:
+    """SwiGLU keeps n2 (w1/w3 input) and, untiled, w1 x, silu(w1 x), w3 x and their product
+    (4 F values); tiled (model/tiling.py) only n2."""
+    tiled = 0 < sh.mlp_chunk < sh.s
+    return sh.d * sh.act_bytes + (0 if tiled else 4 * sh.F * sh.act_bytes)
+
+
+def block_saved(sh: Shapes, device: str) -> int:
+    """Bytes one block keeps with no checkpointing (the block input is the first norm's x)."""
+    per_token = 2 * norm_saved(sh, device) + attention_saved(sh) + mlp_saved(sh)
+    return sh.T * per_token
+
+
+def block_kept(sh: Shapes, device: str) -> int:
+    """Bytes one block keeps between its forward and its backward, by checkpointing mode.
+
+    full: the block input. selective (parallel/activations.py): the input plus the outputs of
+    the ops it must save: the attention kernel's out and LSE, and with U > 1 both all-to-all
+    results (q/k/v in the head layout, the output back in the sequence layout).
+    With offload on a GPU the block input moves to the host (`host_parked`)."""
+    a, T = sh.act_bytes, sh.T
+    if sh.ac == "none":
+        return block_saved(sh, device)
+    x = 0 if (sh.offload and device == "cuda" and offloaded(sh)) else T * sh.d * a
+    if sh.ac == "full":
+        return x
+    keep = T * (sh.hq * sh.D * a + FP32 * sh.hq)
+    if sh.U > 1:
+        keep += T * ((sh.hq + 2 * sh.kv_attn) * sh.D * a + sh.hq * sh.D * a)
+    return x + keep
+
+
+def offloaded(sh: Shapes) -> bool:
+    """ActivationOffload parks only tensors of >= 1 MiB (its min_bytes)."""
+    return sh.T * sh.d * sh.act_bytes >= 1 << 20
+
+
+def host_parked(sh: Shapes) -> int:
+    """Host bytes activation offload parks per step: one block input per layer."""
+    return sh.L * sh.T * sh.d * sh.act_bytes if sh.offload and offloaded(sh) else 0
+
+
+def rope_tables(sh: Shapes) -> int:
+    """cos and sin, fp32 (B, s, 1, D), built once per forward and shared by every layer."""
+    return 2 * sh.T * sh.D * FP32
+
+
+def rope_transient(sh: Shapes) -> int:
+    """RoPE of q in fp32 (model/rope.py): x·cos, the rotated half pair and its product with
+    sin, and their sum, ~3.5 q-sized fp32 temporaries at once (plus the fp32 copy of a bf16 q)."""
+    q = sh.T * sh.hq * sh.D
+    return int(3.5 * q * FP32) + (q * FP32 if sh.act_bytes != FP32 else 0)
+
+
+def ulysses_buffer(sh: Shapes) -> int:
+    """The all-to-all send buffer of q, k, v packed (parallel/comm.py `_pack_qkv`), alive with
+    the receive buffer (which the kernel keeps). 0 without Ulysses."""
+    if sh.U == 1:
+        return 0
+    return sh.T * (sh.hq + 2 * sh.kv_attn) * sh.D * sh.act_bytes
+
+
+def ring_buffers(sh: Shapes) -> int:
+    """Ring attention (parallel/ring.py): besides its own K/V block, the block being received
+    for the next step is in flight (forward; backward K/V and fp32 dK/dV travel together)."""
+    if sh.ring == 1:
+        return 0
+    kv_block = 2 * sh.T * sh.kv_attn * sh.D  # elements of (2, B, S'/R, kv, D) per rank
+    return kv_block * sh.act_bytes + kv_block * FP32 * 2  # backward: K/V + dK/dV in flight
+
+
+def block_backward_transient(sh: Shapes, device: str) -> int:
+    """The largest working set of one block's backward beyond what it keeps.
+
+    MLP (untiled): grad of the product, then grads of silu(w1 x) and w3 x while the product's
+    grad is still referenced: 3 F values per token less the freed product; tiled: the same for
+    one chunk plus the full input gradient. Attention: dq, dk, dv (head layout) plus, under
+    Ulysses, their packed send buffer and the received gradient. The larger of the two.
+    """
+    a, T = sh.act_bytes, sh.T
+    tiled = 0 < sh.mlp_chunk < sh.s
+    rows = sh.B * sh.mlp_chunk if tiled else T
+    mlp = (4 * rows * sh.F + (T * sh.d if tiled else 0)) * a if tiled else 2 * rows * sh.F * a
+    grads_qkv = T * (sh.hq + 2 * sh.kv_attn) * sh.D * a
+    attn = grads_qkv + (2 * grads_qkv if sh.U > 1 else 0) + T * sh.d * a
+    return max(mlp, attn) + ring_buffers(sh)
+
+
+def block_forward_transient(sh: Shapes) -> int:
+    """The largest working set of one block's forward beyond what it keeps: RoPE temporaries
+    or the Ulysses send buffer, or, tiled, one chunk's SwiGLU intermediates and the output."""
+    tiled = 0 < sh.mlp_chunk < sh.s
+    mlp = (4 * sh.B * sh.mlp_chunk * sh.F + 2 * sh.T * sh.d) * sh.act_bytes if tiled else 0
+    return max(rope_transient(sh), ulysses_buffer(sh), mlp) + ring_buffers(sh)
+
+
+def head_working_set(sh: Shapes, backward: bool) -> int:
+    """Logits-sized bytes of the output head + loss for one tile of c tokens (c = s untiled).
+
+    Forward: logits and their log-softmax (cross-entropy keeps the latter); under bf16 the
+    head's bf16 logits and their fp32 copy. Backward: log-softmax, its incoming gradient and
+    the logits' gradient (model/gpt.py `token_loss_sum`, model/tiling.py)."""
+    c = sh.loss_chunk if 0 < sh.loss_chunk < sh.s else sh.s
+    rows = sh.B * c * sh.V
+    if backward:
+        return 3 * rows * FP32
+    return rows * (2 * FP32 + (sh.act_bytes if sh.act_bytes != FP32 else 0))
+
+
+def head_kept(sh: Shapes) -> int:
+    """Untiled, the log-softmax (fp32, T x V) stays from forward to backward; tiled, nothing."""
+    return 0 if 0 < sh.loss_chunk < sh.s else sh.T * sh.V * FP32

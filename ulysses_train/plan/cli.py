@@ -1,0 +1,138 @@
+"""`python -m ulysses_train.plan [hydra overrides] plan.gpus=N plan.gpu_mem_gib=M [plan.*]`.
+
+Composes the overrides exactly as train.py does (cli.py), enumerates every layout (search.py)
+and prints a table, or with plan.format=json only JSON on stdout: `best` (the layout's knobs,
+`peak_gib`, `step_s`, `command`) and `layouts` (each with `fits` and, when not, `why`). Creates
+no run dir and no process group; imports no torch beyond what the config module needs.
+Bad input: one line `error: <key>: ...` on stderr, exit 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from typing import Sequence
+
+from ..config import Config
+from ..errors import ConfigError
+from .config import validate_plan
+from .memory import GIB
+from .search import Layout, apply, search
+from .timing import DEFAULT_TFLOPS, Links
+
+KNOBS = ("parallel.tp", "parallel.sp", "parallel.ring", "parallel.dp", "parallel.zero",
+         "train.activation_checkpointing", "train.activation_offload", "train.mlp_chunk",
+         "train.loss_chunk", "train.micro_batch_size")
+
+
+def explicit_knobs(overrides: Sequence[str], cfg: Config) -> dict:
+    """The layout knobs the command line sets, with their typed values: constraints."""
+    out = {}
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in KNOBS:
+            section, name = key.split(".")
+            out[key] = getattr(getattr(cfg, section), name)
+    return out
+
+
+def links_of(cfg: Config) -> Links:
+    p = cfg.plan
+    return Links(p.gpus_per_node, p.intra_node_gbps, p.inter_node_gbps)
+
+
+def command(layout: Layout, overrides: Sequence[str], gpus: int, per_node: int) -> str:
+    """The torchrun line that runs `layout`: the user's overrides (less plan.* and the knobs the
+    plan sets) followed by the layout's knobs."""
+    keep = [o for o in overrides if not o.lstrip("+~").startswith("plan.")
+            and o.split("=", 1)[0].lstrip("+~") not in KNOBS]
+    knobs = [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+             for k, v in layout.overrides.items() if k != "parallel.dp"]
+    nodes, local = (1, gpus) if gpus <= per_node else (gpus // per_node, per_node)
+    launch = (f"torchrun --standalone --nproc_per_node={local}" if nodes == 1 else
+              f"torchrun --nnodes={nodes} --nproc_per_node={local} --rdzv_backend=c10d "
+              "--rdzv_endpoint=$HEAD_NODE:29500")
+    return " ".join([launch, "train.py", *keep, *knobs])
+
+
+def row(layout: Layout) -> dict:
+    """One layout as JSON: its knobs (short names), fits/why, and the predictions."""
+    out = {k.split(".")[1]: v for k, v in layout.overrides.items()}
+    out.setdefault("ring", 1)
+    out["fits"] = layout.fits
+    if layout.why:
+        out["why"] = layout.why
+    if layout.memory is not None:
+        out["peak_gib"] = round(layout.memory.total / GIB, 3)
+        out["memory_gib"] = layout.memory.gib()
+        out["step_s"] = round(layout.time.step_s, 4)
+        out["compute_s"] = round(layout.time.compute_s, 4)
+        out["comm_s"] = {k: [round(t, 4), how] for k, (t, how) in layout.time.comm.items()}
+        out["tokens_per_s"] = round(layout.extra["tokens_per_s"], 1)
+        out["mfu"] = round(layout.extra["mfu"], 4)
+    return out
+
+
+def no_fit_error(cfg: Config, layouts: list, fixed: dict) -> ConfigError:
+    """Why nothing fits, and what would: more GPUs, a shorter sequence, offload."""
+    valid = [x for x in layouts if x.memory is not None]
+    if not valid:
+        why = Counter(x.why for x in layouts).most_common(1)
+        return ConfigError("parallel", f"no layout of {cfg.plan.gpus} GPUs passes train.py's "
+                           f"validation; e.g. {why[0][0] if why else 'none tried'}")
+    small = min(valid, key=lambda x: x.memory.total)
+    gpus, mem, seq = cfg.plan.gpus, cfg.plan.gpu_mem_gib, cfg.data.seq_len
+    hints = []
+    for factor in (2, 4, 8, 16, 32, 64):
+        if _fits(cfg, fixed, gpus=gpus * factor):
+            hints.append(f"plan.gpus={gpus * factor}")
+            break
+    for factor in (2, 4, 8, 16, 32):
+        if seq // factor and _fits(cfg, fixed, seq=seq // factor):
+            hints.append(f"data.seq_len={seq // factor}")
+            break
+    if fixed.get("train.activation_offload") is False and _fits(
+            cfg, {**fixed, "train.activation_offload": True}):
+        hints.append("train.activation_offload=true")
+    what = "; would fit: " + " or ".join(hints) if hints else ""
+    return ConfigError("plan.gpu_mem_gib", f"no layout fits {gpus} GPUs of {mem:g} GiB "
+                       f"(the smallest needs {small.memory.total / GIB:.1f} GiB){what}")
+
+
+def _fits(cfg: Config, fixed: dict, gpus: int | None = None, seq: int | None = None) -> bool:
+    trial = apply(cfg, {"data.seq_len": seq or cfg.data.seq_len})
+    p = cfg.plan
+    best, _ = search(trial, gpus or p.gpus, p.gpu_mem_gib, fixed, "cuda", links_of(cfg),
+                     p.tflops or DEFAULT_TFLOPS)
+    return best is not None
+
+
+def plan(cfg: Config, overrides: Sequence[str]) -> tuple[Layout, list]:
+    """(best, layouts) for the composed `cfg`; raises ConfigError when none fits."""
+    validate_plan(cfg.plan)
+    fixed = explicit_knobs(overrides, cfg)
+    p = cfg.plan
+    best, layouts = search(cfg, p.gpus, p.gpu_mem_gib, fixed, "cuda", links_of(cfg),
+                           p.tflops or DEFAULT_TFLOPS)
+    if best is None:
+        raise no_fit_error(cfg, layouts, fixed)
+    return best, layouts
+
+
+def main(argv: Sequence[str]) -> int:
+    from .. import cli
+
+    try:
+        cfg = cli.compose(argv)
+        best, layouts = plan(cfg, argv)
+    except ConfigError as error:
+        cli.fail(error, 0)
+    cmd = command(best, argv, cfg.plan.gpus, cfg.plan.gpus_per_node)
+    if cfg.plan.format == "json":
+        print(json.dumps({"best": {**row(best), "command": cmd},
+                          "layouts": [row(x) for x in layouts]}))
+        return 0
+    from .report import table
+
+    print(table(cfg, best, layouts, cmd))
+    return 0

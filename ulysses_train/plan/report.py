@@ -1,0 +1,56 @@
+"""The plan's readable table: the fastest fitting layouts, one example of each reason the
+others fail, the best layout's memory breakdown and step time, and its torchrun line."""
+from __future__ import annotations
+
+from ..config import Config
+from .memory import GIB
+from .search import Layout
+
+SHOWN = 12
+
+
+def _knobs(x: Layout) -> str:
+    o = x.overrides
+    off = "yes" if o["train.activation_offload"] else "no"
+    return (f"{o['parallel.tp']:>3} {o['parallel.sp']:>4} {o.get('parallel.ring', 1):>4} "
+            f"{o['parallel.dp']:>4} {o['parallel.zero']:>4} {o['train.activation_checkpointing']:>9} "
+            f"{off:>3} {o['train.mlp_chunk']:>5} {o['train.loss_chunk']:>5} "
+            f"{o['train.micro_batch_size']:>3}")
+
+
+def _line(x: Layout) -> str:
+    if x.memory is None:
+        return f"{_knobs(x)}  {'-':>7} {'-':>9} {'-':>10} {'-':>5}  {x.why}"
+    tps = x.extra["tokens_per_s"]
+    verdict = "fits" if x.fits else x.why
+    return (f"{_knobs(x)}  {x.memory.total / GIB:7.1f} {x.time.step_s:9.3f} {tps:10,.0f} "
+            f"{100 * x.extra['mfu']:4.1f}%  {verdict}")
+
+
+def table(cfg: Config, best: Layout, layouts: list, command: str) -> str:
+    p, m = cfg.plan, cfg.model
+    n_fit = sum(x.fits for x in layouts)
+    head = (f" tp   sp ring   dp zero        ac off   mlp  loss  mb  peakGiB    step_s      tok/s   MFU  "
+            "fits / why not")
+    out = [f"plan: {m.name} ({m.n_layers} layers, d {m.d_model}), {cfg.data.seq_len:,} tokens x "
+           f"{cfg.train.global_batch_size} rows per step on {p.gpus} GPUs of {p.gpu_mem_gib:g} GiB "
+           f"({p.gpus_per_node} per node); {len(layouts)} layouts, {n_fit} fit", "", head]
+    out += [_line(x) for x in layouts if x.fits][:SHOWN]
+    too_big = [x for x in layouts if x.memory is not None and not x.fits]
+    out += [_line(x) for x in sorted(too_big, key=lambda x: x.memory.total)[:4]]
+    seen = set()
+    for x in layouts:  # one example of each reason train.py's validation gives
+        if x.memory is None and x.why not in seen and len(seen) < SHOWN:
+            seen.add(x.why)
+            out.append(_line(x))
+    mem = best.memory
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in mem.gib().items() if k not in ("phase", "total"))
+    out += ["", "best: " + " ".join(f"{k.split('.')[1]}={v}" for k, v in best.overrides.items()),
+            f"  peak {mem.total / GIB:.2f} GiB per GPU at '{mem.phase}': {parts} (GiB)",
+            f"  step {best.time.step_s:.3f} s = compute {best.time.compute_s:.3f} s + exposed "
+            f"communication {best.time.exposed_comm_s:.3f} s"]
+    for name, (t, how) in best.time.comm.items():
+        out.append(f"    {name}: {t:.3f} s {how}")
+    out += [f"  {best.extra['tokens_per_s']:,.0f} tokens/s, MFU {100 * best.extra['mfu']:.1f} %",
+            "", command]
+    return "\n".join(out)

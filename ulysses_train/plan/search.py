@@ -1,0 +1,127 @@
+"""Enumerate layouts as plain override dicts, keep the ones train.py accepts, predict each.
+
+Validity is decided only by the project's own `config.validate` with the planned world size, so
+a key another branch adds to the validation (a ring degree, a shard group) is respected as soon
+as it exists: the plan never proposes what train.py refuses. A dimension whose config key does
+not exist yet (`parallel.ring` before the ring branch) is skipped.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+
+from ..config import Config, ParallelConfig, validate
+from ..errors import ConfigError
+from .memory import GIB, Breakdown, predict
+from .shapes import shapes_of
+from .timing import Links, StepTime, mfu, step_time
+
+TILE = 4096  # tokens per tile tried for train.mlp_chunk (ALST's TiledMLP default order)
+
+
+@dataclass
+class Layout:
+    """One candidate: its overrides, whether it fits, and (when valid) its predictions."""
+
+    overrides: dict
+    fits: bool = False
+    why: str = ""
+    memory: Breakdown | None = None
+    time: StepTime | None = None
+    extra: dict = field(default_factory=dict)
+
+    def get(self, key: str):
+        return self.overrides[key]
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def apply(cfg: Config, overrides: dict) -> Config:
+    """A copy of `cfg` with dotted `overrides` set (e.g. {"parallel.tp": 2})."""
+    out = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        setattr(getattr(out, section), name, value)
+    return out
+
+
+def dimensions(cfg: Config, gpus: int, gpus_per_node: int, fixed: dict) -> dict:
+    """The values tried for each knob; a key in `fixed` (set by the user) keeps its value."""
+    t = cfg.train
+    has_ring = hasattr(ParallelConfig(), "ring")
+    dims = {
+        "parallel.tp": [k for k in divisors(gpus) if k <= gpus_per_node],
+        "parallel.sp": divisors(gpus),
+        "parallel.zero": [0, 2, 3],
+        "train.activation_checkpointing": ["none", "selective", "full"],
+        "train.activation_offload": [False, True],
+        "train.mlp_chunk": sorted({0, t.mlp_chunk, TILE}),
+        "train.loss_chunk": sorted({t.loss_chunk, TILE}),
+        "train.micro_batch_size": sorted({1, t.micro_batch_size}),
+    }
+    if has_ring:
+        dims["parallel.ring"] = divisors(gpus)
+    for key, value in fixed.items():
+        if key in dims or key == "parallel.dp":
+            dims[key] = [value]
+    return dims
+
+
+def candidates(dims: dict, gpus: int):
+    """Override dicts over the product of `dims`, skipping combinations that are the same run
+    (a tile >= the sequence, zero > 0 with nothing to shard, offload without checkpointing)."""
+    keys = list(dims)
+    for values in itertools.product(*(dims[k] for k in keys)):
+        o = dict(zip(keys, values))
+        ring = o.get("parallel.ring", 1)
+        if gpus % (o["parallel.tp"] * o["parallel.sp"]) or o["parallel.sp"] % ring:
+            continue
+        dp = gpus // (o["parallel.tp"] * o["parallel.sp"])
+        if o.setdefault("parallel.dp", dp) != dp:
+            continue
+        if o["parallel.zero"] > 0 and dp * o["parallel.sp"] == 1 and len(dims["parallel.zero"]) > 1:
+            continue
+        if o["train.activation_offload"] and o["train.activation_checkpointing"] == "none":
+            continue
+        yield o
+
+
+def evaluate(cfg: Config, o: dict, gpus: int, mem_gib: float, device: str, links: Links,
+             tflops: float) -> Layout:
+    """Validate the layout as train.py would, then predict its memory and step time."""
+    planned = apply(cfg, o)
+    layout = Layout(o)
+    try:
+        validate(planned, gpus)
+    except ConfigError as error:
+        layout.why = str(error)
+        return layout
+    sh = shapes_of(planned, gpus, device)
+    layout.memory = predict(sh, device)
+    layout.time = step_time(planned, sh, gpus, tflops, links)
+    need = layout.memory.total / GIB
+    layout.fits = need <= mem_gib
+    if not layout.fits:
+        layout.why = f"needs {need:.1f} GiB of {mem_gib:g}"
+    tokens = planned.train.global_batch_size * planned.data.seq_len
+    layout.extra = {"tokens_per_s": tokens / layout.time.step_s,
+                    "mfu": mfu(planned, layout.time.step_s, gpus)}
+    return layout
+
+
+def search(cfg: Config, gpus: int, mem_gib: float, fixed: dict, device: str = "cuda",
+           links: Links | None = None, tflops: float = 360.0) -> tuple[Layout | None, list]:
+    """Every layout, fastest fitting first; the best is the fastest that fits (then the
+    smallest peak). Returns (best or None, layouts)."""
+    links = links or Links(8, 7200.0, 400.0)
+    dims = dimensions(cfg, gpus, links.gpus_per_node, fixed)
+    layouts = [evaluate(cfg, o, gpus, mem_gib, device, links, tflops)
+               for o in candidates(dims, gpus)]
+    layouts.sort(key=lambda x: (not x.fits, x.memory is None,
+                                x.time.step_s if x.time else 0.0,
+                                x.memory.total if x.memory else 0))
+    best = layouts[0] if layouts and layouts[0].fits else None
+    return best, layouts

@@ -1,0 +1,103 @@
+"""Per-rank sizes of one layout: parameters, local tokens, heads. Pure arithmetic (no torch).
+
+Notation (per rank): B micro-batch rows, s = S'/P local tokens (S' = seq_len padded by
+parallel/layout.py), T = B * s, tp tensor-parallel degree, P = sp, R = ring, U = P / R
+Ulysses degree, hq = Hq / tp and hkv = Hkv / tp local heads of D = d / Hq, F = ffn_hidden / tp,
+V = padded vocabulary, n = dp * sp the ZeRO sharding group (parallel/sharding.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Config, padded_vocab
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Everything the memory and time models read, resolved for one rank of one layout."""
+
+    L: int
+    d: int
+    hq: int
+    hkv: int
+    D: int
+    F: int
+    V: int
+    B: int
+    S: int  # true tokens per row
+    s: int  # local tokens per row
+    tp: int
+    sp: int
+    ring: int
+    dp: int
+    zero: int
+    ac: str
+    offload: bool
+    mlp_chunk: int
+    loss_chunk: int
+    tied: bool
+    qkv_bias: bool
+    act_bytes: int  # 4 (fp32) or 2 (bf16 autocast)
+    accum: int  # micro-batches per optimizer step
+
+    @property
+    def T(self) -> int:
+        return self.B * self.s
+
+    @property
+    def U(self) -> int:
+        return self.sp // self.ring
+
+    @property
+    def n_shard(self) -> int:
+        """ZeRO sharding group size dp * sp (1: nothing is sharded)."""
+        return self.dp * self.sp if self.zero > 0 else 1
+
+    @property
+    def kv_attn(self) -> int:
+        """kv heads per local token in the attention layout: max(hkv, U) (parallel/comm.py
+        replicates a kv head to every Ulysses rank whose query heads read it when hkv < U)."""
+        return max(self.hkv, self.U)
+
+    def block_matrix_params(self) -> int:
+        """Matmul weights of one block on this rank: wq, wo (d x hq D), wk, wv (d x hkv D),
+        w1, w3, w2 (d x F)."""
+        d, D = self.d, self.D
+        return 2 * d * self.hq * D + 2 * d * self.hkv * D + 3 * d * self.F
+
+    def block_params(self) -> int:
+        """All parameters of one block on this rank: matrices, q/k/v biases, the two norms."""
+        bias = (self.hq + 2 * self.hkv) * self.D if self.qkv_bias else 0
+        return self.block_matrix_params() + bias + 2 * self.d
+
+    def root_params(self) -> int:
+        """Embedding (V x d, vocab-parallel over tp), head (unless tied), final norm."""
+        table = self.V * self.d // self.tp
+        return table * (1 if self.tied else 2) + self.d
+
+    def params(self) -> int:
+        return self.L * self.block_params() + self.root_params()
+
+
+def padded_seq(seq_len: int, sp: int, ring: int) -> int:
+    """S' of parallel/layout.py: S rounded up to a multiple of P (ring 1) or 2P (ring > 1)."""
+    multiple = sp if ring == 1 else 2 * sp
+    return -(-seq_len // multiple) * multiple
+
+
+def shapes_of(cfg: Config, world_size: int, device: str = "cuda") -> Shapes:
+    """The per-rank shapes of `cfg` on `world_size` ranks; `device` (cpu | cuda) decides what
+    train.precision=auto means (model_build.resolve_dtype: fp32 on CPU, bf16 on GPU)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    ring = getattr(p, "ring", 1)  # parallel.ring arrives with the ring branch
+    dp = p.dp if p.dp > 0 else world_size // (p.tp * p.sp)
+    precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    s = padded_seq(cfg.data.seq_len, p.sp, ring) // p.sp
+    accum = max(1, t.global_batch_size // (t.micro_batch_size * dp))
+    return Shapes(L=m.n_layers, d=m.d_model, hq=m.n_heads // p.tp, hkv=m.n_kv_heads // p.tp,
+                  D=m.d_model // m.n_heads, F=m.ffn_hidden // p.tp,
+                  V=padded_vocab(m.vocab_size), B=t.micro_batch_size, S=cfg.data.seq_len, s=s,
+                  tp=p.tp, sp=p.sp, ring=ring, dp=dp, zero=p.zero,
+                  ac=t.activation_checkpointing, offload=t.activation_offload,
+                  mlp_chunk=t.mlp_chunk, loss_chunk=t.loss_chunk, tied=m.tie_embeddings,
+                  qkv_bias=m.qkv_bias, act_bytes=2 if precision == "bf16" else 4, accum=accum)

@@ -1,0 +1,114 @@
+"""Step time of one layout: FLOPs at a sustained rate plus the collectives that do not hide.
+
+Compute: `model_flops` (model/gpt.py: 6·N per token + causal attention, Kaplan et al. 2020 /
+Chowdhery et al. 2022 app. B) of the global batch, divided evenly over the ranks (tp splits
+every matmul and the heads, sp the tokens, dp the rows), plus recomputation: full checkpointing
+repeats the forward (+1/3), selective repeats it except the attention kernel, a tiled MLP
+repeats the MLP forward, a tiled loss the head forward.
+
+Communication, bytes per rank per step, at the bandwidth of the link the group crosses (intra
+node when the group's ranks fit in one node: mesh order dp, sp, tp puts tp peers, then sp peers,
+next to each other; parallel/mesh.py). A ring all-reduce moves 2·(n-1)/n of the buffer, an
+all-gather or reduce-scatter (n-1)/n, an all-to-all (n-1)/n (Thakur et al. 2005):
+- Ulysses (Jacobs et al. 2023): per layer, q/k/v out and the output back, forward and backward
+  (again in recompute under full checkpointing): exposed (attention waits for it).
+- ring (Liu et al. 2023): the K/V block R-1 times forward, K/V and fp32 dK/dV backward;
+  overlapped with the attention kernel (parallel/ring.py posts step t+1 before step t's
+  kernel), so only what exceeds attention's time is exposed.
+- tensor parallel (Shoeybi et al. 2019): 2 all-reduces of (T, d) per block forward, 2 backward
+  (+2 in recompute): exposed.
+- data parallel: zero 0 all-reduces the fp32 gradients once after backward (exposed, the
+  trainer reduces after the last micro-batch); zero 2/3 all-gather parameters and
+  reduce-scatter gradients per block, which FSDP2 prefetches behind compute: exposed only
+  beyond compute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Config
+from ..model.gpt import model_flops
+from .shapes import Shapes
+
+DEFAULT_TFLOPS = 360.0  # sustained bf16 TFLOP/s per GPU: our H200 runs (docs/benchmarks.md, 36 % MFU)
+PEAK_TFLOPS = 989.0  # dense bf16 peak of H100/H200 SXM (metrics.PEAK_FLOPS), for MFU
+
+
+@dataclass
+class Links:
+    gpus_per_node: int
+    intra_gbps: float  # Gbit/s per GPU inside a node
+    inter_gbps: float  # Gbit/s per GPU between nodes
+
+    def bytes_per_s(self, group_span: int) -> float:
+        """Bandwidth of a group whose ranks are `group_span` consecutive ranks apart in all."""
+        gbps = self.intra_gbps if group_span <= self.gpus_per_node else self.inter_gbps
+        return gbps * 1e9 / 8
+
+
+@dataclass
+class StepTime:
+    compute_s: float
+    exposed_comm_s: float
+    comm: dict  # collective -> (seconds, "exposed" | "overlapped")
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.exposed_comm_s
+
+
+def step_time(cfg: Config, sh: Shapes, world: int, tflops: float, links: Links) -> StepTime:
+    """Predicted seconds of one optimizer step of `cfg` laid out as `sh` on `world` ranks."""
+    rows = cfg.train.global_batch_size
+    flops = model_flops(cfg.model, rows * sh.S, rows * sh.S**2) / world
+    attention = 6 * sh.L * sh.d * rows * sh.S**2 / world
+    fwd = flops / 3
+    extra = {"none": 0.0, "full": fwd, "selective": fwd - attention / 3}[sh.ac]
+    tokens = rows * sh.S / world * sh.tp  # tokens this rank runs (tp ranks run the same ones)
+    if 0 < sh.mlp_chunk < sh.s:
+        extra += 2 * 3 * sh.d * sh.F * tokens
+    if 0 < sh.loss_chunk < sh.s:
+        extra += 2 * sh.d * (sh.V // sh.tp) * tokens
+    compute = (flops + extra) / (tflops * 1e12)
+    attn_s = attention * (4 / 3 if sh.ac == "full" else 1) / (tflops * 1e12)
+    comm = _collectives(sh, world, links, attn_s, compute)
+    exposed = sum(t for t, how in comm.values() if how == "exposed")
+    return StepTime(compute, exposed, comm)
+
+
+def _collectives(sh: Shapes, world: int, links: Links, attn_s: float, compute_s: float) -> dict:
+    a, T, L, micro = sh.act_bytes, sh.T, sh.L, sh.accum
+    out = {}
+    passes = 3 if sh.ac == "full" else 2  # forward, backward (+ recompute)
+    if sh.U > 1:
+        per_layer = T * (2 * sh.hq + 2 * sh.kv_attn) * sh.D * a * (sh.U - 1) / sh.U
+        bw = links.bytes_per_s(sh.tp * sh.U)
+        out["ulysses all-to-all"] = (per_layer * L * passes * micro / bw, "exposed")
+    if sh.ring > 1:
+        block = 2 * T * sh.kv_attn * sh.D
+        sent = block * a * (sh.ring - 1) * 2 + block * 4 * sh.ring  # fwd + bwd K/V, bwd dK/dV
+        t = sent * L * micro / links.bytes_per_s(sh.tp * sh.sp)
+        out["ring K/V"] = (max(0.0, t - attn_s), "exposed")
+        out["ring K/V hidden"] = (min(t, attn_s), "overlapped")
+    if sh.tp > 1:
+        vol = T * sh.d * a * 2 * (sh.tp - 1) / sh.tp
+        out["tp all-reduce"] = (vol * 2 * passes * L * micro / links.bytes_per_s(sh.tp), "exposed")
+    n = sh.dp * sh.sp
+    if n > 1:
+        bw = links.bytes_per_s(world)
+        frac = (n - 1) / n
+        if sh.zero == 0:
+            out["dp gradient all-reduce"] = (4 * sh.params() * 2 * frac / bw, "exposed")
+        else:
+            gathers = 1 if sh.zero == 2 else 2 * micro
+            vol = (a * sh.params() * gathers + 4 * sh.params() * micro) * frac
+            t = vol / bw
+            out["zero all-gather + reduce-scatter"] = (max(0.0, t - compute_s), "exposed")
+            out["zero hidden"] = (min(t, compute_s), "overlapped")
+    return out
+
+
+def mfu(cfg: Config, step_s: float, world: int) -> float:
+    """Model FLOPs (no recompute) per second over the peak of all ranks."""
+    rows, S = cfg.train.global_batch_size, cfg.data.seq_len
+    return model_flops(cfg.model, rows * S, rows * S**2) / step_s / (world * PEAK_TFLOPS * 1e12)
