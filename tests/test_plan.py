@@ -1,9 +1,10 @@
 """The planner: CLI contract, parallel.auto, and the memory model against measured peaks.
 
 The memory test measures live tensor bytes (torch's MemTracker, plan/measure.py) of the
-trainer's step in 9 configurations and holds the prediction (plan/memory.py) to +-10 %: one
+trainer's step in 11 configurations and holds the prediction (plan/memory.py) to +-10 %: one
 process (every checkpointing mode, offload, tiled MLP/loss) and 4 gloo ranks (sp=4, sp=2 x dp=2
-zero=3, tp=2 x dp=2, sp=2 x dp=2 selective), all in one 4-rank spawn. Shapes are chosen so the
+zero=3, tp=2 x dp=2, sp=2 x dp=2 selective, Ulysses x ring sp=4 ring=2, pure ring sp=4 ring=4
+selective), all in one 4-rank spawn. Shapes are chosen so the
 blocks' activations, not the logits, are most of the peak.
 """
 import json
@@ -41,6 +42,10 @@ FOUR_RANKS = {
                         train={**TWO_ROWS, "loss_chunk": 0}),
     "sp=2 x dp=2 selective": dict(parallel={"sp": 2}, data={"seq_len": 2048},
                                   train={**TWO_ROWS, "activation_checkpointing": "selective"}),
+    "sp=4 ring=2": dict(parallel={"sp": 4, "ring": 2}, data={"seq_len": 2048},
+                        train={**ONE, "loss_chunk": 0}),
+    "sp=4 ring=4 selective": dict(parallel={"sp": 4, "ring": 4}, data={"seq_len": 2048},
+                                  train={**ONE, "activation_checkpointing": "selective"}),
 }
 
 
@@ -57,7 +62,7 @@ def _measure(rank, world):
         cfg = small_config(model=MODEL, **sections)
         p = cfg.parallel
         dims = ParallelDims(tp=p.tp, sp=p.sp, dp=world // (p.tp * p.sp), world_size=world,
-                            rank=rank, device=cpu)
+                            rank=rank, device=cpu, ring=p.ring)
         dims.build_mesh()
         out[name] = measured_peak(cfg, dims)
     return out
