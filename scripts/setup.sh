@@ -9,7 +9,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 # Commands run from the repo root import this checkout directly; only dependencies are needed.
-if ! "$PY" -c "import hydra, omegaconf, datasets, sentencepiece, wandb, tqdm, filelock, pytest, pyarrow" 2>/dev/null; then
+if ! "$PY" -c "import hydra, omegaconf, datasets, sentencepiece, wandb, tqdm, filelock, pytest, pyarrow, transformers, tokenizers, safetensors, matplotlib" 2>/dev/null; then
   echo "setup: pip install -e '.[dev]'" >&2
   "$PY" -m pip install -q -e ".[dev]"
 fi

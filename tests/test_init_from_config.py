@@ -4,20 +4,18 @@ command-line values that disagree, and what we cannot compute, are one-line erro
 config.json files are written by transformers' own `save_pretrained` (transformers 5 spelling,
 `rope_parameters`) or by hand in the older spelling (`rope_scaling` + top-level `rope_theta`).
 """
-import dataclasses
 import json
 import os
 
 import pytest
 
 from ulysses_train import cli
-from ulysses_train.config import ModelConfig
 from ulysses_train.errors import ConfigError
 from ulysses_train.hf.config import apply_init_from, explicit_model_keys
 
 from helpers import SMALL, run_train
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a dev dependency: missing = a failure, not a skip)
 
 TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
             intermediate_size=96, vocab_size=300, rms_norm_eps=1e-5, max_position_embeddings=512)

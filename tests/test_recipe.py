@@ -6,10 +6,9 @@ import json
 import os
 import subprocess
 
-import pytest
+import transformers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-transformers = pytest.importorskip("transformers")
 
 
 def test_extend_context_recipe_runs_end_to_end(tmp_path):

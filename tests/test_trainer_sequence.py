@@ -18,7 +18,6 @@ and a mask built on the unpadded rows (the kernel refuses its shape).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -30,9 +29,6 @@ from ulysses_train.parallel import ParallelDims
 from ulysses_train.parallel.layout import SequenceLayout
 from ulysses_train.trainer import Trainer
 
-HAS_RING = importlib.util.find_spec("ulysses_train.parallel.ring") is not None
-needs_ring = pytest.mark.skipif(not HAS_RING, reason="ulysses_train.parallel.ring (the ring "
-                                "attention layer) is not in this tree yet")
 # The ring merges partial softmaxes through their log-sum-exp: other rounding than one kernel
 # call, so the issue's bound; Ulysses alone keeps test_trainer_parallel's (~30x what it measures).
 RING_RTOL = 1e-4
@@ -85,14 +81,12 @@ def reference(tmp_path_factory):
 LAYOUTS = {  # id: (world, parallel, micro, seq_len, curves, loss rtol), marks
     "sp4-seq250": ((4, {"sp": 4}, 2, 250, BOTH, LOSS_RTOL), ()),
     "sp4-seq5": ((4, {"sp": 4}, 1, 5, BOTH, LOSS_RTOL), ()),  # < 2 sp: rank 3 holds padding only
-    "sp8-ring4": ((8, {"sp": 8, "ring": 4}, 2, 64, BOTH, RING_RTOL), (needs_ring,)),
-    "tp2xsp4-ring2": ((8, {"tp": 2, "sp": 4, "ring": 2}, 2, 64, ("documents",), RING_RTOL),
-                      (needs_ring,)),
-    "sp4-ring2-zero3": ((4, {"sp": 4, "ring": 2, "zero": 3}, 2, 64, ("causal",), RING_RTOL),
-                        (needs_ring,)),
-    "sp3-ring3-seq250": ((3, {"sp": 3, "ring": 3}, 2, 250, BOTH, RING_RTOL), (needs_ring,)),
+    "sp8-ring4": ((8, {"sp": 8, "ring": 4}, 2, 64, BOTH, RING_RTOL), ()),
+    "tp2xsp4-ring2": ((8, {"tp": 2, "sp": 4, "ring": 2}, 2, 64, ("documents",), RING_RTOL), ()),
+    "sp4-ring2-zero3": ((4, {"sp": 4, "ring": 2, "zero": 3}, 2, 64, ("causal",), RING_RTOL), ()),
+    "sp3-ring3-seq250": ((3, {"sp": 3, "ring": 3}, 2, 250, BOTH, RING_RTOL), ()),
     # < 2 sp under a ring, with the document mask: Ulysses rank 1 of ring rank 0 holds padding only
-    "sp4-ring2-seq5": ((4, {"sp": 4, "ring": 2}, 1, 5, ("documents",), RING_RTOL), (needs_ring,)),
+    "sp4-ring2-seq5": ((4, {"sp": 4, "ring": 2}, 1, 5, ("documents",), RING_RTOL), ()),
 }
 
 
@@ -134,7 +128,6 @@ def _train_until(rank, world, parallel, exit_after, run_dir):
     _train(cfg, dims, run_dir)
 
 
-@needs_ring
 def test_checkpoint_reshards_between_ring_ulysses_and_one_process(tmp_path):
     """One run of 12 steps moved between layouts every 3 steps: one process -> sp=4 ring=2 ->
     sp=4 -> one process. Its curve is the uninterrupted one-process curve (DCP reshards on load;

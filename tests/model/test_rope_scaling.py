@@ -264,7 +264,8 @@ def test_ntk_refuses_a_head_dim_of_two():
 
 
 def test_scaling_keys_go_through_hydra_overrides():
-    cli = pytest.importorskip("ulysses_train.cli")
+    from ulysses_train import cli
+
     cfg = cli.precheck(["model.rope_scaling=yarn", "model.rope_factor=4", "model.rope_beta_fast=16",
                         "model.rope_original_seq_len=2048", "model.rope_high_freq_factor=8"])
     m = cfg.model

@@ -15,7 +15,6 @@ from ulysses_train.hf.names import hf_names
 from ulysses_train.model import GPT
 from ulysses_train.model.rope import rope_frequencies
 
-transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 

@@ -3,7 +3,6 @@ and a quarter of the activation memory per rank at sp = 4 (an eighth at sp = 8, 
 without a ring)."""
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from ulysses_train.parallel.data_parallel import all_reduce_, reduce_gradients_
 from ulysses_train.model_build import build_model
 
 SEQ, BATCH = 32, 2
-HAS_RING = importlib.util.find_spec("ulysses_train.parallel.ring") is not None
 
 
 def _inputs():
@@ -122,15 +120,14 @@ def test_activation_memory_per_rank_shrinks_with_sp(four_ranks):
 
 def _saved_bytes_at_sp8(rank, world):
     """Per ring degree: this rank's saved bytes at sp = 8 (8 heads: Ulysses alone reaches 8)."""
-    out = {1: _saved_activation_bytes(_dims(rank, world, 8, 1))}
-    if HAS_RING:  # ring 4: U = 2, the layout the head count would not otherwise need
-        out[4] = _saved_activation_bytes(_dims(rank, world, 8, 1, ring=4))
-    return out
+    return {1: _saved_activation_bytes(_dims(rank, world, 8, 1)),
+            # ring 4: U = 2, the layout the head count would not otherwise need
+            4: _saved_activation_bytes(_dims(rank, world, 8, 1, ring=4))}
 
 
 def test_activation_memory_per_rank_is_an_eighth_at_sp8():
-    """<= 1.3/8 of one process on every rank (issue 12): Ulysses alone, and with a ring of 4
-    (once the ring layer is in the tree). Catches a ring that keeps the whole sequence's K/V
+    """<= 1.3/8 of one process on every rank (issue 12): Ulysses alone, and with a ring of 4.
+    Catches a ring that keeps the whole sequence's K/V
     for backward, or a layout that gives some rank more than S'/P tokens."""
     full = _saved_activation_bytes(cpu_dims())
     by_ring = {}
@@ -141,4 +138,4 @@ def test_activation_memory_per_rank_is_an_eighth_at_sp8():
         print(f"saved activations: sp=1 {full / 2**20:.2f} MiB, sp=8 ring={ring} max/rank "
               f"{worst / 2**20:.3f} MiB, ratio {worst / full:.4f} (limit {1.3 / 8:.4f})")
         assert worst / full <= 1.3 / 8, ring
-    assert set(by_ring) == ({1, 4} if HAS_RING else {1})
+    assert set(by_ring) == {1, 4}
