@@ -24,9 +24,10 @@ from ulysses_train.data import IGNORE_INDEX, build_data
 from ulysses_train.data.passkey import KEY_DIGITS, WordTokenizer
 from ulysses_train.evaluate import bucket_edges, evaluate_model, loss_by_position
 from ulysses_train.evaluate.passkey import passkey_accuracy, trial_batch
-from ulysses_train.init_from import load_initial_weights
-from ulysses_train.evaluate.suite import held_out_micro_batches
+from ulysses_train.errors import ConfigError
+from ulysses_train.evaluate.suite import held_out_micro_batches, passkey_plan
 from ulysses_train.evaluate.tokens import token_stats
+from ulysses_train.init_from import load_initial_weights
 from ulysses_train.model_build import build_model
 from ulysses_train.parallel import ParallelDims
 from ulysses_train.trainer import Trainer
@@ -203,3 +204,21 @@ def test_short_training_on_passkey_retrieves_key_digits(tmp_path):
     trainer.fit()
     after = digits_hit()
     assert after > 0.3 and after > before + 0.15, (before, after)
+
+
+def test_passkey_lengths_are_checked_before_any_weights_are_read():
+    """scripts/eval.py calls passkey_plan before building the model: a length shorter than the
+    prompt, or longer than a ring layout allows, fails there (not after the loss-by-position
+    pass), and default lengths that all fall short are skipped with a log line saying why."""
+    data = build_data(_config().data, seed=0, global_batch_size=2, model_vocab_size=256)
+    with pytest.raises(ConfigError, match="shorter than the prompt"):
+        passkey_plan(_config(eval={"passkey_lengths": [8]}), cpu_dims(), data)
+    ring_dims = ParallelDims(tp=1, sp=2, dp=1, world_size=2, rank=0, device=torch.device("cpu"),
+                             ring=2)  # never builds a mesh: the check needs only the degrees
+    with pytest.raises(ConfigError, match="exceed data.seq_len"):
+        passkey_plan(_config(eval={"passkey_lengths": [SEQ, 2 * SEQ]}), ring_dims, data)
+    log = []
+    short = _config(eval={"passkey_lengths": []})
+    short.data.seq_len = 16  # every default length (4, 8, 16) is shorter than the prompt
+    assert passkey_plan(short, cpu_dims(), data, log.append)[1] == []
+    assert "passkey skipped: its prompt needs" in log[-1]

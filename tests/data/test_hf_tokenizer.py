@@ -143,8 +143,9 @@ def test_the_default_is_the_tokenizer_of_model_init_from(tmp_path, hf_tokenizer,
     (run / "checkpoints" / "step_00000002").mkdir(parents=True)
     for init_from in (run, run / "checkpoints" / "step_00000002"):
         assert locate("", str(init_from), log.append) == str(run / "tokenizer" / "tokenizer.model")
-    assert locate("", str(tmp_path / "checkpoints"), log.append) == ""  # none there: train one
-    assert "training a tokenizer" in log[-1]
+    with pytest.raises(ConfigError) as info:  # none there: never a new tokenizer for old weights
+        locate("", str(tmp_path / "checkpoints"), log.append)
+    assert info.value.key == "data.tokenizer_path" and "has no tokenizer files" in info.value.message
     explicit = locate(str(spm_tokenizer), str(hf_dir), log.append)
     assert explicit == str(spm_tokenizer)  # data.tokenizer_path wins over model.init_from
     assert locate(str(hf_dir), "", log.append) == str(hf_dir / "tokenizer.json")  # a directory

@@ -27,7 +27,7 @@ from .passkey import PasskeyTokens, WordTokenizer, min_length
 from .synthetic import EOS_ID, SyntheticTokens
 from .tokenizer import KEY as TOKENIZER_KEY
 from .tokenizer import MODEL_FILES, Tokenizer, open_tokenizer, tokenizer_identity
-from .tokenizer_files import locate, save_run_tokenizer
+from .tokenizer_files import init_from_dirs, locate, model_in, save_run_tokenizer
 from .tokenizer_train import TRAINER_SETTINGS
 
 
@@ -169,11 +169,14 @@ def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_voca
         raise ConfigError("train.global_batch_size", f"must be positive, got {global_batch_size}")
     if cfg.seq_len < 1:
         raise ConfigError("data.seq_len", f"must be positive, got {cfg.seq_len}")
-    if cfg.name == "synthetic":
-        return _synthetic(cfg, seed, global_batch_size, model_vocab_size)
-    if cfg.name == "passkey":
-        return _passkey(cfg, seed, global_batch_size, model_vocab_size)
     log = log if is_main else _silent
+    if cfg.name in ("synthetic", "passkey"):
+        if init_from and any(model_in(d) for d in init_from_dirs(os.path.expanduser(init_from))):
+            log(f"warning: data={cfg.name} uses its own token ids, not the tokenizer of "
+                f"model.init_from={init_from}: fine for a model trained on data={cfg.name}, "
+                "meaningless for one pretrained on text")
+        make = _synthetic if cfg.name == "synthetic" else _passkey
+        return make(cfg, seed, global_batch_size, model_vocab_size)
     corpus = corpus_for(cfg)
     limit = max_tokenizer_vocab or model_vocab_size
     given = _given_tokenizer(cfg, init_from, limit, log)

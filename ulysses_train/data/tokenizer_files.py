@@ -42,7 +42,7 @@ def model_in(folder: str) -> str | None:
     return None
 
 
-def _init_from_dirs(path: str) -> Iterator[str]:
+def init_from_dirs(path: str) -> Iterator[str]:
     """Where `model.init_from=path` may keep tokenizer files: itself (a Hugging Face dir), its
     tokenizer/ (our run dir), or its run's tokenizer/ (our <run>/checkpoints/step_N)."""
     path = os.path.abspath(path)
@@ -72,14 +72,17 @@ def locate(tokenizer_path: str, init_from: str, log: Callable[[str], None]) -> s
         return path
     if not init_from:
         return ""
-    for folder in _init_from_dirs(os.path.expanduser(init_from)):
+    for folder in init_from_dirs(os.path.expanduser(init_from)):
         found = model_in(folder)
         if found:
             log(f"data: tokenizer from model.init_from: {found}")
             return found
-    log(f"data: model.init_from ({init_from}) has no tokenizer files; training a tokenizer on "
-        "the corpus (set data.tokenizer_path to use another)")
-    return ""
+    # Training a new tokenizer here would feed pretrained embeddings ids they never saw: the
+    # run would train, and mean nothing. Refuse instead of guessing.
+    raise ConfigError(KEY, f"model.init_from={init_from} has no tokenizer files ("
+                      f"{' or '.join(MODEL_FILES)}, itself or in its run's tokenizer/), and a "
+                      "tokenizer trained now would give its weights ids they were not trained "
+                      "on; copy the model's tokenizer files there or set data.tokenizer_path")
 
 
 def _dummy_prefix(tok: Tokenizer) -> bool:

@@ -24,6 +24,7 @@ from ..init_from import load_initial_weights
 from ..model_build import build_model, resolve_dtype
 from ..parallel import ParallelDims
 from . import evaluate_model
+from .suite import passkey_plan
 
 RESULT, PLOT = "eval.json", "eval.png"
 
@@ -88,6 +89,7 @@ def _evaluate(cfg: Config, run_dir: str, dims: ParallelDims) -> int:
                       model_vocab_size=padded_vocab(cfg.model.vocab_size), log=say,
                       is_main=dims.is_main, init_from=cfg.model.init_from,
                       max_tokenizer_vocab=cfg.model.vocab_size)
+    passkey_plan(cfg, dims, data)  # bad eval lengths fail here, before any weights are read
     model = build_model(cfg, dims)
     loaded = load_initial_weights(model, cfg.model.init_from, cfg.model, dims)
     say(f"eval: {loaded} | layout dp={dims.dp} sp={dims.sp} (ring={dims.ring}) tp={dims.tp}")

@@ -108,12 +108,40 @@ def evaluate_model(model, cfg: Config, dims, data, dtype: torch.dtype,
         loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"
         log(f"eval: positions [{row['start']}, {row['end']}): loss {loss} ({row['tokens']} tokens)")
     passkey: list[dict] = []
-    tok = run_tokenizer(cfg, data)
-    if cfg.eval.passkey_trials and tok is None:
-        log("eval: passkey skipped: the run's tokenizer is unknown")
-    elif cfg.eval.passkey_trials:
-        passkey = passkey_accuracy(model, dims, tok, passkey_lengths(cfg, tok),
+    tok, lengths = passkey_plan(cfg, dims, data, log)
+    if lengths:
+        passkey = passkey_accuracy(model, dims, tok, lengths,
                                    cfg.eval.passkey_depths, cfg.eval.passkey_trials,
                                    cfg.train.micro_batch_size, seed=cfg.train.seed,
                                    seq_len=cfg.data.seq_len, autocast=autocast, log=log)
     return {"loss_by_position": by_position, "passkey": passkey}
+
+
+def passkey_plan(cfg: Config, dims, data, log: Callable[[str], None] = lambda _: None
+                 ) -> tuple[object, list[int]]:
+    """(tokenizer, lengths) of the passkey task, or (None, []) when it is skipped (said in a log
+    line: off, no known tokenizer, or every default length shorter than the prompt). Cheap and
+    collective-free: scripts/eval.py calls it before loading any weights, so bad lengths fail
+    first. Raises ConfigError(eval.passkey_lengths) for a length shorter than the prompt, or
+    longer than data.seq_len's layout under a ring (tokens.local_piece)."""
+    from ..data.passkey import min_length
+    from ..parallel.layout import SequenceLayout
+
+    if not cfg.eval.passkey_trials:
+        return None, []
+    tok = run_tokenizer(cfg, data)
+    if tok is None:
+        log("eval: passkey skipped: the run's tokenizer is unknown")
+        return None, []
+    lengths = passkey_lengths(cfg, tok)
+    if not lengths:
+        log(f"eval: passkey skipped: its prompt needs {min_length(tok)} tokens, more than "
+            f"data.seq_len={cfg.data.seq_len}; set eval.passkey_lengths or a longer data.seq_len")
+    ring = getattr(dims, "ring", 1)
+    limit = SequenceLayout(cfg.data.seq_len, dims.sp, ring).padded_len
+    too_long = [n for n in lengths if ring > 1 and n > limit]
+    if too_long:
+        raise ConfigError("eval.passkey_lengths", f"{too_long} exceed data.seq_len="
+                          f"{cfg.data.seq_len}, the length the ring layout (parallel.ring="
+                          f"{ring}) is built for; raise data.seq_len to the longest eval length")
+    return tok, lengths
