@@ -120,12 +120,17 @@ def test_explicit_value_that_disagrees_is_an_error_naming_it(tmp_path, override,
     assert info.value.key == key and "model.init_from=" in str(info.value)
 
 
-def test_explicit_rope_key_that_disagrees_with_stated_scaling_is_an_error(tmp_path):
-    path = hf_dir(tmp_path, rope_parameters={"rope_type": "linear", "factor": 2.0,
+def test_stated_rope_scaling_is_where_a_further_extension_starts(tmp_path):
+    """A model already scaled (Llama 3.1: llama3 x8) can be extended further: the scaling keys
+    of config.json are defaults an override changes; rope_theta stays fixed (above)."""
+    path = hf_dir(tmp_path, rope_parameters={"rope_type": "llama3", "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 128,
                                              "rope_theta": 1e4})
-    with pytest.raises(ConfigError) as info:
-        precheck(f"model.init_from={path}", "model.rope_factor=4")
-    assert info.value.key == "model.rope_factor"
+    m = precheck(f"model.init_from={path}", "model.rope_factor=16").model
+    assert (m.rope_scaling, m.rope_factor, m.rope_original_seq_len) == ("llama3", 16.0, 128)
+    m = precheck(f"model.init_from={path}").model
+    assert (m.rope_scaling, m.rope_factor) == ("llama3", 8.0)  # unchanged without an override
 
 
 REFUSED = [  # (config.json changes, words the one-line error must contain)

@@ -87,7 +87,13 @@ def model_fields_from(path: str, seq_len: int) -> tuple[dict, dict, str]:
     if os.path.isfile(os.path.join(path, "config.json")):
         hf = read_json_object(os.path.join(path, "config.json"), KEY)
         stated, defaults = hf_model_fields(hf, seq_len, os.path.join(path, "config.json"))
-        return stated, defaults, os.path.basename(path)
+        # The RoPE *scaling* the weights were trained with is where an extension starts, not a
+        # fixed property of them: a Llama 3.1 (llama3 x8) extended further needs a larger
+        # factor. So scaling keys are defaults, overridable like our checkpoints' (rope_theta,
+        # part of what the weights encode, stays stated).
+        scaling = {k: v for k, v in stated.items() if k in ROPE_SCALING_KEYS}
+        stated = {k: v for k, v in stated.items() if k not in scaling}
+        return stated, {**defaults, **scaling}, os.path.basename(path)
     step = resolve_step_dir(path)
     if step is None:
         raise ConfigError(KEY, f"{path} has neither a config.json (Hugging Face model dir) nor a "
@@ -97,6 +103,12 @@ def model_fields_from(path: str, seq_len: int) -> tuple[dict, dict, str]:
         raise ConfigError(KEY, f"{step}/meta.json has no \"model\" entry")
     stated, defaults = checkpoint_model_fields(saved)
     return stated, defaults, str(saved.get("name") or os.path.basename(path))
+
+
+ROPE_SCALING_KEYS = ("rope_scaling", "rope_factor", "rope_original_seq_len", "rope_beta_fast",
+                     "rope_beta_slow", "rope_low_freq_factor", "rope_high_freq_factor",
+                     "rope_attention_factor", "rope_mscale", "rope_mscale_all_dim",
+                     "rope_truncate")
 
 
 def checkpoint_model_fields(saved: dict) -> tuple[dict, dict]:
