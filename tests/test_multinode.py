@@ -117,7 +117,7 @@ def straight(tmp_path_factory):
 
 def test_two_nodes_train_like_one_process(straight, tmp_path):
     run_dir, text = straight
-    assert "layout: dp=2 sp=2 tp=1 (4 ranks, gloo)" in text
+    assert "layout: dp=2 sp=2 tp=1 zero=2 shard_group=2 (4 ranks, gloo)" in text  # HSDP on
     # The same config as ARGS without parallel.*, in this process (no second start-up)
     one = small_config(train={"steps": STEPS}, data={"seq_len": 128},
                        checkpoint={"every": 0})

@@ -205,7 +205,7 @@ def test_torchrun_sp2_trains_and_resumes(tmp_path, small_args):
     args = small_args + ["parallel.sp=2", "train.steps=4"]
     first = run_torchrun(2, args + ["train.exit_after_steps=2"])
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "layout: dp=1 sp=2 tp=1 (2 ranks, gloo)" in first.stdout
+    assert "layout: dp=1 sp=2 tp=1 zero=0 (2 ranks, gloo)" in first.stdout
     second = run_torchrun(2, args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout

@@ -157,7 +157,9 @@ def export(checkpoint: str, out_dir: str, dtype: str = "bf16", max_shard_bytes: 
            log=print) -> None:
     """Write the Hugging Face model dir of CHECKPOINT into OUT_DIR (see the module docstring)."""
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError("OUT_DIR", f"{out_dir} is a file; give a new or empty directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConfigError("OUT_DIR", f"{out_dir} is not empty; give a new or empty directory")
     step, run_dir = locate(checkpoint)
     model, seq_len = read_model(step)

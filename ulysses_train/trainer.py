@@ -263,10 +263,13 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def _banner(self) -> None:
         n = num_params(self.model)
-        ring = f" ring={self.dims.ring}" if self.dims.ring > 1 else ""
-        layout = (f" | layout: dp={self.dims.dp} sp={self.dims.sp}{ring} tp={self.dims.tp} "
-                  f"({self.dims.world_size} ranks, {self.dims.backend})"
-                  if self.dims.distributed else "")
+        d = self.dims
+        ring = f" ring={d.ring}" if d.ring > 1 else ""
+        # ZeRO stage and, under HSDP, the shard group: a user checks them here
+        zero = f" zero={self.cfg.parallel.zero}" + (f" shard_group={d.shard_group}"
+                                                    if d.hsdp else "")
+        layout = (f" | layout: dp={d.dp} sp={d.sp}{ring} tp={d.tp}{zero} "
+                  f"({d.world_size} ranks, {d.backend})" if d.distributed else "")
         self._say(f"model: {self.cfg.model.name}, {n / 1e6:.2f}M parameters | device: "
                   f"{self.device} | precision: {str(self.dtype).replace('torch.', '')}{layout}")
         self._say(f"data: {self.data.describe()}")
