@@ -8,13 +8,16 @@ selective), all in one 4-rank spawn. Shapes are chosen so the
 blocks' activations, not the logits, are most of the peak.
 """
 import json
+import math
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ulysses_train.config import validate
 from ulysses_train.plan import cli as plan_cli
-from ulysses_train.plan.search import apply
+from ulysses_train.plan.search import RING_MARGIN, Layout, apply, choose
 
 from distributed import run_distributed
 from helpers import SMALL, metrics_rows, run_torchrun, small_config
@@ -112,7 +115,9 @@ def test_plan_json_best_is_valid_fits_and_is_fastest(capsys):
     best, layouts = out["best"], out["layouts"]
     assert best["fits"] and best["peak_gib"] <= 80 and best["command"].startswith("torchrun")
     assert all(x["fits"] or x["why"] for x in layouts)
-    assert best["step_s"] == min(x["step_s"] for x in layouts if x["fits"])
+    fitting = [x["step_s"] for x in layouts if x["fits"]]
+    plain = [x["step_s"] for x in layouts if x["fits"] and x["ring"] == 1]
+    assert best["step_s"] in (min(fitting), min(plain))  # the fastest, or the fastest ring=1
     from ulysses_train import cli
 
     cfg = cli.compose(PLAN)
@@ -121,6 +126,35 @@ def test_plan_json_best_is_valid_fits_and_is_fastest(capsys):
         for k in keys}
     validate(apply(cfg, knobs), 8)  # what train.py runs on 8 ranks: accepted
     assert all(f"{k}={str(v).lower()}" in best["command"] for k, v in knobs.items())
+
+
+def test_ring_layout_needs_a_clear_margin_to_be_best(capsys):
+    """The README's command: a ring layout is predicted fastest by less than RING_MARGIN, so the
+    plan recommends the fastest ring=1 layout and the table says what it passed over."""
+    args = PLAN[:2] + ["train.global_batch_size=1"] + PLAN[3:]
+    assert plan_cli.main(args + ["plan.format=json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    fitting = [x for x in out["layouts"] if x["fits"]]
+    fastest = min(fitting, key=lambda x: x["step_s"])
+    plain = min((x for x in fitting if x["ring"] == 1), key=lambda x: x["step_s"])
+    assert fastest["ring"] > 1 and fastest["step_s"] >= (1 - RING_MARGIN) * plain["step_s"]
+    assert out["best"]["ring"] == 1 and out["best"]["step_s"] == plain["step_s"]
+    assert plan_cli.main(args) == 0
+    assert f"passed over: ring={fastest['ring']}" in capsys.readouterr().out
+
+
+def _timed(ring: int, step_s: float) -> Layout:
+    return Layout({"parallel.ring": ring}, fits=True, time=SimpleNamespace(step_s=step_s))
+
+
+def test_choose_takes_a_ring_only_when_clearly_faster_or_alone():
+    plain = _timed(1, 10.0)
+    edge = 10.0 * (1 - RING_MARGIN)  # a ring step this long is exactly RING_MARGIN faster
+    close, clear = _timed(8, edge + 0.01), _timed(8, edge - 0.01)
+    assert choose([close, plain]) is plain
+    assert choose([clear, plain]) is clear
+    assert choose([close]) is close  # no ring=1 layout fits: the ring it is
+    assert choose([Layout({"parallel.ring": 1})]) is None  # nothing fits
 
 
 def test_explicit_parallel_keys_are_constraints(capsys):
@@ -135,6 +169,12 @@ def test_explicit_parallel_keys_are_constraints(capsys):
     (["plan.gpus=8", "plan.gpu_mem_gib=0"], "plan.gpu_mem_gib", "positive"),
     (["model=llama3_8b", "data.seq_len=4194304", "train.global_batch_size=1", "plan.gpus=8",
       "plan.gpu_mem_gib=80"], "plan.gpu_mem_gib", "would fit: plan.gpus="),
+    # no layout passes validation: the key at fault and why, not "none tried"
+    (["plan.gpus=8", "plan.gpu_mem_gib=80", "parallel.ring=3"], "parallel.ring",
+     "needs a multiple of tp x sp x dp = 1 x 3 x 1 = 3 GPUs"),
+    (["plan.gpus=8", "plan.gpu_mem_gib=80", "parallel.sp=4", "parallel.ring=3"],
+     "parallel.ring", "3 does not divide parallel.sp=4"),
+    (["plan.gpus=8", "plan.gpu_mem_gib=80", "parallel.ring=0"], "parallel.ring", "positive"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, args, key, text):
     with pytest.raises(SystemExit) as exit_info:
@@ -142,6 +182,33 @@ def test_bad_input_is_one_line_exit_2(capsys, args, key, text):
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith(f"error: {key}:") and text in err
+
+
+def test_parallel_auto_names_the_key_no_layout_can_satisfy():
+    """`torchrun --nproc_per_node=2 train.py ... parallel.auto=true parallel.sp=3`, in process:
+    train.py's compose with parallel.auto raises the line it prints."""
+    from ulysses_train import cli
+    from ulysses_train.errors import ConfigError
+
+    args = SMALL + ["parallel.auto=true", "plan.gpu_mem_gib=0.004", "parallel.sp=3"]
+    with pytest.raises(ConfigError) as info:
+        cli.apply_auto(cli.compose(args), args, 2)
+    assert info.value.key == "parallel.sp" and "3 GPUs" in info.value.message
+    assert "but there are 2" in info.value.message
+
+
+def test_no_fit_error_prints_enough_digits_to_differ(capsys):
+    """Memory a tenth of a GiB below the smallest layout's peak: the two printed numbers differ."""
+    base = ["plan.gpus=2", "data.seq_len=1024"]
+    assert plan_cli.main(base + ["plan.gpu_mem_gib=1000", "plan.format=json"]) == 0
+    need = min(x["peak_gib"] for x in json.loads(capsys.readouterr().out)["layouts"]
+               if "peak_gib" in x)
+    given = math.floor(need * 10) / 10
+    with pytest.raises(SystemExit):
+        plan_cli.main(base + [f"plan.gpu_mem_gib={given}"])
+    err = capsys.readouterr().err
+    printed = re.search(r"of ([0-9.]+) GiB \(the smallest needs ([0-9.]+) GiB\)", err)
+    assert float(printed.group(1)) == given < float(printed.group(2)), err
 
 
 def test_parallel_auto_runs_the_planned_layout_for_two_steps(tmp_path):

@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 from typing import Sequence
 
-from ..config import Config
+from ..config import Config, validate
 from ..errors import ConfigError
 from .config import validate_plan
 from .memory import GIB
@@ -77,9 +77,7 @@ def no_fit_error(cfg: Config, layouts: list, fixed: dict) -> ConfigError:
     """Why nothing fits, and what would: more GPUs, a shorter sequence, offload."""
     valid = [x for x in layouts if x.memory is not None]
     if not valid:
-        why = Counter(x.why for x in layouts).most_common(1)
-        return ConfigError("parallel", f"no layout of {cfg.plan.gpus} GPUs passes train.py's "
-                           f"validation; e.g. {why[0][0] if why else 'none tried'}")
+        return invalid_error(cfg, layouts, fixed)
     small = min(valid, key=lambda x: x.memory.total)
     gpus, mem, seq = cfg.plan.gpus, cfg.plan.gpu_mem_gib, cfg.data.seq_len
     hints = []
@@ -96,7 +94,43 @@ def no_fit_error(cfg: Config, layouts: list, fixed: dict) -> ConfigError:
         hints.append("train.activation_offload=true")
     what = "; would fit: " + " or ".join(hints) if hints else ""
     return ConfigError("plan.gpu_mem_gib", f"no layout fits {gpus} GPUs of {mem:g} GiB "
-                       f"(the smallest needs {small.memory.total / GIB:.1f} GiB){what}")
+                       f"(the smallest needs {small.memory.total / GIB:.2f} GiB){what}")
+
+
+DEGREES = ("parallel.ring", "parallel.sp", "parallel.tp", "parallel.dp")
+
+
+def invalid_error(cfg: Config, layouts: list, fixed: dict) -> ConfigError:
+    """Why no layout passes train.py's validation, naming the key at fault: a non-positive
+    degree; then whether the
+    smallest world size the user's fixed parallel degrees need (tp x sp x dp, sp defaulting to
+    the ring) divides plan.gpus; then those degrees validated on their own at that world size;
+    then the commonest error train.py's validation gave a candidate."""
+    gpus = cfg.plan.gpus
+    ring = fixed.get("parallel.ring", 1)
+    degrees = {"parallel.tp": fixed.get("parallel.tp", 1), "parallel.ring": ring,
+               "parallel.sp": fixed.get("parallel.sp", max(ring, 1)),
+               "parallel.dp": fixed.get("parallel.dp", 1)}
+    if degrees["parallel.dp"] == -1:  # the rest of the world: at least 1
+        degrees["parallel.dp"] = 1
+    need = degrees["parallel.tp"] * degrees["parallel.sp"] * degrees["parallel.dp"]
+    if min(degrees.values()) < 1:  # train.py's own "must be positive" line
+        validate(apply(cfg, degrees), 1)
+    if gpus % need:
+        set_keys = [k for k in DEGREES if k in fixed]
+        key = next((k for k in set_keys if gpus % max(1, fixed[k])), set_keys[0])
+        tp, sp, dp = (degrees[k] for k in ("parallel.tp", "parallel.sp", "parallel.dp"))
+        return ConfigError(key, f"{fixed[key]} needs a multiple of tp x sp x dp = {tp} x {sp} x "
+                           f"{dp} = {need} GPUs (the ring divides sp), but there are {gpus}; "
+                           f"choose degrees whose product divides {gpus}")
+    try:
+        validate(apply(cfg, degrees), need)
+    except ConfigError as error:
+        return error
+    errors = Counter((x.error.key, x.error.message) for x in layouts if x.error)
+    if errors:
+        return ConfigError(*errors.most_common(1)[0][0])
+    return ConfigError("parallel", f"no layout of {gpus} GPUs passes train.py's validation")
 
 
 def _fits(cfg: Config, fixed: dict, gpus: int | None = None, seq: int | None = None) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import Config
 from .memory import GIB
-from .search import Layout
+from .search import RING_MARGIN, Layout, ring_of
 
 SHOWN = 12
 
@@ -25,6 +25,18 @@ def _line(x: Layout) -> str:
     verdict = "fits" if x.fits else x.why
     return (f"{_knobs(x)}  {x.memory.total / GIB:7.1f} {x.time.step_s:9.3f} {tps:10,.0f} "
             f"{100 * x.extra['mfu']:4.1f}%  {verdict}")
+
+
+def ring_note(best: Layout, layouts: list) -> list[str]:
+    """Why a faster fitting ring layout was passed over (search.choose), or nothing."""
+    fastest = next(x for x in layouts if x.fits)
+    if fastest is best or ring_of(fastest) == 1:
+        return []
+    gain = 1 - fastest.time.step_s / best.time.step_s
+    return [f"  passed over: ring={ring_of(fastest)} at {fastest.time.step_s:.3f} s is "
+            f"{100 * gain:.1f} % faster, not the > {100 * RING_MARGIN:g} % a ring layout needs "
+            "(its per-block LSE merge and kernel launches are not modelled; its CUDA path is "
+            "untested)"]
 
 
 def table(cfg: Config, best: Layout, layouts: list, command: str) -> str:
@@ -51,6 +63,6 @@ def table(cfg: Config, best: Layout, layouts: list, command: str) -> str:
             f"communication {best.time.exposed_comm_s:.3f} s"]
     for name, (t, how) in best.time.comm.items():
         out.append(f"    {name}: {t:.3f} s {how}")
-    out += [f"  {best.extra['tokens_per_s']:,.0f} tokens/s, MFU {100 * best.extra['mfu']:.1f} %",
-            "", command]
+    out.append(f"  {best.extra['tokens_per_s']:,.0f} tokens/s, MFU {100 * best.extra['mfu']:.1f} %")
+    out += ring_note(best, layouts) + ["", command]
     return "\n".join(out)
