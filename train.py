@@ -8,8 +8,7 @@ import os
 import sys
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 try:
     from ulysses_train import cli
@@ -29,28 +28,7 @@ cli.register()
 def main(cfg: DictConfig) -> None:
     from ulysses_train.trainer import run
 
-    try:
-        # model.init_from decides model.* exactly as the pre-check did (hf/config.py)
-        overrides = HydraConfig.get().overrides.task
-        config = cli.apply_init_from(OmegaConf.to_object(cfg), cli.explicit_model_keys(overrides))
-        config = cli.apply_auto(config, overrides, WORLD_SIZE, log=RANK == 0)  # parallel.auto
-        code = run(config, HydraConfig.get().runtime.output_dir)
-    except ConfigError as error:  # bad input (exit 2), or a run that stopped itself (exit 3)
-        cli.fail(error, RANK)
-    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops politely, with a save)
-        if RANK == 0:
-            print("aborted: rerun the same command to resume from the newest checkpoint",
-                  file=sys.stderr, flush=True)
-        sys.exit(130)
-    except Exception as error:  # a peer rank stalled or died: one line, not a traceback
-        from ulysses_train.parallel.mesh import describe_collective_failure
-
-        line = describe_collective_failure(error, RANK, WORLD_SIZE, cfg.parallel.timeout_s)
-        if line is None:
-            raise
-        print(line, file=sys.stderr, flush=True)
-        sys.exit(1)
-    sys.exit(code)
+    cli.run_job(cfg, run, RANK, WORLD_SIZE)
 
 
 if __name__ == "__main__":

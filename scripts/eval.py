@@ -13,8 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 try:
     from ulysses_train import cli
@@ -44,22 +43,8 @@ def default_run_dir(args) -> list:
 def main(cfg: DictConfig) -> None:
     from ulysses_train.evaluate.run import run
 
-    try:
-        # eval.checkpoint (as model.init_from) decides model.*, exactly as the pre-check did
-        config = cli.apply_init_from(OmegaConf.to_object(cfg), cli.explicit_model_keys(
-            HydraConfig.get().overrides.task))
-        code = run(config, HydraConfig.get().runtime.output_dir)
-    except ConfigError as error:
-        cli.fail(error, RANK)
-    except Exception as error:  # a peer rank stalled or died: one line, not a traceback
-        from ulysses_train.parallel.mesh import describe_collective_failure
-
-        line = describe_collective_failure(error, RANK, WORLD_SIZE, cfg.parallel.timeout_s)
-        if line is None:
-            raise
-        print(line, file=sys.stderr, flush=True)
-        sys.exit(1)
-    sys.exit(code)
+    # eval.checkpoint (as model.init_from) decides model.*, exactly as the pre-check did
+    cli.run_job(cfg, run, RANK, WORLD_SIZE, auto=False)
 
 
 if __name__ == "__main__":

@@ -213,3 +213,36 @@ def fail(error: ConfigError, rank: int) -> NoReturn:
         line += f" (rank {rank})"
     print(line, file=sys.stderr, flush=True)
     sys.exit(error.exit_code)
+
+
+def run_job(cfg, run, rank: int, world_size: int, *, auto: bool = True) -> NoReturn:
+    """The body of a Hydra entry point (train.py, scripts/eval.py): the composed `cfg` (a
+    DictConfig) to our dataclasses with `model.init_from` (and, if `auto`, `parallel.auto`)
+    applied exactly as the pre-check did, then `run(config, run_dir) -> exit code`. Every way it
+    can end is one line and an exit code: bad input 2 (a run that stopped itself 3), a second
+    Ctrl-C 130, a peer that stalled or died 1 (docs/architecture.md §2)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    try:
+        overrides = HydraConfig.get().overrides.task
+        config = apply_init_from(OmegaConf.to_object(cfg), explicit_model_keys(overrides))
+        if auto:
+            config = apply_auto(config, overrides, world_size, log=rank == 0)
+        code = run(config, HydraConfig.get().runtime.output_dir)
+    except ConfigError as error:
+        fail(error, rank)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops politely, with a save)
+        if rank == 0:
+            print("aborted: rerun the same command to resume from the newest checkpoint",
+                  file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as error:  # a peer rank stalled or died: one line, not a traceback
+        from .parallel.mesh import describe_collective_failure
+
+        line = describe_collective_failure(error, rank, world_size, cfg.parallel.timeout_s)
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(1)
+    sys.exit(code)
