@@ -17,6 +17,7 @@ from .config_validate import (BACKENDS, MAX_TIMEOUT_S, VOCAB_MULTIPLE, ZERO_STAG
                               check_tp, check_ulysses_heads, padded_vocab, validate_layout,
                               validate_parallel)
 from .config_validate import finite as _finite
+from .config_validate import validate_eval
 from .config_validate import one_of as _one_of
 from .config_validate import positive as _positive
 from .errors import ConfigError, require  # noqa: F401  (ConfigError: re-exported)
@@ -312,22 +313,6 @@ def validate_optim(o: OptimConfig) -> None:
     _finite(o.beta2, "optim.beta2", 0.0)
     require(o.beta2 < 1, "optim.beta2", f"must be < 1, got {o.beta2}")
     _positive(o.eps, "optim.eps")
-
-
-def validate_eval(e: EvalConfig, d: DataConfig) -> None:
-    require(e.every >= 0, "eval.every", f"must be >= 0 (0 = off), got {e.every}")
-    _positive(e.batches, "eval.batches")
-    require(e.passkey_trials >= 0, "eval.passkey_trials", f"must be >= 0, got {e.passkey_trials}")
-    b = list(e.buckets)
-    require(not b or (len(b) >= 2 and b[0] >= 0 and all(x < y for x, y in zip(b, b[1:]))),
-            "eval.buckets", f"{b} must be >= 2 increasing position edges from >= 0, e.g. "
-            "[0,64,128,256] (or [] for powers of two up to data.seq_len)")
-    require(all(n > 0 for n in e.passkey_lengths), "eval.passkey_lengths",
-            f"{list(e.passkey_lengths)} must be positive token counts")
-    require(len(e.passkey_depths) > 0 and all(0 <= x <= 1 for x in e.passkey_depths),
-            "eval.passkey_depths", f"{list(e.passkey_depths)} must be relative depths in [0, 1]")
-    require(e.every == 0 or d.val_fraction > 0 or d.name in ("synthetic", "passkey"),
-            "eval.every", "needs held-out data: set data.val_fraction > 0 or eval.every=0")
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from .errors import require
 
 if TYPE_CHECKING:  # config.py imports this module; the types are for readers only
-    from .config import Config, ModelConfig, ParallelConfig
+    from .config import Config, DataConfig, EvalConfig, ModelConfig, ParallelConfig
 
 ZERO_STAGES = (0, 2, 3)
 BACKENDS = ("auto", "nccl", "gloo")
@@ -158,3 +158,20 @@ def validate_layout(cfg: "Config", world_size: int) -> int:
     check_tp(cfg.model, p.tp)
     check_ulysses_heads(cfg.model, p)
     return dp
+
+
+def validate_eval(e: "EvalConfig", d: "DataConfig") -> None:
+    """The eval.* keys (scripts/eval.py, eval.every); eval.every needs held-out data."""
+    require(e.every >= 0, "eval.every", f"must be >= 0 (0 = off), got {e.every}")
+    positive(e.batches, "eval.batches")
+    require(e.passkey_trials >= 0, "eval.passkey_trials", f"must be >= 0, got {e.passkey_trials}")
+    b = list(e.buckets)
+    require(not b or (len(b) >= 2 and b[0] >= 0 and all(x < y for x, y in zip(b, b[1:]))),
+            "eval.buckets", f"{b} must be >= 2 increasing position edges from >= 0, e.g. "
+            "[0,64,128,256] (or [] for powers of two up to data.seq_len)")
+    require(all(n > 0 for n in e.passkey_lengths), "eval.passkey_lengths",
+            f"{list(e.passkey_lengths)} must be positive token counts")
+    require(len(e.passkey_depths) > 0 and all(0 <= x <= 1 for x in e.passkey_depths),
+            "eval.passkey_depths", f"{list(e.passkey_depths)} must be relative depths in [0, 1]")
+    require(e.every == 0 or d.val_fraction > 0 or d.name in ("synthetic", "passkey"),
+            "eval.every", "needs held-out data: set data.val_fraction > 0 or eval.every=0")

@@ -107,6 +107,17 @@ def peak_mem_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def peak_mem_by_rank(device: torch.device, dims) -> list[float]:
+    """Every rank's `peak_mem_gib`, by rank (ranks differ, e.g. rank 0 logs): an all-gather
+    over the world (a collective: every rank calls it at the same step)."""
+    mine = torch.tensor([peak_mem_gib(device)], device=device)
+    if not dims.distributed:
+        return [float(mine)]
+    every = [torch.zeros_like(mine) for _ in range(dims.world_size)]
+    torch.distributed.all_gather(every, mine)  # (1,) per rank -> world x (1,)
+    return [round(float(t), 4) for t in every]
+
+
 def with_wandb_fallback(cfg, run_dir: str, is_main: bool):
     """`cfg` (a config.Config), with `logging.wandb.mode` as `wandb_mode` resolves it; rank 0
     prints the warning, if any, on stderr."""

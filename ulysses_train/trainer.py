@@ -27,7 +27,7 @@ from .data import build_data
 from .evaluate import training as eval_in_training
 from .guards import NonFiniteGuard, crash_if_asked, nan_injected, set_deterministic
 from .init_from import load_initial_weights
-from .metrics import (Reporter, Throughput, mfu_of, peak_flops, peak_mem_gib, span_sq_sum,
+from .metrics import (Reporter, Throughput, mfu_of, peak_flops, peak_mem_by_rank, span_sq_sum,
                       with_wandb_fallback)
 from .model import document_mask_for, num_params, padded_vocab, select_attention
 from .model_build import build_model, resolve_dtype
@@ -263,27 +263,13 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def _banner(self) -> None:
         n = num_params(self.model)
-        d = self.dims
-        ring = f" ring={d.ring}" if d.ring > 1 else ""
-        # ZeRO stage and, under HSDP, the shard group: a user checks them here
-        zero = f" zero={self.cfg.parallel.zero}" + (f" shard_group={d.shard_group}"
-                                                    if d.hsdp else "")
-        layout = (f" | layout: dp={d.dp} sp={d.sp}{ring} tp={d.tp}{zero} "
-                  f"({d.world_size} ranks, {d.backend})" if d.distributed else "")
+        layout = (f" | layout: {self.dims.describe(self.cfg.parallel.zero)}"
+                  if self.dims.distributed else "")
         self._say(f"model: {self.cfg.model.name}, {n / 1e6:.2f}M parameters | device: "
                   f"{self.device} | precision: {str(self.dtype).replace('torch.', '')}{layout}")
         self._say(f"data: {self.data.describe()}")
         if self.resumed_from:
             self._say(f"resumed from {self.resumed_from} at step {self.step}")
-
-    def _peak_mem(self) -> list[float]:
-        """Every rank's peak memory in GiB, by rank (ranks can differ, e.g. rank 0 logs)."""
-        mine = torch.tensor([peak_mem_gib(self.device)], device=self.device)
-        if not self.dims.distributed:
-            return [float(mine)]
-        every = [torch.zeros_like(mine) for _ in range(self.dims.world_size)]
-        torch.distributed.all_gather(every, mine)
-        return [round(float(t), 4) for t in every]
 
     def fit(self) -> int:
         cfg = self.cfg
@@ -332,7 +318,7 @@ class Trainer:
                 or out["skipped"]):
             return
         peak = cfg.debug.peak_flops or peak_flops(self.device)
-        (tok_s, flops_per_token), peaks = meter.interval(), self._peak_mem()
+        (tok_s, flops_per_token), peaks = meter.interval(), peak_mem_by_rank(self.device, self.dims)
         row = {"step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
                "lr": out["lr"], "tokens": self.tokens, "tokens_per_s": tok_s,
                "peak_mem_gib": max(peaks), "skipped": out["skipped"],
