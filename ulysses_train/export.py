@@ -31,7 +31,7 @@ import warnings
 import torch
 import torch.distributed.checkpoint as dcp
 
-from .checkpoint_files import is_complete
+from .checkpoint_files import is_complete, read_meta
 from .config import ModelConfig
 from .errors import ConfigError
 from .hf.config import resolve_step_dir
@@ -75,8 +75,10 @@ def locate(checkpoint: str) -> tuple[str, str]:
 
 def read_model(step: str) -> tuple[ModelConfig, int]:
     """(ModelConfig, trained data.seq_len) from the checkpoint's meta.json."""
-    with open(os.path.join(step, "meta.json")) as f:
-        meta = json.load(f)
+    try:
+        meta = read_meta(step)
+    except ConfigError as exc:  # the same reader as resume; named by this command's argument
+        raise ConfigError("CHECKPOINT", exc.message) from None
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     model = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
     seq_len = ((meta.get("identity") or {}).get("data") or {}).get("data.seq_len")

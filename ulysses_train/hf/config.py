@@ -60,13 +60,13 @@ def resolve_step_dir(path: str, key: str = KEY) -> str | None:
     ckpts = os.path.join(path, "checkpoints")
     if not os.path.isdir(ckpts):
         return None
+    from ..checkpoint_files import CheckpointDir
+
     latest = os.path.join(ckpts, "latest")
-    try:
-        with open(latest) as f:
-            name = f.read().strip()
-    except OSError:
+    name = CheckpointDir(ckpts, log=lambda _: None).latest_name()
+    if name is None:
         raise ConfigError(key, f"{path} is a run dir without checkpoints/latest (no committed "
-                               "checkpoint); give a checkpoints/step_* dir") from None
+                               "checkpoint); give a checkpoints/step_* dir")
     step = os.path.join(ckpts, name)
     if not os.path.isfile(os.path.join(step, "meta.json")):
         raise ConfigError(key, f"{latest} names {name!r}, which is not a complete checkpoint; "
