@@ -61,13 +61,18 @@ def _train(cfg, dims, run_dir, uneven=True):
     return metrics_rows(run_dir) if dims.is_main else None
 
 
-def _layout_rank(rank, world, parallel, micro, train, curves, run_dir):
+def _layout_rank(rank, world, parallel, micro, train, curves, run_dir, seq_len=None,
+                 train_fn=None):
+    """One rank's results per curve; `seq_len` and `train_fn` (default `_train`) let
+    test_trainer_sequence.py run its lengths and its counting trainer through the same loop."""
     out = {}
     for curve in curves:
         cfg = _config(curve, parallel, micro, train)
+        if seq_len is not None:
+            cfg.data.seq_len = seq_len
         dims = ParallelDims.from_config(cfg.parallel, world, rank)
         dims.build_mesh()
-        out[curve] = _train(cfg, dims, os.path.join(run_dir, curve))
+        out[curve] = (train_fn or _train)(cfg, dims, os.path.join(run_dir, curve))
     return out
 
 

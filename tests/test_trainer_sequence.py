@@ -18,13 +18,11 @@ and a mask built on the unpadded rows (the kernel refuses its shape).
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from distributed import run_distributed
 from helpers import UnevenLabels, cpu_dims, metrics_rows
-from test_trainer_parallel import CURVES, LOSS_RTOL, NORM_RTOL, STEPS, _config
+from test_trainer_parallel import CURVES, LOSS_RTOL, NORM_RTOL, STEPS, _config, _layout_rank
 from ulysses_train.parallel import ParallelDims
 from ulysses_train.parallel.layout import SequenceLayout
 from ulysses_train.trainer import Trainer
@@ -52,16 +50,6 @@ def _train(cfg, dims, run_dir):
     counts = trainer._global_counts(micro)  # collective over dp x sp
     trainer.fit()
     return (metrics_rows(run_dir) if dims.is_main else None), valid, counts
-
-
-def _layout_rank(rank, world, parallel, micro, seq_len, curves, run_dir):
-    out = {}
-    for curve in curves:
-        cfg = _seq_config(curve, parallel, micro, seq_len)
-        dims = ParallelDims.from_config(cfg.parallel, world, rank)
-        dims.build_mesh()
-        out[curve] = _train(cfg, dims, os.path.join(run_dir, curve))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +81,8 @@ LAYOUTS = {  # id: (world, parallel, micro, seq_len, curves, loss rtol), marks
 @pytest.mark.parametrize("case", [pytest.param(v, id=k, marks=m) for k, (v, m) in LAYOUTS.items()])
 def test_loss_curve_equals_one_process(reference, tmp_path, case):
     world, parallel, micro, seq_len, curves, rtol = case
-    results = run_distributed(_layout_rank, world, parallel, micro, seq_len, curves,
-                              str(tmp_path), timeout=300)
+    results = run_distributed(_layout_rank, world, parallel, micro, None, curves,
+                              str(tmp_path), seq_len, _train, timeout=300)
     for curve in curves:  # every loss curve first: a wrong gradient must show in the loss
         ref, got = reference(curve, seq_len)[0], results[0][curve][0]
         assert [r["step"] for r in got] == list(range(1, STEPS + 1))
