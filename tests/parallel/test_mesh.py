@@ -187,6 +187,29 @@ def test_report_of_a_timed_out_collective_is_one_line():
     assert "on rank 3" in line and "a peer rank" in line  # cannot tell which of 7 peers
 
 
+class _TimesOutInBackward(torch.autograd.Function):
+    """Stands in for DDP's Reducer: a collective failing inside autograd's engine, with no
+    Python frame of torch.distributed in the traceback."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        _gloo_timeout()
+
+
+def test_a_collective_failing_in_backward_is_named_as_ddp_all_reduce():
+    """Catches the CI case: DDP's gradient all-reduce timed out and the line named our caller
+    ("collective train_step") instead of a collective."""
+    x = torch.ones(2, requires_grad=True)
+    exc = _traceback_from(lambda: _TimesOutInBackward.apply(x).sum().backward())
+    line = mesh.describe_collective_failure(exc, rank=0, world_size=2, timeout_s=5)
+    assert line.startswith("error: parallel.timeout_s: collective all_reduce (DDP gradients, "
+                           "during backward) on rank 0 waited 5 s"), line
+
+
 def test_report_of_a_lost_peer_reads_the_cause_chain():
     def save():
         try:

@@ -286,17 +286,26 @@ def describe_collective_failure(exc: BaseException, rank: int, world_size: int,
 
 def _collective_name(chain: list[BaseException]) -> str:
     """The innermost torch.distributed function in the tracebacks of `chain` and the innermost
-    function of ours that called it, e.g. "wait_tensor in all_to_all"."""
+    function of ours that called it, e.g. "wait_tensor in all_to_all".
+
+    A collective with no Python frame of torch.distributed under autograd's engine is DDP's
+    gradient all-reduce: its Reducer waits on our comm hook's future in C++, so the traceback
+    ends in torch/autograd. It is named as such, not as our caller (e.g. train_step). DDP's own
+    Python (torch/nn/parallel) counts as torch.distributed."""
     theirs = ours = None
+    in_backward = False
     for exc in chain:
         for frame in reversed(traceback.extract_tb(exc.__traceback__)):
             path = frame.filename.replace(os.sep, "/")
+            in_backward = in_backward or "torch/autograd/" in path
             if frame.name in _NOT_A_NAME:
                 continue
-            if theirs is None and "torch/distributed/" in path:
+            if theirs is None and ("torch/distributed/" in path or "torch/nn/parallel/" in path):
                 theirs = frame.name
             if ours is None and "/ulysses_train/" in path:
                 ours = frame.name
+    if theirs is None and in_backward:
+        theirs = "all_reduce (DDP gradients, during backward)"
     if theirs and ours:
         return f"{theirs} in {ours}"
     return theirs or ours or "(unknown)"
