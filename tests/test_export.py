@@ -154,7 +154,10 @@ def test_one_line_errors(tmp_path, capsys):
     capsys.readouterr()  # the run's own output
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
+    (tmp_path / "hf_in").mkdir()
+    (tmp_path / "hf_in" / "config.json").write_text("{}")
     cases = [((run, tmp_path / "full"), "error: OUT_DIR: "),
+             ((tmp_path / "hf_in", tmp_path / "o0"), "error: CHECKPOINT: "),  # HF in, HF out?
              ((tmp_path / "nope", tmp_path / "o1"), "error: CHECKPOINT: "),
              ((tmp_path / "full", tmp_path / "o2"), "error: CHECKPOINT: "),  # not a checkpoint
              ((run, tmp_path / "o3", "--max-shard-size", "lots"), "error: --max-shard-size: ")]
@@ -162,6 +165,8 @@ def test_one_line_errors(tmp_path, capsys):
         assert export(*args) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(start) and len(err.splitlines()) == 1, err
+        if "hf_in" in str(args[0]):
+            assert "is a Hugging Face model directory, not one of our checkpoints" in err, err
     meta_path = os.path.join(latest_step(run), "meta.json")
     meta = json.loads(open(meta_path).read())
     meta["model"]["rope_scaling"] = "ntk"
@@ -177,7 +182,8 @@ def test_one_line_errors(tmp_path, capsys):
 def test_tokenizer_files_are_copied_and_give_the_special_ids(tmp_path, capsys):
     run = train_one_step(tmp_path / "run")
     capsys.readouterr()  # the run's own output
-    assert export(run, tmp_path / "bare") == 0
+    # RUN/checkpoints names the same step as RUN (the rule model.init_from follows)
+    assert export(os.path.join(run, "checkpoints"), tmp_path / "bare") == 0
     assert capsys.readouterr().err.startswith("warning: ")  # no tokenizer/: said, weights out
     tok = tmp_path / "run" / "tokenizer"
     tok.mkdir()

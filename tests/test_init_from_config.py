@@ -186,7 +186,7 @@ def test_our_checkpoint_decides_the_architecture_rope_stays_free(tmp_path):
     os.remove(tmp_path / "stage1" / "checkpoints" / "latest")
     with pytest.raises(ConfigError, match="without checkpoints/latest"):
         precheck(f"model.init_from={tmp_path / 'stage1'}")
-    with pytest.raises(ConfigError, match="neither a config.json"):
+    with pytest.raises(ConfigError, match="neither a Hugging Face model directory"):
         precheck(f"model.init_from={tmp_path}")
     with pytest.raises(ConfigError, match="does not exist"):
         precheck(f"model.init_from={tmp_path / 'nope'}")

@@ -1,10 +1,11 @@
 """Export a checkpoint as a Hugging Face model dir: `python -m ulysses_train.export CHECKPOINT
 OUT_DIR [--dtype bf16|fp32] [--max-shard-size 5GB]`.
 
-CHECKPOINT is a run dir (its `checkpoints/latest`) or a `checkpoints/step_*` dir written by any
-layout (tp, sp, dp, zero 0/2/3): DCP reassembles each tensor from whatever shards hold it. OUT_DIR
-gets `model-0000k-of-0000n.safetensors` shards (at most --max-shard-size each, unless one tensor
-is bigger) with `model.safetensors.index.json`, `config.json` and `generation_config.json`
+CHECKPOINT is a run dir (its `checkpoints/latest`), its `checkpoints/` dir or a `step_*` dir
+(init_from.resolve, the rule model.init_from follows) written by any layout (tp, sp, dp, zero
+0/2/3): DCP reassembles each tensor from whatever shards hold it. OUT_DIR gets
+`model-0000k-of-0000n.safetensors` shards (at most --max-shard-size each, unless one tensor is
+bigger) with `model.safetensors.index.json`, `config.json` and `generation_config.json`
 (hf/export_config.py), and the tokenizer files the run used (`<run dir>/tokenizer/`).
 
 Memory: tensors are read one at a time (a one-entry DCP load into a fresh full-size tensor),
@@ -31,12 +32,12 @@ import warnings
 import torch
 import torch.distributed.checkpoint as dcp
 
-from .checkpoint_files import is_complete, read_meta
+from .checkpoint_files import read_meta
 from .config import ModelConfig
 from .errors import ConfigError
-from .hf.config import resolve_step_dir
 from .hf.export_config import generation_config_json, hf_config_json, special_token_ids
 from .hf.names import hf_names
+from .init_from import resolve
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ST_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -59,16 +60,7 @@ def parse_size(text: str) -> int:
 
 def locate(checkpoint: str) -> tuple[str, str]:
     """(step dir, run dir) of CHECKPOINT; ConfigError naming what is wrong."""
-    path = os.path.abspath(os.path.expanduser(checkpoint))
-    if not os.path.isdir(path):
-        raise ConfigError("CHECKPOINT", f"{path} is not a directory; give a run dir or a "
-                                        "checkpoints/step_* dir")
-    step = resolve_step_dir(path, key="CHECKPOINT")
-    if step is None:
-        raise ConfigError("CHECKPOINT", f"{path} is not a checkpoint (no meta.json) nor a run dir "
-                                        "(no checkpoints/); give a run dir or a step_* dir")
-    if not is_complete(step):
-        raise ConfigError("CHECKPOINT", f"{step} is not a complete checkpoint (a partial save?)")
+    _, step = resolve(checkpoint, key="CHECKPOINT", hf=False)  # the rule init_from uses
     run_dir = os.path.dirname(os.path.dirname(step))  # <run>/checkpoints/step_N
     return step, run_dir
 
@@ -208,7 +200,7 @@ def _copy_tokenizer(tokenizer_dir: str, out_dir: str) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ulysses_train.export",
                                      description="Export a checkpoint as a Hugging Face model dir")
-    parser.add_argument("checkpoint", help="a run dir (its checkpoints/latest) or a step_* dir")
+    parser.add_argument("checkpoint", help="a run dir (its checkpoints/latest), its checkpoints/ or a step_* dir")
     parser.add_argument("out_dir", help="a new or empty directory")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     parser.add_argument("--max-shard-size", default="5GB",

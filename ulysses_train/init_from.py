@@ -25,34 +25,45 @@ from .hf.weights_dir import KEY, fail
 HF, OURS = "Hugging Face model dir", "checkpoint"
 
 
-def resolve(path: str) -> tuple[str, str]:
-    """(kind, directory to read): HF for an HF model dir, OURS with the step dir to load."""
+def resolve(path: str, key: str = KEY, hf: bool = True) -> tuple[str, str]:
+    """(kind, directory to read) for a weights source: (HF, path) for a Hugging Face model dir,
+    (OURS, step dir) for one of our run dirs (its `checkpoints/latest`), its `checkpoints/` dir
+    or a `step_*` dir. The one place that turns such a PATH into a directory: model.init_from,
+    its config precheck (hf/config.py), eval and export all call it. `hf=False` refuses HF dirs
+    (export reads only our checkpoints). ConfigError named `key` for anything else, or for a
+    step that is missing or a partial save."""
+    accepted = ("a Hugging Face model directory, " if hf else "") + \
+        "a run dir or a checkpoints/step_* directory"
     path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(path):
-        raise fail(f"{path} does not exist; give a Hugging Face model directory, a run dir or "
-                   "a checkpoints/step_* directory")
     if not os.path.isdir(path):
-        raise fail(f"{path} is not a directory; give a Hugging Face model directory (not a "
-                   "file inside it), a run dir or a checkpoints/step_* directory")
+        problem = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise ConfigError(key, f"{path} {problem}; give {accepted}")
     for ckdir in (os.path.join(path, "checkpoints"), path):  # a run dir, or its checkpoints/
         latest = files.CheckpointDir(ckdir, log=lambda _: None).latest_name()
         if latest is not None:
-            return OURS, _complete_step(os.path.join(ckdir, latest), f"{ckdir}/latest names")
+            return OURS, _complete_step(os.path.join(ckdir, latest), f"{ckdir}/latest names", key)
     if os.path.basename(path).startswith(files.STEP_PREFIX) or any(
             os.path.isfile(os.path.join(path, n)) for n in (files.META, files.DCP_METADATA)):
-        return OURS, _complete_step(path, "")
+        return OURS, _complete_step(path, "", key)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ConfigError(key, f"{path} is a run dir without checkpoints/latest (no committed "
+                               "checkpoint yet); give one of its checkpoints/step_* directories")
     if weights_dir.is_hf_dir(path):
-        return HF, path
-    raise fail(f"{path} is neither a Hugging Face model directory (config.json + "
-               f"{weights_dir.SINGLE}, or shards + {weights_dir.INDEX}) nor one of our "
-               "checkpoints (a run dir with checkpoints/latest, or a step_* directory)")
+        if hf:
+            return HF, path
+        raise ConfigError(key, f"{path} is a Hugging Face model directory, not one of our "
+                               f"checkpoints; give {accepted}")
+    raise ConfigError(key, f"{path} is neither " + (
+        f"a Hugging Face model directory (config.json + {weights_dir.SINGLE}, or shards + "
+        f"{weights_dir.INDEX}) nor " if hf else "") + "one of our checkpoints (a run dir with "
+        "checkpoints/latest, or a step_* directory)")
 
 
-def _complete_step(step_dir: str, named_by: str) -> str:
+def _complete_step(step_dir: str, named_by: str, key: str) -> str:
     if not os.path.isdir(step_dir) or not files.is_complete(step_dir):
         who = f"{named_by} {step_dir}, which" if named_by else step_dir
-        raise fail(f"{who} is not a complete checkpoint (missing, or a partial save); point "
-                   "model.init_from at a complete checkpoints/step_* directory")
+        raise ConfigError(key, f"{who} is not a complete checkpoint (missing, or a partial "
+                               "save); give a complete checkpoints/step_* directory")
     return step_dir
 
 

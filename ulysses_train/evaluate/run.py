@@ -19,8 +19,7 @@ import torch
 from .. import checkpoint  # noqa: F401 (filters DCP's one-process warning, as saving does)
 from ..config import Config, padded_vocab
 from ..errors import ConfigError
-from ..hf.config import resolve_step_dir
-from ..init_from import load_initial_weights
+from ..init_from import load_initial_weights, resolve
 from ..model_build import build_model, resolve_dtype
 from ..parallel import ParallelDims
 from . import evaluate_model
@@ -95,7 +94,7 @@ def _evaluate(cfg: Config, run_dir: str, dims: ParallelDims) -> int:
     say(f"eval: {loaded} | layout dp={dims.dp} sp={dims.sp} (ring={dims.ring}) tp={dims.tp}")
     dtype = resolve_dtype(cfg.train.precision, dims.device)
     result = evaluate_model(model, cfg, dims, data, dtype, log=say)
-    source = resolve_step_dir(cfg.model.init_from) or cfg.model.init_from  # a run dir: its step
+    _, source = resolve(cfg.model.init_from)  # a run dir: the step it read; an HF dir: itself
     result = {"checkpoint": os.path.abspath(source), "seq_len": cfg.data.seq_len, **result,
               "seconds": round(time.perf_counter() - t0, 1)}
     if dims.is_main:

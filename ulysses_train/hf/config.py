@@ -51,42 +51,22 @@ _YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
 _NOT_FROM_CHECKPOINT = ("name", "init_std", "init_from")
 
 
-def resolve_step_dir(path: str, key: str = KEY) -> str | None:
-    """`path` itself if it is one of our step dirs (has meta.json), the step `checkpoints/latest`
-    names if it is a run dir, None if it is neither. ConfigError for a run dir whose `latest`
-    is missing or names a missing step."""
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        return path
-    ckpts = os.path.join(path, "checkpoints")
-    if not os.path.isdir(ckpts):
-        return None
-    from ..checkpoint_files import CheckpointDir
-
-    latest = os.path.join(ckpts, "latest")
-    name = CheckpointDir(ckpts, log=lambda _: None).latest_name()
-    if name is None:
-        raise ConfigError(key, f"{path} is a run dir without checkpoints/latest (no committed "
-                               "checkpoint); give a checkpoints/step_* dir")
-    step = os.path.join(ckpts, name)
-    if not os.path.isfile(os.path.join(step, "meta.json")):
-        raise ConfigError(key, f"{latest} names {name!r}, which is not a complete checkpoint; "
-                               "give a checkpoints/step_* dir")
-    return step
-
-
 def model_fields_from(path: str, seq_len: int) -> tuple[dict, dict, str]:
     """(stated, defaults, name) for `model.init_from=path`: the ModelConfig fields the source
     decides (conflict-checked against explicit overrides), fields it only suggests (applied
     unless the user set them), and an honest `model.name`. `seq_len` is data.seq_len (a
     sliding window shorter than it is refused). ConfigError for anything unusable.
     """
+    from ..init_from import HF, resolve  # the one PATH -> directory rule (imports hf/)
+
     path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
-        raise ConfigError(KEY, f"{path} {'is not a directory' if os.path.exists(path) else 'does not exist'}"
-                               "; give a Hugging Face model dir or one of our run / step dirs")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        hf = read_json_object(os.path.join(path, "config.json"), KEY)
-        stated, defaults = hf_model_fields(hf, seq_len, os.path.join(path, "config.json"))
+    kind, where = resolve(path)
+    if kind == HF:
+        if not os.path.isfile(os.path.join(where, "config.json")):
+            raise ConfigError(KEY, f"{where} has safetensors weights but no config.json; copy "
+                                   "the model's config.json next to them")
+        hf = read_json_object(os.path.join(where, "config.json"), KEY)
+        stated, defaults = hf_model_fields(hf, seq_len, os.path.join(where, "config.json"))
         # The RoPE *scaling* the weights were trained with is where an extension starts, not a
         # fixed property of them: a Llama 3.1 (llama3 x8) extended further needs a larger
         # factor. So scaling keys are defaults, overridable like our checkpoints' (rope_theta,
@@ -94,13 +74,9 @@ def model_fields_from(path: str, seq_len: int) -> tuple[dict, dict, str]:
         scaling = {k: v for k, v in stated.items() if k in ROPE_SCALING_KEYS}
         stated = {k: v for k, v in stated.items() if k not in scaling}
         return stated, {**defaults, **scaling}, os.path.basename(path)
-    step = resolve_step_dir(path)
-    if step is None:
-        raise ConfigError(KEY, f"{path} has neither a config.json (Hugging Face model dir) nor a "
-                               "meta.json or checkpoints/latest (our step / run dir)")
-    saved = read_json_object(os.path.join(step, "meta.json"), KEY).get("model")
+    saved = read_json_object(os.path.join(where, "meta.json"), KEY).get("model")
     if not isinstance(saved, dict):
-        raise ConfigError(KEY, f"{step}/meta.json has no \"model\" entry")
+        raise ConfigError(KEY, f"{where}/meta.json has no \"model\" entry")
     stated, defaults = checkpoint_model_fields(saved)
     return stated, defaults, str(saved.get("name") or os.path.basename(path))
 
