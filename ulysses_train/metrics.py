@@ -298,6 +298,19 @@ class Throughput:
         self.t0, self.tokens, self.flops = now, 0, 0
         return rate, per_token
 
+    def fields(self, device: torch.device, dims, peak: float | None) -> dict:
+        """The speed and memory fields of a metrics row for the interval since the last call:
+        tokens_per_s, peak_mem_gib (the largest rank's), mfu (None without a known `peak`, the
+        FLOP/s of one device) and, on several ranks, peak_mem_gib_per_rank. A collective (the
+        peak all-gather): every rank calls it at the same step."""
+        (tok_s, flops_per_token), peaks = self.interval(), peak_mem_by_rank(device, dims)
+        # tokens/s and FLOPs are the whole job's, so is the peak
+        row = {"tokens_per_s": tok_s, "peak_mem_gib": max(peaks),
+               "mfu": mfu_of(flops_per_token, tok_s, peak * dims.world_size) if peak else None}
+        if dims.distributed:
+            row["peak_mem_gib_per_rank"] = peaks
+        return row
+
 
 def format_row(row: dict, total: int) -> str:
     """The log line of one metrics row."""

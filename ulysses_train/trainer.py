@@ -27,8 +27,7 @@ from .data import build_data
 from .evaluate import training as eval_in_training
 from .guards import NonFiniteGuard, crash_if_asked, nan_injected, set_deterministic
 from .init_from import load_initial_weights
-from .metrics import (Reporter, Throughput, mfu_of, peak_flops, peak_mem_by_rank, span_sq_sum,
-                      with_wandb_fallback)
+from .metrics import Reporter, Throughput, peak_flops, span_sq_sum, with_wandb_fallback
 from .model import document_mask_for, num_params, padded_vocab, select_attention
 from .model_build import build_model, resolve_dtype
 from .model.gpt import model_flops
@@ -318,15 +317,9 @@ class Trainer:
                 or out["skipped"]):
             return
         peak = cfg.debug.peak_flops or peak_flops(self.device)
-        (tok_s, flops_per_token), peaks = meter.interval(), peak_mem_by_rank(self.device, self.dims)
         row = {"step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
-               "lr": out["lr"], "tokens": self.tokens, "tokens_per_s": tok_s,
-               "peak_mem_gib": max(peaks), "skipped": out["skipped"],
-               "skipped_steps": self.guard.total, "mfu": None}
-        if peak:  # tokens/s and FLOPs are the whole job's, so is the peak
-            row["mfu"] = mfu_of(flops_per_token, tok_s, peak * self.dims.world_size)
-        if self.dims.distributed:
-            row["peak_mem_gib_per_rank"] = peaks
+               "lr": out["lr"], "tokens": self.tokens, "skipped": out["skipped"],
+               "skipped_steps": self.guard.total, **meter.fields(self.device, self.dims, peak)}
         if val_due:
             row["val_loss"] = self.evaluate()
         if eval_due:  # held-out loss per position bucket (evaluate/training.py)
