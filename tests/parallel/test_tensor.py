@@ -16,93 +16,23 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from distributed import CollectiveCounter, run_distributed
-from helpers import small_config
+from tp_helpers import (BATCH, SEQ, VOCAB, Recorder, assert_close_tol, build_gpt, error_of,
+                        full_of, local_of, make_inputs, make_optimizer, model_config)
 from ulysses_train.errors import ConfigError
 from ulysses_train.model.attention import sdpa_attention
 from ulysses_train.model.gpt import GPT, token_loss_sum
 from ulysses_train.model.init import copy_full_
 from ulysses_train.model.rope import rope_cos_sin
-from ulysses_train.optim import build_optimizer
 from ulysses_train.parallel import ParallelDims, UlyssesAttention
-from ulysses_train.parallel.sharding import apply_sharding
 from ulysses_train.parallel.tensor import (apply_tensor_parallel, clip_grad_norm_,
                                            grad_norm, vocab_parallel_loss_sum)
 
-SEED, SEQ, BATCH, VOCAB = 7, 32, 2, 256
-TOL = dict(rtol=1e-5, atol=1e-6)
 OPTIMIZERS = ("default", "foreach", "fused")
-
-
-def _inputs():
-    """(input_ids, position_ids, labels), (B, S): row 0 keeps only its first 5 labels."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-    inputs, labels = ids[:, :-1], ids[:, 1:].clone()
-    labels[0, 5:] = -100
-    labels[1, ::3] = -100
-    return inputs, torch.arange(SEQ).expand(BATCH, SEQ), labels
-
-
-def _cfg(**model):
-    return small_config(model=model)
-
-
-def _build(cfg, tp_mesh=None, attention_fn=sdpa_attention, zero3_dims=None) -> GPT:
-    """The trainer's order: meta -> TP -> FSDP2 (ZeRO-3 over dp_sp) -> to_empty -> init."""
-    with torch.device("meta"):
-        model = GPT(cfg.model, attention_fn=attention_fn)
-    if tp_mesh is not None:
-        apply_tensor_parallel(model, tp_mesh)
-    if zero3_dims is not None:
-        apply_sharding(model, zero3_dims, zero=3)
-    model.to_empty(device=torch.device("cpu"))
-    model.init_weights(SEED)
-    return model
-
-
-def _close(got, expected, what=""):
-    torch.testing.assert_close(got, expected, **TOL, msg=lambda m: f"{what}: {m}")
-
-
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _full(t):
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
-
-
-class _Recorder:
-    """An attention_fn that records what reaches it: (type name, q shape, k shape)."""
-
-    def __init__(self, fn):
-        self.fn, self.seen = fn, set()
-
-    def __call__(self, q, k, v, **kw):
-        self.seen.add((type(q).__name__, tuple(q.shape), tuple(k.shape)))
-        return self.fn(q, k, v, **kw)
-
-
-def _optimizer(model, cfg, kind):
-    """The trainer's AdamW (fused only on CUDA), or its param groups with foreach/fused forced."""
-    opt = build_optimizer(model, cfg.optim)  # groups: matrices (DTensors under TP), norms (plain)
-    if kind == "default":
-        return opt
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, **{kind: True})
-
-
-def _error(call, exc_type) -> str | None:
-    try:
-        call()
-    except exc_type as exc:
-        return str(exc)
-    return None
 
 
 def _run_model(model, cfg, cols=slice(None), group=None) -> dict:
     """Token-weighted loss, gradients (summed over the dp_sp `group`), norm and optimizer steps."""
-    ids, pos, labels = (t[:, cols] for t in _inputs())
+    ids, pos, labels = (t[:, cols] for t in make_inputs())
     with CollectiveCounter() as fwd:
         loss_sum, n_valid = model(ids, pos, labels)
     totals = torch.stack([loss_sum.detach().double(), n_valid.double()])
@@ -112,31 +42,31 @@ def _run_model(model, cfg, cols=slice(None), group=None) -> dict:
         (loss_sum / totals[1].float()).backward()
     if group is not None:  # sp ranks saw different tokens: sum every gradient's local shard
         for p in model.parameters():
-            dist.all_reduce(_local(p.grad), group=group)
+            dist.all_reduce(local_of(p.grad), group=group)
     out = {"loss": totals[0].item(), "count": int(totals[1]), "counts": (fwd.total, bwd.total),
            "norm": float(grad_norm(model.parameters())),
-           "grads": {n: _full(p.grad) for n, p in model.named_parameters()}}
+           "grads": {n: full_of(p.grad) for n, p in model.named_parameters()}}
     # One AdamW step per implementation. Gradient := weight, so the step is a bit-exact function
     # of the (bit-exact) init: Adam's first step, ~lr * sign(g), would turn 1e-9 rounding
     # differences of near-zero gradients into visible weight differences.
-    snapshot = [_local(p).detach().clone() for p in model.parameters()]
+    snapshot = [local_of(p).detach().clone() for p in model.parameters()]
     for kind in OPTIMIZERS:
         for p, w in zip(model.parameters(), snapshot):
-            _local(p).detach().copy_(w)
-            _local(p.grad).copy_(w)
-        _optimizer(model, cfg, kind).step()
-        out[kind] = {n: _full(p) for n, p in model.named_parameters()}
+            local_of(p).detach().copy_(w)
+            local_of(p.grad).copy_(w)
+        make_optimizer(model, cfg, kind).step()
+        out[kind] = {n: full_of(p) for n, p in model.named_parameters()}
     return out
 
 
 def _tp_model_case(tp_mesh, cfg) -> dict:
-    recorder = _Recorder(sdpa_attention)
-    model = _build(cfg, tp_mesh, recorder)
-    ids, pos, _ = _inputs()
+    recorder = Recorder(sdpa_attention)
+    model = build_gpt(cfg, tp_mesh, recorder)
+    ids, pos, _ = make_inputs()
     logits = model(ids, pos)
-    out = {"init": {n: _full(p) for n, p in model.named_parameters()},
-           "logits": (type(logits).__name__, tuple(logits.placements), tuple(_local(logits).shape)),
-           "logits_full": _full(logits), "attention_inputs": recorder.seen}
+    out = {"init": {n: full_of(p) for n, p in model.named_parameters()},
+           "logits": (type(logits).__name__, tuple(logits.placements), tuple(local_of(logits).shape)),
+           "logits_full": full_of(logits), "attention_inputs": recorder.seen}
     out.update(_run_model(model, cfg))
     emb = model.tok_embeddings.weight
     out["grad_placements_ok"] = all(p.grad.placements == p.placements
@@ -147,11 +77,11 @@ def _tp_model_case(tp_mesh, cfg) -> dict:
 
 def _pieces(tp_mesh) -> dict:
     """Embedding, attention, SwiGLU and loss of a TP GPT vs the dense GPT (same init): pairs."""
-    cfg = _cfg()
-    model, ref = _build(cfg, tp_mesh), _build(cfg)
+    cfg = model_config()
+    model, ref = build_gpt(cfg, tp_mesh), build_gpt(cfg)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(BATCH, SEQ, cfg.model.d_model, generator=g)
-    ids, pos, labels = _inputs()
+    ids, pos, labels = make_inputs()
     cos, sin = rope_cos_sin(pos, ref.inv_freq)
     pairs = {}
     for name, call in {"attention": lambda m, x: m.layers[0].attention(x, cos, sin),
@@ -162,8 +92,8 @@ def _pieces(tp_mesh) -> dict:
             xi = x.clone().requires_grad_()
             y = call(m, xi)
             (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(4))).sum().backward()
-            grads = {n: _full(p.grad) for n, p in m.named_parameters() if p.grad is not None}
-            outs.append((_full(y), xi.grad, grads))
+            grads = {n: full_of(p.grad) for n, p in m.named_parameters() if p.grad is not None}
+            outs.append((full_of(y), xi.grad, grads))
         pairs[name] = outs
     # The loss alone, on (B, S, V) logits sharded on V; and with no valid label at all.
     z = torch.randn(BATCH, SEQ, VOCAB, generator=g) * 3
@@ -184,41 +114,41 @@ def _pieces(tp_mesh) -> dict:
             logits.requires_grad_()
             loss_sum, count = loss_fn(logits, lab)
             (loss_sum * 0.5).backward()
-            outs.append((loss_sum.detach(), count, _full(logits.grad), type(loss_sum).__name__))
+            outs.append((loss_sum.detach(), count, full_of(logits.grad), type(loss_sum).__name__))
         pairs[case] = outs
     # The single-device loss refuses sharded logits instead of all-gathering them.
-    pairs["refused"] = _error(lambda: token_loss_sum(sharded, labels), TypeError)
+    pairs["refused"] = error_of(lambda: token_loss_sum(sharded, labels), TypeError)
     return pairs
 
 
 def _qkv_bias_case(tp_mesh=None) -> dict:
     """Logits and gradients of a GPT with q/k/v biases (Qwen2) set to distinct non-zero values,
     so a bias sharded differently from its weight's output rows would change the logits."""
-    model = _build(_cfg(qkv_bias=True), tp_mesh)
+    model = build_gpt(model_config(qkv_bias=True), tp_mesh)
     biases = {n: p for n, p in model.named_parameters() if n.endswith(".bias")}
     for i, (name, p) in enumerate(sorted(biases.items())):
         copy_full_(p, torch.linspace(-1.0, 1.0, p.shape[0]) * (i + 1) / len(biases))
-    ids, pos, labels = _inputs()
+    ids, pos, labels = make_inputs()
     loss_sum, n_valid = model(ids, pos, labels)
     (loss_sum / n_valid).backward()
-    return {"logits": _full(model(ids, pos)), "placements": {
+    return {"logits": full_of(model(ids, pos)), "placements": {
                 n: str(getattr(p, "placements", None)) for n, p in biases.items()},
-            "grads": {n: _full(p.grad) for n, p in model.named_parameters()}}
+            "grads": {n: full_of(p.grad) for n, p in model.named_parameters()}}
 
 
 def _two_ranks(rank, world) -> dict:
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     out = {"pieces": _pieces(mesh),
-           "untied": _tp_model_case(mesh, _cfg()),
-           "tied": _tp_model_case(mesh, _cfg(tie_embeddings=True)),
+           "untied": _tp_model_case(mesh, model_config()),
+           "tied": _tp_model_case(mesh, model_config(tie_embeddings=True)),
            "qkv_bias": _qkv_bias_case(mesh)}
     with torch.device("meta"):  # the divisibility check runs before any sharding
-        bad = GPT(_cfg(n_kv_heads=1).model)
-    out["bad"] = _error(lambda: apply_tensor_parallel(bad, mesh), ConfigError)
+        bad = GPT(model_config(n_kv_heads=1).model)
+    out["bad"] = error_of(lambda: apply_tensor_parallel(bad, mesh), ConfigError)
     # Size-1 tp mesh: exactly the single-device model (plain tensors, no collectives).
     size1 = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))["tp"]
-    model = _build(_cfg(), size1)
-    ids, pos, labels = _inputs()
+    model = build_gpt(model_config(), size1)
+    ids, pos, labels = make_inputs()
     out["size1"] = (any(hasattr(p, "placements") for p in model.parameters()),
                     model(ids, pos, labels)[0].detach())
     return out
@@ -228,9 +158,9 @@ def _fsdp_norms(dims, cols) -> tuple[float, float]:
     """(norm, norm after clipping to 0.5) of TP + FSDP2 gradients over dp_sp: DTensors on the 2-D
     (dp_sp, tp) mesh (some `_StridedShard`) next to norms on the 1-D dp_sp mesh, a mix that
     torch.nn.utils.clip_grad_norm_ refuses."""
-    model = _build(_cfg(), dims.meshes["tp"], UlyssesAttention(sdpa_attention, dims.group("sp")),
+    model = build_gpt(model_config(), dims.meshes["tp"], UlyssesAttention(sdpa_attention, dims.group("sp")),
                    zero3_dims=dims)
-    ids, pos, labels = (t[:, cols] for t in _inputs())
+    ids, pos, labels = (t[:, cols] for t in make_inputs())
     loss_sum, n_valid = model(ids, pos, labels)
     dist.all_reduce(n_valid, group=dims.group("dp_sp"))
     (loss_sum / n_valid).backward()  # FSDP2 sums the gradients over dp_sp
@@ -241,16 +171,16 @@ def _fsdp_norms(dims, cols) -> tuple[float, float]:
 def _four_ranks(rank, world) -> dict:
     dims = ParallelDims(tp=2, sp=2, dp=1, world_size=world, rank=rank, device=torch.device("cpu"))
     dims.build_mesh()
-    recorder = _Recorder(UlyssesAttention(sdpa_attention, dims.group("sp")))
-    cfg = _cfg()
-    model = _build(cfg, dims.meshes["tp"], recorder)
+    recorder = Recorder(UlyssesAttention(sdpa_attention, dims.group("sp")))
+    cfg = model_config()
+    model = build_gpt(cfg, dims.meshes["tp"], recorder)
     per_sp = SEQ // dims.sp
     cols = slice(dims.local_rank("sp") * per_sp, (dims.local_rank("sp") + 1) * per_sp)
     tp4 = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     return {"tp2_sp2": _run_model(model, cfg, cols, dims.group("dp_sp")),
             "tp2_sp2_attention_inputs": recorder.seen,
             "tp2_sp2_fsdp_norms": _fsdp_norms(dims, cols),
-            "tp4": _tp_model_case(tp4, _cfg(n_kv_heads=4))}
+            "tp4": _tp_model_case(tp4, model_config(n_kv_heads=4))}
 
 
 @pytest.fixture(scope="module")
@@ -265,10 +195,10 @@ def four_ranks():
 
 @functools.lru_cache(maxsize=None)
 def _reference(tie=False, n_kv_heads=2) -> dict:
-    cfg = _cfg(tie_embeddings=tie, n_kv_heads=n_kv_heads)
-    model = _build(cfg)
-    ids, pos, _ = _inputs()
-    out = {"init": {n: _full(p) for n, p in model.named_parameters()},
+    cfg = model_config(tie_embeddings=tie, n_kv_heads=n_kv_heads)
+    model = build_gpt(cfg)
+    ids, pos, _ = make_inputs()
+    out = {"init": {n: full_of(p) for n, p in model.named_parameters()},
            "logits_full": model(ids, pos).detach()}
     out.update(_run_model(model, cfg))
     out["torch_norm"] = float(torch.nn.utils.get_total_norm(list(out["grads"].values())))
@@ -281,10 +211,10 @@ def _assert_matches_reference(got: dict, ref: dict, init=True) -> None:
     assert got["norm"] == pytest.approx(ref["torch_norm"], rel=1e-5)
     assert ref["norm"] == pytest.approx(ref["torch_norm"], rel=1e-6)  # grad_norm on plain tensors
     for name, expected in ref["grads"].items():
-        _close(got["grads"][name], expected, name)
+        assert_close_tol(got["grads"][name], expected, name)
     for kind in OPTIMIZERS:
         for name, expected in ref[kind].items():
-            _close(got[kind][name], expected, f"{kind} {name}")
+            assert_close_tol(got[kind][name], expected, f"{kind} {name}")
     if init:  # layout-independent init: bit-exact, not approximately
         assert got["init"].keys() == ref["init"].keys()
         for name, expected in ref["init"].items():
@@ -297,7 +227,7 @@ def test_tp2_model_equals_one_process(two_ranks, tie):
     for rank_out in two_ranks:
         got = rank_out["tied" if tie else "untied"]
         _assert_matches_reference(got, ref)
-        _close(got["logits_full"], ref["logits_full"], "logits")
+        assert_close_tol(got["logits_full"], ref["logits_full"], "logits")
         assert got["counts"] == (7, 5)  # fwd: emb + 2/layer + 2 loss; bwd: 2/layer + head input
         # Gradients keep their parameter's layout; the vocab-parallel embedding's gradient is
         # this rank's rows, not a full (V, d) copy.
@@ -311,10 +241,10 @@ def test_tp2_shards_qkv_biases_with_their_weights(two_ranks):
     for rank_out in two_ranks:
         got = rank_out["qkv_bias"]
         assert set(got["placements"].values()) == {"(Shard(dim=0),)"}
-        _close(got["logits"], ref["logits"], "logits")
+        assert_close_tol(got["logits"], ref["logits"], "logits")
         assert got["grads"].keys() == ref["grads"].keys()
         for name, expected in ref["grads"].items():
-            _close(got["grads"][name], expected, name)
+            assert_close_tol(got["grads"][name], expected, name)
 
 
 def test_tp_logits_stay_vocab_sharded(two_ranks, four_ranks):
@@ -340,12 +270,12 @@ def test_tp_attention_kernel_sees_local_heads(two_ranks, four_ranks):
 def test_tp_piece_equals_dense(two_ranks, piece):
     for rank_out in two_ranks:
         (y, dx, grads), (y_ref, dx_ref, grads_ref) = rank_out["pieces"][piece]
-        _close(y, y_ref, "output")
+        assert_close_tol(y, y_ref, "output")
         if dx_ref is not None:  # the embedding's input is integer ids
-            _close(dx, dx_ref, "input grad")
+            assert_close_tol(dx, dx_ref, "input grad")
         assert grads.keys() == grads_ref.keys() and grads
         for name in grads_ref:
-            _close(grads[name], grads_ref[name], name)
+            assert_close_tol(grads[name], grads_ref[name], name)
 
 
 @pytest.mark.parametrize("case", ["loss", "loss_all_ignored", "loss_wide_range"])
@@ -358,8 +288,8 @@ def test_vocab_parallel_loss_equals_dense(two_ranks, case):
         assert kind == "Tensor"  # a plain tensor: the trainer divides and all-reduces it as before
         assert int(count) == int(count_ref)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
-        _close(loss, loss_ref, "loss sum")
-        _close(grad, grad_ref, "logits grad")
+        assert_close_tol(loss, loss_ref, "loss sum")
+        assert_close_tol(grad, grad_ref, "logits grad")
         if case == "loss_all_ignored":
             assert float(loss) == 0.0 and not grad.any()
         assert "model.loss_fn" in rank_out["pieces"]["refused"]
@@ -382,8 +312,8 @@ def test_grad_norm_and_clip_over_tp_and_fsdp_meshes(four_ranks):
 
 
 def test_tp_size1_is_the_dense_model_and_bad_configs_fail_first(two_ranks):
-    ids, pos, labels = _inputs()
-    ref_loss = _build(_cfg())(ids, pos, labels)[0].detach()
+    ids, pos, labels = make_inputs()
+    ref_loss = build_gpt(model_config())(ids, pos, labels)[0].detach()
     for rank_out in two_ranks:
         has_dtensor, loss = rank_out["size1"]
         assert not has_dtensor and torch.equal(loss, ref_loss)
@@ -397,7 +327,7 @@ def test_clip_grad_norm_matches_torch_on_plain_tensors(norm_type):
     ours, theirs = ([torch.nn.Parameter(torch.zeros(5, 3)) for _ in grads] for _ in range(2))
     for p, q, grad in zip(ours, theirs, grads):
         p.grad, q.grad = grad.clone(), grad.clone()
-    _close(clip_grad_norm_(ours, 0.5, norm_type),  # ours is float64: accumulated in float64
+    assert_close_tol(clip_grad_norm_(ours, 0.5, norm_type),  # ours is float64: accumulated in float64
            torch.nn.utils.clip_grad_norm_(theirs, 0.5, norm_type).double(), "norm")
     for p, q in zip(ours, theirs):
-        _close(p.grad, q.grad, "clipped grad")
+        assert_close_tol(p.grad, q.grad, "clipped grad")
