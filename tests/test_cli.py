@@ -73,3 +73,24 @@ def test_restart_warning_only_when_restarts_cannot_work():
     assert cli.restart_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
     assert cli.restart_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
     assert cli.restart_warning({}) is None
+
+
+def test_hydra_config_yaml_is_rewritten_only_when_init_from_or_auto_changed_it(tmp_path):
+    """Catches: .hydra/config.yaml showing the model= preset while model.init_from decided the
+    architecture (or the composed layout while parallel.auto chose another)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    composed = cli.precheck([])
+    (tmp_path / "config.yaml").write_text("hydra's composition\n")
+    assert not cli.write_effective_config(str(tmp_path), composed, composed)
+    assert (tmp_path / "config.yaml").read_text() == "hydra's composition\n"
+    imported = dataclasses.replace(composed, model=dataclasses.replace(
+        composed.model, n_layers=5, init_from="/models/src"))
+    assert cli.write_effective_config(str(tmp_path), composed, imported)
+    text = (tmp_path / "config.yaml").read_text()
+    assert text.startswith("# the config this run uses: Hydra's composition with model.init_from")
+    assert OmegaConf.create(text).model.n_layers == 5
+    assert os.listdir(tmp_path) == ["config.yaml"]  # no .tmp left behind
+    assert not cli.write_effective_config(str(tmp_path / "none"), composed, imported)

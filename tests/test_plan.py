@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from ulysses_train.config import validate
 from ulysses_train.plan import cli as plan_cli
@@ -222,3 +223,6 @@ def test_parallel_auto_runs_the_planned_layout_for_two_steps(tmp_path):
     banner = (f"layout: dp={chosen['parallel.dp']} sp={chosen['parallel.sp']} "
               f"tp={chosen['parallel.tp']}")
     assert banner in done.stdout  # the trainer ran what the plan chose
+    recorded = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["parallel"]
+    assert {f"parallel.{k}": str(recorded[k]) for k in ("dp", "sp", "tp")}.items() <= \
+        chosen.items()  # and the run dir records it, not the composed layout

@@ -215,6 +215,25 @@ def fail(error: ConfigError, rank: int) -> NoReturn:
     sys.exit(error.exit_code)
 
 
+def write_effective_config(hydra_dir: str, composed: Config, config: Config) -> bool:
+    """Rewrite `hydra_dir`/config.yaml with `config` (what the run uses) when model.init_from or
+    parallel.auto made it differ from `composed` (what Hydra wrote before they applied), so the
+    run dir's record tells the truth; atomically, with a first comment line saying so. Returns
+    whether it wrote. Nothing happens without a config.yaml there (hydra.output_subdir=null)."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(hydra_dir, "config.yaml")
+    if config == composed or not os.path.isfile(path):
+        return False
+    applied = [name for name, on in (("model.init_from", config.model.init_from),
+                                     ("parallel.auto", config.parallel.auto)) if on]
+    with open(path + ".tmp", "w") as f:
+        f.write(f"# the config this run uses: Hydra's composition with {' and '.join(applied)} "
+                "applied\n" + OmegaConf.to_yaml(OmegaConf.structured(config)))
+    os.replace(path + ".tmp", path)
+    return True
+
+
 def run_job(cfg, run, rank: int, world_size: int, *, auto: bool = True) -> NoReturn:
     """The body of a Hydra entry point (train.py, scripts/eval.py): the composed `cfg` (a
     DictConfig) to our dataclasses with `model.init_from` (and, if `auto`, `parallel.auto`)
@@ -225,11 +244,15 @@ def run_job(cfg, run, rank: int, world_size: int, *, auto: bool = True) -> NoRet
     from omegaconf import OmegaConf
 
     try:
-        overrides = HydraConfig.get().overrides.task
-        config = apply_init_from(OmegaConf.to_object(cfg), explicit_model_keys(overrides))
+        hydra = HydraConfig.get()
+        composed = OmegaConf.to_object(cfg)
+        config = apply_init_from(composed, explicit_model_keys(hydra.overrides.task))
         if auto:
-            config = apply_auto(config, overrides, world_size, log=rank == 0)
-        code = run(config, HydraConfig.get().runtime.output_dir)
+            config = apply_auto(config, hydra.overrides.task, world_size, log=rank == 0)
+        if hydra.output_subdir is not None:  # rank 0 only (rank_overrides)
+            write_effective_config(os.path.join(hydra.runtime.output_dir, hydra.output_subdir),
+                                   composed, config)
+        code = run(config, hydra.runtime.output_dir)
     except ConfigError as error:
         fail(error, rank)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one stops politely, with a save)
