@@ -2,7 +2,8 @@
 
 Composes the overrides exactly as train.py does (cli.py), enumerates every layout (search.py)
 and prints a table, or with plan.format=json only JSON on stdout: `best` (the layout's knobs,
-`peak_gib`, `step_s`, `command`) and `layouts` (each with `fits` and, when not, `why`). Creates
+`peak_gib`, `step_s`, `command`) and `layouts` (each with `fits` and, when not, `why`); a
+`parallel.shard_group` the user set appears as `shard_group` in each (search.py keeps it fixed). Creates
 no run dir and no process group; imports no torch beyond what the config module needs.
 Bad input: one line `error: <key>: ...` on stderr, exit 2.
 """
@@ -164,10 +165,10 @@ def shard_group_error(cfg: Config, layouts: list) -> ConfigError | None:
                                     x.get("parallel.dp") * x.get("parallel.sp")))
     groups = {(y.get("parallel.dp"), y.get("parallel.sp"), y.get("parallel.zero"))
               for y in refused if y.get("parallel.zero") > 0}
-    sizes = sorted({k for dp, sp, zero in groups for k in _valid_groups(cfg.parallel, dp, sp, zero)})
-    knobs = " ".join(f"{k.split('.')[1]}={x.get(k)}" for k in ("parallel.tp", "parallel.sp", "parallel.ring", "parallel.dp",
-                                                      "parallel.zero")
-                     if k in x.overrides)
+    sizes = sorted({k for dp, sp, zero in groups
+                    for k in _valid_groups(cfg.parallel, dp, sp, zero)})
+    shown = ("parallel.tp", "parallel.sp", "parallel.ring", "parallel.dp", "parallel.zero")
+    knobs = " ".join(f"{k.split('.')[1]}={x.get(k)}" for k in shown if k in x.overrides)
     hint = f"; sizes these layouts take: {', '.join(map(str, sizes))}" if sizes else ""
     return ConfigError("parallel.shard_group", f"{group} suits no layout of {gpus} GPUs (e.g. "
                        f"{knobs}: {x.error.message}){hint}")
