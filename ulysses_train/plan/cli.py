@@ -3,8 +3,8 @@
 Composes the overrides exactly as train.py does (cli.py), enumerates every layout (search.py)
 and prints a table, or with plan.format=json only JSON on stdout: `best` (the layout's knobs,
 `peak_gib`, `step_s`, `command`) and `layouts` (each with `fits` and, when not, `why`); a
-`parallel.shard_group` the user set appears as `shard_group` in each (search.py keeps it fixed). Creates
-no run dir and no process group; imports no torch beyond what the config module needs.
+`parallel.shard_group` the user set appears as `shard_group` in each (search.py keeps it fixed).
+Creates no run dir and no process group; imports no torch beyond what the config module needs.
 Bad input: one line `error: <key>: ...` on stderr, exit 2.
 """
 from __future__ import annotations

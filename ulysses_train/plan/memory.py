@@ -1,13 +1,14 @@
 """Per-rank peak memory of one training step, broken down, by walking the step's timeline.
 
 Model states follow ZeRO (Rajbhandari et al. 2020, sec. 3): fp32 master weights (4 B/param),
-fp32 gradients (4), AdamW's two fp32 moments (8), each divided by n where parallel/sharding.py shards it: n = dp·sp,
-or the shard group under hybrid sharding (parallel.shard_group; each of the dp·sp/n replicas holds
-the same n shards, so a rank stores 1/n, not 1/(dp·sp)). What FSDP2 gathers or keeps unsharded
-(a block's parameters in the compute dtype, a block's full gradient before its reduce-scatter)
-does not depend on n, and HSDP's cross-replica all-reduce works in place on the reduce-scattered
-shard (torch FSDP2 foreach_reduce), so it adds no buffer. Activations come from activations.py. Instead of adding
-every term's maximum (which overstates: grads grow while activations shrink), the step is walked
+fp32 gradients (4), AdamW's two fp32 moments (8), each divided by n where parallel/sharding.py
+shards it: n = dp·sp, or the shard group under hybrid sharding (parallel.shard_group; each of
+the dp·sp/n replicas holds the same n shards, so a rank stores 1/n, not 1/(dp·sp)). What FSDP2
+gathers or keeps unsharded (a block's parameters in the compute dtype, a block's full gradient
+before its reduce-scatter) does not depend on n, and HSDP's cross-replica all-reduce works in
+place on the reduce-scattered shard (torch FSDP2 foreach_reduce; one block's shard in flight at
+a time), so it adds no term. Activations come from activations.py. Instead of adding every
+term's maximum (which overstates: grads grow while activations shrink), the step is walked
 phase by phase (end of forward, head backward, each block's backward from the last, optimizer
 step) and the peak is the largest phase; the breakdown is that phase's.
 
