@@ -6,7 +6,9 @@ Usage: python scripts/plan_check.py   (one 4-rank gloo spawn, ~1 min on 2 cores)
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# this checkout's package and tests, not whichever ulysses_train is installed
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from distributed import run_distributed  # noqa: E402
 from test_plan import FOUR_RANKS, SINGLE, _measure, _predicted  # noqa: E402

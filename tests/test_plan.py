@@ -1,10 +1,10 @@
 """The planner: CLI contract, parallel.auto, and the memory model against measured peaks.
 
 The memory test measures live tensor bytes (torch's MemTracker, plan/measure.py) of the
-trainer's step in 11 configurations and holds the prediction (plan/memory.py) to +-10 %: one
+trainer's step in 12 configurations and holds the prediction (plan/memory.py) to +-10 %: one
 process (every checkpointing mode, offload, tiled MLP/loss) and 4 gloo ranks (sp=4, sp=2 x dp=2
-zero=3, tp=2 x dp=2, sp=2 x dp=2 selective, Ulysses x ring sp=4 ring=2, pure ring sp=4 ring=4
-selective), all in one 4-rank spawn. Shapes are chosen so the
+zero=3, the same with shard_group=2 (HSDP), tp=2 x dp=2, sp=2 x dp=2 selective, Ulysses x ring
+sp=4 ring=2, pure ring sp=4 ring=4 selective), all in one 4-rank spawn. Shapes are chosen so the
 blocks' activations, not the logits, are most of the peak.
 """
 import json
@@ -42,6 +42,9 @@ FOUR_RANKS = {
     "sp=4": dict(parallel={"sp": 4}, data={"seq_len": 2048}, train={**ONE, "loss_chunk": 0}),
     "sp=2 x dp=2 zero=3": dict(parallel={"sp": 2, "zero": 3}, data={"seq_len": 2048},
                                train={**TWO_ROWS, "loss_chunk": 0}),
+    "sp=2 x dp=2 zero=3 shard_group=2": dict(  # HSDP: replicate 2 x shard 2 (one sp group)
+        parallel={"sp": 2, "zero": 3, "shard_group": 2}, data={"seq_len": 2048},
+        train={**TWO_ROWS, "loss_chunk": 0}),
     "tp=2 x dp=2": dict(parallel={"tp": 2}, data={"seq_len": 1024},
                         train={**TWO_ROWS, "loss_chunk": 0}),
     "sp=2 x dp=2 selective": dict(parallel={"sp": 2}, data={"seq_len": 2048},
@@ -66,7 +69,7 @@ def _measure(rank, world):
         cfg = small_config(model=MODEL, **sections)
         p = cfg.parallel
         dims = ParallelDims(tp=p.tp, sp=p.sp, dp=world // (p.tp * p.sp), world_size=world,
-                            rank=rank, device=cpu, ring=p.ring)
+                            rank=rank, device=cpu, ring=p.ring, shard_group=p.shard_group)
         dims.build_mesh()
         out[name] = measured_peak(cfg, dims)
     return out

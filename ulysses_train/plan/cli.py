@@ -2,8 +2,9 @@
 
 Composes the overrides exactly as train.py does (cli.py), enumerates every layout (search.py)
 and prints a table, or with plan.format=json only JSON on stdout: `best` (the layout's knobs,
-`peak_gib`, `step_s`, `command`) and `layouts` (each with `fits` and, when not, `why`). Creates
-no run dir and no process group; imports no torch beyond what the config module needs.
+`peak_gib`, `step_s`, `command`) and `layouts` (each with `fits` and, when not, `why`); a
+`parallel.shard_group` the user set appears as `shard_group` in each (search.py keeps it fixed).
+Creates no run dir and no process group; imports no torch beyond what the config module needs.
 Bad input: one line `error: <key>: ...` on stderr, exit 2.
 """
 from __future__ import annotations
@@ -11,18 +12,20 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from dataclasses import replace
 from typing import Sequence
 
-from ..config import Config, validate
+from ..config import Config, ParallelConfig, validate
+from ..config_validate import validate_shard_group
 from ..errors import ConfigError
 from .config import validate_plan
 from .memory import GIB
-from .search import Layout, apply, search
+from .search import Layout, apply, divisors, search
 from .timing import DEFAULT_TFLOPS, Links
 
 KNOBS = ("parallel.tp", "parallel.sp", "parallel.ring", "parallel.dp", "parallel.zero",
          "train.activation_checkpointing", "train.activation_offload", "train.mlp_chunk",
-         "train.loss_chunk", "train.micro_batch_size")
+         "train.loss_chunk", "train.micro_batch_size", "parallel.shard_group")
 
 
 def explicit_knobs(overrides: Sequence[str], cfg: Config) -> dict:
@@ -104,8 +107,10 @@ def invalid_error(cfg: Config, layouts: list, fixed: dict) -> ConfigError:
     """Why no layout passes train.py's validation, naming the key at fault: a non-positive
     degree; then whether the
     smallest world size the user's fixed parallel degrees need (tp x sp x dp, sp defaulting to
-    the ring) divides plan.gpus; then those degrees validated on their own at that world size;
-    then the commonest error train.py's validation gave a candidate."""
+    the ring) divides plan.gpus; then those degrees validated on their own at that world size
+    (parallel.shard_group aside: it depends on dp, which the plan chooses); then
+    parallel.shard_group, if it alone refuses some layouts (shard_group_error); then the
+    commonest error train.py's validation gave a candidate."""
     gpus = cfg.plan.gpus
     ring = fixed.get("parallel.ring", 1)
     degrees = {"parallel.tp": fixed.get("parallel.tp", 1), "parallel.ring": ring,
@@ -124,13 +129,62 @@ def invalid_error(cfg: Config, layouts: list, fixed: dict) -> ConfigError:
                            f"{dp} = {need} GPUs (the ring divides sp), but there are {gpus}; "
                            f"choose degrees whose product divides {gpus}")
     try:
-        validate(apply(cfg, degrees), need)
+        validate(apply(cfg, {**degrees, "parallel.shard_group": 0}), need)
     except ConfigError as error:
         return error
+    group_error = shard_group_error(cfg, layouts)
+    if group_error is not None:
+        return group_error
     errors = Counter((x.error.key, x.error.message) for x in layouts if x.error)
     if errors:
         return ConfigError(*errors.most_common(1)[0][0])
     return ConfigError("parallel", f"no layout of {gpus} GPUs passes train.py's validation")
+
+
+def shard_group_error(cfg: Config, layouts: list) -> ConfigError | None:
+    """The `parallel.shard_group` error when it is what refuses the layouts: some layout that
+    train.py's validation accepts with the default group is refused with the user's. Names an
+    example layout with train.py's own message and the group sizes those layouts would take
+    (each checked by the same validation); None when the group is not at fault."""
+    group, gpus = cfg.parallel.shard_group, cfg.plan.gpus
+    if group in (0, -1):
+        return None
+    refused = []
+    for x in layouts:
+        if x.error is None or x.error.key != "parallel.shard_group":
+            continue
+        try:
+            validate(apply(cfg, {**x.overrides, "parallel.shard_group": 0}), gpus)
+        except ConfigError:
+            continue  # refused for another reason as well: not the group's fault alone
+        refused.append(x)
+    if not refused:
+        return None
+    # the example: a sharded layout (zero 2/3) with the largest dp x sp group, where most sizes fit
+    x = max(refused, key=lambda x: (x.get("parallel.zero") > 0,
+                                    x.get("parallel.dp") * x.get("parallel.sp")))
+    groups = {(y.get("parallel.dp"), y.get("parallel.sp"), y.get("parallel.zero"))
+              for y in refused if y.get("parallel.zero") > 0}
+    sizes = sorted({k for dp, sp, zero in groups
+                    for k in _valid_groups(cfg.parallel, dp, sp, zero)})
+    shown = ("parallel.tp", "parallel.sp", "parallel.ring", "parallel.dp", "parallel.zero")
+    knobs = " ".join(f"{k.split('.')[1]}={x.get(k)}" for k in shown if k in x.overrides)
+    hint = f"; sizes these layouts take: {', '.join(map(str, sizes))}" if sizes else ""
+    return ConfigError("parallel.shard_group", f"{group} suits no layout of {gpus} GPUs (e.g. "
+                       f"{knobs}: {x.error.message}){hint}")
+
+
+def _valid_groups(p: ParallelConfig, dp: int, sp: int, zero: int) -> list[int]:
+    """The shard-group sizes train.py's check (config_validate.validate_shard_group) accepts at
+    these dp, sp and zero."""
+    out = []
+    for k in divisors(dp * sp):
+        try:
+            validate_shard_group(replace(p, sp=sp, zero=zero, shard_group=k), dp)
+        except ConfigError:
+            continue
+        out.append(k)
+    return out
 
 
 def _fits(cfg: Config, fixed: dict, gpus: int | None = None, seq: int | None = None) -> bool:

@@ -1,9 +1,14 @@
 """Per-rank peak memory of one training step, broken down, by walking the step's timeline.
 
 Model states follow ZeRO (Rajbhandari et al. 2020, sec. 3): fp32 master weights (4 B/param),
-fp32 gradients (4), AdamW's two fp32 moments (8), each divided by n = dp·sp where
-parallel/sharding.py shards it. Activations come from activations.py. Instead of adding
-every term's maximum (which overstates: grads grow while activations shrink), the step is walked
+fp32 gradients (4), AdamW's two fp32 moments (8), each divided by n where parallel/sharding.py
+shards it: n = dp·sp, or the shard group under hybrid sharding (parallel.shard_group; each of
+the dp·sp/n replicas holds the same n shards, so a rank stores 1/n, not 1/(dp·sp)). What FSDP2
+gathers or keeps unsharded (a block's parameters in the compute dtype, a block's full gradient
+before its reduce-scatter) does not depend on n, and HSDP's cross-replica all-reduce works in
+place on the reduce-scattered shard (torch FSDP2 foreach_reduce; one block's shard in flight at
+a time), so it adds no term. Activations come from activations.py. Instead of adding every
+term's maximum (which overstates: grads grow while activations shrink), the step is walked
 phase by phase (end of forward, head backward, each block's backward from the last, optimizer
 step) and the peak is the largest phase; the breakdown is that phase's.
 
@@ -46,7 +51,7 @@ class Breakdown:
 
 
 def param_bytes(sh: Shapes) -> int:
-    """The master weights this rank stores: fp32, sharded over n with ZeRO."""
+    """The master weights this rank stores: fp32, divided by the shard group n with ZeRO."""
     return FP32 * sh.params() // sh.n_shard
 
 
@@ -60,7 +65,7 @@ def gathered_bytes(sh: Shapes, blocks: int) -> int:
     `blocks` blocks (the one running and the one prefetched).
     """
     pbytes = sh.act_bytes
-    if sh.n_shard == 1:
+    if not sh.fsdp:
         if sh.act_bytes == FP32:
             return 0
         kept = sh.L if sh.ac == "none" else 1
@@ -105,7 +110,7 @@ def _phases(sh: Shapes, device: str):
     between = act.rope_tables(sh)
     final_norm = T * act.norm_saved(sh, device) + T * sh.d * a  # its x, stats, and output
     recompute = 0 if sh.ac == "none" else act.block_saved(sh, device) - kept
-    flat = FP32 * sh.params() if (sh.n_shard == 1 and sh.dp * sh.sp > 1) else 0
+    flat = FP32 * sh.params() if (not sh.fsdp and sh.dp * sh.sp > 1) else 0
     # forward: the last block running, every block kept
     yield Breakdown(**static, phase="forward, last block",
                     params=master + gathered_bytes(sh, 2),
@@ -118,7 +123,7 @@ def _phases(sh: Shapes, device: str):
                     transient=max(act.head_working_set(sh, False), act.head_kept(sh)))
     yield Breakdown(**static, phase="backward, head + loss",
                     params=master + gathered_bytes(sh, 1), activations=head,
-                    grads=grad_bytes(sh, 0, True) + (FP32 * sh.root_params() if sh.n_shard > 1 else 0),
+                    grads=grad_bytes(sh, 0, True) + (FP32 * sh.root_params() if sh.fsdp else 0),
                     transient=act.head_working_set(sh, True) + T * sh.d * a)
     # CPU offload: the "host" copies are in the same memory, and ActivationOffload holds every
     # parked tensor until the next forward (its _handles), so nothing parked shrinks in backward.
@@ -126,7 +131,7 @@ def _phases(sh: Shapes, device: str):
     for done in (0, L - 1):  # grads grow and activations shrink linearly: the ends suffice
         left = L - done
         stays = (done * sh.T * sh.d * a + final_norm + act.head_kept(sh)) if parked_stay else 0
-        unsharded = FP32 * sh.block_params() if sh.n_shard > 1 else 0
+        unsharded = FP32 * sh.block_params() if sh.fsdp else 0
         yield Breakdown(**static, phase=f"backward, block {left - 1}",
                         params=master + gathered_bytes(sh, 2),
                         activations=kept * left + between + stays,

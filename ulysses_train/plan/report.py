@@ -39,6 +39,12 @@ def ring_note(best: Layout, layouts: list) -> list[str]:
             "untested)"]
 
 
+def _group(cfg: Config) -> str:
+    """The user's parallel.shard_group (kept fixed, search.py), unless it is the default."""
+    n = cfg.parallel.shard_group
+    return "" if n in (0, -1) else f", ZeRO sharded within groups of {n} (parallel.shard_group)"
+
+
 def table(cfg: Config, best: Layout, layouts: list, command: str) -> str:
     p, m = cfg.plan, cfg.model
     n_fit = sum(x.fits for x in layouts)
@@ -46,7 +52,8 @@ def table(cfg: Config, best: Layout, layouts: list, command: str) -> str:
             "fits / why not")
     out = [f"plan: {m.name} ({m.n_layers} layers, d {m.d_model}), {cfg.data.seq_len:,} tokens x "
            f"{cfg.train.global_batch_size} rows per step on {p.gpus} GPUs of {p.gpu_mem_gib:g} GiB "
-           f"({p.gpus_per_node} per node); {len(layouts)} layouts, {n_fit} fit", "", head]
+           f"({p.gpus_per_node} per node){_group(cfg)}; {len(layouts)} layouts, {n_fit} fit", "",
+           head]
     out += [_line(x) for x in layouts if x.fits][:SHOWN]
     too_big = [x for x in layouts if x.memory is not None and not x.fits]
     out += [_line(x) for x in sorted(too_big, key=lambda x: x.memory.total)[:4]]

@@ -4,6 +4,12 @@ Validity is decided only by the project's own `config.validate` with the planned
 a key another branch adds to the validation (a ring degree, a shard group) is respected as soon
 as it exists: the plan never proposes what train.py refuses. A dimension whose config key does
 not exist yet (`parallel.ring` before the ring branch) is skipped.
+
+`parallel.shard_group` (hybrid sharding) is not searched: the group is chosen by the cluster (one
+node's GPUs), not by the model. A value the user set is kept fixed in every candidate (and shown
+among its knobs); candidates where it is invalid (it must divide dp x sp, be a multiple of sp,
+with zero 2 or 3) are refused by `config.validate` like any other, and the memory and time models
+(shapes.py n_shard / replicas) use it for the rest.
 """
 from __future__ import annotations
 
@@ -56,7 +62,8 @@ def apply(cfg: Config, overrides: dict) -> Config:
 
 
 def dimensions(cfg: Config, gpus: int, gpus_per_node: int, fixed: dict) -> dict:
-    """The values tried for each knob; a key in `fixed` (set by the user) keeps its value."""
+    """The values tried for each knob; a key in `fixed` (set by the user) keeps its value, and
+    a parallel.shard_group the user set (other than the default 0 / -1) joins as a fixed knob."""
     t = cfg.train
     has_ring = hasattr(ParallelConfig(), "ring")
     dims = {
@@ -72,7 +79,8 @@ def dimensions(cfg: Config, gpus: int, gpus_per_node: int, fixed: dict) -> dict:
     if has_ring:
         dims["parallel.ring"] = divisors(gpus)
     for key, value in fixed.items():
-        if key in dims or key == "parallel.dp":
+        if key in dims or key == "parallel.dp" or (
+                key == "parallel.shard_group" and value not in (0, -1)):
             dims[key] = [value]
     return dims
 

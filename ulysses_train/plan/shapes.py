@@ -3,7 +3,9 @@
 Notation (per rank): B micro-batch rows, s = S'/P local tokens (S' = seq_len padded by
 parallel/layout.py), T = B * s, tp tensor-parallel degree, P = sp, R = ring, U = P / R
 Ulysses degree, hq = Hq / tp and hkv = Hkv / tp local heads of D = d / Hq, F = ffn_hidden / tp,
-V = padded vocabulary, n = dp * sp the ZeRO sharding group (parallel/sharding.py).
+V = padded vocabulary, n = the ZeRO sharding group: dp * sp, or parallel.shard_group ranks of it
+under hybrid sharding (HSDP), whose dp * sp / n replicas each hold a full copy of the shards
+(parallel/sharding.py, parallel/mesh.py ParallelDims.replicas).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class Shapes:
     qkv_bias: bool
     act_bytes: int  # 4 (fp32) or 2 (bf16 autocast)
     accum: int  # micro-batches per optimizer step
+    shard_group: int  # ranks of dp * sp that ZeRO shards over, resolved (0 / -1 -> dp * sp)
 
     @property
     def T(self) -> int:
@@ -49,9 +52,22 @@ class Shapes:
         return self.sp // self.ring
 
     @property
+    def fsdp(self) -> bool:
+        """Whether FSDP2 wraps the model: zero > 0 with more than one rank in dp * sp
+        (parallel/sharding.py apply_sharding), even when a shard group is one rank."""
+        return self.zero > 0 and self.dp * self.sp > 1
+
+    @property
     def n_shard(self) -> int:
-        """ZeRO sharding group size dp * sp (1: nothing is sharded)."""
-        return self.dp * self.sp if self.zero > 0 else 1
+        """How many ways ZeRO divides parameters, gradients and optimizer state: the shard group
+        (dp * sp unless parallel.shard_group makes it smaller); 1 at zero 0."""
+        return self.shard_group if self.zero > 0 else 1
+
+    @property
+    def replicas(self) -> int:
+        """Copies of each shard (dp * sp / shard_group; 1 = plain ZeRO): HSDP all-reduces the
+        reduce-scattered gradients across them."""
+        return self.dp * self.sp // self.shard_group
 
     @property
     def kv_attn(self) -> int:
@@ -94,10 +110,13 @@ def shapes_of(cfg: Config, world_size: int, device: str = "cuda") -> Shapes:
     precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
     s = padded_seq(cfg.data.seq_len, p.sp, ring) // p.sp
     accum = max(1, t.global_batch_size // (t.micro_batch_size * dp))
+    # as ParallelDims resolves it: 0 / -1 = the whole dp x sp group (validated by config.validate)
+    group = p.shard_group if p.shard_group not in (0, -1) else dp * p.sp
     return Shapes(L=m.n_layers, d=m.d_model, hq=m.n_heads // p.tp, hkv=m.n_kv_heads // p.tp,
                   D=m.d_model // m.n_heads, F=m.ffn_hidden // p.tp,
                   V=padded_vocab(m.vocab_size), B=t.micro_batch_size, S=cfg.data.seq_len, s=s,
                   tp=p.tp, sp=p.sp, ring=ring, dp=dp, zero=p.zero,
                   ac=t.activation_checkpointing, offload=t.activation_offload,
                   mlp_chunk=t.mlp_chunk, loss_chunk=t.loss_chunk, tied=m.tie_embeddings,
-                  qkv_bias=m.qkv_bias, act_bytes=2 if precision == "bf16" else 4, accum=accum)
+                  qkv_bias=m.qkv_bias, act_bytes=2 if precision == "bf16" else 4, accum=accum,
+                  shard_group=group)

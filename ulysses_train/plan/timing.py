@@ -20,7 +20,16 @@ all-gather or reduce-scatter (n-1)/n, an all-to-all (n-1)/n (Thakur et al. 2005)
 - data parallel: zero 0 all-reduces the fp32 gradients once after backward (exposed, the
   trainer reduces after the last micro-batch); zero 2/3 all-gather parameters and
   reduce-scatter gradients per block, which FSDP2 prefetches behind compute: exposed only
-  beyond compute.
+  beyond compute. The group is the shard group of n = parallel.shard_group ranks (dp·sp by
+  default), spanning tp·n consecutive ranks (parallel/mesh.py: a shard group is a block of
+  consecutive ranks), so a node-sized group stays on the intra-node link.
+- hybrid sharding (HSDP, r = dp·sp / n replicas > 1; parallel/sharding.py): after each block's
+  reduce-scatter, FSDP2 all-reduces the rank's fp32 gradient shard across the r replicas, once
+  per step (on the last micro-batch only): 4·N/n bytes per rank (N parameters of this tp rank)
+  at ring cost 2·(r-1)/r, over a group strided by tp·n ranks, so it spans the world (the
+  inter-node link beyond one node). It overlaps backward like the in-group collectives and
+  shares their budget: t_zero + t_replica is hidden behind compute, the rest is exposed (the
+  in-group collectives take the budget first; the replica all-reduce is the part that waits).
 """
 from __future__ import annotations
 
@@ -93,18 +102,30 @@ def _collectives(sh: Shapes, world: int, links: Links, attn_s: float, compute_s:
     if sh.tp > 1:
         vol = T * sh.d * a * 2 * (sh.tp - 1) / sh.tp
         out["tp all-reduce"] = (vol * 2 * passes * L * micro / links.bytes_per_s(sh.tp), "exposed")
-    n = sh.dp * sh.sp
-    if n > 1:
-        bw = links.bytes_per_s(world)
+    if sh.dp * sh.sp > 1:
+        out.update(_data_parallel(sh, world, links, compute_s))
+    return out
+
+
+def _data_parallel(sh: Shapes, world: int, links: Links, compute_s: float) -> dict:
+    """Seconds of the gradient (and, under ZeRO, parameter) collectives over dp·sp: see the
+    module docstring for the volumes; zero > 0 hides them behind `compute_s` together."""
+    n, a, micro = sh.dp * sh.sp, sh.act_bytes, sh.accum
+    if sh.zero == 0:
         frac = (n - 1) / n
-        if sh.zero == 0:
-            out["dp gradient all-reduce"] = (4 * sh.params() * 2 * frac / bw, "exposed")
-        else:
-            gathers = 1 if sh.zero == 2 else 2 * micro
-            vol = (a * sh.params() * gathers + 4 * sh.params() * micro) * frac
-            t = vol / bw
-            out["zero all-gather + reduce-scatter"] = (max(0.0, t - compute_s), "exposed")
-            out["zero hidden"] = (min(t, compute_s), "overlapped")
+        return {"dp gradient all-reduce": (4 * sh.params() * 2 * frac / links.bytes_per_s(world),
+                                           "exposed")}
+    n, r = sh.n_shard, sh.replicas
+    gathers = 1 if sh.zero == 2 else 2 * micro
+    vol = (a * sh.params() * gathers + 4 * sh.params() * micro) * (n - 1) / n
+    t_zero = vol / links.bytes_per_s(sh.tp * n)
+    out = {"zero all-gather + reduce-scatter": (max(0.0, t_zero - compute_s), "exposed"),
+           "zero hidden": (min(t_zero, compute_s), "overlapped")}
+    if r > 1:  # HSDP: all-reduce each rank's fp32 gradient shard across the r replicas
+        t = 4 * sh.params() / n * 2 * (r - 1) / r / links.bytes_per_s(world)
+        left = max(0.0, compute_s - t_zero)  # compute not already hiding the in-group ones
+        out["hsdp replica all-reduce"] = (max(0.0, t - left), "exposed")
+        out["hsdp replica hidden"] = (min(t, left), "overlapped")
     return out
 
 
