@@ -20,7 +20,10 @@ all-gather or reduce-scatter (n-1)/n, an all-to-all (n-1)/n (Thakur et al. 2005)
 - data parallel: zero 0 all-reduces the fp32 gradients once after backward (exposed, the
   trainer reduces after the last micro-batch); zero 2/3 all-gather parameters and
   reduce-scatter gradients per block, which FSDP2 prefetches behind compute: exposed only
-  beyond compute. The group is the shard group of n = parallel.shard_group ranks (dp·sp by
+  beyond compute. Per step, zero 2 gathers once and reduce-scatters once (parameters stay
+  gathered and gradients unreduced until the last micro-batch, parallel/sharding.py
+  set_last_micro_batch); zero 3 gathers twice (forward, backward) and reduce-scatters once per
+  micro-batch. The group is the shard group of n = parallel.shard_group ranks (dp·sp by
   default), spanning tp·n consecutive ranks (parallel/mesh.py: a shard group is a block of
   consecutive ranks), so a node-sized group stays on the intra-node link.
 - hybrid sharding (HSDP, r = dp·sp / n replicas > 1; parallel/sharding.py): after each block's
@@ -116,8 +119,8 @@ def _data_parallel(sh: Shapes, world: int, links: Links, compute_s: float) -> di
         return {"dp gradient all-reduce": (4 * sh.params() * 2 * frac / links.bytes_per_s(world),
                                            "exposed")}
     n, r = sh.n_shard, sh.replicas
-    gathers = 1 if sh.zero == 2 else 2 * micro
-    vol = (a * sh.params() * gathers + 4 * sh.params() * micro) * (n - 1) / n
+    gathers, scatters = (1, 1) if sh.zero == 2 else (2 * micro, micro)
+    vol = (a * sh.params() * gathers + 4 * sh.params() * scatters) * (n - 1) / n
     t_zero = vol / links.bytes_per_s(sh.tp * n)
     out = {"zero all-gather + reduce-scatter": (max(0.0, t_zero - compute_s), "exposed"),
            "zero hidden": (min(t_zero, compute_s), "overlapped")}
