@@ -21,6 +21,9 @@ BAD = {  # id: (parallel overrides, world size, words the message must have)
     "splits-an-sp-group": ({"sp": 2, "zero": 3, "shard_group": 1}, 4, "multiple of 2"),
     "without-sharding": ({"sp": 2, "zero": 0, "shard_group": 2}, 4, "parallel.zero=2 or 3"),
     "negative": ({"zero": 2, "shard_group": -2}, 4, "0 / -1 for the whole dp x sp group"),
+    # the whole group at zero=0: the key would do nothing, silently (a fresh user's case)
+    "whole-group-without-sharding": ({"sp": 2, "zero": 0, "shard_group": 4}, 4,
+                                     "parallel.zero=2 or 3"),
 }
 
 
@@ -36,7 +39,7 @@ def test_bad_shard_group_is_refused(parallel, world, words):
 @pytest.mark.parametrize("parallel,world", [
     ({"sp": 2, "zero": 2, "shard_group": 2}, 4),  # replicate 2 x shard 2 (one sp group)
     ({"sp": 2, "zero": 3, "shard_group": 4}, 8),  # shard groups of two sp groups
-    ({"sp": 2, "zero": 0, "shard_group": 4}, 4),  # the whole dp x sp group: plain, any zero
+    ({"sp": 2, "zero": 2, "shard_group": 4}, 4),  # the whole dp x sp group: plain ZeRO
     ({"zero": 0, "shard_group": -1}, 4),
 ])
 def test_good_shard_group_is_accepted(parallel, world):

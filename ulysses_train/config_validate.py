@@ -84,14 +84,17 @@ def validate_shard_group(p: "ParallelConfig", dp: int) -> None:
     made of whole sequence-parallel groups (an sp group's ranks hold one sequence's slices and
     must share every weight shard), with ZeRO on (without sharding there is nothing to group)."""
     n, dp_sp = p.shard_group, dp * p.sp
-    if n in (0, -1, dp_sp):
+    if n in (0, -1):
         return
     key = "parallel.shard_group"
     require(n > 0, key, f"must be a positive group size, or 0 / -1 for the whole dp x sp group "
             f"({dp_sp} ranks), got {n}")
+    # refused at zero=0 even when n is the whole group: the key would silently do nothing
     require(p.zero > 0, key, f"hybrid sharding ({n} ranks per shard group) needs sharding: set "
             "parallel.zero=2 or 3, or drop parallel.shard_group (at zero=0 every rank holds "
             "everything already)")
+    if n == dp_sp:
+        return  # one group: plain ZeRO
     require(n % p.sp == 0, key, f"{n} ranks per shard group would split a sequence-parallel "
             f"group (parallel.sp={p.sp}); use a multiple of {p.sp}")
     require(dp_sp % n == 0, key, f"{n} does not divide the dp x sp group ({dp} x {p.sp} = "
