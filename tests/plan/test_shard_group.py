@@ -98,6 +98,15 @@ def test_shard_group_no_layout_takes_is_one_line_naming_it(capsys):
         assert plan_cli.main(PLAN + [f"parallel.shard_group={k}"]) == 0
 
 
+def test_a_shard_group_no_layout_could_take_is_refused_as_a_value(capsys):
+    """-2 is invalid for every layout: train.py's own line, not "suits no layout (e.g. ...)"."""
+    with pytest.raises(SystemExit) as info:
+        plan_cli.main(PLAN + ["parallel.shard_group=-2"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: parallel.shard_group: must be a positive group size"), err
+
+
 def test_parallel_auto_logs_the_shard_group():
     from ulysses_train import cli
     from ulysses_train.plan.auto import resolve

@@ -149,6 +149,11 @@ def shard_group_error(cfg: Config, layouts: list) -> ConfigError | None:
     group, gpus = cfg.parallel.shard_group, cfg.plan.gpus
     if group in (0, -1):
         return None
+    if group < 0:  # invalid whatever the layout: train.py's own line, not "suits no layout"
+        try:
+            validate_shard_group(cfg.parallel, 1)
+        except ConfigError as error:
+            return error
     refused = []
     for x in layouts:
         if x.error is None or x.error.key != "parallel.shard_group":
