@@ -317,3 +317,18 @@ def _step_of(name: str) -> int:
     """The step of a step directory's name; -1 for any other name."""
     digits = name[len(STEP_PREFIX):]
     return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else -1
+
+
+def resume_source(run_dir: str, resume: str) -> str | None:
+    """The step dir a run in `run_dir` with `checkpoint.resume=resume` will resume from, known
+    before anything is built: PATH itself if complete, auto's first candidate (`latest`, else
+    the newest complete step; CheckpointDir.candidates), None for `never`, an incomplete PATH
+    (its own check reports it) or a run with no checkpoint. Resume wins over model.init_from,
+    so this is what decides the run's architecture then."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = os.path.abspath(os.path.expanduser(resume))
+        return path if is_complete(path) else None
+    found = CheckpointDir(os.path.join(run_dir, "checkpoints"), log=lambda _: None).candidates()
+    return found[0] if found else None

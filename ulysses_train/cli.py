@@ -130,10 +130,10 @@ def _compose(overrides: Sequence[str], world_size: int, check: bool = True) -> t
                 raise ConfigError(extra, "unknown key; check the spelling "
                                          "(python train.py --cfg job prints every key)")
             config = OmegaConf.to_object(cfg)
-        config = apply_init_from(config, explicit_model_keys(overrides))
+        config = apply_init_from(config, explicit_model_keys(overrides), run_dir)
         if check:  # parallel.auto: validate the layout train.py will run
             config = apply_auto(config, overrides, world_size)
-            validate(config, world_size)
+            validate(config, world_size, run_dir)
         return config, run_dir
     except ConfigError:
         raise
@@ -246,7 +246,8 @@ def run_job(cfg, run, rank: int, world_size: int, *, auto: bool = True) -> NoRet
     try:
         hydra = HydraConfig.get()
         composed = OmegaConf.to_object(cfg)
-        config = apply_init_from(composed, explicit_model_keys(hydra.overrides.task))
+        config = apply_init_from(composed, explicit_model_keys(hydra.overrides.task),
+                                 hydra.runtime.output_dir)  # resuming: its checkpoint decides
         if auto:
             config = apply_auto(config, hydra.overrides.task, world_size, log=rank == 0)
         if hydra.output_subdir is not None:  # rank 0 only (rank_overrides)

@@ -315,17 +315,20 @@ def validate_optim(o: OptimConfig) -> None:
     _positive(o.eps, "optim.eps")
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Check every key; raise `ConfigError` naming the first bad one. Needs no process group."""
+def validate(cfg: Config, world_size: int = 1, run_dir: str | None = None) -> None:
+    """Check every key; raise `ConfigError` naming the first bad one. Needs no process group.
+    A run in `run_dir` that will resume does not read model.init_from: its source may be gone."""
     validate_model(cfg.model)
     validate_parallel(cfg.parallel, world_size)
     validate_data(cfg.data)
     validate_train(cfg.train, validate_layout(cfg, world_size))
     validate_optim(cfg.optim)
-    if cfg.model.init_from:  # files, headers and meta.json only: fails before any heavy work
+    if cfg.model.init_from:  # files and headers only: fails before any heavy work
+        from .checkpoint_files import resume_source
         from .init_from import check_initial_weights
 
-        check_initial_weights(cfg.model.init_from, cfg.model)
+        if not (run_dir and resume_source(run_dir, cfg.checkpoint.resume)):
+            check_initial_weights(cfg.model.init_from, cfg.model)
     c = cfg.checkpoint
     require(c.every >= 0, "checkpoint.every", f"must be >= 0 (0 = off), got {c.every}")
     _positive(c.keep, "checkpoint.keep")

@@ -24,6 +24,7 @@ from .checkpoint import CheckpointManager
 from .checkpoint_files import read_meta
 from .config import Config, validate
 from .data import build_data
+from .data.tokenizer_files import init_from_or_run
 from .evaluate import training as eval_in_training
 from .guards import NonFiniteGuard, crash_if_asked, nan_injected, set_deterministic
 from .init_from import load_initial_weights
@@ -48,7 +49,7 @@ def run(cfg: Config, run_dir: str) -> int:
     """
     set_deterministic(cfg.train.deterministic)  # before anything touches CUDA (cuBLAS env)
     dims = ParallelDims.from_env(cfg.parallel)
-    validate(cfg, dims.world_size)
+    validate(cfg, dims.world_size, run_dir)  # a resuming run does not need model.init_from
     check_before_start(cfg, run_dir)  # a changed data.seq_len etc. fails before data is built
     dims.init_process_group()
     try:
@@ -73,7 +74,8 @@ class Trainer:
                                global_batch_size=cfg.train.global_batch_size,
                                model_vocab_size=padded_vocab(cfg.model.vocab_size),
                                log=self._say, is_main=dims.is_main,
-                               init_from=cfg.model.init_from,
+                               init_from=init_from_or_run(cfg.model.init_from, run_dir,
+                                                          cfg.checkpoint.resume),
                                max_tokenizer_vocab=cfg.model.vocab_size)
         if dims.is_main:  # <run_dir>/tokenizer/: what AutoTokenizer and the export load
             self.data.save_tokenizer(os.path.join(run_dir, "tokenizer"))

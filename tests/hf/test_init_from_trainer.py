@@ -6,6 +6,8 @@ training moved away from the HF weights), with a log line saying which source wo
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -47,3 +49,50 @@ def test_init_from_loads_for_a_new_run_and_resume_wins(hf_untied, tmp_path, caps
     assert "model.init_from: loaded" not in log
     resumed = _params(second.model)
     assert all(torch.equal(resumed[k], trained[k]) for k in trained)
+
+
+def test_a_resuming_run_needs_no_init_from_source(hf_untied, tmp_path):
+    """Catches: a run started from model.init_from could not resume once the source had moved or
+    gone (a deleted download, another node): the pre-check read the source for the
+    architecture and checked its files although resume wins and never loads it."""
+    from helpers import SMALL
+    from ulysses_train import cli
+    from ulysses_train.config import validate
+    from ulysses_train.errors import ConfigError
+
+    src, run_dir = tmp_path / "src", tmp_path / "run"
+    shutil.copytree(hf_untied, src)
+    args = [a for a in SMALL if not a.startswith(("model.", "data.seq_len"))] + [
+        f"model.init_from={src}", "data.seq_len=16", "checkpoint.every=1",
+        f"hydra.run.dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}"]
+    first = cli.precheck(args + ["train.steps=1"])
+    assert first.model.n_layers == model_config(hf_untied).n_layers  # from the source
+    Trainer(first, str(run_dir), cpu_dims()).fit()
+    shutil.rmtree(src)
+
+    again = cli.precheck(args + ["train.steps=2"])  # was: model.init_from: ... does not exist
+    assert again.model == first.model  # the run's own checkpoint gave the same architecture
+    with pytest.raises(ConfigError, match="does not exist"):
+        validate(again)  # a run dir with nothing to resume still needs the source
+    trainer = Trainer(again, str(run_dir), cpu_dims())
+    assert trainer.resumed_from is not None and trainer.step == 1
+    assert trainer.fit() == 0 and trainer.step == 2
+
+
+def test_a_resuming_run_reads_its_own_tokenizer_copy(tmp_path):
+    """The tokenizer search of a resuming run looks in <run>/tokenizer/ (saved at its start)
+    rather than at model.init_from, which may be gone; a new run looks at the source."""
+    from ulysses_train.data.tokenizer_files import init_from_or_run
+
+    run_dir = tmp_path / "run"
+    step = run_dir / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    for name in (".metadata", "meta.json", "manifest.json"):  # what makes a step complete
+        (step / name).write_text("{}")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000001\n")
+    assert init_from_or_run("/gone", str(run_dir), "auto") == "/gone"  # no tokenizer/ kept
+    (run_dir / "tokenizer").mkdir()
+    (run_dir / "tokenizer" / "tokenizer.json").write_text("{}")
+    assert init_from_or_run("/gone", str(run_dir), "auto") == str(run_dir)
+    assert init_from_or_run("/gone", str(run_dir), "never") == "/gone"  # a new run: the source
+    assert init_from_or_run("", str(run_dir), "auto") == ""  # no init_from: nothing to redirect

@@ -220,24 +220,30 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def apply_init_from(cfg, explicit: Iterable[str]):
+def apply_init_from(cfg, explicit: Iterable[str], run_dir: str | None = None):
     """`cfg` (a Config) with `model.*` decided by `model.init_from` (unchanged without it).
 
     `explicit`: ModelConfig field names the user set on the command line
     (`explicit_model_keys`). ConfigError `model.<key>` when one of them disagrees with a value
-    the source states; ConfigError `model.init_from` when the source is unusable.
+    the source states; ConfigError `model.init_from` when the source is unusable. `run_dir`:
+    when the run there will resume from a checkpoint (checkpoint_files.resume_source), that
+    checkpoint decides instead: resume wins, the source is not read and may be gone.
     """
     if not cfg.model.init_from:
         return cfg
+    from ..checkpoint_files import resume_source
+
     explicit = set(explicit)
-    stated, defaults, name = model_fields_from(cfg.model.init_from, cfg.data.seq_len)
-    source = os.path.expanduser(cfg.model.init_from)
+    resumed = resume_source(run_dir, cfg.checkpoint.resume) if run_dir else None
+    stated, defaults, name = model_fields_from(resumed or cfg.model.init_from, cfg.data.seq_len)
+    source = (f"the checkpoint this run resumes from ({resumed})" if resumed
+              else f"model.init_from={os.path.expanduser(cfg.model.init_from)}")
     for key, value in stated.items():
         mine = getattr(cfg.model, key)
         if key in explicit and not _same(mine, value):
             raise ConfigError(f"model.{key}", f"set to {mine} on the command line, but "
-                              f"model.init_from={source} says {value}; drop the override (the "
-                              "weights were trained with that value)")
+                              f"{source} says {value}; drop the override (the weights were "
+                              "trained with that value)")
     updates = {k: v for k, v in defaults.items() if k not in explicit}
     updates.update(stated)
     if "name" not in explicit:
