@@ -58,9 +58,9 @@ if __name__ == "__main__":
             try:
                 cli.precheck(args, WORLD_SIZE)
             except ConfigError as error:  # the user named eval.checkpoint: say that key
-                if error.key != "model.init_from":
-                    raise
-                raise ConfigError("eval.checkpoint", error.message) from None
+                key = "eval.checkpoint" if error.key == "model.init_from" else error.key
+                raise ConfigError(key, error.message.replace("model.init_from=",
+                                                             "eval.checkpoint=")) from None
         except ConfigError as error:
             cli.fail(error, RANK)
         sys.argv = sys.argv[:1] + args

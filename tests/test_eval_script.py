@@ -54,6 +54,10 @@ def test_eval_script_writes_json_and_png_and_sp2_agrees(tmp_path):
     for a, b in zip(result["loss_by_position"], other["loss_by_position"]):
         assert b["tokens"] == a["tokens"] and b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     assert other["passkey"] == result["passkey"]
+    # an override the evaluated checkpoint contradicts: named with the key the user gave
+    bad = run_eval(PASSKEY + EVAL + ["eval.checkpoint=run", "model.n_layers=3"], tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: model.n_layers: "), bad.stderr
+    assert "eval.checkpoint=run says 2" in bad.stderr and "init_from" not in bad.stderr
 
 
 @pytest.mark.parametrize("args,key", [
