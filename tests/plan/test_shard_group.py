@@ -115,3 +115,16 @@ def test_parallel_auto_logs_the_shard_group():
     cfg, line = resolve(cli.compose(args), args, 4)
     assert "parallel.shard_group=2" in line and cfg.parallel.shard_group == 2
     validate(cfg, 4)
+
+
+def test_a_shard_group_that_is_the_whole_group_is_pointed_out(capsys):
+    """tp=2 on 4 GPUs leaves dp x sp = 2: shard_group=2 is then one group, plain ZeRO, which a
+    user asking for hybrid sharding would not expect (a fresh user's case)."""
+    args = [a for a in PLAN if a not in ("plan.gpus=8", "plan.format=json")
+            and not a.startswith("train.micro_batch_size")] + ["train.micro_batch_size=1"]
+    assert plan_cli.main(args + ["plan.gpus=4", "parallel.tp=2", "parallel.shard_group=2"]) == 0
+    out = capsys.readouterr().out
+    assert "note: parallel.shard_group=2 is this layout's whole dp x sp group" in out, out
+    assert plan_cli.main(args + ["plan.gpus=4", "parallel.shard_group=2", "parallel.sp=1",
+                                 "parallel.tp=1"]) == 0  # dp=4: two groups of 2, replicas
+    assert "note: parallel.shard_group" not in capsys.readouterr().out

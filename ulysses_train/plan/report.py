@@ -71,5 +71,16 @@ def table(cfg: Config, best: Layout, layouts: list, command: str) -> str:
     for name, (t, how) in best.time.comm.items():
         out.append(f"    {name}: {t:.3f} s {how}")
     out.append(f"  {best.extra['tokens_per_s']:,.0f} tokens/s, MFU {100 * best.extra['mfu']:.1f} %")
-    out += ring_note(best, layouts) + ["", command]
+    out += ring_note(best, layouts) + group_note(cfg, best) + ["", command]
     return "\n".join(out)
+
+
+def group_note(cfg: Config, best: Layout) -> list[str]:
+    """When the user's parallel.shard_group is the best layout's whole dp x sp group: one
+    group, no replicas, i.e. plain ZeRO (train.py accepts it; the user likely meant hybrid)."""
+    n, o = cfg.parallel.shard_group, best.overrides
+    if n in (0, -1) or o["parallel.zero"] == 0 or n != o["parallel.dp"] * o["parallel.sp"]:
+        return []
+    return [f"  note: parallel.shard_group={n} is this layout's whole dp x sp group (dp "
+            f"{o['parallel.dp']} x sp {o['parallel.sp']}): one shard group, no replicas, plain "
+            "ZeRO; fix parallel.sp / parallel.dp for a layout with replicas"]
