@@ -94,3 +94,64 @@ def test_hydra_config_yaml_is_rewritten_only_when_init_from_or_auto_changed_it(t
     assert OmegaConf.create(text).model.n_layers == 5
     assert os.listdir(tmp_path) == ["config.yaml"]  # no .tmp left behind
     assert not cli.write_effective_config(str(tmp_path / "none"), composed, imported)
+
+
+@pytest.mark.parametrize("override,key,value", [
+    ("model.init_from=~/ut_tmp/a", "model.init_from", "~/ut_tmp/a"),  # ~: Hydra's delete operator
+    ("eval.checkpoint=~/runs/x", "eval.checkpoint", "~/runs/x"),
+    ("data.tokenizer_path=/models/a#b/tokenizer.json", "data.tokenizer_path",
+     "/models/a#b/tokenizer.json"),
+    ("checkpoint.resume=/runs/a&b/step_1", "checkpoint.resume", "/runs/a&b/step_1"),
+    ("data.paths=[~/a.jsonl, b.jsonl]", "data.paths", ["~/a.jsonl", "b.jsonl"]),
+    ("+data.extra=x=y", "data.extra", "x=y"),
+])
+def test_unparsable_values_name_the_key_and_a_quoting_that_parses(override, key, value):
+    """Catches: `error: overrides: LexerNoViableAltException: ...` (no key, no fix). The
+    suggested override, split as the shell would, is parsed by Hydra's own override parser
+    back to the value the user meant."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with pytest.raises(ConfigError) as info:
+        cli.compose([override])
+    assert info.value.key == key
+    message = info.value.message
+    assert f"Hydra cannot parse the value {override.split('=', 1)[1]!r} unquoted" in message
+    suggestion = message.split("quote it: ", 1)[1]
+    (argument,) = shlex.split(suggestion)
+    parsed = OverridesParser.create().parse_override(argument)
+    assert parsed.key_or_group == key and parsed.value() == value
+
+
+def test_unparsable_values_without_a_plain_quoting():
+    """Quotes inside the value, or `${`, need more than wrapping; Hydra's own paths never
+    expand ~, so a quoted one would make a directory named ~: say $HOME instead."""
+    for override in ("model.init_from=a'b~", "model.init_from=${oops"):
+        with pytest.raises(ConfigError, match="model.init_from: Hydra cannot parse the value "
+                                              ".*; quote or escape it as https://hydra.cc"):
+            cli.compose([override])
+    with pytest.raises(ConfigError) as info:
+        cli.compose(["hydra.run.dir=~/runs/x"])
+    assert info.value.key == "hydra.run.dir"
+    assert info.value.message.endswith("write hydra.run.dir=$HOME/runs/x")
+
+
+def test_quoted_tilde_paths_expand(tmp_path, monkeypatch):
+    """The quoting the errors above suggest works: model.init_from and data.paths expand ~
+    (HOME is the test's tmp dir)."""
+    import json
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ut_tmp" / "a").mkdir(parents=True)
+    (tmp_path / "ut_tmp" / "a" / "config.json").write_text(json.dumps(dict(
+        model_type="llama", hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=90, num_hidden_layers=3, vocab_size=300, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=256, hidden_act="silu",
+        tie_word_embeddings=True)))
+    cfg = cli.compose(['model.init_from="~/ut_tmp/a"'])
+    assert cfg.model.init_from == "~/ut_tmp/a" and cfg.model.n_layers == 3  # from config.json
+    (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n')
+    cfg = cli.precheck(["data=files", 'data.paths=["~/a.jsonl"]',
+                        f"hydra.run.dir={tmp_path / 'run'}"])
+    assert cfg.data.paths == ["~/a.jsonl"]

@@ -81,6 +81,8 @@ BAD_INPUT = {
     "wrong-type-bool": (["train.deterministic=maybe"], 1, "train.deterministic",
                         "'maybe' is not a valid bool"),
     "no-value": (["train.steps"], 1, "train.steps", "write key=value"),
+    "unquoted-tilde": (["model.init_from=~/ut_tmp/a"], 1, "model.init_from",
+                       """quote it: 'model.init_from="~/ut_tmp/a"'"""),
     "missing-data-file": (["data=files", "data.paths=[{inputs}/missing.jsonl]"], 1,
                           "data.paths", "file not found: {inputs}/missing.jsonl"),
     "unreadable-data-file": (["data=files", "data.paths=[{inputs}/folder.jsonl]"], 1,

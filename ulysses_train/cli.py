@@ -59,8 +59,52 @@ def _full_key(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+GRAMMAR_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+
+
+def quoted_override(prefix: str, key: str, value: str) -> str | None:
+    """`key=value` with the value (each element of a `[...]` list) in double quotes, wrapped in
+    single quotes for the shell: the form Hydra's override grammar parses whatever characters
+    the value holds (`~`, `#`, `&`, `=`, brackets, parentheses). None where quoting alone would
+    not do: a value with quotes of its own or an `${...}` interpolation."""
+    if any(c in value for c in "\"'") or "${" in value:
+        return None
+    if value.startswith("[") and value.endswith("]"):
+        items = [item.strip() for item in value[1:-1].split(",")]
+        if any(c in item for item in items for c in "[]{}"):
+            return None
+        value = "[" + ",".join(f'"{item}"' for item in items if item) + "]"
+    else:
+        value = f'"{value}"'
+    return f"'{prefix}{key}={value}'"
+
+
+def _unparsable_value(exc: BaseException) -> ConfigError | None:
+    """The error for an override Hydra's grammar cannot parse (hydra.errors.
+    OverrideParseException, e.g. `model.init_from=~/x`: `~` is an operator there), naming the
+    key before `=` and the quoting that parses; None for any other failure. Our path keys
+    expand a quoted `~` (os.path.expanduser); Hydra's own (hydra.run.dir) do not."""
+    override = next((getattr(e, "override", None) for e in exception_chain(exc)
+                     if type(e).__name__ == "OverrideParseException"), None)
+    if not isinstance(override, str) or "=" not in override:
+        return None  # `key` alone: the "write key=value" case below
+    target, value = override.split("=", 1)
+    key = target.lstrip("+~")
+    if key.startswith("hydra.") and (value == "~" or value.startswith("~/")):  # made verbatim
+        return ConfigError(key, f"Hydra cannot parse the value {value!r} unquoted, and would "
+                                f"not expand ~ in it: write {key}=$HOME{value[1:]}")
+    fixed = quoted_override(target[:len(target) - len(key)], key, value)
+    if fixed is None:
+        return ConfigError(key, f"Hydra cannot parse the value {value!r}; quote or escape it as "
+                                f"{GRAMMAR_URL} says")
+    return ConfigError(key, f"Hydra cannot parse the value {value!r} unquoted; quote it: {fixed}")
+
+
 def translate(exc: BaseException) -> ConfigError:
     """Turn a Hydra/OmegaConf composition failure into one `ConfigError` line."""
+    unparsable_value = _unparsable_value(exc)
+    if unparsable_value is not None:
+        return unparsable_value
     text = "\n".join(str(e) for e in exception_chain(exc))
     missing_group = re.search(r"Could not find '([\w.]+)/([^']+)'", text)
     if missing_group:

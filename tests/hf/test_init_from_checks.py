@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import shutil
+import struct
 
 import pytest
 import torch
@@ -117,6 +118,63 @@ def test_file_layout_errors(hf_untied, tmp_path):
     _refused(wrong, cfg, "disagrees with the shards' headers", moved)
 
 
+def _rewrite_header(file: str, edit) -> None:
+    """Rewrite `file`'s safetensors header through `edit(dict)` and keep its data bytes; the
+    header is padded with spaces to its old length, as the format allows, so the data stays
+    where it was (https://github.com/huggingface/safetensors, README "Format")."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        data = f.read()
+    edit(header)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    assert len(raw) <= length
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", length) + raw.ljust(length) + data)
+
+
+def test_file_size_must_match_the_header(hf_untied, hf_tied, tmp_path):
+    """An interrupted download (the header intact, the data short) or bytes appended after the
+    last tensor is refused from the file's size, naming the file and both sizes."""
+    cfg = model_config(hf_untied)
+    shard = _shards(hf_untied)[1]
+    size = os.path.getsize(os.path.join(hf_untied, shard))
+    short = _copy(hf_untied, tmp_path, "short")
+    os.truncate(os.path.join(short, shard), size - 3)
+    _refused(short, cfg, f"{os.path.join(short, shard)} is truncated ({size - 3} bytes, its "
+                         f"header needs {size})", "download it again")
+    cut = _copy(hf_tied, tmp_path, "cut_in_header")  # cut inside the JSON header itself
+    os.truncate(os.path.join(cut, SINGLE), 20)
+    _refused(cut, model_config(hf_tied), f"{SINGLE} is truncated (20 bytes, its header alone")
+    os.truncate(os.path.join(cut, SINGLE), 5)
+    _refused(cut, model_config(hf_tied), f"{SINGLE} is truncated (5 bytes")
+    long = _copy(hf_tied, tmp_path, "long")
+    with open(os.path.join(long, SINGLE), "ab") as f:
+        f.write(b"\0" * 7)
+    _refused(long, model_config(hf_tied), f"{SINGLE} has 7 bytes after its last tensor",
+             f"its header needs {os.path.getsize(os.path.join(hf_tied, SINGLE))}")
+
+
+def test_data_offsets_must_fit_shape_and_dtype(hf_tied, tmp_path):
+    """Each tensor's data_offsets span exactly shape x dtype bytes, tiled without gaps."""
+    cfg = model_config(hf_tied)
+    name = "model.norm.weight"  # (48,) bf16: 96 bytes
+    wrong_dtype = _copy(hf_tied, tmp_path, "wrong_dtype")
+    _rewrite_header(os.path.join(wrong_dtype, SINGLE),
+                    lambda h: h[name].update(dtype="F32"))
+    _refused(wrong_dtype, cfg, f"tensor {name}'s data_offsets", "span 96 bytes",
+             "[48] x F32 needs 192")
+    gap = _copy(hf_tied, tmp_path, "gap")  # the last tensor moved 2 bytes on: a gap before it
+
+    def shift(header):
+        last = max((t for t in header if t != "__metadata__"),
+                   key=lambda t: header[t]["data_offsets"][1])
+        begin, end = header[last]["data_offsets"]
+        header[last]["data_offsets"] = [begin + 2, end + 2]
+    _rewrite_header(os.path.join(gap, SINGLE), shift)
+    _refused(gap, cfg, "starts at byte", "where the previous one ends")
+
+
 def test_tensor_errors(hf_untied, hf_tied, tmp_path):
     cfg = model_config(hf_untied)
     layers = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(2)]
@@ -163,14 +221,20 @@ def test_our_checkpoint_errors(tmp_path, hf_untied):
     _refused(tmp_path / "run", cfg, "latest names", "step_00000009", "not a complete")
 
 
-def test_validation_and_the_command_line_refuse_it_first(tmp_path, small_args):
+def test_validation_and_the_command_line_refuse_it_first(tmp_path, small_args, hf_tied):
     """`validate` calls the check (every rank, no collective); train.py exits 2 in one line
-    before building anything."""
+    before building anything, here for an interrupted download (which used to fail inside
+    DCP's loader with a traceback, after the run dir was made)."""
     cfg = small_config()
     cfg.model.init_from = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="model.init_from: .* does not exist"):
         validate(cfg)
-    result = run_train(small_args + [f"model.init_from={tmp_path / 'missing'}"])
+    short = _copy(hf_tied, tmp_path, "short")
+    os.truncate(os.path.join(short, SINGLE), os.path.getsize(os.path.join(short, SINGLE)) - 4)
+    args = [a for a in small_args if not a.startswith("model.")]  # config.json decides model.*
+    result = run_train(args + [f"model.init_from={short}"])
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model.init_from: "), result.stderr
+    assert f"{SINGLE} is truncated" in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()

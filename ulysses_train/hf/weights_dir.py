@@ -13,13 +13,16 @@ directory and silently keeps one of two tensors with the same name, so a stray f
 repos ship `consolidated.safetensors` next to the HF shards) or a duplicate would load the wrong
 values without a word. Refused: a shard the index names but the directory lacks, a
 `*.safetensors` file the index does not name, a tensor in two files, an index that disagrees
-with the headers, and several files without an index.
+with the headers, and several files without an index. Each file's size must be what its header
+says (8 + header length + the end of the last tensor's data), so an interrupted download
+(header intact, data short) or trailing bytes are refused here, not deep inside the load.
 
 Errors are `ConfigError("model.init_from", ...)`: one line, exit 2.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -33,6 +36,10 @@ INDEX = "model.safetensors.index.json"
 SUFFIX = ".safetensors"
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# Bits per element of each safetensors dtype (the library's Dtype::bitsize, safetensors 0.8).
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+              "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+              "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 # Non-weights some older Llama conversions saved: transformers ignores them on load, and so do we.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 MAX_NAMED = 3  # tensors named in one error line before "and N more"
@@ -65,20 +72,85 @@ def is_hf_dir(path: str) -> bool:
 
 
 def read_header(file: str) -> dict[str, dict]:
-    """{tensor name: {"dtype", "shape", "data_offsets"}} of one safetensors file (header only)."""
+    """{tensor name: {"dtype", "shape", "data_offsets"}} of one safetensors file, read from its
+    header alone and held to the file's size by `check_layout`.
+
+    Format (https://github.com/huggingface/safetensors, README "Format"): 8 bytes of
+    little-endian u64 header length N, N bytes of JSON, then the byte buffer that every
+    `data_offsets` [begin, end) is relative to. ConfigError for an unreadable, truncated or
+    overlong file."""
+    try:
+        size = os.path.getsize(file)
+    except OSError as exc:  # e.g. a dangling symlink into a Hugging Face cache
+        raise fail(f"{file} is unreadable ({exc.strerror}); download it again") from exc
+    if size < 8:
+        raise fail(f"{file} is truncated ({size} bytes, its header length alone needs 8); "
+                   "download it again")
     try:
         with open(file, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > MAX_HEADER_BYTES:
                 raise ValueError(f"header of {length} bytes")
-            header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        for entry in header.values():
-            entry["dtype"], tuple(entry["shape"])
-        return header
+            raw = f.read(length) if 8 + length <= size else None
+        if raw is not None:  # else cut inside the header, reported below
+            header = json.loads(raw)
+            header.pop("__metadata__", None)
+            for entry in header.values():
+                _normalise(entry)
     except (OSError, ValueError, struct.error, TypeError, KeyError, AttributeError) as exc:
         raise fail(f"{file} is not a readable safetensors file ({type(exc).__name__}: "
                    f"{str(exc)[:80]}); re-download it") from exc
+    if raw is None:
+        raise fail(f"{file} is truncated ({size} bytes, its header alone needs {8 + length}); "
+                   "download it again")
+    check_layout(file, header, size, 8 + length)
+    return header
+
+
+def _normalise(entry: dict) -> None:
+    """One header entry's fields as Python ints and tuples; ValueError/TypeError/KeyError if
+    they are not a dtype string, non-negative dims and 0 <= begin <= end."""
+    if not isinstance(entry["dtype"], str):
+        raise TypeError(f"dtype {entry['dtype']!r}")
+    entry["shape"] = tuple(int(d) for d in entry["shape"])
+    begin, end = (int(o) for o in entry["data_offsets"])
+    if min(entry["shape"], default=0) < 0 or not 0 <= begin <= end:
+        raise ValueError(f"shape {list(entry['shape'])}, data_offsets {[begin, end]}")
+    entry["data_offsets"] = (begin, end)
+
+
+def check_layout(file: str, header: dict[str, dict], size: int, data_start: int) -> None:
+    """Each tensor's data_offsets span its shape x dtype size, the spans tile the byte buffer
+    (which starts at byte `data_start` = 8 + header length) from 0 without gap or overlap, and
+    the file (`size` bytes) ends where the last tensor does: the rules the safetensors library
+    enforces when it opens the file (an interrupted download fails there with "incomplete
+    metadata, file not fully covered", deep inside the load). ConfigError naming `file`."""
+    spans = []
+    for tensor, entry in header.items():
+        begin, end = entry["data_offsets"]
+        bits = DTYPE_BITS.get(entry["dtype"])
+        if bits is not None:  # an unknown dtype is refused by name in check_tensors
+            need = math.prod(entry["shape"]) * bits // 8
+            if end - begin != need:
+                raise fail(f"{file}: tensor {tensor}'s data_offsets {[begin, end]} span "
+                           f"{end - begin} bytes, its shape {list(entry['shape'])} x "
+                           f"{entry['dtype']} needs {need}; the file is damaged, download it "
+                           "again")
+        spans.append((begin, end, tensor))
+    covered = 0
+    for begin, end, tensor in sorted(spans):
+        if begin != covered:
+            raise fail(f"{file}: tensor {tensor} starts at byte {begin} of the data, not at "
+                       f"{covered} where the previous one ends; the file is damaged, download "
+                       "it again")
+        covered = end
+    need = data_start + covered
+    if size < need:
+        raise fail(f"{file} is truncated ({size} bytes, its header needs {need}); download it "
+                   "again")
+    if size > need:
+        raise fail(f"{file} has {size - need} bytes after its last tensor ({size} bytes, its "
+                   f"header needs {need}); the file is damaged, download it again")
 
 
 def _read_index(path: str) -> dict[str, str]:
