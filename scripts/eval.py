@@ -60,7 +60,7 @@ if __name__ == "__main__":
             except ConfigError as error:  # the user named eval.checkpoint: say that key
                 if error.key != "model.init_from":
                     raise
-                raise ConfigError("eval.checkpoint", error.message) from None
+                raise type(error)("eval.checkpoint", error.message) from None  # its exit code
         except ConfigError as error:
             cli.fail(error, RANK)
         sys.argv = sys.argv[:1] + args

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, SMALL, run_train
+from helpers import ROOT, SMALL, flip_byte, run_train
 from ulysses_train import cli
 from ulysses_train.config import DataConfig
 from ulysses_train.data import IGNORE_INDEX, build_data
@@ -54,6 +55,13 @@ def test_eval_script_writes_json_and_png_and_sp2_agrees(tmp_path):
     for a, b in zip(result["loss_by_position"], other["loss_by_position"]):
         assert b["tokens"] == a["tokens"] and b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     assert other["passkey"] == result["passkey"]
+    shutil.copytree(tmp_path / "run", tmp_path / "flipped")  # sizes intact: only hashes tell
+    flip_byte(tmp_path / "flipped" / "checkpoints" / "step_00000002" / "__0_0.distcp")
+    bad = run_eval(PASSKEY + EVAL + ["eval.checkpoint=flipped", "hydra.run.dir=e3"], tmp_path)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-2000:]
+    assert lines[0].startswith("error: eval.checkpoint: ") and "__0_0.distcp: content differs " \
+        "from the manifest's hash" in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("args,key", [
