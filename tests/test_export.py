@@ -159,7 +159,7 @@ def test_one_line_errors(tmp_path, capsys):
     (tmp_path / "hf_in").mkdir()
     (tmp_path / "hf_in" / "config.json").write_text("{}")
     cases = [((run, tmp_path / "full"), "error: OUT_DIR: "),
-             ((run, tmp_path / "full" / "x" / "sub"), "error: OUT_DIR: cannot create "),  # x: a file
+             ((run, tmp_path / "full" / "x" / "sub"), "error: OUT_DIR: cannot create "),  # x: file
              ((tmp_path / "hf_in", tmp_path / "o0"), "error: CHECKPOINT: "),  # HF in, HF out?
              ((tmp_path / "nope", tmp_path / "o1"), "error: CHECKPOINT: "),
              ((tmp_path / "full", tmp_path / "o2"), "error: CHECKPOINT: "),  # not a checkpoint
@@ -174,6 +174,8 @@ def test_one_line_errors(tmp_path, capsys):
             assert "is not one of our checkpoints" in err and "neither" not in err, err
         if "sub" in str(args[1]):
             assert "Not a directory" in err and not (tmp_path / "full" / "x").is_dir(), err
+    assert export(run, tmp_path / "made" / ("x" * 300)) == 2  # its parent is made, then it fails
+    assert "File name too long" in capsys.readouterr().err and not (tmp_path / "made").exists()
     if os.path.isdir("/proc/self"):  # a directory no one can create anything in
         assert export(run, "/proc/ulysses_export_test") == 2
         assert capsys.readouterr().err.startswith("error: OUT_DIR: cannot create /proc/")

@@ -132,6 +132,12 @@ class ExportWriteError(ConfigError):
     exit_code = 1
 
 
+def _unreadable(step: str, exc: BaseException) -> UnreadableCheckpoint:
+    """A read of the verified checkpoint failed: no evidence of damage (exit 1, one line)."""
+    return UnreadableCheckpoint("CHECKPOINT", f"{step} could not be read ({load_failure(exc)}); "
+                                "nothing shows it is damaged: fix the cause and rerun")
+
+
 def _load_one(step: str, key: str, entry) -> torch.Tensor:
     """One full tensor from a DCP checkpoint (any layout), read alone. UnreadableCheckpoint
     (exit 1) if DCP fails: the files matched the manifest, so that is no evidence of damage."""
@@ -141,8 +147,7 @@ def _load_one(step: str, key: str, entry) -> torch.Tensor:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load({key: tensor}, storage_reader=dcp.FileSystemReader(step), no_dist=True)
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
-        raise UnreadableCheckpoint("CHECKPOINT", f"{step} could not be read ({load_failure(exc)})"
-                                   "; nothing shows it is damaged: fix the cause and rerun") from exc
+        raise _unreadable(step, exc) from exc
     return tensor
 
 
@@ -232,8 +237,7 @@ def _read_metadata(step: str) -> dict:
     try:
         return dcp.FileSystemReader(step).read_metadata().state_dict_metadata
     except Exception as exc:
-        raise UnreadableCheckpoint("CHECKPOINT", f"{step} could not be read ({load_failure(exc)})"
-                                   "; nothing shows it is damaged: fix the cause and rerun") from exc
+        raise _unreadable(step, exc) from exc
 
 
 def _make_dir(out_dir: str) -> list[str]:
@@ -241,15 +245,15 @@ def _make_dir(out_dir: str) -> list[str]:
     ConfigError `OUT_DIR: cannot create ...` if the OS refuses."""
     created, where = [], out_dir
     while not os.path.lexists(where):  # under a regular file this stops at the file
-        created.append(where)
+        created.insert(0, where)
         where = os.path.dirname(where)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
-        _remove(created)
+        _remove(created)  # the parents made before the failure
         raise ConfigError("OUT_DIR", f"cannot create {out_dir}: {exc.strerror or exc}; give a "
                                      "new or empty directory where you can write") from None
-    return created[::-1]
+    return created
 
 
 def _remove(created: list[str]) -> None:

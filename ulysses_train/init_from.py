@@ -13,7 +13,8 @@ torch, no tensor data), called by config validation before any heavy work; `load
 is the load, called by every rank after the model is built, sharded and initialised
 (model_build.py). Our checkpoints' content hashes are verified there, once per load, split over
 the ranks as resume splits them (`verify_checkpoint`; export calls it too): validation runs on
-every rank and twice per process, so hashing there would read the checkpoint many times over.
+every rank, and more than once per process, so hashing there would read the checkpoint over and
+over (resume too checks only what meta.json says at validation, and hashes at the load).
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def resolve(path: str, key: str = KEY, hf: bool = True) -> tuple[str, str]:
     (OURS, step dir) for one of our run dirs (its `checkpoints/latest`), its `checkpoints/` dir
     or a `step_*` dir. The one place that turns such a PATH into a directory: model.init_from,
     its config precheck (hf/config.py), eval and export all call it. `hf=False` refuses HF dirs
-    (export reads only our checkpoints). ConfigError named `key` for anything else, or for a
-    step that is missing or a partial save."""
+    (export reads only our checkpoints). ConfigError named `key` for anything else (a run dir or
+    checkpoints/ dir without `latest` says so), or for a step that is missing or a partial save."""
     accepted = ("a Hugging Face model directory, " if hf else "") + \
         "a run dir or a checkpoints/step_* directory"
     path = os.path.abspath(os.path.expanduser(path))
@@ -51,7 +52,8 @@ def resolve(path: str, key: str = KEY, hf: bool = True) -> tuple[str, str]:
     if os.path.isdir(os.path.join(path, "checkpoints")):
         raise ConfigError(key, f"{path} is a run dir without checkpoints/latest (no committed "
                                "checkpoint yet); give one of its checkpoints/step_* directories")
-    if os.path.basename(path) == "checkpoints" or files.CheckpointDir(path, log=lambda _: None).has_any():
+    if os.path.basename(path) == "checkpoints" or files.CheckpointDir(
+            path, log=lambda _: None).has_any():  # step_* dirs inside: a checkpoints/ dir
         raise ConfigError(key, f"{path} is a checkpoints/ dir without `latest` (no committed "
                                "checkpoint named yet); give one of its step_* directories")
     if weights_dir.is_hf_dir(path):
