@@ -59,8 +59,8 @@ if __name__ == "__main__":
                 cli.precheck(args, WORLD_SIZE)
             except ConfigError as error:  # the user named eval.checkpoint: say that key
                 key = "eval.checkpoint" if error.key == "model.init_from" else error.key
-                raise ConfigError(key, error.message.replace("model.init_from=",
-                                                             "eval.checkpoint=")) from None
+                raise type(error)(key, error.message.replace(  # keeps its exit code
+                    "model.init_from=", "eval.checkpoint=")) from None
         except ConfigError as error:
             cli.fail(error, RANK)
         sys.argv = sys.argv[:1] + args

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, SMALL, run_train
+from helpers import ROOT, SMALL, flip_byte, run_train
 from ulysses_train import cli
 from ulysses_train.config import DataConfig
 from ulysses_train.data import IGNORE_INDEX, build_data
@@ -58,6 +59,13 @@ def test_eval_script_writes_json_and_png_and_sp2_agrees(tmp_path):
     bad = run_eval(PASSKEY + EVAL + ["eval.checkpoint=run", "model.n_layers=3"], tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: model.n_layers: "), bad.stderr
     assert "eval.checkpoint=run says 2" in bad.stderr and "init_from" not in bad.stderr
+    shutil.copytree(tmp_path / "run", tmp_path / "flipped")  # sizes intact: only hashes tell
+    flip_byte(tmp_path / "flipped" / "checkpoints" / "step_00000002" / "__0_0.distcp")
+    flipped = run_eval(PASSKEY + EVAL + ["eval.checkpoint=flipped", "hydra.run.dir=e3"], tmp_path)
+    lines = flipped.stderr.strip().splitlines()
+    assert flipped.returncode == 2 and len(lines) == 1, flipped.stderr[-2000:]
+    assert lines[0].startswith("error: eval.checkpoint: ") and "__0_0.distcp: content differs " \
+        "from the manifest's hash" in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("args,key", [

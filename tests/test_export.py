@@ -9,18 +9,20 @@ layout is compared against what it saved.
 """
 import json
 import os
+import shutil
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
 from ulysses_train import cli
+from ulysses_train.checkpoint_files import write_manifest
 from ulysses_train.config import ModelConfig
 from ulysses_train.export import main as export_main
 from ulysses_train.model import GPT
 from ulysses_train.trainer import Trainer
 
-from helpers import SMALL, cpu_dims, run_torchrun, small_config
+from helpers import SMALL, cpu_dims, flip_byte, run_torchrun, small_config
 
 import transformers  # noqa: E402  (a dev dependency: missing = a failure, not a skip)
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -157,6 +159,7 @@ def test_one_line_errors(tmp_path, capsys):
     (tmp_path / "hf_in").mkdir()
     (tmp_path / "hf_in" / "config.json").write_text("{}")
     cases = [((run, tmp_path / "full"), "error: OUT_DIR: "),
+             ((run, tmp_path / "full" / "x" / "sub"), "error: OUT_DIR: cannot create "),  # x: file
              ((tmp_path / "hf_in", tmp_path / "o0"), "error: CHECKPOINT: "),  # HF in, HF out?
              ((tmp_path / "nope", tmp_path / "o1"), "error: CHECKPOINT: "),
              ((tmp_path / "full", tmp_path / "o2"), "error: CHECKPOINT: "),  # not a checkpoint
@@ -167,16 +170,29 @@ def test_one_line_errors(tmp_path, capsys):
         assert err.startswith(start) and len(err.splitlines()) == 1, err
         if "hf_in" in str(args[0]):
             assert "is a Hugging Face model directory, not one of our checkpoints" in err, err
+        if args[0] == tmp_path / "full":  # export takes no HF dir: "neither" has no "nor"
+            assert "is not one of our checkpoints" in err and "neither" not in err, err
+        if "sub" in str(args[1]):
+            assert "Not a directory" in err and not (tmp_path / "full" / "x").is_dir(), err
+    assert export(run, tmp_path / "made" / ("x" * 300)) == 2  # its parent is made, then it fails
+    assert "File name too long" in capsys.readouterr().err and not (tmp_path / "made").exists()
+    if os.path.isdir("/proc/self"):  # a directory no one can create anything in
+        assert export(run, "/proc/ulysses_export_test") == 2
+        assert capsys.readouterr().err.startswith("error: OUT_DIR: cannot create /proc/")
     meta_path = os.path.join(latest_step(run), "meta.json")
     meta = json.loads(open(meta_path).read())
     meta["model"]["rope_scaling"] = "ntk"
     open(meta_path, "w").write(json.dumps(meta))
+    write_manifest(latest_step(run))  # a checkpoint saved so, not a damaged one
     assert export(run, tmp_path / "o4") == 2
     assert capsys.readouterr().err.startswith("error: model.rope_scaling: static ntk")
     assert not (tmp_path / "o4").exists()  # refused before anything is written
     os.remove(os.path.join(run, "checkpoints", "latest"))
     assert export(run, tmp_path / "o5") == 2
     assert "without checkpoints/latest" in capsys.readouterr().err
+    assert export(os.path.join(run, "checkpoints"), tmp_path / "o6") == 2
+    err = capsys.readouterr().err
+    assert "is a checkpoints/ dir without `latest`" in err and "give one of its step_*" in err, err
 
 
 def test_tokenizer_files_are_copied_and_give_the_special_ids(tmp_path, capsys):
@@ -184,7 +200,8 @@ def test_tokenizer_files_are_copied_and_give_the_special_ids(tmp_path, capsys):
     capsys.readouterr()  # the run's own output
     # RUN/checkpoints names the same step as RUN (the rule model.init_from follows)
     assert export(os.path.join(run, "checkpoints"), tmp_path / "bare") == 0
-    assert capsys.readouterr().err.startswith("warning: ")  # no tokenizer/: said, weights out
+    err = capsys.readouterr().err  # data=synthetic: no tokenizer/ at all, and the warning says so
+    assert err.startswith("warning: the run has no tokenizer/ dir") and "holds" not in err, err
     tok = tmp_path / "run" / "tokenizer"
     tok.mkdir()
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -256,3 +273,79 @@ def test_weights_round_trip(tmp_path):
         assert torch.equal(exported[name].to(tensor.dtype), tensor), name
 
 
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory):
+    """One one-step run shared by the damage tests below (each damages a copy of it)."""
+    return train_one_step(tmp_path_factory.mktemp("shared") / "run")
+
+
+def _damaged_copy(run, tmp_path, damage) -> str:
+    """A copy of run dir `run` whose shard file `__0_0.distcp` went through `damage(path)`."""
+    copy = str(tmp_path / f"run_{damage.__name__}")
+    shutil.copytree(run, copy)
+    damage(os.path.join(latest_step(copy), "__0_0.distcp"))
+    return copy
+
+
+def _truncate(path):
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("damage,says", [(_truncate, "bytes, the manifest says"),
+                                         (os.remove, "__0_0.distcp: missing"),
+                                         (flip_byte, "differs from the manifest's hash")],
+                         ids=["truncated", "deleted", "bit-flipped"])
+def test_a_damaged_checkpoint_is_refused_before_anything_is_written(
+        one_step_run, tmp_path, capsys, damage, says):
+    """As model.init_from and resume refuse it (the manifest's sizes and hashes): one line,
+    exit 2; neither a new OUT_DIR (nor its new parent) nor a file in an empty one is left."""
+    run = _damaged_copy(one_step_run, tmp_path, damage)
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new" / "hf", tmp_path / "empty"):
+        assert export(run, out) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: CHECKPOINT: {latest_step(run)} is damaged: ") and \
+            says in err and err.endswith("use another step_* dir") and "\n" not in err, err
+    assert not (tmp_path / "new").exists() and os.listdir(tmp_path / "empty") == []
+
+
+def test_a_failure_mid_write_removes_only_what_export_wrote(one_step_run, tmp_path, capsys,
+                                                             monkeypatch):
+    """An I/O error while reading a tensor (after some shards were written) or while writing
+    config.json: one line, exit 1, and OUT_DIR as it was (a pre-existing empty dir stays, a
+    new one goes), so the same command then succeeds."""
+    import errno
+
+    from ulysses_train import export as export_module
+
+    real_load, calls, written = dcp.load, [], []
+
+    def failing_load(*args, **kwargs):  # the 5th tensor's read fails, after whole shards
+        calls.append(1)
+        if len(calls) == 5:
+            written.append(len(list(out.glob("*.safetensors"))))
+            raise OSError(errno.EIO, "Input/output error", "__0_0.distcp")
+        return real_load(*args, **kwargs)
+
+    def failing_json(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    for patch, start in ((("load", failing_load), "error: CHECKPOINT: "),
+                         (("_write_json", failing_json), "error: OUT_DIR: writing ")):
+        for out in (tmp_path / "new" / "hf", tmp_path / "empty"):
+            calls.clear()
+            with monkeypatch.context() as m:
+                m.setattr(dcp if patch[0] == "load" else export_module, *patch)
+                assert export(one_step_run, out, "--max-shard-size", "40KB") == 1
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(start) and "\n" not in err and \
+                ("Input/output error" in err or "No space left" in err), err
+            assert not (tmp_path / "new").exists() and os.listdir(tmp_path / "empty") == []
+    assert len(written) == 2 and min(written) >= 2  # a shard done, the next begun: removed
+    assert export(one_step_run, tmp_path / "empty", "--max-shard-size", "40KB") == 0  # the rerun
+    assert len(list((tmp_path / "empty").glob("*.safetensors"))) > 2

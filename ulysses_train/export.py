@@ -15,7 +15,14 @@ tensor, never a second copy of the model. The safetensors layout (8-byte little-
 length, JSON header with dtype / shape / data_offsets, then the raw little-endian bytes) is
 the format's specification (github.com/huggingface/safetensors, "Format").
 
-Bad input is one line `error: <what>: ...` on stderr and exit code 2.
+Checks before anything is written: the checkpoint is verified against its manifest.json, every
+file's size and content hash (init_from.verify_checkpoint, as `model.init_from` and resume
+verify), since DCP has no checksums and would export flipped bytes silently.
+
+Bad input is one line `error: <what>: ...` on stderr and exit code 2; an I/O error while reading
+or writing is one line and exit code 1. Whatever fails after OUT_DIR was created removes the
+files and directories this export created (OUT_DIR was new or empty: nothing else is touched),
+so the same command can be rerun.
 """
 from __future__ import annotations
 
@@ -31,13 +38,15 @@ import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .checkpoint_files import read_meta
+from .checkpoint_state import load_failure
 from .config import ModelConfig
 from .errors import ConfigError
 from .hf.export_config import generation_config_json, hf_config_json, special_token_ids
 from .hf.names import hf_names
-from .init_from import resolve
+from .init_from import UnreadableCheckpoint, resolve, verify_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ST_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -117,18 +126,34 @@ def split_shards(tensors: list, dtype: torch.dtype, max_bytes: int) -> list[list
     return shards
 
 
+class ExportWriteError(ConfigError):
+    """OUT_DIR could not be written (disk full, I/O error): one line, exit code 1."""
+
+    exit_code = 1
+
+
+def _unreadable(step: str, exc: BaseException) -> UnreadableCheckpoint:
+    """A read of the verified checkpoint failed: no evidence of damage (exit 1, one line)."""
+    return UnreadableCheckpoint("CHECKPOINT", f"{step} could not be read ({load_failure(exc)}); "
+                                "nothing shows it is damaged: fix the cause and rerun")
+
+
 def _load_one(step: str, key: str, entry) -> torch.Tensor:
-    """One full tensor from a DCP checkpoint (any layout), read alone."""
+    """One full tensor from a DCP checkpoint (any layout), read alone. UnreadableCheckpoint
+    (exit 1) if DCP fails: the files matched the manifest, so that is no evidence of damage."""
     tensor = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
-    with warnings.catch_warnings():  # "assuming ... a single process": yes, deliberately
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({key: tensor}, storage_reader=dcp.FileSystemReader(step), no_dist=True)
+    try:
+        with warnings.catch_warnings():  # "assuming ... a single process": yes, deliberately
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({key: tensor}, storage_reader=dcp.FileSystemReader(step), no_dist=True)
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        raise _unreadable(step, exc) from exc
     return tensor
 
 
 def write_shard(path: str, step: str, tensors: list, metadata, dtype: torch.dtype) -> int:
     """Write one safetensors file holding `tensors`, each loaded, cut and cast in turn;
-    returns its data bytes."""
+    returns its data bytes. The caller records `path` as created before calling."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, _, shape in tensors:
         n = _nbytes(shape, dtype)
@@ -149,36 +174,96 @@ def write_shard(path: str, step: str, tensors: list, metadata, dtype: torch.dtyp
 
 def export(checkpoint: str, out_dir: str, dtype: str = "bf16", max_shard_bytes: int = 5 * 10**9,
            log=print) -> None:
-    """Write the Hugging Face model dir of CHECKPOINT into OUT_DIR (see the module docstring)."""
+    """Write the Hugging Face model dir of CHECKPOINT into OUT_DIR (see the module docstring).
+    ConfigError (exit 2) for bad input; UnreadableCheckpoint / ExportWriteError (exit 1) for an
+    I/O failure, after removing what this export created."""
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError("OUT_DIR", f"{out_dir} is a file; give a new or empty directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConfigError("OUT_DIR", f"{out_dir} is not empty; give a new or empty directory")
+    created = _make_dir(out_dir)  # first: an uncreatable OUT_DIR fails before the hashing
+    try:
+        _export(checkpoint, out_dir, dtype, max_shard_bytes, log, created)
+    except BaseException as exc:
+        _remove(created)
+        if isinstance(exc, OSError):  # writing (or copying into) OUT_DIR; reads of the
+            # checkpoint raise UnreadableCheckpoint instead
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise ExportWriteError("OUT_DIR", f"writing {out_dir} failed ({where}"
+                                   f"{exc.strerror or exc}); removed the files this export "
+                                   "wrote: fix the cause and rerun") from exc
+        raise
+
+
+def _export(checkpoint: str, out_dir: str, dtype: str, max_shard_bytes: int, log,
+            created: list[str]) -> None:
+    """`export` into the existing, empty `out_dir`; appends every path it creates to `created`."""
     step, run_dir = locate(checkpoint)
+    verify_checkpoint(step, "CHECKPOINT", hashes=False)  # sizes (stat only) before any read
     model, seq_len = read_model(step)
     torch_dtype = DTYPES[dtype]
     tokenizer_dir = os.path.join(run_dir, "tokenizer")
     bos, eos = special_token_ids(tokenizer_dir)
     config = hf_config_json(model, seq_len, dtype, bos, eos)  # refuses ntk before any write
-    metadata = dcp.FileSystemReader(step).read_metadata().state_dict_metadata
+    warning = verify_checkpoint(step, "CHECKPOINT")  # every hash: one read, before any write
+    if warning:
+        print(warning, file=sys.stderr)
+    metadata = _read_metadata(step)
     shards = split_shards(plan_tensors(model, metadata, torch_dtype), torch_dtype, max_shard_bytes)
-    os.makedirs(out_dir, exist_ok=True)
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        total += write_shard(os.path.join(out_dir, name), step, shard, metadata, torch_dtype)
+        created.append(os.path.join(out_dir, name))
+        total += write_shard(created[-1], step, shard, metadata, torch_dtype)
         weight_map.update({t[0]: name for t in shard})
         log(f"wrote {name} ({len(shard)} tensors, {total / 1e6:.1f} MB so far)")
-    _write_json(os.path.join(out_dir, INDEX), {"metadata": {"total_size": total},
-                                                "weight_map": weight_map})
-    _write_json(os.path.join(out_dir, "config.json"), config)
-    _write_json(os.path.join(out_dir, "generation_config.json"), generation_config_json(bos, eos))
-    copied = _copy_tokenizer(tokenizer_dir, out_dir)
-    if not copied:
+    for name, data in ((INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}),
+                       ("config.json", config),
+                       ("generation_config.json", generation_config_json(bos, eos))):
+        created.append(os.path.join(out_dir, name))
+        _write_json(created[-1], data)
+    if not os.path.isdir(tokenizer_dir):
+        print(f"warning: the run has no tokenizer/ dir ({tokenizer_dir}; data=synthetic trains "
+              "without one); exporting the weights and config only", file=sys.stderr)
+    elif not _copy_tokenizer(tokenizer_dir, out_dir, created):
         print(f"warning: {tokenizer_dir} holds no tokenizer files; exported the weights without "
               "a tokenizer (copy its files into the output dir yourself)", file=sys.stderr)
     log(f"exported {step} ({model.name}, {dtype}) to {out_dir}")
+
+
+def _read_metadata(step: str) -> dict:
+    """DCP's metadata of the (verified) checkpoint; UnreadableCheckpoint (exit 1) if it fails."""
+    try:
+        return dcp.FileSystemReader(step).read_metadata().state_dict_metadata
+    except Exception as exc:
+        raise _unreadable(step, exc) from exc
+
+
+def _make_dir(out_dir: str) -> list[str]:
+    """Create `out_dir` and its missing parents; return those created, outermost first.
+    ConfigError `OUT_DIR: cannot create ...` if the OS refuses."""
+    created, where = [], out_dir
+    while not os.path.lexists(where):  # under a regular file this stops at the file
+        created.insert(0, where)
+        where = os.path.dirname(where)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        _remove(created)  # the parents made before the failure
+        raise ConfigError("OUT_DIR", f"cannot create {out_dir}: {exc.strerror or exc}; give a "
+                                     "new or empty directory where you can write") from None
+    return created
+
+
+def _remove(created: list[str]) -> None:
+    """Remove what this export created (`created` in creation order), newest first: its files,
+    then its directories, innermost first."""
+    for path in reversed(created):
+        try:
+            os.rmdir(path) if os.path.isdir(path) else os.remove(path)
+        except OSError:  # already gone, or a directory someone else put something into
+            pass
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -187,13 +272,12 @@ def _write_json(path: str, data: dict) -> None:
         f.write("\n")
 
 
-def _copy_tokenizer(tokenizer_dir: str, out_dir: str) -> list[str]:
-    if not os.path.isdir(tokenizer_dir):
-        return []
+def _copy_tokenizer(tokenizer_dir: str, out_dir: str, created: list[str]) -> list[str]:
     names = sorted(n for n in os.listdir(tokenizer_dir)
                    if os.path.isfile(os.path.join(tokenizer_dir, n)))
     for name in names:
-        shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
+        created.append(os.path.join(out_dir, name))
+        shutil.copy2(os.path.join(tokenizer_dir, name), created[-1])
     return names
 
 

@@ -8,9 +8,13 @@ data position (stage 2 of a context extension starts from stage 1 this way). Wha
 - one of our run dirs (its `checkpoints/latest`), its `checkpoints/` dir, or a `step_N` dir:
   DCP reads the `model.*` entries only, resharding between any two layouts for free.
 
-`check_initial_weights` is the cheap half (files, headers, meta.json; no torch, no tensor
-data), called by config validation before any heavy work; `load_initial_weights` is the load,
-called by every rank after the model is built, sharded and initialised (model_build.py).
+`check_initial_weights` is the cheap half (files, headers, meta.json, our manifest's sizes; no
+torch, no tensor data), called by config validation before any heavy work; `load_initial_weights`
+is the load, called by every rank after the model is built, sharded and initialised
+(model_build.py). Our checkpoints' content hashes are verified there, once per load, split over
+the ranks as resume splits them (`verify_checkpoint`; export calls it too): validation runs on
+every rank, and more than once per process, so hashing there would read the checkpoint over and
+over (resume too checks only what meta.json says at validation, and hashes at the load).
 """
 from __future__ import annotations
 
@@ -30,8 +34,8 @@ def resolve(path: str, key: str = KEY, hf: bool = True) -> tuple[str, str]:
     (OURS, step dir) for one of our run dirs (its `checkpoints/latest`), its `checkpoints/` dir
     or a `step_*` dir. The one place that turns such a PATH into a directory: model.init_from,
     its config precheck (hf/config.py), eval and export all call it. `hf=False` refuses HF dirs
-    (export reads only our checkpoints). ConfigError named `key` for anything else, or for a
-    step that is missing or a partial save."""
+    (export reads only our checkpoints). ConfigError named `key` for anything else (a run dir or
+    checkpoints/ dir without `latest` says so), or for a step that is missing or a partial save."""
     accepted = ("a Hugging Face model directory, " if hf else "") + \
         "a run dir or a checkpoints/step_* directory"
     path = os.path.abspath(os.path.expanduser(path))
@@ -48,15 +52,19 @@ def resolve(path: str, key: str = KEY, hf: bool = True) -> tuple[str, str]:
     if os.path.isdir(os.path.join(path, "checkpoints")):
         raise ConfigError(key, f"{path} is a run dir without checkpoints/latest (no committed "
                                "checkpoint yet); give one of its checkpoints/step_* directories")
+    if os.path.basename(path) == "checkpoints" or files.CheckpointDir(
+            path, log=lambda _: None).has_any():  # step_* dirs inside: a checkpoints/ dir
+        raise ConfigError(key, f"{path} is a checkpoints/ dir without `latest` (no committed "
+                               "checkpoint named yet); give one of its step_* directories")
     if weights_dir.is_hf_dir(path):
         if hf:
             return HF, path
         raise ConfigError(key, f"{path} is a Hugging Face model directory, not one of our "
                                f"checkpoints; give {accepted}")
-    raise ConfigError(key, f"{path} is neither " + (
-        f"a Hugging Face model directory (config.json + {weights_dir.SINGLE}, or shards + "
-        f"{weights_dir.INDEX}) nor " if hf else "") + "one of our checkpoints (a run dir with "
-        "checkpoints/latest, or a step_* directory)")
+    ours = "one of our checkpoints (a run dir with checkpoints/latest, or a step_* directory)"
+    raise ConfigError(key, f"{path} is neither a Hugging Face model directory (config.json + "
+                      f"{weights_dir.SINGLE}, or shards + {weights_dir.INDEX}) nor {ours}" if hf
+                      else f"{path} is not {ours}")
 
 
 def _complete_step(step_dir: str, named_by: str, key: str) -> str:
@@ -74,7 +82,7 @@ def _shape_keys(model_cfg) -> tuple[str, ...]:
 
 def check_checkpoint(step_dir: str, model_cfg) -> None:
     """Our checkpoint must hold this model's architecture (meta.json "model") and be intact in
-    size (manifest.json; hashes are not read: loading reads the bytes anyway)."""
+    size (manifest.json; the hashes are verified when it is loaded: `verify_checkpoint`)."""
     try:
         saved = files.read_meta(step_dir)["model"]
     except ConfigError as exc:
@@ -85,10 +93,78 @@ def check_checkpoint(step_dir: str, model_cfg) -> None:
     if diffs:
         raise fail(f"{step_dir} holds another architecture: {', '.join(diffs)}; set model.* "
                    "(or the model= preset) to the checkpoint's")
-    manifest, problem = files.read_manifest(step_dir)
-    problems = [problem] if manifest is None else files.check_sizes(step_dir, manifest)
+    verify_checkpoint(step_dir, KEY, hashes=False)
+
+
+class UnreadableCheckpoint(ConfigError):
+    """Our checkpoint could not be read for a reason other than verified damage (an I/O error,
+    a permission): one line and exit code 1, as resume's CheckpointReadError — nothing shows
+    the checkpoint is bad, so the user fixes the cause rather than picking another one."""
+
+    exit_code = 1
+
+
+def verify_checkpoint(step_dir: str, key: str = KEY, distributed: bool = False,
+                      hashes: bool = True) -> str | None:
+    """Verify our checkpoint `step_dir` against its manifest.json as resume does
+    (checkpoint_resume.py): every file's size, then (`hashes`) every file's content hash. With
+    `distributed`, each rank hashes every world-th file and the verdicts are gathered on a
+    gloo group, so every rank raises the same error or none (a collective: every rank calls it).
+
+    Returns None, or a warning line when the manifest's hash algorithm is missing here (sizes
+    only, then). ConfigError(`key`, "... is damaged: ...", exit 2) for a missing or unreadable
+    manifest, a missing file, a size or a hash that differs; UnreadableCheckpoint (exit 1) for
+    any other read error. Costs one read of the checkpoint's bytes (xxh3: ~0.3-0.5 s/GiB).
+    """
+    rank, world, group = 0, 1, None
+    if distributed:
+        import torch.distributed as dist
+
+        from .parallel.mesh import new_group
+
+        group = new_group(backend="gloo")  # CPU objects; never the training (NCCL) group
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+    verdict = _problems(step_dir, hashes, share=(rank, world))
+    every = [verdict]
+    if distributed:
+        every = [None] * world
+        dist.all_gather_object(every, verdict, group=group)  # -> every rank: world verdicts
+        dist.destroy_process_group(group)
+    _raise_verdict(every, step_dir, key)
+    algorithm = (files.read_manifest(step_dir)[0] or {}).get("algorithm")
+    if hashes and algorithm and not files.can_hash(algorithm):
+        return (f"warning: {step_dir} was hashed with {algorithm}, which this machine lacks "
+                "(pip install xxhash); checked file sizes only")
+    return None
+
+
+def _problems(step_dir: str, hashes: bool, share=(0, 1)) -> tuple[list[str], str | None]:
+    """(problems 'PATH: what', None) or ([], why it could not be read): the manifest, every
+    size, then (`hashes`, when this machine has the algorithm) the content hashes of this
+    rank's share of the files (every `share[1]`-th name from `share[0]`, sorted)."""
+    try:
+        manifest, problem = files.read_manifest(step_dir)
+        if manifest is None:
+            return [problem], None
+        problems = files.check_sizes(step_dir, manifest)
+        if problems or not hashes or not files.can_hash(manifest["algorithm"]):
+            return problems, None
+        rank, world = share
+        return files.check_hashes(step_dir, manifest, sorted(manifest["files"])[rank::world]), None
+    except files.CheckpointReadError as exc:
+        return [], exc.why
+
+
+def _raise_verdict(every: list, step_dir: str, key: str) -> None:
+    """Raise for the first rank's read error, else for all ranks' problems (deduplicated)."""
+    why = next((w for _, w in every if w), None)
+    if why:
+        raise UnreadableCheckpoint(key, f"{step_dir} could not be read ({why}); nothing shows it "
+                                        "is damaged: fix the cause and rerun")
+    problems = list(dict.fromkeys(p for ps, _ in every for p in ps))
     if problems:
-        raise fail(f"{step_dir} is damaged: {files.summary(problems)}; use another step_* dir")
+        raise ConfigError(key, f"{step_dir} is damaged: {files.summary(problems)}; use another "
+                               "step_* dir")
 
 
 def check_initial_weights(path: str, model_cfg) -> tuple[str, str]:
@@ -121,8 +197,10 @@ def load_initial_weights(model, path: str, model_cfg, dims) -> str:
         dtypes = sorted({table[t].dtype for t in mapping.values()})
         what = f"{n / 1e6:.2f}M parameters ({'/'.join(dtypes).lower()} -> fp32)"
     else:
+        warning = verify_checkpoint(where, KEY, dims.distributed)  # before any tensor is read
         n = _load_our_weights(model, where, dims.distributed)
-        what = f"{n / 1e6:.2f}M parameters (weights only: new optimizer, schedule, data)"
+        what = (f"{n / 1e6:.2f}M parameters (weights only: new optimizer, schedule, data; "
+                + (warning.removeprefix("warning: ") if warning else "hashes verified") + ")")
     return (f"{KEY}: loaded {what} from {kind} {where} in "
             f"{time.perf_counter() - start:.1f} s")
 

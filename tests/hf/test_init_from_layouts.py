@@ -8,7 +8,8 @@
   loss. The fixtures are bf16 on disk with 300 rows (padded to 384 here) and uneven FSDP2
   shards (24 kv rows, 90 ffn rows), tied and untied.
 - Our checkpoints: a one-step run (trainer, `model.init_from` = the HF dir) saved by one process
-  loads into a tp=2 model; one saved at dp=2 zero=3 loads into one process; both exactly.
+  loads into a tp=2 model; one saved at dp=2 zero=3 loads into one process; both exactly. A
+  bit-flipped copy is refused (manifest hashes) in one process and on both of 2 ranks.
 - Memory: loading a 7M-parameter model into 4 ranks at zero=3 adds far less anonymous memory
   per rank than the model's fp32 size (a loader reading whole tensors would not).
 Each rank count is spawned once for all of its cases (process start dominates: ~10 s).
@@ -16,14 +17,16 @@ Each rank count is spawned once for all of its cases (process start dominates: ~
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from distributed import run_distributed
-from helpers import cpu_dims, metrics_rows, small_config
+from helpers import cpu_dims, flip_byte, metrics_rows, small_config
 from hf_fixtures import hf_logits, model_config, save_llama
+from ulysses_train.errors import ConfigError
 from ulysses_train.init_from import load_initial_weights
 from ulysses_train.model.init import canonical_name
 from ulysses_train.model_build import build_model
@@ -113,11 +116,16 @@ def _train_one_step(hf_dir: str, run_dir: str, parallel: dict, world: int, rank:
     return _full_params(trainer.model), loss
 
 
-def _rank2(rank, world, hf_dirs, hf_run, run_dir):
+def _rank2(rank, world, hf_dirs, hf_run, run_dir, flipped):
     out = {"layouts": _layouts(rank, world, hf_dirs, LAYOUTS_2)}
     cfg = _config(hf_dirs[0], {"tp": 2})  # our one-process checkpoint into tp=2
     out["ckpt_into_tp2"] = _full_params(_loaded(hf_run, cfg, world, rank)[0])
     out["zero3_run"] = _train_one_step(hf_dirs[0], run_dir, {"zero": 3}, world, rank)
+    try:  # last: a rank that missed the verdict would wait in DCP's load for the other
+        _loaded(flipped, cfg, world, rank)
+        out["flipped"] = None
+    except ConfigError as exc:
+        out["flipped"] = str(exc)
     return out if rank == 0 else None
 
 
@@ -159,9 +167,19 @@ def hf_run(hf_dirs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def spawn2(hf_dirs, hf_run, tmp_path_factory):
+def flipped(hf_run, tmp_path_factory) -> str:
+    """A copy of `hf_run`'s checkpoint with one byte of its shard file flipped (sizes intact)."""
+    step = os.path.join(hf_run[0], "checkpoints", "step_00000001")
+    copy = shutil.copytree(step, tmp_path_factory.mktemp("flipped") / "step_00000001")
+    flip_byte(copy / "__0_0.distcp")
+    return str(copy)
+
+
+@pytest.fixture(scope="module")
+def spawn2(hf_dirs, hf_run, flipped, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("zero3_run"))
-    return run_distributed(_rank2, 2, hf_dirs, hf_run[0], run_dir, timeout=240)[0], run_dir
+    return run_distributed(_rank2, 2, hf_dirs, hf_run[0], run_dir, flipped,
+                           timeout=240)[0], run_dir
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +235,22 @@ def test_our_checkpoints_load_across_layouts(hf_dirs, hf_run, spawn2):
     model, _ = _loaded(spawn2[1], _config(hf_dirs[0]))  # a run dir: its checkpoints/latest
     _assert_same(_full_params(model), zero3_params, "dp=2 zero=3 -> one process")
     assert zero3_loss == pytest.approx(loss, rel=1e-5)
+
+
+def test_a_bit_flipped_checkpoint_is_refused_on_every_rank(hf_dirs, hf_run, flipped, spawn2):
+    """The manifest's hashes are verified before loading (DCP would load the flipped bytes).
+    On 2 ranks rank 0 hashes only `.metadata` and `meta.json`: it learns of the flipped shard
+    from rank 1's gathered verdict, and both stop."""
+    with pytest.raises(ConfigError) as info:
+        _loaded(flipped, _config(hf_dirs[0]))
+    assert info.value.key == "model.init_from"
+    want = (f"{flipped} is damaged: {flipped}/__0_0.distcp: content differs from the manifest's "
+            "hash (corrupt); use another step_* dir")
+    assert info.value.message == want
+    assert spawn2[0]["flipped"] == f"model.init_from: {want}"
+    cfg = _config(hf_dirs[0])
+    line = load_initial_weights(build_model(cfg, cpu_dims()), hf_run[0], cfg.model, cpu_dims())
+    assert "hashes verified" in line, line
 
 
 @pytest.mark.skipif(rss_anon_bytes() is None, reason="needs Linux /proc/self/status RssAnon")

@@ -90,7 +90,12 @@ def _evaluate(cfg: Config, run_dir: str, dims: ParallelDims) -> int:
                       max_tokenizer_vocab=cfg.model.vocab_size)
     passkey_plan(cfg, dims, data)  # bad eval lengths fail here, before any weights are read
     model = build_model(cfg, dims)
-    loaded = load_initial_weights(model, cfg.model.init_from, cfg.model, dims)
+    try:  # the load verifies our checkpoint's hashes: a damaged one fails here
+        loaded = load_initial_weights(model, cfg.model.init_from, cfg.model, dims)
+    except ConfigError as error:  # the user named eval.checkpoint: say that key
+        if error.key != "model.init_from":
+            raise
+        raise type(error)("eval.checkpoint", error.message) from None  # keeps its exit code
     say(f"eval: {loaded} | layout dp={dims.dp} sp={dims.sp} (ring={dims.ring}) tp={dims.tp}")
     dtype = resolve_dtype(cfg.train.precision, dims.device)
     result = evaluate_model(model, cfg, dims, data, dtype, log=say)
