@@ -50,6 +50,7 @@ ATOMIC_SITES = {
     "data/tokenizer_files.py": 2,  # <run_dir>/tokenizer/ moved aside, then the new one in place:
     #                                test_run_tokenizer_folder_is_whole_or_absent
     "evaluate/run.py": 1,  # eval.json and eval.png: test_torn_eval_result_keeps_the_previous_one
+    "cli.py": 1,  # .hydra/config.yaml: test_torn_effective_config_keeps_hydras
 }
 
 
@@ -288,3 +289,20 @@ def test_torn_eval_result_keeps_the_previous_one(tmp_path):
     with pytest.raises(SimulatedCrash), torn_writes(lambda p: p.endswith("eval.json.tmp")):
         write_results(second, str(tmp_path))
     assert {p: Path(p).read_bytes() for p in (json_path, png_path)} == before
+
+
+def test_torn_effective_config_keeps_hydras(tmp_path):
+    """.hydra/config.yaml rewritten with model.init_from / parallel.auto applied: a crash
+    mid-write leaves Hydra's composition whole, never a torn YAML."""
+    import dataclasses
+
+    from ulysses_train import cli
+
+    composed = small_config()
+    applied = dataclasses.replace(composed, model=dataclasses.replace(
+        composed.model, n_layers=5, init_from="/models/src"))
+    (tmp_path / "config.yaml").write_text("hydra's composition\n")
+    with pytest.raises(SimulatedCrash), torn_writes(lambda p: p.endswith("config.yaml.tmp")):
+        cli.write_effective_config(str(tmp_path), composed, applied)
+    assert (tmp_path / "config.yaml").read_text() == "hydra's composition\n"
+
