@@ -87,10 +87,12 @@ def validate_shard_group(p: "ParallelConfig", dp: int) -> None:
     if n in (0, -1):
         return
     key = "parallel.shard_group"
-    require(n > 0, key, f"must be a positive group size, or 0 / -1 for the whole dp x sp group "
-            f"({dp_sp} ranks), got {n}")
+    # no group size in the first line: the planner checks a value before any layout has one
+    require(n > 0, key, f"must be a positive group size, or 0 / -1 for the whole dp x sp group, "
+            f"got {n}")
     # refused at zero=0 even when n is the whole group: the key would silently do nothing
-    require(p.zero > 0, key, f"hybrid sharding ({n} ranks per shard group) needs sharding: set "
+    ranks = f"{n} rank{'s' if n > 1 else ''}"
+    require(p.zero > 0, key, f"hybrid sharding ({ranks} per shard group) needs sharding: set "
             "parallel.zero=2 or 3, or drop parallel.shard_group (at zero=0 every rank holds "
             "everything already)")
     if n == dp_sp:

@@ -104,7 +104,8 @@ def test_a_shard_group_no_layout_could_take_is_refused_as_a_value(capsys):
         plan_cli.main(PLAN + ["parallel.shard_group=-2"])
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith("error: parallel.shard_group: must be a positive group size"), err
+    assert err == ("error: parallel.shard_group: must be a positive group size, or 0 / -1 for "
+                   "the whole dp x sp group, got -2"), err  # no group size: none is chosen yet
 
 
 def test_parallel_auto_logs_the_shard_group():
