@@ -155,3 +155,12 @@ def test_quoted_tilde_paths_expand(tmp_path, monkeypatch):
     cfg = cli.precheck(["data=files", 'data.paths=["~/a.jsonl"]',
                         f"hydra.run.dir={tmp_path / 'run'}"])
     assert cfg.data.paths == ["~/a.jsonl"]
+
+
+def test_quoted_tilde_run_dir_is_refused_not_made_verbatim():
+    """Catches: 'hydra.run.dir="~/x"' (quoted as other path keys are) making ./~/x: Hydra never
+    expands ~, and a later `rm -rf ~/...` by a user cleaning it up is dangerous."""
+    with pytest.raises(ConfigError) as info:
+        cli.precheck(['hydra.run.dir="~/runs/x"'])
+    assert info.value.key == "hydra.run.dir" and "hydra.run.dir=$HOME/runs/x" in info.value.message
+

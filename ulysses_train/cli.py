@@ -167,6 +167,10 @@ def _compose(overrides: Sequence[str], world_size: int, check: bool = True) -> t
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
             run_dir = str(cfg.hydra.run.dir)
+            if run_dir == "~" or run_dir.startswith("~/"):  # quoted: Hydra keeps it verbatim
+                raise ConfigError("hydra.run.dir", f"Hydra does not expand ~ and would make a "
+                                  f"directory named '~' here; write hydra.run.dir=$HOME"
+                                  f"{run_dir[1:]}")
             with open_dict(cfg):
                 del cfg["hydra"]
             extra = _unknown_key(OmegaConf.to_container(cfg), Config)
