@@ -147,6 +147,37 @@ def check_hashes(path: str, manifest: dict, names: Iterable[str]) -> list[str]:
             for n, h in zip(names, hashes) if h != manifest["files"][n]["hash"]]
 
 
+def verify_share(path: str, share: tuple[int, int] = (0, 1), hashes: bool = True,
+                 check: Callable[[str], None] | None = None,
+                 log: Callable[[str], None] = print) -> list[str]:
+    """Problems ('PATH: what') of checkpoint `path` against its manifest, as one rank of
+    `share` = (rank, world) sees them: an unreadable manifest, a missing file or a size (every
+    rank), meta.json's hash (every rank: tiny), then `check(path)` (raises for a checkpoint that
+    is intact but unusable, e.g. another model shape), then the content hashes of this rank's
+    share of the other files (every world-th name from rank, sorted). Empty when verified.
+    `hashes=False`, or a hash algorithm this machine lacks (said through `log`): sizes only.
+    CheckpointReadError for a read error other than a missing file."""
+    manifest, problem = read_manifest(path)
+    if manifest is None:
+        return [problem]
+    hashing = hashes and can_hash(manifest["algorithm"])
+    if hashes and not hashing:
+        log(f"warning: {path} was hashed with {manifest['algorithm']}, which this machine "
+            "lacks (pip install xxhash); checking file sizes only")
+    problems = check_sizes(path, manifest)
+    if not problems and hashing:
+        problems = check_hashes(path, manifest, [META])
+    if problems:
+        return problems
+    if check is not None:
+        check(path)
+    if not hashing:
+        return []
+    rank, world = share
+    names = sorted(n for n in manifest["files"] if n != META)
+    return check_hashes(path, manifest, names[rank::world])
+
+
 def summary(problems: list[str]) -> str:
     """One line for a list of problems: the first, and how many more."""
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -32,6 +32,28 @@ from .run_identity import check_resume
 LOAD_ERRORS = (Exception, CheckpointException)
 
 
+def verify_collectively(path: str, group, **share_args) -> list[str]:
+    """`checkpoint_files.verify_share` split over the ranks of gloo `group` (None: this process
+    alone): each rank hashes its share of the files and the verdicts are gathered, so every rank
+    returns the same problems (deduplicated) or raises the same CheckpointReadError.
+    `share_args`: verify_share's `hashes`, `check`, `log`. A collective over `group`."""
+    rank, world = ((dist.get_rank(group), dist.get_world_size(group)) if group is not None
+                   else (0, 1))
+    try:
+        mine = (files.verify_share(path, (rank, world), **share_args), None)
+    except CheckpointReadError as exc:
+        mine = ([], exc.why)
+    every = [mine]
+    if group is not None:
+        every = [None] * world
+        dist.all_gather_object(every, mine, group=group)  # -> every rank: world verdicts
+    errors = [f"rank {r}: {why}" if group is not None else why
+              for r, (_, why) in enumerate(every) if why]
+    if errors:
+        raise CheckpointReadError(path, errors[0])
+    return list(dict.fromkeys(p for problems, _ in every for p in problems))  # dedup
+
+
 class ResumeMixin:
     """`check_shape`, `verify`, `load` and `restore` of `CheckpointManager` (see the module)."""
 
@@ -47,42 +69,8 @@ class ResumeMixin:
         or unreadable manifest, a missing file, a size or hash that differs from it; empty when
         verified. ConfigError if it holds another model shape; CheckpointReadError for any other
         read error (I/O, ...) on any rank. A collective: every rank gets the same verdict."""
-        try:
-            mine = (self._verify_share(path), None)
-        except CheckpointReadError as exc:
-            mine = ([], exc.why)
-        every = [mine]
-        if self.distributed:
-            every = [None] * dist.get_world_size(self._pg())
-            dist.all_gather_object(every, mine, group=self._pg())
-        errors = [f"rank {r}: {why}" if self.distributed else why
-                  for r, (_, why) in enumerate(every) if why]
-        if errors:
-            raise CheckpointReadError(path, errors[0])
-        return list(dict.fromkeys(p for problems, _ in every for p in problems))  # dedup
-
-    def _verify_share(self, path: str) -> list[str]:
-        """This rank's part of `verify`. Cheap first (every rank): every size and the tiny
-        meta.json's hash, then the shape; then this rank's share of the other files' hashes."""
-        manifest, problem = files.read_manifest(path)
-        if manifest is None:
-            return [problem]
-        hashing = files.can_hash(manifest["algorithm"])
-        if not hashing:
-            self.log(f"warning: {path} was hashed with {manifest['algorithm']}, which this "
-                     "machine lacks (pip install xxhash); checking file sizes only")
-        problems = files.check_sizes(path, manifest)
-        if not problems and hashing:
-            problems = files.check_hashes(path, manifest, [files.META])
-        if problems:
-            return problems
-        self.check_shape(path)
-        if not hashing:
-            return []
-        names = sorted(n for n in manifest["files"] if n != files.META)
-        rank, world = ((dist.get_rank(self._pg()), dist.get_world_size(self._pg()))
-                       if self.distributed else (0, 1))
-        return files.check_hashes(path, manifest, names[rank::world])
+        return verify_collectively(path, self._pg() if self.distributed else None,
+                                   check=self.check_shape, log=self.log)
 
     # ---- loading ------------------------------------------------------------------------
     def load(self, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -112,59 +112,34 @@ def verify_checkpoint(step_dir: str, key: str = KEY, distributed: bool = False,
     gloo group, so every rank raises the same error or none (a collective: every rank calls it).
 
     Returns None, or a warning line when the manifest's hash algorithm is missing here (sizes
-    only, then). ConfigError(`key`, "... is damaged: ...", exit 2) for a missing or unreadable
+    only, then). The checks are checkpoint_files.verify_share's, split over the ranks by
+    checkpoint_resume.verify_collectively when `distributed`: the code resume runs. ConfigError(`key`, "... is damaged: ...", exit 2) for a missing or unreadable
     manifest, a missing file, a size or a hash that differs; UnreadableCheckpoint (exit 1) for
     any other read error. Costs one read of the checkpoint's bytes (xxh3: ~0.3-0.5 s/GiB).
     """
-    rank, world, group = 0, 1, None
-    if distributed:
-        import torch.distributed as dist
-
-        from .parallel.mesh import new_group
-
-        group = new_group(backend="gloo")  # CPU objects; never the training (NCCL) group
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-    verdict = _problems(step_dir, hashes, share=(rank, world))
-    every = [verdict]
-    if distributed:
-        every = [None] * world
-        dist.all_gather_object(every, verdict, group=group)  # -> every rank: world verdicts
-        dist.destroy_process_group(group)
-    _raise_verdict(every, step_dir, key)
-    algorithm = (files.read_manifest(step_dir)[0] or {}).get("algorithm")
-    if hashes and algorithm and not files.can_hash(algorithm):
-        return (f"warning: {step_dir} was hashed with {algorithm}, which this machine lacks "
-                "(pip install xxhash); checked file sizes only")
-    return None
-
-
-def _problems(step_dir: str, hashes: bool, share=(0, 1)) -> tuple[list[str], str | None]:
-    """(problems 'PATH: what', None) or ([], why it could not be read): the manifest, every
-    size, then (`hashes`, when this machine has the algorithm) the content hashes of this
-    rank's share of the files (every `share[1]`-th name from `share[0]`, sorted)."""
+    warnings: list[str] = []
     try:
-        manifest, problem = files.read_manifest(step_dir)
-        if manifest is None:
-            return [problem], None
-        problems = files.check_sizes(step_dir, manifest)
-        if problems or not hashes or not files.can_hash(manifest["algorithm"]):
-            return problems, None
-        rank, world = share
-        return files.check_hashes(step_dir, manifest, sorted(manifest["files"])[rank::world]), None
+        if distributed:  # each rank hashes a share; verdicts gathered (resume's own mechanism)
+            import torch.distributed as dist
+
+            from .checkpoint_resume import verify_collectively
+            from .parallel.mesh import new_group
+
+            group = new_group(backend="gloo")  # CPU objects; never the training (NCCL) group
+            try:
+                problems = verify_collectively(step_dir, group, hashes=hashes,
+                                               log=warnings.append)
+            finally:
+                dist.destroy_process_group(group)
+        else:  # no torch.distributed: config validation calls this too
+            problems = files.verify_share(step_dir, hashes=hashes, log=warnings.append)
     except files.CheckpointReadError as exc:
-        return [], exc.why
-
-
-def _raise_verdict(every: list, step_dir: str, key: str) -> None:
-    """Raise for the first rank's read error, else for all ranks' problems (deduplicated)."""
-    why = next((w for _, w in every if w), None)
-    if why:
-        raise UnreadableCheckpoint(key, f"{step_dir} could not be read ({why}); nothing shows it "
-                                        "is damaged: fix the cause and rerun")
-    problems = list(dict.fromkeys(p for ps, _ in every for p in ps))
+        raise UnreadableCheckpoint(key, f"{step_dir} could not be read ({exc.why}); nothing "
+                                        "shows it is damaged: fix the cause and rerun") from None
     if problems:
         raise ConfigError(key, f"{step_dir} is damaged: {files.summary(problems)}; use another "
                                "step_* dir")
+    return warnings[0] if warnings else None
 
 
 def check_initial_weights(path: str, model_cfg) -> tuple[str, str]:
