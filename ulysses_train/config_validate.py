@@ -79,6 +79,12 @@ def validate_parallel(p: "ParallelConfig", world_size: int) -> None:
     validate_shard_group(p, dp)
 
 
+def shard_group_size(shard_group: int, dp_sp: int) -> int:
+    """The ranks ZeRO shards over for `parallel.shard_group`: 0 / -1 mean the whole dp x sp
+    group (`dp_sp` ranks), any other value is itself (validate_shard_group checks it)."""
+    return dp_sp if shard_group in (0, -1) else shard_group
+
+
 def validate_shard_group(p: "ParallelConfig", dp: int) -> None:
     """`parallel.shard_group`: 0/-1 (whole dp x sp), or a size that divides dp x sp into groups
     made of whole sequence-parallel groups (an sp group's ranks hold one sequence's slices and

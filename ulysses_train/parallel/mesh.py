@@ -36,6 +36,7 @@ from datetime import timedelta
 import torch
 
 from ..config import ParallelConfig, validate_parallel
+from ..config_validate import shard_group_size
 from .layout import SequenceLayout
 
 RENDEZVOUS_TIMEOUT = timedelta(minutes=30)  # torch's own default for first contact
@@ -68,8 +69,7 @@ class ParallelDims:
             raise ValueError(f"tp*sp*dp = {self.tp}*{self.sp}*{self.dp} != world {self.world_size}")
         if self.ring < 1 or self.sp % self.ring:
             raise ValueError(f"ring {self.ring} does not divide sp {self.sp}")
-        if self.shard_group in (0, -1):
-            self.shard_group = self.dp_sp
+        self.shard_group = shard_group_size(self.shard_group, self.dp_sp)
         if self.dp_sp % self.shard_group or self.shard_group % self.sp:
             raise ValueError(f"shard_group {self.shard_group} is not whole sp groups of dp_sp "
                              f"{self.dp_sp}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Config, padded_vocab
+from ..config_validate import shard_group_size
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,6 @@ def shapes_of(cfg: Config, world_size: int, device: str = "cuda") -> Shapes:
     precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
     s = padded_seq(cfg.data.seq_len, p.sp, ring) // p.sp
     accum = max(1, t.global_batch_size // (t.micro_batch_size * dp))
-    # as ParallelDims resolves it: 0 / -1 = the whole dp x sp group (validated by config.validate)
-    group = p.shard_group if p.shard_group not in (0, -1) else dp * p.sp
     return Shapes(L=m.n_layers, d=m.d_model, hq=m.n_heads // p.tp, hkv=m.n_kv_heads // p.tp,
                   D=m.d_model // m.n_heads, F=m.ffn_hidden // p.tp,
                   V=padded_vocab(m.vocab_size), B=t.micro_batch_size, S=cfg.data.seq_len, s=s,
@@ -119,4 +118,4 @@ def shapes_of(cfg: Config, world_size: int, device: str = "cuda") -> Shapes:
                   ac=t.activation_checkpointing, offload=t.activation_offload,
                   mlp_chunk=t.mlp_chunk, loss_chunk=t.loss_chunk, tied=m.tie_embeddings,
                   qkv_bias=m.qkv_bias, act_bytes=2 if precision == "bf16" else 4, accum=accum,
-                  shard_group=group)
+                  shard_group=shard_group_size(p.shard_group, dp * p.sp))
