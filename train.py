@@ -11,13 +11,13 @@ import hydra
 from omegaconf import DictConfig
 
 try:
-    from ulysses_train import cli
+    from ulysses_train.cli import compose as cli
 except ImportError as import_error:
     if not str(import_error).startswith("ulysses_train needs torch"):
         raise
     print(f"error: {import_error}", file=sys.stderr, flush=True)  # one line, not a traceback
     sys.exit(1)
-from ulysses_train.errors import ConfigError
+from ulysses_train.config.errors import ConfigError
 
 RANK = int(os.environ.get("RANK", "0"))
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
@@ -26,7 +26,7 @@ cli.register()
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from ulysses_train.trainer import run
+    from ulysses_train.train.trainer import run
 
     cli.run_job(cfg, run, RANK, WORLD_SIZE)
 

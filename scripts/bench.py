@@ -42,13 +42,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from ulysses_train.config import Config, TrainConfig  # noqa: E402
-from ulysses_train.metrics import mfu_of, peak_flops  # noqa: E402
+from ulysses_train.config.schema import Config, TrainConfig  # noqa: E402
 from ulysses_train.model import flops_per_token, model_config  # noqa: E402
 from ulysses_train.model.presets import PRESETS  # noqa: E402
-from ulysses_train.optim import build_optimizer  # noqa: E402
 from ulysses_train.parallel import ParallelDims  # noqa: E402
-from ulysses_train.model_build import build_model, resolve_dtype  # noqa: E402
+from ulysses_train.parallel.parallelize import build_model, resolve_dtype  # noqa: E402
+from ulysses_train.train.metrics import mfu_of, peak_flops  # noqa: E402
+from ulysses_train.train.optim import build_optimizer  # noqa: E402
 
 SHAPE_FLAGS = {"n_layers": int, "d_model": int, "n_heads": int, "n_kv_heads": int,
                "ffn_hidden": int, "vocab_size": int}

@@ -11,8 +11,8 @@ import sys
 import time
 
 sys.path.insert(0, os.getcwd())
-import ulysses_train.checkpoint as checkpoint  # noqa: E402
-import ulysses_train.checkpoint_files as files  # noqa: E402
+import ulysses_train.checkpoint.manager as checkpoint  # noqa: E402
+import ulysses_train.checkpoint.store as files  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 

@@ -44,7 +44,7 @@ def make_hf_dir(path: str) -> None:
 def model_config(path: str):
     """Our ModelConfig for the HF dir (architecture keys; config.json as transformers 5 writes
     it). The trainer gets this from model.init_from's config side."""
-    from ulysses_train.config import ModelConfig
+    from ulysses_train.config.schema import ModelConfig
 
     with open(os.path.join(path, "config.json")) as f:
         c = json.load(f)
@@ -58,11 +58,11 @@ def model_config(path: str):
 
 def worker(path: str, zero: int) -> None:
     """One torchrun rank: build the model for dp=world at `zero`, load `path`, report."""
-    from ulysses_train.config import Config
-    from ulysses_train.init_from import load_initial_weights
-    from ulysses_train.model_build import build_model
+    from ulysses_train.config.schema import Config
+    from ulysses_train.hf.init_from import load_initial_weights
     from ulysses_train.parallel import ParallelDims
-    from ulysses_train.rss import AnonPeak
+    from ulysses_train.parallel.parallelize import build_model
+    from ulysses_train.utils.rss import AnonPeak
 
     cfg = Config()
     cfg.model, cfg.parallel.zero, cfg.train.precision = model_config(path), zero, "fp32"

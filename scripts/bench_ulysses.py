@@ -44,7 +44,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ulysses_train.model.attention import sdpa_attention  # noqa: E402
-from ulysses_train.parallel import ring  # noqa: E402
+from ulysses_train.parallel import ring
 from ulysses_train.parallel.layout import SequenceLayout  # noqa: E402
 from ulysses_train.parallel.ring import UlyssesRingAttention  # noqa: E402
 from ulysses_train.parallel.ulysses import UlyssesAttention  # noqa: E402

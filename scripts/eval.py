@@ -16,13 +16,13 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 try:
-    from ulysses_train import cli
+    from ulysses_train.cli import compose as cli
 except ImportError as import_error:
     if not str(import_error).startswith("ulysses_train needs torch"):
         raise
     print(f"error: {import_error}", file=sys.stderr, flush=True)  # one line, not a traceback
     sys.exit(1)
-from ulysses_train.errors import ConfigError  # noqa: E402
+from ulysses_train.config.errors import ConfigError  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))

@@ -20,11 +20,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ulysses_train.config import Config  # noqa: E402
+from ulysses_train.config.schema import Config  # noqa: E402
 from ulysses_train.model.presets import model_config  # noqa: E402
 from ulysses_train.parallel import ParallelDims  # noqa: E402
 from ulysses_train.parallel.activations import ActivationOffload  # noqa: E402
-from ulysses_train.model_build import build_model  # noqa: E402
+from ulysses_train.parallel.parallelize import build_model  # noqa: E402
 
 
 def parked(cfg: Config, n_layers: int, seq: int, dtype: torch.dtype) -> tuple[int, list[str]]:

@@ -1,8 +1,7 @@
-"""Suite-wide settings and fixtures (helpers live in helpers.py, importable by name)."""
+"""Suite-wide settings and fixtures (helpers live in the `support` package: tests/support/)."""
 import pytest
 import torch
-
-from helpers import SMALL
+from support.common import SMALL
 
 # Tests use tiny shapes, where one thread is fastest; more threads than free cores (2 here, shared
 # with subprocess ranks) make every matmul spin-wait and slow the suite by an order of magnitude.

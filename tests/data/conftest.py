@@ -1,7 +1,6 @@
 """Fixtures of the data tests."""
 import pytest
-
-from data_helpers import build, small_stdlib
+from support.data import build, small_stdlib
 
 
 @pytest.fixture(scope="session")
@@ -13,7 +12,7 @@ def stdlib_source(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hf_tokenizer(tmp_path_factory):
     """A Llama-3-like byte-level BPE tokenizer.json (+ tokenizer_config.json), trained once."""
-    from tokenizer_fixtures import make_hf_tokenizer
+    from support.tokenizers import make_hf_tokenizer
 
     return make_hf_tokenizer(tmp_path_factory.mktemp("hf_tokenizer"))
 
@@ -21,6 +20,6 @@ def hf_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="session")
 def spm_tokenizer(tmp_path_factory):
     """Our own sentencepiece model, trained once on stdlib text."""
-    from tokenizer_fixtures import make_spm_tokenizer
+    from support.tokenizers import make_spm_tokenizer
 
     return make_spm_tokenizer(tmp_path_factory.mktemp("spm_tokenizer"))

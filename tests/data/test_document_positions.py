@@ -6,10 +6,10 @@ here directly, on both streams and through build_data.
 """
 import numpy as np
 import torch
+from support.common import small_config
+from support.data import build, small_stdlib
 
-from data_helpers import build, small_stdlib
-from helpers import small_config
-from ulysses_train.config import DataConfig, validate
+from ulysses_train.config.schema import DataConfig, validate
 from ulysses_train.data import DataSource, PackedTokens, build_data
 from ulysses_train.data.batch import document_positions
 

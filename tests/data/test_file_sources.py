@@ -3,12 +3,13 @@ import json
 
 import pytest
 import torch
+from support.data import LINES, build, files_cfg, write_inputs
 
-from data_helpers import LINES, build, files_cfg, write_inputs
-from ulysses_train.config import DataConfig
+from ulysses_train.config.errors import ConfigError
+from ulysses_train.config.schema import DataConfig
 from ulysses_train.data.cache import load_split
 from ulysses_train.data.tokenizer import load_tokenizer
-from ulysses_train.errors import ConfigError
+
 
 def test_txt_jsonl_and_parquet_documents(tmp_path):
     txt, jsonl, parquet = write_inputs(tmp_path)

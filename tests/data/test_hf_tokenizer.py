@@ -8,13 +8,20 @@ size check against model.vocab_size, and the default from model.init_from.
 import json
 
 import pytest
+from support.data import build, files_cfg, small_stdlib
+from support.tokenizers import (
+    BOS,
+    EOS,
+    SAMPLE,
+    copy_tree,
+    make_hf_tokenizer,
+    stdlib_texts,
+)
 
-from data_helpers import build, files_cfg, small_stdlib
-from tokenizer_fixtures import BOS, EOS, SAMPLE, copy_tree, make_hf_tokenizer, stdlib_texts
+from ulysses_train.config.errors import ConfigError
 from ulysses_train.data.cache import load_split, read_complete
 from ulysses_train.data.tokenizer import open_tokenizer
 from ulysses_train.data.tokenizer_files import locate
-from ulysses_train.errors import ConfigError
 
 TEXTS = [SAMPLE, "", " leading space", *(t[:3000] for t in stdlib_texts(3, skip=200))]
 
@@ -171,7 +178,7 @@ def test_a_directory_without_a_tokenizer_is_a_config_error(tmp_path):
 
 
 def _train_args(tmp_path, tokenizer):
-    from helpers import SMALL
+    from support.common import SMALL
 
     keep = [a for a in SMALL if not a.startswith(("data", "model.vocab_size"))]
     values = {"data": "stdlib", "data.max_docs": 10, "data.seq_len": 32, "model.vocab_size": 600,
@@ -184,8 +191,9 @@ def test_train_py_on_a_tokenizer_json_end_to_end(tmp_path, hf_tokenizer):
     """Two steps of train.py on a tokenizer.json; the run keeps its tokenizer, and its
     checkpoint records the tokenizer's identity; resuming after the tokenizer changed is refused
     (in process: the one-line report of a ConfigError is cli.py's, tested there)."""
-    from helpers import metrics_rows, run_train, small_config
-    from ulysses_train.trainer import run
+    from support.common import metrics_rows, run_train, small_config
+
+    from ulysses_train.train.trainer import run
 
     folder = copy_tree(hf_tokenizer.parent, tmp_path / "tok")
     result = run_train(_train_args(tmp_path, folder / "tokenizer.json"))

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+from ulysses_train.config.errors import ConfigError
 from ulysses_train.data import Batch, PackedTokens
-from ulysses_train.errors import ConfigError
 
 EOS = 1
 

@@ -1,9 +1,9 @@
 """global_batch is a pure function of (seed, step, split): builds, rows and layouts agree."""
 import pytest
 import torch
+from support.data import build, small_stdlib
 
-from data_helpers import build, small_stdlib
-from ulysses_train.config import DataConfig
+from ulysses_train.config.schema import DataConfig
 
 
 def same(a, b) -> bool:

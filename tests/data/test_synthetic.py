@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ulysses_train.config import DataConfig
+from ulysses_train.config.schema import DataConfig
 from ulysses_train.data import build_data
 
 

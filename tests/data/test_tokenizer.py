@@ -1,10 +1,10 @@
 """Tokenizer sizing and the given-tokenizer path."""
 import pytest
+from support.data import build, small_stdlib
 
-from data_helpers import build, small_stdlib
-from ulysses_train.config import DataConfig
+from ulysses_train.config.errors import ConfigError
+from ulysses_train.config.schema import DataConfig
 from ulysses_train.data.tokenizer_train import line_chunks
-from ulysses_train.errors import ConfigError
 
 
 def test_tiny_corpus_with_a_huge_vocab_gets_a_smaller_tokenizer(tmp_path):

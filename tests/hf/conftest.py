@@ -1,7 +1,6 @@
 """Session-scoped Hugging Face fixtures: built once (transformers' save_pretrained, ~1 s)."""
 import pytest
-
-from hf_fixtures import save_llama
+from support.hf import save_llama
 
 
 @pytest.fixture(scope="session")

@@ -16,13 +16,13 @@ import struct
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support.common import run_train, small_config
+from support.hf import model_config
 
-from helpers import run_train, small_config
-from hf_fixtures import model_config
-from ulysses_train.config import validate
-from ulysses_train.errors import ConfigError
+from ulysses_train.config.errors import ConfigError
+from ulysses_train.config.schema import validate
+from ulysses_train.hf.init_from import HF, OURS, check_initial_weights
 from ulysses_train.hf.weights_dir import INDEX, SINGLE, expected_shapes
-from ulysses_train.init_from import HF, OURS, check_initial_weights
 
 
 def _refused(path, cfg, *fragments) -> str:

@@ -22,17 +22,17 @@ import shutil
 import pytest
 import torch
 import torch.distributed as dist
+from support.common import cpu_dims, flip_byte, metrics_rows, small_config
+from support.hf import hf_logits, model_config, save_llama
+from support.spawn import run_distributed
 
-from distributed import run_distributed
-from helpers import cpu_dims, flip_byte, metrics_rows, small_config
-from hf_fixtures import hf_logits, model_config, save_llama
-from ulysses_train.errors import ConfigError
-from ulysses_train.init_from import load_initial_weights
+from ulysses_train.config.errors import ConfigError
+from ulysses_train.hf.init_from import load_initial_weights
 from ulysses_train.model.init import canonical_name
-from ulysses_train.model_build import build_model
 from ulysses_train.parallel import ParallelDims
-from ulysses_train.rss import AnonPeak, rss_anon_bytes
-from ulysses_train.trainer import Trainer
+from ulysses_train.parallel.parallelize import build_model
+from ulysses_train.train.trainer import Trainer
+from ulysses_train.utils.rss import AnonPeak, rss_anon_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 SEQ = 16

@@ -10,11 +10,11 @@ import shutil
 
 import pytest
 import torch
+from support.common import cpu_dims, small_config
+from support.hf import model_config
 
-from helpers import cpu_dims, small_config
-from hf_fixtures import model_config
 from ulysses_train.model.init import canonical_name
-from ulysses_train.trainer import Trainer
+from ulysses_train.train.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -55,10 +55,11 @@ def test_a_resuming_run_needs_no_init_from_source(hf_untied, tmp_path):
     """Catches: a run started from model.init_from could not resume once the source had moved or
     gone (a deleted download, another node): the pre-check read the source for the
     architecture and checked its files although resume wins and never loads it."""
-    from helpers import SMALL
-    from ulysses_train import cli
-    from ulysses_train.config import validate
-    from ulysses_train.errors import ConfigError
+    from support.common import SMALL
+
+    from ulysses_train.cli import compose as cli
+    from ulysses_train.config.errors import ConfigError
+    from ulysses_train.config.schema import validate
 
     src, run_dir = tmp_path / "src", tmp_path / "run"
     shutil.copytree(hf_untied, src)

@@ -14,12 +14,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ulysses_train.config import ModelConfig
+from ulysses_train.config.schema import ModelConfig
 from ulysses_train.data.batch import document_positions
 from ulysses_train.model import GPT, DocumentMask
 from ulysses_train.model import attention as attn
-from ulysses_train.model.attention import (document_mask_for, eager_attention,
-                                           flex_attention_kernel, sdpa_attention, select_attention)
+from ulysses_train.model.attention import (
+    document_mask_for,
+    eager_attention,
+    flex_attention_kernel,
+    sdpa_attention,
+    select_attention,
+)
 
 # Document lengths per row (each row sums to S): single-token documents at a row start, in the
 # middle and at the end; the two rows disagree everywhere.

@@ -6,9 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ulysses_train.config import ModelConfig
-from ulysses_train.model import (GPT, eager_attention, flops_per_token, num_params, padded_vocab,
-                                 rope_inv_freq, sdpa_attention)
+from ulysses_train.config.schema import ModelConfig
+from ulysses_train.model import (
+    GPT,
+    eager_attention,
+    flops_per_token,
+    num_params,
+    padded_vocab,
+    rope_inv_freq,
+    sdpa_attention,
+)
 from ulysses_train.model.init import param_seed
 
 CFG = ModelConfig(name="test", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96,

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ulysses_train.config import ModelConfig, validate_model
 import ulysses_train.model as model_pkg
-from ulysses_train.errors import ConfigError
+from ulysses_train.config.errors import ConfigError
+from ulysses_train.config.schema import ModelConfig, validate_model
 from ulysses_train.model import GPT, PRESETS, model_config, num_params
 
 PUBLISHED = {"tinyllama_1b": 1.10e9, "llama3_8b": 8.03e9}

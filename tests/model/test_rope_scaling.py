@@ -9,14 +9,18 @@ from dataclasses import replace
 
 import pytest
 import torch
+from support.common import small_config
 
-from ulysses_train.config import ModelConfig, validate
-from ulysses_train.errors import ConfigError
+from ulysses_train.config.errors import ConfigError
+from ulysses_train.config.schema import ModelConfig, validate
 from ulysses_train.model import GPT, rope_inv_freq
-from ulysses_train.model.rope import (rope_cos_sin, rope_frequencies, rope_scaled_inv_freq,
-                                      yarn_attention_factor, yarn_correction_range)
-
-from helpers import small_config
+from ulysses_train.model.rope import (
+    rope_cos_sin,
+    rope_frequencies,
+    rope_scaled_inv_freq,
+    yarn_attention_factor,
+    yarn_correction_range,
+)
 
 # (head_dim, theta, factor, original_seq_len): Llama 3.1's setting, a Llama-2-like one, a tiny one.
 SETTINGS = [(128, 500000.0, 8.0, 8192), (64, 10000.0, 4.0, 4096), (16, 10000.0, 16.0, 256)]
@@ -264,7 +268,7 @@ def test_ntk_refuses_a_head_dim_of_two():
 
 
 def test_scaling_keys_go_through_hydra_overrides():
-    from ulysses_train import cli
+    from ulysses_train.cli import compose as cli
 
     cfg = cli.precheck(["model.rope_scaling=yarn", "model.rope_factor=4", "model.rope_beta_fast=16",
                         "model.rope_original_seq_len=2048", "model.rope_high_freq_factor=8"])

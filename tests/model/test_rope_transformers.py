@@ -9,14 +9,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
-from ulysses_train.config import ModelConfig
+from ulysses_train.config.schema import ModelConfig
 from ulysses_train.hf.names import hf_names
 from ulysses_train.model import GPT
 from ulysses_train.model.rope import rope_frequencies
-
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 # (rope_type, transformers rope_parameters beyond rope_type / rope_theta / factor, our keys)
 CASES = [

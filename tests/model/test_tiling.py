@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ulysses_train.config import ModelConfig
+from ulysses_train.config.schema import ModelConfig
 from ulysses_train.model import GPT
 from ulysses_train.model.gpt import FeedForward
 from ulysses_train.model.tiling import tiled_head_loss, tiled_mlp

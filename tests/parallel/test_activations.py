@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.common import cpu_dims, small_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import cpu_dims, small_config
 from ulysses_train.parallel.activations import ActivationOffload, _Parked
-from ulysses_train.model_build import build_model
+from ulysses_train.parallel.parallelize import build_model
 
 SEQ = 48
 

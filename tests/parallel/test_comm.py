@@ -13,9 +13,14 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from support.spawn import CollectiveCounter, block_group, run_distributed
 
-from distributed import CollectiveCounter, block_group, run_distributed
-from ulysses_train.parallel.comm import head_to_seq, kv_replication, seq_to_head, seq_to_head_qkv
+from ulysses_train.parallel.comm import (
+    head_to_seq,
+    kv_replication,
+    seq_to_head,
+    seq_to_head_qkv,
+)
 
 B, S, D = 2, 8, 3
 WORLD = 4

@@ -20,9 +20,8 @@ from collections import Counter
 
 import pytest
 import torch.distributed as dist
-
-from distributed import run_distributed
-from helpers import small_config
+from support.common import small_config
+from support.spawn import run_distributed
 
 WORLD, L, MICRO = 4, 2, 2  # ranks, blocks, micro-batches per step
 G = L + 1  # FSDP2 parameter groups: every block, then the root
@@ -69,9 +68,9 @@ class Recorder:
 
 def _record_step(rank, world, parallel, bucket_cap_mb):
     """Events of the second train_step of a dp=2 x sp=2 trainer with `parallel` overrides."""
-    from ulysses_train import trainer as trainer_mod
     from ulysses_train.parallel import ParallelDims
-    from ulysses_train.parallel.data_parallel import replicate
+    from ulysses_train.parallel.grad_sync import replicate
+    from ulysses_train.train import trainer as trainer_mod
 
     cfg = small_config(parallel={"dp": 2, "sp": 2, **parallel}, data={"seq_len": 32},
                        train={"steps": 2, "micro_batch_size": 1},

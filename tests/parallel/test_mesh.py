@@ -12,10 +12,10 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
+from support.spawn import run_distributed
 
-from tests.distributed import run_distributed
-from ulysses_train.config import ParallelConfig
-from ulysses_train.errors import ConfigError
+from ulysses_train.config.errors import ConfigError
+from ulysses_train.config.schema import ParallelConfig
 from ulysses_train.parallel import mesh
 from ulysses_train.parallel.mesh import ParallelDims
 

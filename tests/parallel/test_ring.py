@@ -14,14 +14,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from support.common import fwd_bwd, rel_err
+from support.ring import Recorder, dense_mask, doc_ids, hybrid_groups, reference
+from support.spawn import run_distributed
 
-from distributed import run_distributed
-from helpers import fwd_bwd, rel_err
-from ring_helpers import Recorder, dense_mask, doc_ids, hybrid_groups, reference
 from ulysses_train.model.attention import sdpa_attention
 from ulysses_train.model.masking import DocumentMask
-from ulysses_train.parallel.layout import SequenceLayout
 from ulysses_train.parallel import ring as ring_mod
+from ulysses_train.parallel.layout import SequenceLayout
 from ulysses_train.parallel.ring import UlyssesRingAttention
 from ulysses_train.parallel.ulysses import UlyssesAttention
 

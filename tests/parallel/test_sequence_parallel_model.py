@@ -3,15 +3,14 @@ and a quarter of the activation memory per rank at sp = 4 (an eighth at sp = 8, 
 without a ring)."""
 from __future__ import annotations
 
-
 import pytest
 import torch
+from support.common import cpu_dims, small_config
+from support.spawn import run_distributed
 
-from distributed import run_distributed
-from helpers import cpu_dims, small_config
 from ulysses_train.parallel import ParallelDims
-from ulysses_train.parallel.data_parallel import all_reduce_, reduce_gradients_
-from ulysses_train.model_build import build_model
+from ulysses_train.parallel.grad_sync import all_reduce_, reduce_gradients_
+from ulysses_train.parallel.parallelize import build_model
 
 SEQ, BATCH = 32, 2
 

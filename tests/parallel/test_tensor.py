@@ -12,20 +12,36 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
+from support.spawn import CollectiveCounter, run_distributed
+from support.tp import (
+    BATCH,
+    SEQ,
+    VOCAB,
+    Recorder,
+    assert_close_tol,
+    build_gpt,
+    error_of,
+    full_of,
+    local_of,
+    make_inputs,
+    make_optimizer,
+    model_config,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from distributed import CollectiveCounter, run_distributed
-from tp_helpers import (BATCH, SEQ, VOCAB, Recorder, assert_close_tol, build_gpt, error_of,
-                        full_of, local_of, make_inputs, make_optimizer, model_config)
-from ulysses_train.errors import ConfigError
+from ulysses_train.config.errors import ConfigError
 from ulysses_train.model.attention import sdpa_attention
 from ulysses_train.model.gpt import GPT, token_loss_sum
 from ulysses_train.model.init import copy_full_
 from ulysses_train.model.rope import rope_cos_sin
 from ulysses_train.parallel import ParallelDims, UlyssesAttention
-from ulysses_train.parallel.tensor import (apply_tensor_parallel, clip_grad_norm_,
-                                           grad_norm, vocab_parallel_loss_sum)
+from ulysses_train.parallel.tensor import (
+    apply_tensor_parallel,
+    clip_grad_norm_,
+    grad_norm,
+    vocab_parallel_loss_sum,
+)
 
 OPTIMIZERS = ("default", "foreach", "fused")
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from support.common import fwd_bwd, rel_err
+from support.spawn import CollectiveCounter, block_group, run_distributed, sp_gpt_errors
 
-from distributed import CollectiveCounter, block_group, run_distributed, sp_gpt_errors
-from helpers import fwd_bwd, rel_err
-from ulysses_train.config import ModelConfig
+from ulysses_train.config.schema import ModelConfig
 from ulysses_train.model.attention import eager_attention, sdpa_attention
 from ulysses_train.parallel import comm
 from ulysses_train.parallel.ulysses import UlyssesAttention

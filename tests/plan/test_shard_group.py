@@ -9,14 +9,19 @@ calls (no process group): well under a second each.
 import json
 
 import pytest
+from support.common import SMALL, small_config
 
-from ulysses_train.config import validate
-from ulysses_train.plan import cli as plan_cli
-from ulysses_train.plan.memory import FP32, grad_bytes, optimizer_bytes, param_bytes, predict
+from ulysses_train.cli import plan as plan_cli
+from ulysses_train.config.schema import validate
+from ulysses_train.plan.memory import (
+    FP32,
+    grad_bytes,
+    optimizer_bytes,
+    param_bytes,
+    predict,
+)
 from ulysses_train.plan.shapes import shapes_of
 from ulysses_train.plan.timing import Links, step_time
-
-from helpers import SMALL, small_config
 
 MODEL = {"n_layers": 4, "d_model": 128, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 352,
          "vocab_size": 256}
@@ -109,7 +114,7 @@ def test_a_shard_group_no_layout_could_take_is_refused_as_a_value(capsys):
 
 
 def test_parallel_auto_logs_the_shard_group():
-    from ulysses_train import cli
+    from ulysses_train.cli import compose as cli
     from ulysses_train.plan.auto import resolve
 
     args = SMALL + ["parallel.auto=true", "plan.gpu_mem_gib=1", "parallel.shard_group=2"]

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ConfigError, exception_chain
+from ..config.errors import ConfigError, exception_chain
 from .cache import TOKENIZER, split_files, token_dtype
 from .corpus import Corpus
 from .readers import input_notes

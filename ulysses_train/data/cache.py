@@ -37,8 +37,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..hashing import default_algorithm, hash_file, new_hasher
+from ..config.errors import ConfigError
+from ..utils.atomic import atomic_write
+from ..utils.hashing import default_algorithm, hash_file, new_hasher
 
 FORMAT_VERSION = 2  # bump whenever the files' layout or meaning changes (2: checksums)
 MARKER = "meta.json"
@@ -159,12 +160,7 @@ def _remove_leftovers(root: Path, name: str, damaged: bool) -> None:
 
 def _write_marker(directory: Path, meta: dict) -> None:
     """Write meta.json durably, last: its presence is what says 'complete'."""
-    tmp = directory / (MARKER + ".part")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MARKER)
+    atomic_write(str(directory / MARKER), json.dumps(meta, indent=1, sort_keys=True), durable=True)
 
 
 def open_or_build(root: Path, name: str, build: Callable[[Path], dict], *,

@@ -21,10 +21,18 @@ import sysconfig
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from ..config import DataConfig
-from ..data_files import PARQUET_SUFFIXES, TEXT_SUFFIXES, resolve_paths
-from ..errors import ConfigError
-from .readers import EMPTY, Text, decode_utf8, json_rows, parquet_rows, require_field, txt_rows
+from ..config.errors import ConfigError
+from ..config.schema import DataConfig
+from .paths import PARQUET_SUFFIXES, TEXT_SUFFIXES, resolve_paths
+from .readers import (
+    EMPTY,
+    Text,
+    decode_utf8,
+    json_rows,
+    parquet_rows,
+    require_field,
+    txt_rows,
+)
 
 __all__ = ["Corpus", "corpus_for", "decode_utf8", "stable_hash", "stdlib_files"]
 

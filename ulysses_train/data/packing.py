@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..config.errors import ConfigError
 from .batch import Batch, batch_from_windows
 
 SPLIT_CODES = {"train": 0, "val": 1}  # folded into seeds so the splits draw independently

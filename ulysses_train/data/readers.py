@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..config.errors import ConfigError
 
 MISSING, NULL = "missing", "null"  # why a row was skipped
 EMPTY = "empty"  # a placeholder row for an input without rows (datasets refuses 0 rows)

@@ -16,8 +16,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from ..config import DataConfig
-from ..errors import ConfigError
+from ..config.errors import ConfigError
+from ..config.schema import DataConfig
 from .batch import Batch
 from .build import SPLITS, build_corpus
 from .cache import cache_key, load_split, open_or_build, tokenizer_files

@@ -22,8 +22,8 @@ import json
 import os
 from typing import Sequence
 
-from ..errors import ConfigError, read_json_object
-from ..hashing import hash_file
+from ..config.errors import ConfigError, read_json_object
+from ..utils.hashing import hash_file
 
 SPM_MODEL = "tokenizer.model"  # the names the files get in caches and in <run_dir>/tokenizer/
 HF_MODEL = "tokenizer.json"

@@ -27,7 +27,7 @@ import tempfile
 import uuid
 from typing import Callable, Iterator
 
-from ..errors import ConfigError
+from ..config.errors import ConfigError
 from .tokenizer import KEY, MODEL_FILES, Tokenizer
 
 RUN_TOKENIZER_DIR = "tokenizer"  # <run_dir>/tokenizer/
@@ -59,7 +59,7 @@ def init_from_or_run(init_from: str, run_dir: str, resume: str) -> str:
     (checkpoint_files.resume_source: resume wins over init_from) and kept its tokenizer in
     `<run_dir>/tokenizer/` reads that copy, saved when the run started and held equal to the
     source by the data identity check, so the source may have moved or gone; else init_from."""
-    from ..checkpoint_files import resume_source
+    from ..checkpoint.store import resume_source
 
     if init_from and resume_source(run_dir, resume) and model_in(
             os.path.join(run_dir, RUN_TOKENIZER_DIR)):

@@ -14,7 +14,7 @@ import os
 import re
 from typing import Callable, Iterable, Iterator
 
-from ..errors import ConfigError
+from ..config.errors import ConfigError
 
 # Everything here is part of the cache key: change a setting and caches rebuild.
 TRAINER_SETTINGS = dict(

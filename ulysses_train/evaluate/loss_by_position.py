@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..data import IGNORE_INDEX
-from ..parallel.data_parallel import all_reduce_
+from ..parallel.grad_sync import all_reduce_
 from .tokens import token_stats
 
 FIRST_EDGE = 64  # the first bucket is [0, 64): fewer tokens make a noisy point

@@ -20,7 +20,7 @@ import torch
 
 from ..data import IGNORE_INDEX
 from ..data.passkey import Tokenizer, passkey_window, random_key
-from ..parallel.data_parallel import all_reduce_
+from ..parallel.grad_sync import all_reduce_
 from .tokens import local_piece, token_stats
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)

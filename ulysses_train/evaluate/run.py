@@ -16,12 +16,12 @@ import time
 
 import torch
 
-from .. import checkpoint  # noqa: F401 (filters DCP's one-process warning, as saving does)
-from ..config import Config, padded_vocab
-from ..errors import ConfigError
-from ..init_from import load_initial_weights, resolve
-from ..model_build import build_model, resolve_dtype
+from ..config.errors import ConfigError
+from ..config.schema import Config, padded_vocab
+from ..hf.init_from import load_initial_weights, resolve
 from ..parallel import ParallelDims
+from ..parallel.parallelize import build_model, resolve_dtype
+from ..utils.atomic import atomic_write
 from . import evaluate_model
 from .suite import passkey_plan
 
@@ -42,13 +42,6 @@ def checkpoint_as_init_from(args: list[str]) -> list[str]:
     return [] if given is not None else [f"model.init_from={path}"]
 
 
-def atomic_write(path: str, write) -> None:
-    """write(tmp_path), then rename over `path`: a reader never sees a torn file."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_results(result: dict, run_dir: str) -> tuple[str, str]:
     """eval.json and eval.png into run_dir, each atomically; returns their paths."""
     from .plot import write_png
@@ -56,11 +49,7 @@ def write_results(result: dict, run_dir: str) -> tuple[str, str]:
     os.makedirs(run_dir, exist_ok=True)
     json_path, png_path = os.path.join(run_dir, RESULT), os.path.join(run_dir, PLOT)
 
-    def dump(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(result, indent=1, allow_nan=False) + "\n")
-
-    atomic_write(json_path, dump)
+    atomic_write(json_path, json.dumps(result, indent=1, allow_nan=False) + "\n")
     atomic_write(png_path, lambda tmp: write_png(result, tmp))
     return json_path, png_path
 

@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..config import Config
-from ..errors import ConfigError
+from ..config.errors import ConfigError
+from ..config.schema import Config
 from .loss_by_position import bucket_edges, loss_by_position
 from .passkey import passkey_accuracy
 from .tokens import local_piece

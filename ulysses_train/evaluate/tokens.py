@@ -20,8 +20,8 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from ..config.errors import ConfigError
 from ..data import IGNORE_INDEX
-from ..errors import ConfigError
 
 
 def _vocab_shard(logits) -> tuple[torch.Tensor, int, object]:

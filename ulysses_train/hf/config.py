@@ -24,7 +24,7 @@ import math
 import os
 from typing import Iterable
 
-from ..errors import ConfigError, read_json_object
+from ..config.errors import ConfigError, read_json_object
 
 KEY = "model.init_from"
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -57,7 +57,7 @@ def model_fields_from(path: str, seq_len: int) -> tuple[dict, dict, str]:
     unless the user set them), and an honest `model.name`. `seq_len` is data.seq_len (a
     sliding window shorter than it is refused). ConfigError for anything unusable.
     """
-    from ..init_from import HF, resolve  # the one PATH -> directory rule (imports hf/)
+    from .init_from import HF, resolve  # the one PATH -> directory rule (imports hf/)
 
     path = os.path.abspath(os.path.expanduser(path))
     kind, where = resolve(path)
@@ -92,7 +92,7 @@ def checkpoint_model_fields(saved: dict) -> tuple[dict, dict]:
     the architecture is stated; rope_theta and the RoPE scaling keys are defaults, since a
     later stage of a context extension changes them on purpose. Fields an older version did
     not record keep their dataclass defaults."""
-    from ..config import ModelConfig
+    from ..config.schema import ModelConfig
 
     known = {f.name for f in dataclasses.fields(ModelConfig)} - set(_NOT_FROM_CHECKPOINT)
     fields = {k: v for k, v in saved.items() if k in known}
@@ -231,7 +231,7 @@ def apply_init_from(cfg, explicit: Iterable[str], run_dir: str | None = None):
     """
     if not cfg.model.init_from:
         return cfg
-    from ..checkpoint_files import resume_source
+    from ..checkpoint.store import resume_source
 
     explicit = set(explicit)
     resumed = resume_source(run_dir, cfg.checkpoint.resume) if run_dir else None

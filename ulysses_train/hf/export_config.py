@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import ConfigError
+from ..config.errors import ConfigError
 
 TORCH_DTYPE = {"bf16": "bfloat16", "fp32": "float32"}
 

@@ -27,7 +27,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..config.errors import ConfigError
 from .names import hf_names
 
 KEY = "model.init_from"

@@ -3,8 +3,14 @@
 Nothing here is distributed: parallelism is injected (an attention wrapper) or applied from
 outside (a tensor-parallel plan, FSDP). Importing this package pulls in only torch.
 """
-from .attention import (document_mask_for, eager_attention, flash_varlen_attention,
-                        flex_attention_kernel, sdpa_attention, select_attention)
+from .attention import (
+                        document_mask_for,
+                        eager_attention,
+                        flash_varlen_attention,
+                        flex_attention_kernel,
+                        sdpa_attention,
+                        select_attention,
+)
 from .gpt import GPT, flops_per_token, num_params, padded_vocab
 from .masking import DocumentMask
 from .presets import PRESETS, model_config

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig, padded_vocab
+from ..config.schema import ModelConfig, padded_vocab
 from .attention import sdpa_attention
 from .init import _is_dtensor, init_param_
 from .precision import compute_dtype

@@ -50,7 +50,9 @@ def param_seed(seed: int, name: str) -> int:
 def _is_dtensor(t: torch.Tensor) -> bool:
     if not torch.distributed.is_available():
         return False
-    from torch.distributed.tensor import DTensor  # lazy: plain single-device use never needs it
+    from torch.distributed.tensor import (
+        DTensor,  # lazy: plain single-device use never needs it
+    )
 
     return isinstance(t, DTensor)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from ..config import ModelConfig
-from ..errors import ConfigError
+from ..config.errors import ConfigError
+from ..config.schema import ModelConfig
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, ffn_hidden=688,

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ..config import ModelConfig
+from ..config.schema import ModelConfig
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:

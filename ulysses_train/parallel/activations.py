@@ -24,10 +24,11 @@ import weakref
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
-                                    create_selective_checkpoint_contexts)
-
-from . import ring  # noqa: F401  registers torch.ops.ulysses_train.ring_attention before _saved_ops reads it
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 
 @functools.cache

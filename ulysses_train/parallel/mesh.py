@@ -35,8 +35,8 @@ from datetime import timedelta
 
 import torch
 
-from ..config import ParallelConfig, validate_parallel
-from ..config_validate import shard_group_size
+from ..config.parallel import shard_group_size
+from ..config.schema import ParallelConfig, validate_parallel
 from .layout import SequenceLayout
 
 RENDEZVOUS_TIMEOUT = timedelta(minutes=30)  # torch's own default for first contact
@@ -265,7 +265,7 @@ def describe_collective_failure(exc: BaseException, rank: int, world_size: int,
     """
     import torch.distributed as dist
 
-    from ..errors import exception_chain
+    from ..config.errors import exception_chain
 
     chain = list(exception_chain(exc))
     failed = [e for e in chain if isinstance(e, (RuntimeError, dist.DistError))]

@@ -35,12 +35,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
-                                               PrepareModuleOutput, RowwiseParallel,
-                                               parallelize_module)
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    parallelize_module,
+)
 
-from ..config import check_tp
-from ..model.gpt import IGNORE_INDEX, GPT
+from ..config.schema import check_tp
+from ..model.gpt import GPT, IGNORE_INDEX
 
 
 def tp_plan(model: GPT) -> dict[str, object]:

@@ -12,12 +12,12 @@ import contextlib
 
 import torch
 
-from ..config import Config
-from ..model_build import build_model, resolve_dtype
-from ..optim import build_optimizer
-from ..parallel.data_parallel import reduce_gradients_
+from ..config.schema import Config
+from ..parallel.grad_sync import reduce_gradients_
+from ..parallel.parallelize import build_model, resolve_dtype
 from ..parallel.sharding import set_last_micro_batch
 from ..parallel.tensor import clip_grad_norm_
+from ..train.optim import build_optimizer
 
 
 def _batch(cfg: Config, dims, micro: int):

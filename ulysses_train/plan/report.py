@@ -2,7 +2,7 @@
 others fail, the best layout's memory breakdown and step time, and its torchrun line."""
 from __future__ import annotations
 
-from ..config import Config
+from ..config.schema import Config
 from .memory import GIB
 from .search import RING_MARGIN, Layout, ring_of
 
@@ -48,7 +48,7 @@ def _group(cfg: Config) -> str:
 def table(cfg: Config, best: Layout, layouts: list, command: str) -> str:
     p, m = cfg.plan, cfg.model
     n_fit = sum(x.fits for x in layouts)
-    head = (f" tp   sp ring   dp zero        ac off   mlp  loss  mb  peakGiB    step_s      tok/s   MFU  "
+    head = (" tp   sp ring   dp zero        ac off   mlp  loss  mb  peakGiB    step_s      tok/s   MFU  "
             "fits / why not")
     out = [f"plan: {m.name} ({m.n_layers} layers, d {m.d_model}), {cfg.data.seq_len:,} tokens x "
            f"{cfg.train.global_batch_size} rows per step on {p.gpus} GPUs of {p.gpu_mem_gib:g} GiB "

@@ -17,8 +17,8 @@ import copy
 import itertools
 from dataclasses import dataclass, field
 
-from ..config import Config, ParallelConfig, validate
-from ..errors import ConfigError
+from ..config.errors import ConfigError
+from ..config.schema import Config, ParallelConfig, validate
 from .memory import GIB, Breakdown, predict
 from .shapes import shapes_of
 from .timing import Links, StepTime, mfu, step_time

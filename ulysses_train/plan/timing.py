@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Config
+from ..config.schema import Config
 from ..model.gpt import model_flops
 from .shapes import Shapes
 

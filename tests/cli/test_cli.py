@@ -1,0 +1,166 @@
+"""Hydra composition: presets, the schema, and translation of Hydra's errors to one line."""
+import os
+
+import pytest
+import yaml
+
+from ulysses_train.cli import compose as cli
+from ulysses_train.config.errors import ConfigError
+from ulysses_train.config.schema import MODEL_PRESETS, ModelConfig
+from ulysses_train.model import PRESETS
+
+
+def test_defaults_compose_to_dataclasses():
+    cfg = cli.precheck([])
+    assert cfg.model.name == "tiny" and cfg.data.name == "stdlib"
+    assert cfg.train.precision == "auto" and cfg.checkpoint.resume == "auto"
+    assert cfg.logging.wandb.mode == "offline"
+
+
+def test_overrides_reach_the_dataclasses():
+    cfg = cli.precheck(["model=tinyllama_1b", "train.steps=7", "data.paths=[a.txt,b.jsonl]",
+                        "hydra.run.dir=/tmp/somewhere"])
+    assert (cfg.model.n_layers, cfg.model.n_kv_heads, cfg.train.steps) == (22, 4, 7)
+    assert cfg.data.paths == ["a.txt", "b.jsonl"]
+
+
+@pytest.mark.parametrize("name", MODEL_PRESETS)
+def test_yaml_presets_match_python_presets(name):
+    """configs/model/*.yaml (what Hydra reads) and PRESETS (what bench.py reads) agree."""
+    with open(os.path.join(cli.CONFIG_DIR, "model", f"{name}.yaml")) as f:
+        from_yaml = yaml.safe_load(f)
+    assert from_yaml["name"] == name
+    for key, value in PRESETS[name].items():
+        assert from_yaml.get(key, getattr(ModelConfig(), key)) == value, key
+
+
+@pytest.mark.parametrize("overrides,key,fragment", [
+    (["train.steps=abc"], "train.steps", "not a valid integer"),
+    (["optim.lr=fast"], "optim.lr", "not a valid float"),
+    (["train.stpes=5"], "train.stpes", "unknown key"),
+    (["+train.foo=1"], "train.foo", "unknown key"),
+    (["+bar=1"], "bar", "unknown key"),
+    (["model=gpt5"], "model", "unknown preset 'gpt5'"),
+    (["data=web"], "data", "unknown preset 'web'"),
+    (["train.steps"], "train.steps", "write key=value"),
+    (["train.deterministic=maybe"], "train.deterministic", "'maybe' is not a valid bool"),
+    (["data=files", "data.paths=a.jsonl"], "data.paths", "expects a list; write data.paths=["),
+    (["checkpoint.resume=" + os.path.abspath(__file__)], "checkpoint.resume", "is not a directory"),
+    (["data.text_field="], "data.text_field", "must name the field"),
+    (["parallel.timeout_s=1e14"], "parallel.timeout_s", "must be at most 604800 seconds"),
+])
+def test_hydra_errors_become_one_line(overrides, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        cli.precheck(overrides)
+    assert info.value.key == key
+    assert fragment in info.value.message
+    assert "\n" not in str(info.value)
+
+
+def test_run_hash_is_stable_and_distinguishes():
+    assert cli.run_hash("a=1") == cli.run_hash("a=1")
+    assert cli.run_hash("a=1") != cli.run_hash("a=2")
+
+
+def test_only_rank_zero_writes_hydra_files():
+    assert cli.rank_overrides(0) == []
+    assert "hydra.output_subdir=null" in cli.rank_overrides(3)
+
+
+def test_restart_warning_only_when_restarts_cannot_work():
+    shared = {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in cli.restart_warning(shared)
+    assert cli.restart_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert cli.restart_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert cli.restart_warning({}) is None
+
+
+def test_hydra_config_yaml_is_rewritten_only_when_init_from_or_auto_changed_it(tmp_path):
+    """Catches: .hydra/config.yaml showing the model= preset while model.init_from decided the
+    architecture (or the composed layout while parallel.auto chose another)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    composed = cli.precheck([])
+    (tmp_path / "config.yaml").write_text("hydra's composition\n")
+    assert not cli.write_effective_config(str(tmp_path), composed, composed)
+    assert (tmp_path / "config.yaml").read_text() == "hydra's composition\n"
+    imported = dataclasses.replace(composed, model=dataclasses.replace(
+        composed.model, n_layers=5, init_from="/models/src"))
+    assert cli.write_effective_config(str(tmp_path), composed, imported)
+    text = (tmp_path / "config.yaml").read_text()
+    assert text.startswith("# the config this run uses: Hydra's composition with model.init_from")
+    assert OmegaConf.create(text).model.n_layers == 5
+    assert os.listdir(tmp_path) == ["config.yaml"]  # no .tmp left behind
+    assert not cli.write_effective_config(str(tmp_path / "none"), composed, imported)
+
+
+@pytest.mark.parametrize("override,key,value", [
+    ("model.init_from=~/ut_tmp/a", "model.init_from", "~/ut_tmp/a"),  # ~: Hydra's delete operator
+    ("eval.checkpoint=~/runs/x", "eval.checkpoint", "~/runs/x"),
+    ("data.tokenizer_path=/models/a#b/tokenizer.json", "data.tokenizer_path",
+     "/models/a#b/tokenizer.json"),
+    ("checkpoint.resume=/runs/a&b/step_1", "checkpoint.resume", "/runs/a&b/step_1"),
+    ("data.paths=[~/a.jsonl, b.jsonl]", "data.paths", ["~/a.jsonl", "b.jsonl"]),
+    ("+data.extra=x=y", "data.extra", "x=y"),
+])
+def test_unparsable_values_name_the_key_and_a_quoting_that_parses(override, key, value):
+    """Catches: `error: overrides: LexerNoViableAltException: ...` (no key, no fix). The
+    suggested override, split as the shell would, is parsed by Hydra's own override parser
+    back to the value the user meant."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with pytest.raises(ConfigError) as info:
+        cli.compose([override])
+    assert info.value.key == key
+    message = info.value.message
+    assert f"Hydra cannot parse the value {override.split('=', 1)[1]!r} unquoted" in message
+    suggestion = message.split("quote it: ", 1)[1]
+    (argument,) = shlex.split(suggestion)
+    parsed = OverridesParser.create().parse_override(argument)
+    assert parsed.key_or_group == key and parsed.value() == value
+
+
+def test_unparsable_values_without_a_plain_quoting():
+    """Quotes inside the value, or `${`, need more than wrapping; Hydra's own paths never
+    expand ~, so a quoted one would make a directory named ~: say $HOME instead."""
+    for override in ("model.init_from=a'b~", "model.init_from=${oops"):
+        with pytest.raises(ConfigError, match="model.init_from: Hydra cannot parse the value "
+                                              ".*; quote or escape it as https://hydra.cc"):
+            cli.compose([override])
+    with pytest.raises(ConfigError) as info:
+        cli.compose(["hydra.run.dir=~/runs/x"])
+    assert info.value.key == "hydra.run.dir"
+    assert info.value.message.endswith("write hydra.run.dir=$HOME/runs/x")
+
+
+def test_quoted_tilde_paths_expand(tmp_path, monkeypatch):
+    """The quoting the errors above suggest works: model.init_from and data.paths expand ~
+    (HOME is the test's tmp dir)."""
+    import json
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ut_tmp" / "a").mkdir(parents=True)
+    (tmp_path / "ut_tmp" / "a" / "config.json").write_text(json.dumps(dict(
+        model_type="llama", hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=90, num_hidden_layers=3, vocab_size=300, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=256, hidden_act="silu",
+        tie_word_embeddings=True)))
+    cfg = cli.compose(['model.init_from="~/ut_tmp/a"'])
+    assert cfg.model.init_from == "~/ut_tmp/a" and cfg.model.n_layers == 3  # from config.json
+    (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n')
+    cfg = cli.precheck(["data=files", 'data.paths=["~/a.jsonl"]',
+                        f"hydra.run.dir={tmp_path / 'run'}"])
+    assert cfg.data.paths == ["~/a.jsonl"]
+
+
+def test_quoted_tilde_run_dir_is_refused_not_made_verbatim():
+    """Catches: 'hydra.run.dir="~/x"' (quoted as other path keys are) making ./~/x: Hydra never
+    expands ~, and a later `rm -rf ~/...` by a user cleaning it up is dangerous."""
+    with pytest.raises(ConfigError) as info:
+        cli.precheck(['hydra.run.dir="~/runs/x"'])
+    assert info.value.key == "hydra.run.dir" and "hydra.run.dir=$HOME/runs/x" in info.value.message
+

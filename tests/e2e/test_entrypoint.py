@@ -1,0 +1,142 @@
+"""train.py end to end, as a user runs it: the run dir contract and the bad-input contract.
+
+The bad-input cases run the real command line, one process each (the pre-check runs before
+torch is imported, about a second per case); the in-process validator tests are test_config.py.
+"""
+import dataclasses
+import json
+import os
+
+import pytest
+from support.common import SMALL, metrics_rows, run_train, small_config
+
+from ulysses_train.checkpoint import store as checkpoint_files
+
+
+def test_trains_and_writes_the_run_dir(tmp_path, small_args):
+    done = run_train(small_args + ["train.steps=4", "checkpoint.every=2"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "run"
+    assert f"run dir: {run}" in done.stdout
+    rows = metrics_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_00000002", "step_00000004"]
+    assert (run / ".hydra" / "config.yaml").exists()
+
+
+def _fake_checkpoint(step_dir, **model):
+    """A committed-looking step dir whose meta.json records `model` (no tensors needed: the
+    pre-check reads meta.json only)."""
+    step_dir.mkdir(parents=True)
+    (step_dir / ".metadata").write_bytes(b"")
+    shape = {**dataclasses.asdict(small_config().model), **model}
+    (step_dir / "meta.json").write_text(json.dumps({"step": 1, "model": shape}))
+    checkpoint_files.write_manifest(str(step_dir))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Bad inputs on disk, made once for every case below."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "empty.txt").write_bytes(b"")  # a corpus with no text
+    # Unreadable: we run as root, so `chmod 000` would still be readable; a directory where a
+    # file is expected is what stands in for an unreadable input.
+    (root / "folder.jsonl").mkdir()
+    (root / "broken.parquet").write_bytes(b"not a parquet file")  # unreadable content
+    _fake_checkpoint(root / "other_shape" / "step_00000001", n_layers=3)
+    (root / "partial" / "step_00000001").mkdir(parents=True)  # a save that never committed
+    return root
+
+
+# One case per way a user can get it wrong: (overrides, WORLD_SIZE, key named, message part).
+# Layouts use WORLD_SIZE, as torchrun sets it, so the pre-check sees the launch's world size.
+BAD_INPUT = {
+    "tp*sp-vs-world": (["parallel.sp=4"], 2, "parallel.sp", "does not divide the world size 2"),
+    "dp-vs-world": (["parallel.dp=3"], 2, "parallel.dp", "but 2 processes were launched"),
+    "heads-vs-tp*sp": (["parallel.sp=3"], 3, "model.n_heads", "cannot be split over tp x sp = 3"),
+    "kv-heads-vs-sp": (["model.n_heads=12", "model.n_kv_heads=3", "model.d_model=96",
+                        "parallel.sp=4"], 4, "model.n_kv_heads", "one must divide the other"),
+    "kv-heads-vs-tp": (["model.n_kv_heads=1", "parallel.tp=2"], 2, "model.n_kv_heads",
+                       "not divisible by parallel.tp=2"),
+    "vocab-vs-tp": (["model.n_heads=6", "model.n_kv_heads=3", "model.d_model=96",
+                     "parallel.tp=3"], 3, "model.vocab_size", "padded vocabulary (256 rows"),
+    "ring-vs-sp": (["parallel.sp=2", "parallel.ring=3"], 2, "parallel.ring",
+                   "3 does not divide parallel.sp=2"),
+    "heads-vs-ring": (["parallel.sp=16", "parallel.ring=2"], 16, "parallel.ring",
+                      "cannot be split over tp x sp/ring = 1 x 16/2 = 8 ranks"),
+    "batch-vs-micro": (["train.micro_batch_size=3"], 1, "train.global_batch_size",
+                       "micro_batch_size x dp = 3 x 1"),
+    "batch-vs-dp": (["train.global_batch_size=6"], 2, "train.global_batch_size",
+                    "micro_batch_size x dp = 2 x 2"),
+    "zero-steps": (["train.steps=0"], 1, "train.steps", "must be a positive number, got 0"),
+    "negative-seq-len": (["data.seq_len=-1"], 1, "data.seq_len", "got -1"),
+    "nan-lr": (["optim.lr=nan"], 1, "optim.lr", "got nan"),
+    "inf-grad-clip": (["train.grad_clip=inf"], 1, "train.grad_clip", "finite"),
+    "zero-max-skipped": (["train.max_skipped_steps=0"], 1, "train.max_skipped_steps", "got 0"),
+    "unknown-key": (["train.stpes=5"], 1, "train.stpes", "unknown key"),
+    "unknown-added-key": (["+train.foo=1"], 1, "train.foo", "unknown key"),
+    "unknown-preset": (["model=gpt5"], 1, "model", "unknown preset 'gpt5'; choose one of"),
+    "unknown-choice": (["parallel.zero=7"], 1, "parallel.zero", "7 is not one of 0, 2, 3"),
+    "wrong-type-int": (["train.steps=abc"], 1, "train.steps", "'abc' is not a valid int"),
+    "wrong-type-bool": (["train.deterministic=maybe"], 1, "train.deterministic",
+                        "'maybe' is not a valid bool"),
+    "no-value": (["train.steps"], 1, "train.steps", "write key=value"),
+    "unquoted-tilde": (["model.init_from=~/ut_tmp/a"], 1, "model.init_from",
+                       """quote it: 'model.init_from="~/ut_tmp/a"'"""),
+    "missing-data-file": (["data=files", "data.paths=[{inputs}/missing.jsonl]"], 1,
+                          "data.paths", "file not found: {inputs}/missing.jsonl"),
+    "unreadable-data-file": (["data=files", "data.paths=[{inputs}/folder.jsonl]"], 1,
+                             "data.paths", "{inputs}/folder.jsonl is a directory"),
+    "corrupt-data-file": (["data=files", "data.paths=[{inputs}/broken.parquet]"], 1,
+                          "data.paths", "cannot read {inputs}/broken.parquet: Parquet magic"),
+    "empty-corpus": (["data=files", "data.paths=[{inputs}/empty.txt]"], 1,
+                     "data.paths", "files: no text in 1 input ({inputs}/empty.txt: empty file)"),
+    "missing-checkpoint": (["checkpoint.resume={inputs}/nowhere/step_00000001"], 1,
+                           "checkpoint.resume", "does not exist"),
+    "partial-checkpoint": (["checkpoint.resume={inputs}/partial/step_00000001"], 1,
+                           "checkpoint.resume", "is not a complete checkpoint"),
+    "other-model-checkpoint": (["checkpoint.resume={inputs}/other_shape/step_00000001"], 1,
+                               "checkpoint.resume", "holds a different model shape: n_layers=3 "
+                               "(this run: 2)"),
+    # A bit-flipped checkpoint as PATH needs real tensors: test_faults.py
+    # test_corrupt_checkpoint_as_path_is_a_one_line_error, beside the SIGKILL tests.
+}
+
+
+@pytest.mark.parametrize("overrides,world,key,fragment", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_bad_input_is_one_line_and_exit_2(small_args, inputs, overrides, world, key, fragment):
+    if "data=files" in overrides:
+        small_args = [a for a in small_args if a != "data=synthetic"]
+    done = run_train(small_args + [o.format(inputs=inputs) for o in overrides],
+                     env={"WORLD_SIZE": str(world)})
+    assert done.returncode == 2, (done.stdout[-1000:], done.stderr[-2000:])
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}: "), done.stderr
+    assert fragment.format(inputs=inputs) in lines[0]
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "error:" not in done.stdout
+
+
+def test_non_utf8_bytes_are_counted_not_an_error(small_args, tmp_path):
+    """Text files are decoded with replacement; the bytes replaced are counted and reported."""
+    text = tmp_path / "latin1.txt"
+    text.write_bytes(("Gr\xfc\xdfe aus K\xf6ln. " * 40).encode("latin-1"))  # ü ß ö: 3 bad/copy
+    clean = tmp_path / "clean.txt"
+    clean.write_text("Plain text, nothing to replace here. " * 40)
+    args = [a for a in small_args if a != "data=synthetic"]
+    done = run_train(args + ["data=files", f"data.paths=[{text},{clean}]", "train.steps=1",
+                             "data.val_fraction=0", "model.vocab_size=512"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "data: files: 2 documents (1 with non-UTF-8 bytes, 120 bytes replaced)" in done.stdout
+
+
+def test_default_run_dir_is_derived_from_the_overrides(tmp_path):
+    """Same command -> same run dir (so rerunning resumes); other overrides -> another dir."""
+    base = SMALL + ["train.steps=2", f"data.cache_dir={tmp_path / 'cache'}"]
+    first = run_train(base, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_train(base + ["train.exit_after_steps=1"], cwd=tmp_path)
+    assert "already finished at step 2" in again.stdout
+    other = run_train(base + ["train.seed=1"], cwd=tmp_path)
+    assert other.returncode == 0
+    assert len(os.listdir(tmp_path / "runs")) == 2

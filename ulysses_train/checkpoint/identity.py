@@ -1,0 +1,200 @@
+"""A run's data identity: what makes its stream of training samples, and the check on resume.
+
+The data position of a run is its global step (row r of step t is sample t * global_batch_size
++ r of a stream fixed by the seed and the tokens; data/source.py). Resuming is only the same run
+if every input of that stream is the same, so each checkpoint's `meta.json` records, under
+`identity.data`, flat keys named like the config keys that carry them:
+
+- the stream's shape, checked from the config alone (before torch is imported):
+  `data.name`, `data.seq_len`, `train.global_batch_size`, `train.seed`, `data.document_mask`,
+  `data.val_fraction` (`STREAM_KEYS`);
+- the content, known once the data is built: `data.tokenizer` (sha256 of the files defining
+  the tokenizer, sentencepiece or Hugging Face: data/tokenizer.py) and `data.tokens` (per
+  split: documents, tokens, sha256 of the document offsets), plus `data.cache` (the token
+  cache's name: kind and cache key), for the message only (`CONTENT_KEYS`);
+- where the text comes from (`SOURCE_KEYS`: paths, hf_*, text_field, max_docs, tokenizer path
+  and sample size; `model.init_from` when its tokenizer is the default; for the stdlib the
+  Python version). Their effect *is* the content, so they
+  only decide which key an error names: a corpus moved or touched (a new cache key, the same
+  tokens) resumes with a note, a corpus with appended documents or a Python upgrade that
+  retrains the tokenizer is refused.
+
+Not caught: a document edited in place to the same number of tokens under an unchanged
+tokenizer (the token files themselves are not hashed: that would re-read the whole corpus at
+every start). Checkpoints written before the identity existed resume with a warning.
+
+Resuming with a different identity is bad input (`ConfigError`, exit 2) naming the key. The
+optimizer's hyper-parameters are recorded too (`identity.optim`), but there the config wins
+(optim.py, `Trainer._restore`).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shlex
+from typing import Callable
+
+from ..config.errors import ConfigError
+from .store import CheckpointDir, read_meta
+
+STREAM_KEYS = ("data.name", "data.seq_len", "train.global_batch_size", "train.seed",
+               "data.document_mask", "data.val_fraction")
+SOURCE_KEYS = ("data.paths", "data.hf_name", "data.hf_config", "data.hf_split",
+               "data.text_field", "data.max_docs", "data.tokenizer_path",
+               "data.tokenizer_sample_bytes", "data.python", "model.init_from")
+CONTENT_KEYS = ("data.tokenizer", "data.tokens")
+_WHAT = {"data.tokenizer": "the tokenizer", "data.tokens": "the tokenized corpus"}
+
+
+def config_identity(cfg) -> dict:
+    """The identity keys read from the config (a `Config`); no file is read but `data.paths`'s
+    glob. Values are JSON types, so they compare equal after a round trip through meta.json."""
+    d, t = cfg.data, cfg.train
+    out = {"data.name": d.name, "data.seq_len": d.seq_len,
+           "train.global_batch_size": t.global_batch_size, "train.seed": t.seed,
+           "data.document_mask": d.document_mask, "data.val_fraction": d.val_fraction}
+    if d.name == "synthetic":  # a pure function of the keys above and the model's vocab
+        return out
+    if d.name == "files":
+        from ..data.paths import resolve_paths
+
+        out["data.paths"] = resolve_paths(list(d.paths))
+    if d.name == "hf":
+        out.update({"data.hf_name": d.hf_name, "data.hf_config": d.hf_config,
+                    "data.hf_split": d.hf_split})
+    if d.name == "stdlib":  # the corpus is this Python's stdlib: another version, other text
+        out["data.python"] = platform.python_version()
+    if d.name in ("files", "hf"):
+        out["data.text_field"] = d.text_field
+    out.update({"data.max_docs": d.max_docs, "data.tokenizer_path": d.tokenizer_path,
+                "data.tokenizer_sample_bytes": d.tokenizer_sample_bytes})
+    if not d.tokenizer_path and cfg.model.init_from:  # its tokenizer files are the default
+        out["model.init_from"] = cfg.model.init_from
+    return out
+
+
+def _hydra_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    text = str(value)
+    if re.fullmatch(r"[\w./~+:@-]*", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def override(key: str, value) -> str:
+    """`key=value` as one shell word that Hydra parses back to `value` (quoted when needed)."""
+    return shlex.quote(f"{key}={_hydra_value(value)}")
+
+
+def lower_lr_fragment(cfg, run_dir: str) -> str:
+    """What to add to the command to resume this run with half the learning rate. The run dir
+    is named: the default one hashes optim.lr, so without it the rerun would start a new run."""
+    words = {"hydra.run.dir": os.path.abspath(run_dir), "optim.lr": f"{cfg.optim.lr / 2:g}"}
+    if cfg.checkpoint.resume != "auto":  # else the rerun would load that checkpoint again
+        words["checkpoint.resume"] = "auto"
+    return " ".join(override(k, v) for k, v in words.items())
+
+
+def _new_run_advice(mode: str) -> str:
+    if mode in ("auto", "never"):
+        return "start a new run in an empty directory: add hydra.run.dir=NEW_DIR"
+    return ("start a new run: drop checkpoint.resume and add hydra.run.dir=NEW_DIR (an empty "
+            "directory)")
+
+
+def _short(value) -> str:
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value):
+        return value[:12]  # a sha256
+    if isinstance(value, dict):  # data.tokens: {split: [documents, tokens, offsets sha256]}
+        return ", ".join(f"{s}: {v[0]} documents / {v[1]} tokens" for s, v in value.items())
+    return repr(value)
+
+
+def check_resume(meta: dict, current: dict, path: str, mode: str,
+                 log: Callable[[str], None]) -> None:
+    """Refuse to resume checkpoint `path` (its `meta`) with another data identity.
+
+    `current` is {"data": {...}} as `Trainer` builds it, or only its config part (the early
+    check before torch: content keys absent are not compared). Raises ConfigError naming the
+    key (exit 2); logs a warning for a checkpoint without an identity, and a note when only
+    the source changed but the tokens did not.
+    """
+    saved = (meta.get("identity") or {}).get("data")
+    if saved is None:
+        log(f"warning: {path} predates the data identity in meta.json, so resuming cannot check "
+            "that the tokenizer, corpus, data.seq_len, train.global_batch_size and train.seed "
+            "are the ones it was trained with; make sure they are")
+        return
+    now = current.get("data", {})
+    for key in STREAM_KEYS:
+        if key in saved and key in now and saved[key] != now[key]:
+            raise ConfigError(key, _stream_message(key, saved[key], now[key], path, mode))
+    changed_sources = [k for k in SOURCE_KEYS if k in saved and k in now and saved[k] != now[k]]
+    for key in CONTENT_KEYS:
+        if key in saved and key in now and saved[key] != now[key]:
+            blame = changed_sources[0] if changed_sources else _default_blame(key, now)
+            raise ConfigError(blame, _content_message(key, saved, now, changed_sources, path,
+                                                      mode))
+    if changed_sources and all(k in now for k in CONTENT_KEYS):
+        log("note: " + ", ".join(f"{k} changed ({_short(saved[k])} -> {_short(now[k])})"
+                                 for k in changed_sources)
+            + f", but the tokenizer and tokens equal those {path} was trained on; resuming")
+
+
+def _stream_message(key: str, old, new, path: str, mode: str) -> str:
+    msg = (f"{new!r} here, but {path} was trained with {old!r}; resuming needs the same data "
+           f"stream (the data position is step x train.global_batch_size over a stream fixed "
+           f"by the seed, data.seq_len and the tokens): rerun with {override(key, old)} to "
+           f"resume, or {_new_run_advice(mode)}")
+    if key == "data.seq_len":
+        msg += " (initialising a new run from these weights arrives with model.init_from)"
+    return msg
+
+
+def _content_message(key: str, saved: dict, now: dict, changed: list, path: str,
+                     mode: str) -> str:
+    why = ", ".join(f"{k} {_short(saved[k])} -> {_short(now[k])}" for k in changed)
+    if not changed:
+        why = "the inputs changed on disk since then"
+    return (f"{_WHAT[key]} differs from the one {path} was trained on ({_short(saved[key])} -> "
+            f"{_short(now[key])}; {why}), so token ids or positions would mean other data; "
+            f"restore the data it was trained on to resume, or {_new_run_advice(mode)}")
+
+
+def _default_blame(key: str, now: dict) -> str:
+    """The config key to name when `key` (a content key) changed but no source key did: the
+    given tokenizer file for a changed tokenizer, else where the text comes from (the corpus
+    changed on disk; a fixed tokenizer then still encodes the same, so it is not to blame)."""
+    if key == "data.tokenizer" and now.get("data.tokenizer_path"):
+        return "data.tokenizer_path"
+    if key == "data.tokenizer" and now.get("model.init_from"):
+        return "model.init_from"  # the default tokenizer came from there
+    return {"files": "data.paths", "hf": "data.hf_name"}.get(now.get("data.name"), "data.name")
+
+
+def resume_candidate(run_dir: str, mode: str) -> str | None:
+    """The checkpoint `checkpoint.resume` would try first, or None (never, or none yet)."""
+    if mode == "never":
+        return None
+    if mode != "auto":
+        return os.path.abspath(os.path.expanduser(mode))
+    found = CheckpointDir(os.path.join(run_dir, "checkpoints"), log=lambda _: None).candidates()
+    return found[0] if found else None
+
+
+def check_before_start(cfg, run_dir: str) -> None:
+    """The config part of the check, from meta.json alone: no torch, no data built. Silent for
+    what the full check reports later (an unreadable or old checkpoint)."""
+    path = resume_candidate(run_dir, cfg.checkpoint.resume)
+    if path is None:
+        return
+    try:
+        meta = read_meta(path)
+    except ConfigError:
+        return  # the checkpoint manager reports (or falls back past) it
+    check_resume(meta, {"data": config_identity(cfg)}, path, cfg.checkpoint.resume,
+                 log=lambda _: None)

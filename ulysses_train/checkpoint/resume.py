@@ -1,0 +1,168 @@
+"""Choosing and loading the checkpoint to resume from: the `restore` half of CheckpointManager.
+
+`ResumeMixin` is mixed into `checkpoint.CheckpointManager` and uses its attributes (`dir`,
+`ckdir`, `cfg`, `model_cfg`, `identity`, `origin`, `log`, `is_main`, `distributed`, `_pg`).
+The rules it keeps:
+- `resume=auto` follows `latest` and falls back to an older checkpoint only past *verified*
+  corruption (manifest, sizes, hashes); any other failure to verify or load is a
+  `CheckpointReadError` (exit 1) that leaves everything on disk.
+- `resume=PATH` loads exactly PATH, unless this run dir's `latest` already continues the line
+  that started from PATH (a rerun, restart or requeue of the same command): then it continues.
+- Checkpoints newer than the one resumed from are moved to `checkpoints/abandoned/`, never
+  deleted (`CheckpointDir.abandon_after`).
+- Verification is split over the ranks: each hashes a share of the files, verdicts gathered.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import set_state_dict
+
+from ..config.errors import ConfigError
+from . import store as files
+from .identity import check_resume
+from .state import load_failure, state_to_load
+from .store import CheckpointReadError
+
+# DCP wraps read failures in CheckpointException, which derives from BaseException.
+LOAD_ERRORS = (Exception, CheckpointException)
+
+
+def verify_collectively(path: str, group, **share_args) -> list[str]:
+    """`checkpoint_files.verify_share` split over the ranks of gloo `group` (None: this process
+    alone): each rank hashes its share of the files and the verdicts are gathered, so every rank
+    returns the same problems (deduplicated) or raises the same CheckpointReadError.
+    `share_args`: verify_share's `hashes`, `check`, `log`. A collective over `group`."""
+    rank, world = ((dist.get_rank(group), dist.get_world_size(group)) if group is not None
+                   else (0, 1))
+    try:
+        mine = (files.verify_share(path, (rank, world), **share_args), None)
+    except CheckpointReadError as exc:
+        mine = ([], exc.why)
+    every = [mine]
+    if group is not None:
+        every = [None] * world
+        dist.all_gather_object(every, mine, group=group)  # -> every rank: world verdicts
+    errors = [f"rank {r}: {why}" if group is not None else why
+              for r, (_, why) in enumerate(every) if why]
+    if errors:
+        raise CheckpointReadError(path, errors[0])
+    return list(dict.fromkeys(p for problems, _ in every for p in problems))  # dedup
+
+
+class ResumeMixin:
+    """`check_shape`, `verify`, `load` and `restore` of `CheckpointManager` (see the module)."""
+
+    # ---- verifying ----------------------------------------------------------------------
+    def check_shape(self, path: str) -> None:
+        """Refuse a checkpoint of another model shape or data identity, from meta.json alone."""
+        files.check_shape(path, self.model_cfg)
+        if self.identity is not None:
+            check_resume(files.read_meta(path), self.identity, path, self.cfg.resume, self.log)
+
+    def verify(self, path: str) -> list[str]:
+        """Problems ('PATH: what') that make `path` unusable — verified corruption: a missing
+        or unreadable manifest, a missing file, a size or hash that differs from it; empty when
+        verified. ConfigError if it holds another model shape; CheckpointReadError for any other
+        read error (I/O, ...) on any rank. A collective: every rank gets the same verdict."""
+        return verify_collectively(path, self._pg() if self.distributed else None,
+                                   check=self.check_shape, log=self.log)
+
+    # ---- loading ------------------------------------------------------------------------
+    def load(self, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             trainer_state: dict) -> dict:
+        """Load `path` into model/optimizer; return the saved trainer state (same keys)."""
+        request, state = state_to_load(path, model, optimizer, trainer_state)
+        dcp.load(request, checkpoint_id=path, no_dist=not self.distributed)
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        return request["trainer"]
+
+    def _load_verified(self, path: str, model, optimizer, trainer_state: dict) -> dict:
+        """`load` a verified checkpoint. Its files match the manifest, so a failure here (I/O
+        error, out of memory, a bug) is no evidence of corruption: CheckpointReadError, which
+        stops the run (exit 1) — falling back would abandon a checkpoint that may be good."""
+        try:
+            return self.load(path, model, optimizer, trainer_state)
+        except LOAD_ERRORS as exc:
+            raise CheckpointReadError(path, f"loading it failed: {load_failure(exc)}") from exc
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                trainer_state: dict) -> tuple[dict | None, str | None]:
+        """Apply `checkpoint.resume`; return (saved trainer state, path) or (None, None).
+
+        auto: `latest`, falling back (with a warning naming the bad file) to older checkpoints
+        only past verified corruption; an error if checkpoints exist but none is intact — never
+        silently train over them. never: start fresh, refusing a run dir that already holds
+        checkpoints. PATH: exactly that one, verified, or an error. Another model shape is
+        always an error; so is any other failure to read (CheckpointReadError, exit 1). Newer
+        checkpoints than the one resumed from are moved aside, never deleted.
+        """
+        if self.is_main:
+            self.ckdir.clean_partial()
+        mode = self.cfg.resume
+        if mode == "never":
+            if self.ckdir.has_any():
+                raise ConfigError("checkpoint.resume", f"'never', but {self.dir} already holds "
+                                  "checkpoints; use a fresh hydra.run.dir or "
+                                  "checkpoint.resume=auto")
+            return None, None
+        explicit = None if mode == "auto" else os.path.abspath(os.path.expanduser(mode))
+        if explicit is not None and self._continued_from(explicit):
+            explicit = None  # a rerun (or torchrun/SLURM restart) of the same command
+        if explicit is None:
+            state, path = self._load_auto(model, optimizer, trainer_state)
+            self.origin = files.read_meta(path).get("origin") if path else None
+        else:
+            path = explicit
+            state = self._load_explicit(path, model, optimizer, trainer_state)
+            self.origin = os.path.realpath(path)
+        if path is not None and self.is_main:
+            self.ckdir.abandon_after(path)
+        return state, path
+
+    def _continued_from(self, path: str) -> bool:
+        """True when this run dir's `latest` checkpoint is newer than `path` and its line
+        started from `path` (its meta.json's `origin`): `checkpoint.resume=PATH` was applied
+        already, so rerunning the same command — by hand, a torchrun restart or a SLURM requeue
+        — continues that line instead of going back to PATH again (and again)."""
+        latest = self.ckdir.latest_name()
+        if latest is None or not os.path.isdir(os.path.join(self.dir, latest)):
+            return False
+        try:
+            ours, theirs = files.read_meta(os.path.join(self.dir, latest)), files.read_meta(path)
+        except (OSError, ValueError, ConfigError):
+            return False
+        if ours.get("origin") != os.path.realpath(path) or ours["step"] <= theirs["step"]:
+            return False
+        self.log(f"checkpoint.resume={path} was applied already: this run dir continued from it "
+                 f"to step {ours['step']}, so resuming from its latest checkpoint (to go back to "
+                 "that path again, move the newer step directories out of checkpoints/ first)")
+        return True
+
+    def _load_auto(self, model, optimizer, trainer_state: dict) -> tuple[dict | None, str | None]:
+        candidates = self.ckdir.candidates()
+        for path in candidates:
+            problems = self.verify(path)
+            if problems:
+                self.log(f"warning: checkpoint {path} is corrupt ({files.summary(problems)}); "
+                         "trying the next newest")
+                continue
+            return self._load_verified(path, model, optimizer, trainer_state), path
+        if self.ckdir.has_any():
+            raise ConfigError("checkpoint.resume", f"{self.dir} holds checkpoints but none is "
+                              f"loadable (tried {len(candidates)}); repair or move them, or give "
+                              "a fresh hydra.run.dir — refusing to train over them")
+        return None, None
+
+    def _load_explicit(self, path: str, model, optimizer, trainer_state: dict) -> dict:
+        files.check_resume_path(path, self.model_cfg)  # exists, complete, same shape
+        problems = self.verify(path)
+        if problems:
+            raise ConfigError("checkpoint.resume", f"{path} is corrupt: "
+                              f"{files.summary(problems)}; pick another step directory")
+        return self._load_verified(path, model, optimizer, trainer_state)

@@ -1,0 +1,188 @@
+"""Validation of the parallel layout (`parallel.*` against the world size and the model).
+
+Split out of config.py, which keeps the schema and the per-section checks; `config.validate`
+calls these. Every check is pure and collective-free: each rank runs it on the config alone,
+before any process group exists, and the first bad value is raised as a `ConfigError` naming
+its key (`error: <key>: ...`, exit 2 at the entry point).
+
+The layout (docs/architecture.md §1): world = dp x sp x tp; the sequence-parallel group of `sp`
+ranks is `ring` ring ranks x U = sp/ring Ulysses ranks. Heads are split over tp first, then the
+Ulysses all-to-all splits each tp rank's heads over U (the ring passes K/V around instead of
+splitting heads, so it adds no head rule). Any `data.seq_len` fits: rows are padded to
+`SequenceLayout.padded_len` inside the data path.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from .errors import require
+
+if TYPE_CHECKING:  # config.py imports this module; the types are for readers only
+    from .schema import Config, DataConfig, EvalConfig, ModelConfig, ParallelConfig
+
+ZERO_STAGES = (0, 2, 3)
+BACKENDS = ("auto", "nccl", "gloo")
+MAX_TIMEOUT_S = 7 * 24 * 3600  # parallel.timeout_s upper bound
+VOCAB_MULTIPLE = 128
+
+
+def one_of(value, allowed, key: str) -> None:
+    require(value in allowed, key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def positive(value, key: str) -> None:
+    require(value > 0 and math.isfinite(value), key, f"must be a positive number, got {value}")
+
+
+def finite(value: float, key: str, lo: float | None = None, hi: float | None = None) -> None:
+    require(math.isfinite(value), key, f"must be a finite number, got {value}")
+    if lo is not None:
+        require(value >= lo, key, f"must be >= {lo}, got {value}")
+    if hi is not None:
+        require(value <= hi, key, f"must be <= {hi}, got {value}")
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """Embedding/head rows: `vocab_size` rounded up to a multiple of 128.
+
+    Why: matmul kernels are fastest on multiples of 128, and a tensor-parallel split of the head
+    needs a row count divisible by tp. The extra rows are never targets; they only learn to
+    receive low logits.
+    """
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def validate_parallel(p: "ParallelConfig", world_size: int) -> None:
+    """The degrees alone: each positive, `ring` dividing `sp`, tp x sp x dp = `world_size`."""
+    positive(p.tp, "parallel.tp")
+    positive(p.sp, "parallel.sp")
+    require(p.ring > 0, "parallel.ring", f"must be a positive number (1 = no ring), got {p.ring}")
+    require(p.sp % p.ring == 0, "parallel.ring",
+            f"{p.ring} does not divide parallel.sp={p.sp}: the sequence group of sp ranks is "
+            "ring x Ulysses ranks; choose a ring that divides sp (1 = Ulysses only)")
+    require(p.dp == -1 or p.dp > 0, "parallel.dp", f"must be -1 (the rest) or positive, got {p.dp}")
+    one_of(p.zero, ZERO_STAGES, "parallel.zero")
+    one_of(p.backend, BACKENDS, "parallel.backend")
+    positive(p.timeout_s, "parallel.timeout_s")
+    # torch stores it as a timedelta (at most ~2.7 million years); a week is a generous cap
+    require(p.timeout_s <= MAX_TIMEOUT_S, "parallel.timeout_s", f"must be at most "
+            f"{MAX_TIMEOUT_S} seconds (a week), got {p.timeout_s}")
+    inner = p.tp * p.sp
+    require(world_size % inner == 0, "parallel.tp" if world_size % p.tp else "parallel.sp",
+            f"tp x sp = {p.tp} x {p.sp} does not divide the world size {world_size}; launch "
+            f"a multiple of {inner} processes (torchrun --nproc_per_node=...)")
+    dp = p.dp if p.dp > 0 else world_size // inner
+    require(p.tp * p.sp * dp == world_size, "parallel.dp",
+            f"tp x sp x dp = {p.tp} x {p.sp} x {dp} = {inner * dp} but {world_size} processes "
+            "were launched; use parallel.dp=-1 or launch that many")
+    validate_shard_group(p, dp)
+
+
+def shard_group_size(shard_group: int, dp_sp: int) -> int:
+    """The ranks ZeRO shards over for `parallel.shard_group`: 0 / -1 mean the whole dp x sp
+    group (`dp_sp` ranks), any other value is itself (validate_shard_group checks it)."""
+    return dp_sp if shard_group in (0, -1) else shard_group
+
+
+def validate_shard_group(p: "ParallelConfig", dp: int) -> None:
+    """`parallel.shard_group`: 0/-1 (whole dp x sp), or a size that divides dp x sp into groups
+    made of whole sequence-parallel groups (an sp group's ranks hold one sequence's slices and
+    must share every weight shard), with ZeRO on (without sharding there is nothing to group)."""
+    n, dp_sp = p.shard_group, dp * p.sp
+    if n in (0, -1):
+        return
+    key = "parallel.shard_group"
+    # no group size in the first line: the planner checks a value before any layout has one
+    require(n > 0, key, f"must be a positive group size, or 0 / -1 for the whole dp x sp group, "
+            f"got {n}")
+    # refused at zero=0 even when n is the whole group: the key would silently do nothing
+    ranks = f"{n} rank{'s' if n > 1 else ''}"
+    require(p.zero > 0, key, f"hybrid sharding ({ranks} per shard group) needs sharding: set "
+            "parallel.zero=2 or 3, or drop parallel.shard_group (at zero=0 every rank holds "
+            "everything already)")
+    if n == dp_sp:
+        return  # one group: plain ZeRO
+    require(n % p.sp == 0, key, f"{n} ranks per shard group would split a sequence-parallel "
+            f"group (parallel.sp={p.sp}); use a multiple of {p.sp}")
+    require(dp_sp % n == 0, key, f"{n} does not divide the dp x sp group ({dp} x {p.sp} = "
+            f"{dp_sp} ranks); use a divisor of {dp_sp}, e.g. the ranks of one node")
+
+
+def check_tp(cfg: "ModelConfig", tp: int) -> None:
+    """Raise `ConfigError` unless every dimension the plan shards splits evenly over `tp`.
+
+    Pure and collective-free: every rank can run it on the config alone, before any heavy work.
+    """
+    hint = f"tensor parallel (parallel.tp={tp}) splits it over tp ranks"
+    require(cfg.n_heads % tp == 0, "model.n_heads",
+            f"{cfg.n_heads} query heads are not divisible by parallel.tp={tp}; {hint}: "
+            "choose a tp that divides n_heads")
+    require(cfg.n_kv_heads % tp == 0, "model.n_kv_heads",
+            f"{cfg.n_kv_heads} kv heads are not divisible by parallel.tp={tp}; {hint}: "
+            "choose a tp that divides n_kv_heads")
+    vocab = padded_vocab(cfg.vocab_size)
+    require(vocab % tp == 0, "model.vocab_size",
+            f"the padded vocabulary ({vocab} rows, vocab_size={cfg.vocab_size} rounded up to a "
+            f"multiple of 128) is not divisible by parallel.tp={tp}; {hint}: use a tp that "
+            f"divides {vocab}")
+    require(cfg.ffn_hidden % tp == 0, "model.ffn_hidden",
+            f"{cfg.ffn_hidden} is not divisible by parallel.tp={tp}; {hint}: choose a "
+            f"ffn_hidden that is a multiple of {tp}")
+
+
+def check_ulysses_heads(m: "ModelConfig", p: "ParallelConfig") -> None:
+    """Heads vs the Ulysses degree U = sp / ring (after tp): query heads divisible by tp x U;
+    kv heads per tp rank and U dividing one another (split, or replicated when fewer than U).
+
+    Without a ring the error names the model key (the model is what does not fit sp); with a
+    ring it names `parallel.ring`, whose degree decides U.
+    """
+    u = p.sp // p.ring
+    if p.ring == 1:  # the messages and keys of Ulysses alone
+        require(m.n_heads % (p.tp * u) == 0, "model.n_heads",
+                f"{m.n_heads} heads cannot be split over tp x sp = {p.tp * u} ranks; use a "
+                "layout whose tp x sp divides the head count (or parallel.ring > 1)")
+        kv = m.n_kv_heads // p.tp
+        require(kv % u == 0 or u % kv == 0, "model.n_kv_heads",
+                f"{kv} kv heads per tp rank and sp={p.sp}: one must divide the other (kv heads "
+                "are split over sp, or replicated when fewer than sp)")
+        return
+    require(m.n_heads % (p.tp * u) == 0, "parallel.ring",
+            f"model.n_heads={m.n_heads} cannot be split over tp x sp/ring = {p.tp} x "
+            f"{p.sp}/{p.ring} = {p.tp * u} ranks; raise parallel.ring (the ring splits the "
+            "sequence, not the heads) until tp x sp/ring divides the head count")
+    kv = m.n_kv_heads // p.tp
+    require(kv % u == 0 or u % kv == 0, "parallel.ring",
+            f"{kv} kv heads per tp rank and the Ulysses degree sp/ring = {p.sp}/{p.ring} = {u}: "
+            "one must divide the other (kv heads are split over the Ulysses ranks, or "
+            "replicated when fewer); choose a ring for which they do")
+
+
+def validate_layout(cfg: "Config", world_size: int) -> int:
+    """Checks that need both the model and the layout; returns the resolved dp degree.
+
+    No rule on `data.seq_len`: rows are padded to `SequenceLayout.padded_len` (parallel/layout.py).
+    """
+    p = cfg.parallel
+    dp = p.dp if p.dp > 0 else world_size // (p.tp * p.sp)
+    check_tp(cfg.model, p.tp)
+    check_ulysses_heads(cfg.model, p)
+    return dp
+
+
+def validate_eval(e: "EvalConfig", d: "DataConfig") -> None:
+    """The eval.* keys (scripts/eval.py, eval.every); eval.every needs held-out data."""
+    require(e.every >= 0, "eval.every", f"must be >= 0 (0 = off), got {e.every}")
+    positive(e.batches, "eval.batches")
+    require(e.passkey_trials >= 0, "eval.passkey_trials", f"must be >= 0, got {e.passkey_trials}")
+    b = list(e.buckets)
+    require(not b or (len(b) >= 2 and b[0] >= 0 and all(x < y for x, y in zip(b, b[1:]))),
+            "eval.buckets", f"{b} must be >= 2 increasing position edges from >= 0, e.g. "
+            "[0,64,128,256] (or [] for powers of two up to data.seq_len)")
+    require(all(n > 0 for n in e.passkey_lengths), "eval.passkey_lengths",
+            f"{list(e.passkey_lengths)} must be positive token counts")
+    require(len(e.passkey_depths) > 0 and all(0 <= x <= 1 for x in e.passkey_depths),
+            "eval.passkey_depths", f"{list(e.passkey_depths)} must be relative depths in [0, 1]")
+    require(e.every == 0 or d.val_fraction > 0 or d.name in ("synthetic", "passkey"),
+            "eval.every", "needs held-out data: set data.val_fraction > 0 or eval.every=0")

@@ -1,0 +1,37 @@
+"""`data.paths` as plain files (no torch): which inputs a `data=files` run reads.
+
+Kept out of the `data` package (whose import pulls in torch) so the validator can refuse a
+missing file, a directory or an unknown file type in the pre-check, a second after the command
+is typed; the data pipeline resolves the same list again when it reads them.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+from ..config.errors import ConfigError
+
+TEXT_SUFFIXES = (".txt",)
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+def resolve_paths(paths: list[str]) -> list[str]:
+    """Expand ~ and globs; every result must be an existing file of a known kind."""
+    resolved = []
+    for raw in paths:
+        path = os.path.expanduser(str(raw))
+        matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+        if not matches:
+            raise ConfigError("data.paths", f"no file matches {raw!r}; check the pattern")
+        for match in matches:
+            if os.path.isdir(match):
+                raise ConfigError("data.paths", f"{match} is a directory; list its files or "
+                                  "use a glob such as dir/*.jsonl")
+            if not os.path.isfile(match):
+                raise ConfigError("data.paths", f"file not found: {match}; check the path")
+            if not match.endswith(TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES):
+                raise ConfigError("data.paths", f"{match}: unknown file type; use .txt (one "
+                                  "document per file), .jsonl (one per line) or .parquet")
+            resolved.append(os.path.abspath(match))
+    return resolved

@@ -1,0 +1,322 @@
+"""What a run reports: metrics.jsonl, throughput, memory, MFU, the progress bar and wandb.
+
+Only rank 0 writes (docs/architecture.md §2): other ranks construct a `Reporter` with
+`enabled=False`. `metrics.jsonl` holds one JSON object per logged step; on resume the rows after the
+resumed step are dropped first so the file reads as one clean curve.
+
+Nothing here may end a run: a metric is an observation, not a reason to lose a multi-day job. An
+impossible value (MFU above 1, a non-finite number in a step that was not skipped) is written
+as it is and warned about once; a failing write (metrics.jsonl on a full disk, wandb) is warned
+about once and the run goes on (`Reporter`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import netrc
+import os
+import resource
+import sys
+import time
+
+import torch
+
+from ..data.batch import document_positions
+from ..utils.atomic import atomic_write
+
+# Dense bf16 peak FLOP/s by device-name fragment (vendor datasheets, no sparsity). First match
+# wins, so the more specific names come first.
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+              "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of `device`, or None where unknown (CPUs, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def mfu_of(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the hardware peak (both whole-job).
+
+    Never raises: a value above 1 is impossible (the FLOPs formula, the token count or the peak
+    is wrong) but is returned as computed; `Reporter.log` warns about it once.
+    """
+    return flops_per_token * tokens_per_s / peak
+
+
+def span_sq_sum(document_ids: torch.Tensor) -> torch.Tensor:
+    """Sum over the documents of `(B, S)` rows of their squared lengths: int64 scalar, on the
+    ids' device. Attention under `data.document_mask` costs this many (x 6 L d,
+    `model.gpt.attention_flops`); a row of one document gives S^2.
+
+    n^2 = sum_{k<n} (2k + 1), so summing 2 * (position in its document) + 1 over the tokens
+    gives it without a bincount or a host sync (documents are the runs of equal ids of a row,
+    as `data.batch.document_positions` reads them; none spans two rows).
+    """
+    return (2 * document_positions(document_ids) + 1).sum()
+
+
+def wandb_login_source(environ=os.environ) -> str | None:
+    """Where wandb would find credentials without asking the network, or None if nowhere.
+
+    The same order as wandb's own lookup (wandb 0.2x-0.3x `sdk/lib/wbauth`): WANDB_API_KEY,
+    WANDB_IDENTITY_TOKEN_FILE, then a netrc entry (file: $NETRC, else ~/.netrc, else
+    ~/_netrc) for the host of WANDB_BASE_URL (default https://api.wandb.ai). A key kept only
+    in wandb's settings file is not seen: such a run logs offline (see `wandb_mode`).
+    """
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if environ.get(name):
+            return name
+    from urllib.parse import urlsplit
+
+    host = urlsplit(environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    home = environ.get("HOME") or os.path.expanduser("~")
+    paths = [environ["NETRC"]] if environ.get("NETRC") else [
+        os.path.join(home, ".netrc"), os.path.join(home, "_netrc")]
+    for path in paths:
+        try:
+            entry = netrc.netrc(os.path.expanduser(path)).authenticators(host)
+        except (OSError, netrc.NetrcParseError):  # missing or unreadable: not a login
+            continue
+        if entry and entry[2]:
+            return path
+    return None
+
+
+def wandb_mode(mode: str, run_dir: str, environ=os.environ) -> tuple[str, str | None]:
+    """(the mode to start wandb in, a warning or None). `online` without credentials becomes
+    `offline`, so the run is not lost to a login prompt or a traceback after the data and the
+    model were built: its logs stay in `run_dir/wandb` for `wandb sync` later."""
+    if mode != "online" or wandb_login_source(environ):
+        return mode, None
+    where = os.path.join(os.path.abspath(run_dir), "wandb")
+    return "offline", (
+        "warning: logging.wandb.mode=online but no wandb login was found (WANDB_API_KEY or a "
+        f"netrc entry): logging offline to {where}; upload it later with "
+        f"`wandb sync {where}/offline-run-*`, or run `wandb login` before the next run")
+
+
+def peak_mem_gib(device: torch.device) -> float:
+    """Peak memory of this rank: CUDA allocator peak, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def peak_mem_by_rank(device: torch.device, dims) -> list[float]:
+    """Every rank's `peak_mem_gib`, by rank (ranks differ, e.g. rank 0 logs): an all-gather
+    over the world (a collective: every rank calls it at the same step)."""
+    mine = torch.tensor([peak_mem_gib(device)], device=device)
+    if not dims.distributed:
+        return [float(mine)]
+    every = [torch.zeros_like(mine) for _ in range(dims.world_size)]
+    torch.distributed.all_gather(every, mine)  # (1,) per rank -> world x (1,)
+    return [round(float(t), 4) for t in every]
+
+
+def with_wandb_fallback(cfg, run_dir: str, is_main: bool):
+    """`cfg` (a config.Config), with `logging.wandb.mode` as `wandb_mode` resolves it; rank 0
+    prints the warning, if any, on stderr."""
+    mode, warning = wandb_mode(cfg.logging.wandb.mode, run_dir)
+    if warning is None:
+        return cfg
+    if is_main:
+        print(warning, file=sys.stderr, flush=True)
+    wandb_cfg = dataclasses.replace(cfg.logging.wandb, mode=mode)
+    return dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, wandb=wandb_cfg))
+
+
+class MetricsFile:
+    """Append-only `metrics.jsonl` that can be cut back to a step on resume."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def truncate_after(self, step: int) -> int:
+        """Drop rows with `step` > the given step (atomically); return how many were dropped."""
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:  # a row torn by a crash mid-write: drop it
+                continue
+        atomic_write(self.path, "".join(kept))
+        return len(lines) - len(kept)
+
+    def append(self, row: dict) -> None:
+        # Strict JSON: a skipped step's NaN/inf loss or norm is written as null (the row's
+        # `skipped` field says why), so jq and other strict readers can parse every line.
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                 for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
+
+
+class Reporter:
+    """Rank 0's view of progress: rows to metrics.jsonl and wandb, a tqdm bar, log lines.
+
+    No method raises into the training loop: each failure (a write, wandb, the bar) and each
+    impossible value is printed as one `warning:` line on stderr, once per kind, and skipped.
+    """
+
+    def __init__(self, run_dir: str, enabled: bool, total_steps: int, start_step: int,
+                 progress: bool = True, wandb_cfg=None, config_dict: dict | None = None):
+        self.enabled = enabled
+        self.file = MetricsFile(os.path.join(run_dir, "metrics.jsonl"))
+        self.bar = None
+        self.wandb = None
+        self.warned: set[str] = set()
+        if not enabled:
+            return
+        # Rows past the step we start from are a killed run's (at 0: a run killed before its
+        # first checkpoint): drop them, so the file reads as one curve. Hydra makes the run
+        # dir; library callers may not have.
+        self._safely("metrics.jsonl", lambda: (os.makedirs(run_dir, exist_ok=True),
+                                               self.file.truncate_after(start_step)))
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                            dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+        if wandb_cfg is not None and wandb_cfg.mode != "disabled":
+            self.wandb = self._safely("wandb", _start_wandb, run_dir, wandb_cfg,
+                                      config_dict or {})
+
+    def warn_once(self, kind: str, text: str) -> None:
+        """Print `warning: <text>` on stderr the first time `kind` comes up, then never again."""
+        if not self.enabled or kind in self.warned:
+            return
+        self.warned.add(kind)
+        self.info(f"warning: {text}")
+
+    def _safely(self, kind: str, fn, *args):
+        """fn(*args), or None with a once-per-kind warning if it raises (never re-raised:
+        a report must not end the run)."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - third-party code: any type can come out
+            self.warn_once(kind, f"{kind} failed ({type(exc).__name__}: {exc}); training "
+                                 "goes on, this is reported once")
+            return None
+
+    def info(self, text: str) -> None:
+        """Print a line on stderr, above the bar; never raises."""
+        if not self.enabled:
+            return
+        try:
+            if self.bar is not None:
+                self.bar.write(text, file=sys.stderr)
+                return
+        except Exception:  # noqa: BLE001 - the bar failing: say it without the bar
+            pass
+        try:
+            print(text, file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - stderr itself failing: nowhere left to say it
+            pass
+
+    def tick(self, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self._safely("progress bar", lambda: (
+                self.bar.update(1),
+                self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
+                                     refresh=False)))
+
+    def log(self, row: dict, total: int | None = None) -> None:
+        """Append `row` to metrics.jsonl and wandb and, given `total`, print its log line."""
+        if not self.enabled:
+            return
+        self._check(row)
+        self._safely("metrics.jsonl", self.file.append, row)
+        if self.wandb is not None:
+            values = {k: v for k, v in row.items() if v is not None}
+            self._safely("wandb.log", lambda: self.wandb.log(values, step=row["step"]))
+        if total is not None:
+            self._safely("log line", lambda: self.info(format_row(row, total)))
+
+    def _check(self, row: dict) -> None:
+        """Warn once about values that cannot be true; they are logged as they are."""
+        mfu = row.get("mfu")
+        if isinstance(mfu, float) and mfu > 1.0:
+            self.warn_once("mfu", f"step {row['step']}: MFU {mfu:.4g} > 1 is impossible: "
+                                  "the FLOPs formula (model.gpt.model_flops), the token count "
+                                  "or the peak FLOP/s (metrics.PEAK_FLOPS, debug.peak_flops) is "
+                                  "wrong; logged as computed")
+        if row.get("skipped"):  # the non-finite guard has said why already
+            return
+        for key, value in row.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                self.warn_once(f"non-finite {key}", f"step {row['step']}: {key} is {value}; "
+                                                    "logged as null")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self._safely("progress bar", self.bar.close)
+        if self.wandb is not None:
+            self._safely("wandb.finish", self.wandb.finish)
+
+
+def _start_wandb(run_dir: str, wandb_cfg, config_dict: dict):
+    import wandb  # heavy; only imported when a run asks for it
+
+    # A stable id per run dir makes a resumed run continue the same wandb run.
+    run_id = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+    return wandb.init(project=wandb_cfg.project, name=wandb_cfg.name or None,
+                      mode=wandb_cfg.mode, dir=run_dir, id=run_id, resume="allow",
+                      config=config_dict)
+
+
+class Throughput:
+    """Tokens/s and model FLOPs per token over the interval since the last `interval()` call
+    (each token counted once; FLOPs as `model.gpt.model_flops` counts them)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+        self.flops = 0
+
+    def add(self, tokens: int, flops: int = 0) -> None:
+        self.tokens += tokens
+        self.flops += flops
+
+    def interval(self) -> tuple[float, float]:
+        """(tokens/s, FLOPs per token) since the last call; starts the next interval."""
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.t0, 1e-9)
+        per_token = self.flops / max(self.tokens, 1)
+        self.t0, self.tokens, self.flops = now, 0, 0
+        return rate, per_token
+
+    def fields(self, device: torch.device, dims, peak: float | None) -> dict:
+        """The speed and memory fields of a metrics row for the interval since the last call:
+        tokens_per_s, peak_mem_gib (the largest rank's), mfu (None without a known `peak`, the
+        FLOP/s of one device) and, on several ranks, peak_mem_gib_per_rank. A collective (the
+        peak all-gather): every rank calls it at the same step."""
+        (tok_s, flops_per_token), peaks = self.interval(), peak_mem_by_rank(device, dims)
+        # tokens/s and FLOPs are the whole job's, so is the peak
+        row = {"tokens_per_s": tok_s, "peak_mem_gib": max(peaks),
+               "mfu": mfu_of(flops_per_token, tok_s, peak * dims.world_size) if peak else None}
+        if dims.distributed:
+            row["peak_mem_gib_per_rank"] = peaks
+        return row
+
+
+def format_row(row: dict, total: int) -> str:
+    """The log line of one metrics row."""
+    text = (f"step {row['step']}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+            f"grad_norm {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
+            f"peak {row['peak_mem_gib']:.2f} GiB")
+    if "val_loss" in row:
+        text += f" | val_loss {row['val_loss']:.4f}"
+    if row.get("skipped"):
+        text += f" | skipped (non-finite; {row['skipped_steps']} so far)"
+    return text

@@ -1,0 +1,351 @@
+"""The training loop, assembled from `build_*` helpers.
+
+`run(cfg, run_dir)` is what `train.py` calls: validate (no collectives, before heavy work), build
+data → model → optimizer → checkpoints, restore, then `fit`. Invariants the loop keeps:
+- The loss is token-weighted: each micro-batch returns the *sum* of its per-token losses, and
+  the gradient is of sum / (valid tokens of the whole global batch) — never a mean of means.
+- The data position is the global step, and the schedule is a function of the step and
+  `train.steps`; together with DCP's exact model/optimizer state this makes resume bit-exact.
+- A step whose loss or gradient norm is not finite changes no weight (guards.py); a stop signal
+  ends the run after the step every rank agrees on, with a checkpoint (stop.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+
+import torch
+
+from ..checkpoint.identity import check_before_start, config_identity, lower_lr_fragment
+from ..checkpoint.manager import CheckpointManager
+from ..checkpoint.store import read_meta
+from ..config.schema import Config, validate
+from ..data import build_data
+from ..data.tokenizer_files import init_from_or_run
+from ..evaluate import training as eval_in_training
+from ..hf.init_from import load_initial_weights
+from ..model import document_mask_for, num_params, padded_vocab, select_attention
+from ..model.gpt import model_flops
+from ..parallel import ParallelDims
+from ..parallel.grad_sync import all_reduce_, reduce_gradients_, replicate
+from ..parallel.parallelize import build_model, resolve_dtype
+from ..parallel.sharding import set_last_micro_batch
+from ..parallel.tensor import clip_grad_norm_
+from . import optim
+from .guards import NonFiniteGuard, crash_if_asked, nan_injected, set_deterministic
+from .metrics import Reporter, Throughput, peak_flops, span_sq_sum, with_wandb_fallback
+from .optim import build_optimizer, build_scheduler
+from .stop import StopSignals
+
+
+def run(cfg: Config, run_dir: str) -> int:
+    """Train according to `cfg` in `run_dir`; return the process exit code.
+
+    Validation needs no collective (every rank checks the same config alone), so a bad config
+    fails before any process group exists.
+    """
+    set_deterministic(cfg.train.deterministic)  # before anything touches CUDA (cuBLAS env)
+    dims = ParallelDims.from_env(cfg.parallel)
+    validate(cfg, dims.world_size, run_dir)  # a resuming run does not need model.init_from
+    check_before_start(cfg, run_dir)  # a changed data.seq_len etc. fails before data is built
+    dims.init_process_group()
+    try:
+        dims.build_mesh()
+        return Trainer(cfg, run_dir, dims).fit()
+    finally:
+        if dims.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str, dims: ParallelDims):
+        self.cfg, self.run_dir, self.dims = cfg, run_dir, dims
+        self.device = dims.device
+        self.dtype = resolve_dtype(cfg.train.precision, self.device)
+        set_deterministic(cfg.train.deterministic)
+        torch.manual_seed(cfg.train.seed)
+        self._say(f"run dir: {os.path.abspath(run_dir)}")
+        # wandb online without a login: offline, said before the heavy work (data, model)
+        self.cfg = cfg = with_wandb_fallback(cfg, run_dir, dims.is_main)
+        self.data = build_data(cfg.data, seed=cfg.train.seed,
+                               global_batch_size=cfg.train.global_batch_size,
+                               model_vocab_size=padded_vocab(cfg.model.vocab_size),
+                               log=self._say, is_main=dims.is_main,
+                               init_from=init_from_or_run(cfg.model.init_from, run_dir,
+                                                          cfg.checkpoint.resume),
+                               max_tokenizer_vocab=cfg.model.vocab_size)
+        if dims.is_main:  # <run_dir>/tokenizer/: what AutoTokenizer and the export load
+            self.data.save_tokenizer(os.path.join(run_dir, "tokenizer"))
+        self.model = build_model(cfg, dims)
+        self.local_attention = select_attention(self.device, cfg.data.document_mask)  # for masks
+        self.layout = dims.sequence_layout(cfg.data.seq_len)  # who holds which token (padded)
+        self.dp_sp = dims.group("dp_sp")  # None alone: every reduction is then the identity
+        self.sharded = cfg.parallel.zero > 0 and dims.dp_sp > 1  # FSDP2 reduces gradients itself
+        # zero=0: DDP reduces gradients during backward (forward/backward go through it); None
+        # alone, sharded, or with tp (DTensor parameters: reduce_gradients_ after backward).
+        self.ddp = (None if self.sharded or dims.tp > 1
+                    else replicate(self.model, self.dp_sp, self.device))
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.ckpt = CheckpointManager(run_dir, cfg.checkpoint, cfg.model, log=self._say,
+                                      is_main=dims.is_main, distributed=dims.distributed,
+                                      debug=cfg.debug, identity=self._identity())
+        self.guard = NonFiniteGuard(cfg.train.max_skipped_steps)
+        self.step = 0  # completed optimizer steps (skipped ones too) == data position
+        self.tokens = 0  # tokens trained on so far, each counted once
+        self.resumed_from = self._restore()
+        self._init_from()
+        self.has_val = "val" in self.data.splits  # data.val_fraction=0 leaves no val split
+
+    def _say(self, text: str) -> None:
+        if self.dims.is_main:
+            print(text, flush=True)
+
+    # ---- state --------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.guard.total,
+                "scheduler": self.scheduler.state_dict(), "rng": rng}
+
+    def _identity(self) -> dict:
+        """What checkpoints record and resuming compares (run_identity.py): the data stream
+        (must match) and the optimizer's hyper-parameters (the config wins, logged)."""
+        data = {**config_identity(self.cfg), **getattr(self.data, "identity", {})}
+        return {"data": data, "optim": optim.hyperparameters(self.cfg.optim,
+                                                             self.cfg.train.grad_clip)}
+
+    def _restore(self) -> str | None:
+        """Load the checkpoint `checkpoint.resume` picks: state from it, hyper-parameters from
+        the config (optim.py), each changed one said in one line."""
+        state, path = self.ckpt.restore(self.model, self.optimizer, self.trainer_state())
+        if state is None:
+            return None
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.guard.total = int(state["skipped_steps"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        recorded = (read_meta(path).get("identity") or {}).get("optim", {})
+        changed = optim.config_wins(self.optimizer, self.scheduler, self.cfg.optim,
+                                    self.cfg.train.grad_clip, recorded)
+        if changed:
+            self._say(f"resuming with new settings: {', '.join(changed)} (the config wins for "
+                      "hyper-parameters; moments and step counts are the checkpoint's)")
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        return path
+
+    def _init_from(self) -> None:
+        """`model.init_from`: weights only, into a run that starts now; a run resuming from its
+        own checkpoint keeps that checkpoint's weights (resume wins), and says so."""
+        source = self.cfg.model.init_from
+        if not source:
+            return
+        if self.resumed_from:
+            self._say(f"model.init_from={source} not loaded: resuming from {self.resumed_from}, "
+                      "the run's own checkpoint wins")
+            return
+        self._say(load_initial_weights(self.model, source, self.cfg.model, self.dims))
+
+    def save(self) -> str:
+        """Checkpoint this step; return its path (the manager logs it; async: commits later)."""
+        return self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
+
+    # ---- one step -----------------------------------------------------------------------
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _micro_batches(self, step: int, split: str):
+        """Yield this rank's (input_ids, position_ids, labels, mask) micro-batches of one global
+        batch.
+
+        A dp rank reads only its rows; the rows are padded to the layout's length S' and an sp
+        rank keeps the columns `SequenceLayout.rank_positions` gives it (consecutive S'/P under
+        Ulysses alone; two zig-zag chunks with a ring). Labels and global positions were fixed
+        on the whole sequence and padding is inert (`Batch.pad_to`), so sharding loses nothing.
+        The document mask (None unless `data.document_mask`) is built from the rows' *padded,
+        unsharded* document ids: the attention sees the whole row (docs/architecture.md §1).
+        """
+        rows_per_dp = self.cfg.train.global_batch_size // self.dims.dp
+        dp_i, sp_i = self.dims.local_rank("dp"), self.dims.local_rank("sp")
+        full_rows = self.data.global_batch(step, split, rows=slice(dp_i * rows_per_dp,
+                                                                   (dp_i + 1) * rows_per_dp))
+        full_rows = full_rows.pad_to(self.layout.padded_len)  # (G/dp, S) -> (G/dp, S')
+        batch = full_rows.take(self.layout.rank_positions(sp_i))  # (G/dp, S') -> (G/dp, S'/sp)
+        mb = self.cfg.train.micro_batch_size
+        for start in range(0, rows_per_dp, mb):
+            rows = slice(start, start + mb)
+            # (G/dp, S'/sp) -> (mb, S'/sp) per micro-batch
+            ids, positions, labels = (t[rows].to(self.device, non_blocking=True)
+                                      for t in (batch.input_ids, batch.position_ids, batch.labels))
+            mask = None
+            if self.cfg.data.document_mask:  # (mb, S') global ids, once per micro-batch
+                mask = document_mask_for(full_rows.document_ids[rows].to(self.device),
+                                         self.local_attention)
+            yield ids, positions, labels, mask
+
+    def _global_counts(self, micro) -> tuple[int, int]:
+        """(valid labels, sum of squared attention spans: documents under data.document_mask,
+        else rows) of the whole global batch, in one all-reduce over dp x sp. sp peers hold the
+        same rows, so only sp rank 0 adds its spans (tp peers are outside dp x sp). Padding
+        (the columns past seq_len) is neither a label nor a span: both count real tokens."""
+        labels_local = sum((labels != -100).sum() for _, _, labels, _ in micro)
+        spans_local = torch.zeros((), dtype=torch.int64, device=self.device)
+        if self.dims.local_rank("sp") == 0:
+            for _, _, labels, mask in micro:
+                seq = self.cfg.data.seq_len
+                spans_local += (labels.shape[0] * seq**2 if mask is None
+                                else span_sq_sum(mask.document_ids[:, :seq]))
+        counts = torch.stack([torch.as_tensor(labels_local, device=self.device), spans_local])
+        count, spans = all_reduce_(counts.to(torch.int64), self.dp_sp).tolist()  # (2,)
+        return int(count), int(spans)
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch of `self.step`, with accumulation; skipped
+        (weights and optimizer state untouched) if the loss or gradient norm is not finite."""
+        micro = list(self._micro_batches(self.step, "train"))
+        poison = nan_injected(self.cfg.debug, self.step + 1)  # fault injection (tests only)
+        # Divide by the valid-token count of the whole global batch, exactly once.
+        n_valid, span_sq = self._global_counts(micro)
+        n_valid = max(n_valid, 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (input_ids, position_ids, labels, mask) in enumerate(micro):
+            last = i == len(micro) - 1  # gradients are communicated on the last micro-batch
+            if self.sharded:
+                set_last_micro_batch(self.model, self.cfg.parallel.zero, last)
+            no_sync = self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext()
+            with no_sync:
+                with self._autocast():
+                    part, _ = (self.ddp or self.model)(input_ids, position_ids, labels,
+                                                       attn_mask=mask)
+                if poison:
+                    part = part * math.nan
+                (part / n_valid).backward()
+            loss_sum += part.detach()
+        if not self.sharded and self.ddp is None:
+            reduce_gradients_(self.model.parameters(), self.dp_sp)
+        # Gradients are now the global ones (replicated, or tp/FSDP shards): the norm sums each
+        # shard once over the dimensions it is split on, so norm and clipping are global.
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = float(clip_grad_norm_(self.model.parameters(), clip))
+        loss = float(all_reduce_(loss_sum, self.dp_sp)) / n_valid
+        lr = self.scheduler.get_last_lr()[0]
+        skipped = self.guard.check(loss, grad_norm)  # global values: every rank agrees
+        if not skipped:
+            self.optimizer.step()
+        self.scheduler.step()  # a skipped step still advances the data and the schedule
+        self.step += 1
+        n_tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len  # each token once
+        self.tokens += n_tokens
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "n_tokens": n_tokens,
+                "flops": model_flops(self.cfg.model, n_tokens, span_sq), "skipped": skipped}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted loss over `train.val_batches` fixed validation batches."""
+        self.model.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, count)
+        for i in range(self.cfg.train.val_batches):
+            for input_ids, position_ids, labels, mask in self._micro_batches(i, "val"):
+                with self._autocast():
+                    part, n = self.model(input_ids, position_ids, labels, attn_mask=mask)
+                sums += torch.stack([part.double(), n.double()])
+        self.model.train()
+        total, count = all_reduce_(sums, self.dp_sp).tolist()
+        return total / max(count, 1)
+
+    # ---- the loop -----------------------------------------------------------------------
+    def _banner(self) -> None:
+        n = num_params(self.model)
+        layout = (f" | layout: {self.dims.describe(self.cfg.parallel.zero)}"
+                  if self.dims.distributed else "")
+        self._say(f"model: {self.cfg.model.name}, {n / 1e6:.2f}M parameters | device: "
+                  f"{self.device} | precision: {str(self.dtype).replace('torch.', '')}{layout}")
+        self._say(f"data: {self.data.describe()}")
+        if self.resumed_from:
+            self._say(f"resumed from {self.resumed_from} at step {self.step}")
+
+    def fit(self) -> int:
+        cfg = self.cfg
+        total, start = cfg.train.steps, self.step
+        if start >= total:
+            self._say(f"run in {os.path.abspath(self.run_dir)} already finished at step {start} "
+                      f"(train.steps={total}); nothing to do — raise train.steps to go on")
+            return 0
+        self._banner()
+        reporter = Reporter(self.run_dir, self.dims.is_main, total, start,
+                            progress=cfg.logging.progress, wandb_cfg=cfg.logging.wandb,
+                            config_dict=dataclasses.asdict(cfg))
+        try:
+            with StopSignals() as stop:
+                self._loop(reporter, stop, start, total)
+                self.ckpt.wait()  # an async save in flight commits (or fails loudly) first
+        finally:
+            self.ckpt.close()
+            reporter.close()
+        return 0
+
+    def _loop(self, reporter: Reporter, stop: StopSignals, start: int, total: int) -> None:
+        meter = Throughput()
+        while self.step < total:
+            t0 = time.perf_counter()
+            out = self.train_step()
+            meter.add(out["n_tokens"], out["flops"])
+            reporter.tick(out["loss"], out["n_tokens"] / (time.perf_counter() - t0))
+            self._report(reporter, out, meter, total)
+            crash_if_asked(self.cfg.debug, self.step, self.dims.rank, self.dims.world_size)
+            signal_name = stop.agree(self.dims.distributed, self.device)  # collective
+            if self._end_of_step(reporter, signal_name, start, total):
+                return
+
+    def _report(self, reporter: Reporter, out: dict, meter: Throughput, total: int) -> None:
+        """Log this step's row when due (always for the last step and a skipped one)."""
+        cfg, last = self.cfg, self.step == total
+        val_due = (self.has_val and cfg.train.val_every > 0
+                   and (self.step % cfg.train.val_every == 0 or last))
+        if out["skipped"]:
+            reporter.info(f"warning: step {self.step}: loss {out['loss']}, grad_norm "
+                          f"{out['grad_norm']}; optimizer step skipped ({self.guard.in_a_row} in "
+                          f"a row, at most train.max_skipped_steps={self.guard.max_in_a_row})")
+        eval_due = self.has_val and eval_in_training.due(cfg.eval, self.step, last)
+        if not (self.step % cfg.logging.every == 0 or last or val_due or eval_due
+                or out["skipped"]):
+            return
+        peak = cfg.debug.peak_flops or peak_flops(self.device)
+        row = {"step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
+               "lr": out["lr"], "tokens": self.tokens, "skipped": out["skipped"],
+               "skipped_steps": self.guard.total, **meter.fields(self.device, self.dims, peak)}
+        if val_due:
+            row["val_loss"] = self.evaluate()
+        if eval_due:  # held-out loss per position bucket (evaluate/training.py)
+            row.update(eval_in_training.row_of(self))
+        reporter.log(row, total)  # never raises: a metric must not end the run
+
+    def _end_of_step(self, reporter: Reporter, signal_name: str | None, start: int,
+                     total: int) -> bool:
+        """Save when due; return True when the run stops here. Saves always: at the last step,
+        at `exit_after_steps`, on a stop signal and when the non-finite guard gives up."""
+        every, limit = self.cfg.checkpoint.every, self.cfg.train.exit_after_steps
+        early = limit > 0 and self.step - start >= limit
+        periodic = every > 0 and self.step % every == 0
+        if not (periodic or self.step == total or early or signal_name or self.guard.exhausted):
+            return False
+        path = self.save()
+        if self.guard.exhausted:  # the weights are the last good ones: skipped steps kept them
+            self.ckpt.wait()
+            raise self.guard.stop_error(self.step, path, lower_lr_fragment(self.cfg, self.run_dir))
+        if signal_name:
+            reporter.info(f"stopped by {signal_name} after step {self.step}/{total}, with a "
+                          f"checkpoint ({path}); rerun the same command to resume")
+            return True
+        if early:
+            reporter.info(f"stopping after {limit} steps (train.exit_after_steps); rerun the "
+                          "same command to resume")
+        return early
