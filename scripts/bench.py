@@ -42,7 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from ulysses_train.config.schema import Config, TrainConfig  # noqa: E402
+from ulysses_train.config.schema import Config
+from ulysses_train.config.validate import TrainConfig  # noqa: E402
 from ulysses_train.model import flops_per_token, model_config  # noqa: E402
 from ulysses_train.model.presets import PRESETS  # noqa: E402
 from ulysses_train.parallel import ParallelDims  # noqa: E402

@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ulysses_train.config.schema import Config  # noqa: E402
+from ulysses_train.config.validate import Config  # noqa: E402
 from ulysses_train.model.presets import model_config  # noqa: E402
 from ulysses_train.parallel import ParallelDims  # noqa: E402
 from ulysses_train.parallel.activations import ActivationOffload  # noqa: E402

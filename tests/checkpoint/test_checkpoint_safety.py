@@ -20,7 +20,8 @@ from support.common import ROOT, SMALL, cpu_dims, flip_byte, run_train, small_co
 from support.spawn import run_distributed
 
 from ulysses_train.checkpoint import store as checkpoint_files
-from ulysses_train.checkpoint.manager import CheckpointManager, CheckpointReadError
+from ulysses_train.checkpoint.manager import CheckpointManager
+from ulysses_train.config.errors import InputUnreadable
 from ulysses_train.config.schema import CheckpointConfig
 from ulysses_train.parallel import ParallelDims
 from ulysses_train.parallel.parallelize import build_model
@@ -80,7 +81,7 @@ def test_a_read_error_that_is_not_corruption_stops_and_keeps_everything(tmp_path
     else:
         monkeypatch.setattr(checkpoint_files, "hash_file", fault)
     said = []
-    with pytest.raises(CheckpointReadError) as caught:
+    with pytest.raises(InputUnreadable) as caught:
         _manager(tmp_path, cfg, log=said.append).restore(model, opt, {"step": 0})
     assert caught.value.exit_code == 1
     assert "step_00000003 could not be read" in str(caught.value)

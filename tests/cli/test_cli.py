@@ -3,6 +3,7 @@ import os
 
 import pytest
 import yaml
+from support.common import small_config
 
 from ulysses_train.cli import compose as cli
 from ulysses_train.config.errors import ConfigError
@@ -164,3 +165,23 @@ def test_quoted_tilde_run_dir_is_refused_not_made_verbatim():
         cli.precheck(['hydra.run.dir="~/runs/x"'])
     assert info.value.key == "hydra.run.dir" and "hydra.run.dir=$HOME/runs/x" in info.value.message
 
+
+
+def test_input_files_are_checked_by_cli_checks(tmp_path):
+    """The file checks config.validate no longer makes (config/ does no I/O): data.paths, an
+    explicit checkpoint.resume=PATH, model.init_from — one ConfigError naming each key."""
+    from ulysses_train.cli.checks import check_inputs
+    from ulysses_train.config import ConfigError
+
+    cases = [({"data": {"name": "files", "paths": [str(tmp_path / "no.jsonl")]}},
+              "data.paths", "file not found"),
+             ({"data": {"name": "files", "paths": [str(tmp_path)]}}, "data.paths",
+              "is a directory"),
+             ({"checkpoint": {"resume": "/nonexistent/step_00000001"}}, "checkpoint.resume",
+              "does not exist"),
+             ({"checkpoint": {"resume": str(tmp_path)}}, "checkpoint.resume",
+              "not a complete checkpoint")]
+    for sections, key, words in cases:
+        with pytest.raises(ConfigError) as info:
+            check_inputs(small_config(**sections))
+        assert info.value.key == key and words in info.value.message, (sections, info.value)

@@ -9,7 +9,8 @@ import torch
 from support.common import small_config
 from support.data import build, small_stdlib
 
-from ulysses_train.config.schema import DataConfig, validate
+from ulysses_train.config.schema import DataConfig
+from ulysses_train.config.validate import validate
 from ulysses_train.data import DataSource, PackedTokens, build_data
 from ulysses_train.data.batch import document_positions
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from support.common import run_train, small_config
 from support.hf import model_config
 
+from ulysses_train.cli.checks import check_inputs
 from ulysses_train.config.errors import ConfigError
-from ulysses_train.config.schema import validate
 from ulysses_train.hf.init_from import HF, OURS, check_initial_weights
 from ulysses_train.hf.weights_dir import INDEX, SINGLE, expected_shapes
 
@@ -222,13 +222,13 @@ def test_our_checkpoint_errors(tmp_path, hf_untied):
 
 
 def test_validation_and_the_command_line_refuse_it_first(tmp_path, small_args, hf_tied):
-    """`validate` calls the check (every rank, no collective); train.py exits 2 in one line
+    """cli/checks.check_inputs runs the check (every rank, no collective); train.py exits 2 in one line
     before building anything, here for an interrupted download (which used to fail inside
     DCP's loader with a traceback, after the run dir was made)."""
     cfg = small_config()
     cfg.model.init_from = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="model.init_from: .* does not exist"):
-        validate(cfg)
+        check_inputs(cfg)
     short = _copy(hf_tied, tmp_path, "short")
     os.truncate(os.path.join(short, SINGLE), os.path.getsize(os.path.join(short, SINGLE)) - 4)
     args = [a for a in small_args if not a.startswith("model.")]  # config.json decides model.*

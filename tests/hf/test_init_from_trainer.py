@@ -59,7 +59,7 @@ def test_a_resuming_run_needs_no_init_from_source(hf_untied, tmp_path):
 
     from ulysses_train.cli import compose as cli
     from ulysses_train.config.errors import ConfigError
-    from ulysses_train.config.schema import validate
+    from ulysses_train.config.validate import validate
 
     src, run_dir = tmp_path / "src", tmp_path / "run"
     shutil.copytree(hf_untied, src)
@@ -83,6 +83,7 @@ def test_a_resuming_run_needs_no_init_from_source(hf_untied, tmp_path):
 def test_a_resuming_run_reads_its_own_tokenizer_copy(tmp_path):
     """The tokenizer search of a resuming run looks in <run>/tokenizer/ (saved at its start)
     rather than at model.init_from, which may be gone; a new run looks at the source."""
+    from ulysses_train.checkpoint.store import resume_source
     from ulysses_train.data.tokenizer_files import init_from_or_run
 
     run_dir = tmp_path / "run"
@@ -91,9 +92,11 @@ def test_a_resuming_run_reads_its_own_tokenizer_copy(tmp_path):
     for name in (".metadata", "meta.json", "manifest.json"):  # what makes a step complete
         (step / name).write_text("{}")
     (run_dir / "checkpoints" / "latest").write_text("step_00000001\n")
-    assert init_from_or_run("/gone", str(run_dir), "auto") == "/gone"  # no tokenizer/ kept
+    resuming = resume_source(str(run_dir), "auto") is not None
+    assert resuming and resume_source(str(run_dir), "never") is None
+    assert init_from_or_run("/gone", str(run_dir), resuming) == "/gone"  # no tokenizer/ kept
     (run_dir / "tokenizer").mkdir()
     (run_dir / "tokenizer" / "tokenizer.json").write_text("{}")
-    assert init_from_or_run("/gone", str(run_dir), "auto") == str(run_dir)
-    assert init_from_or_run("/gone", str(run_dir), "never") == "/gone"  # a new run: the source
-    assert init_from_or_run("", str(run_dir), "auto") == ""  # no init_from: nothing to redirect
+    assert init_from_or_run("/gone", str(run_dir), True) == str(run_dir)
+    assert init_from_or_run("/gone", str(run_dir), False) == "/gone"  # a new run: the source
+    assert init_from_or_run("", str(run_dir), True) == ""  # no init_from: nothing to redirect

@@ -12,7 +12,8 @@ import torch
 from support.common import small_config
 
 from ulysses_train.config.errors import ConfigError
-from ulysses_train.config.schema import ModelConfig, validate
+from ulysses_train.config.schema import ModelConfig
+from ulysses_train.config.validate import validate
 from ulysses_train.model import GPT, rope_inv_freq
 from ulysses_train.model.rope import (
     rope_cos_sin,

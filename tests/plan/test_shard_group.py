@@ -12,7 +12,7 @@ import pytest
 from support.common import SMALL, small_config
 
 from ulysses_train.cli import plan as plan_cli
-from ulysses_train.config.schema import validate
+from ulysses_train.config.validate import validate
 from ulysses_train.plan.memory import (
     FP32,
     grad_bytes,

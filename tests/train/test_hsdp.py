@@ -14,7 +14,7 @@ from support.curves import LOSS_RTOL, curve_config, train_run, train_until
 from support.spawn import run_distributed
 
 from ulysses_train.config.errors import ConfigError
-from ulysses_train.config.schema import validate
+from ulysses_train.config.validate import validate
 
 BAD = {  # id: (parallel overrides, world size, words the message must have)
     "not-a-divisor": ({"sp": 2, "zero": 2, "shard_group": 4}, 6, "does not divide the dp x sp"),

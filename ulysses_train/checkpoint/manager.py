@@ -35,7 +35,7 @@ Crash safety (a `kill -9` at any instant leaves a resumable run):
   costs about one extra read, and older checkpoints are only hashed if we fall back to them. With
   several ranks each rank hashes a share of the files and the verdict is gathered, so every rank
   picks the same checkpoint. Only verified corruption (manifest, missing file, size, hash) leads
-  to a fallback; any other error verifying or loading stops the run (CheckpointReadError, exit
+  to a fallback; any other error verifying or loading stops the run (InputUnreadable, exit
   1), since a checkpoint that merely failed to load may be perfectly good.
 - The state is layout-independent (FQN-keyed model/optimizer state from DCP's state_dict helpers,
   data position = global step), so DCP can reshard it across parallel layouts; `meta.json`
@@ -63,7 +63,6 @@ from .resume import ResumeMixin
 from .state import RecordingWriter, brief, state_to_save
 from .store import (  # noqa: F401 (re-exported)
     TMP_PREFIX,
-    CheckpointReadError,  # noqa: F401 (re-exported)
     is_complete,
     step_dirname,
 )

@@ -5,7 +5,7 @@
 The rules it keeps:
 - `resume=auto` follows `latest` and falls back to an older checkpoint only past *verified*
   corruption (manifest, sizes, hashes); any other failure to verify or load is a
-  `CheckpointReadError` (exit 1) that leaves everything on disk.
+  `InputUnreadable (store.read_error)` (exit 1) that leaves everything on disk.
 - `resume=PATH` loads exactly PATH, unless this run dir's `latest` already continues the line
   that started from PATH (a rerun, restart or requeue of the same command): then it continues.
 - Checkpoints newer than the one resumed from are moved to `checkpoints/abandoned/`, never
@@ -22,11 +22,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import set_state_dict
 
-from ..config.errors import ConfigError
+from ..config.errors import ConfigError, InputUnreadable
 from . import store as files
 from .identity import check_resume
 from .state import load_failure, state_to_load
-from .store import CheckpointReadError
+from .store import read_error
 
 # DCP wraps read failures in CheckpointException, which derives from BaseException.
 LOAD_ERRORS = (Exception, CheckpointException)
@@ -35,13 +35,13 @@ LOAD_ERRORS = (Exception, CheckpointException)
 def verify_collectively(path: str, group, **share_args) -> list[str]:
     """`checkpoint_files.verify_share` split over the ranks of gloo `group` (None: this process
     alone): each rank hashes its share of the files and the verdicts are gathered, so every rank
-    returns the same problems (deduplicated) or raises the same CheckpointReadError.
+    returns the same problems (deduplicated) or raises the same InputUnreadable (store.read_error).
     `share_args`: verify_share's `hashes`, `check`, `log`. A collective over `group`."""
     rank, world = ((dist.get_rank(group), dist.get_world_size(group)) if group is not None
                    else (0, 1))
     try:
         mine = (files.verify_share(path, (rank, world), **share_args), None)
-    except CheckpointReadError as exc:
+    except InputUnreadable as exc:
         mine = ([], exc.why)
     every = [mine]
     if group is not None:
@@ -50,7 +50,7 @@ def verify_collectively(path: str, group, **share_args) -> list[str]:
     errors = [f"rank {r}: {why}" if group is not None else why
               for r, (_, why) in enumerate(every) if why]
     if errors:
-        raise CheckpointReadError(path, errors[0])
+        raise read_error(path, errors[0])
     return list(dict.fromkeys(p for problems, _ in every for p in problems))  # dedup
 
 
@@ -67,7 +67,7 @@ class ResumeMixin:
     def verify(self, path: str) -> list[str]:
         """Problems ('PATH: what') that make `path` unusable — verified corruption: a missing
         or unreadable manifest, a missing file, a size or hash that differs from it; empty when
-        verified. ConfigError if it holds another model shape; CheckpointReadError for any other
+        verified. ConfigError if it holds another model shape; InputUnreadable (store.read_error) for any other
         read error (I/O, ...) on any rank. A collective: every rank gets the same verdict."""
         return verify_collectively(path, self._pg() if self.distributed else None,
                                    check=self.check_shape, log=self.log)
@@ -84,12 +84,12 @@ class ResumeMixin:
 
     def _load_verified(self, path: str, model, optimizer, trainer_state: dict) -> dict:
         """`load` a verified checkpoint. Its files match the manifest, so a failure here (I/O
-        error, out of memory, a bug) is no evidence of corruption: CheckpointReadError, which
+        error, out of memory, a bug) is no evidence of corruption: InputUnreadable (store.read_error), which
         stops the run (exit 1) — falling back would abandon a checkpoint that may be good."""
         try:
             return self.load(path, model, optimizer, trainer_state)
         except LOAD_ERRORS as exc:
-            raise CheckpointReadError(path, f"loading it failed: {load_failure(exc)}") from exc
+            raise read_error(path, f"loading it failed: {load_failure(exc)}") from exc
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 trainer_state: dict) -> tuple[dict | None, str | None]:
@@ -99,7 +99,7 @@ class ResumeMixin:
         only past verified corruption; an error if checkpoints exist but none is intact — never
         silently train over them. never: start fresh, refusing a run dir that already holds
         checkpoints. PATH: exactly that one, verified, or an error. Another model shape is
-        always an error; so is any other failure to read (CheckpointReadError, exit 1). Newer
+        always an error; so is any other failure to read (InputUnreadable (store.read_error), exit 1). Newer
         checkpoints than the one resumed from are moved aside, never deleted.
         """
         if self.is_main:

@@ -25,7 +25,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
-from ..config.errors import ConfigError
+from ..config.errors import ConfigError, InputUnreadable
 from ..utils.atomic import atomic_write, fsync_dir, write_durably
 from ..utils.hashing import can_hash, default_algorithm, hash_file  # noqa: F401 (re-exported)
 
@@ -84,27 +84,22 @@ def write_manifest(path: str, hashed: dict[str, dict] | None = None,
     return manifest
 
 
-class CheckpointReadError(ConfigError):
+def read_error(path: str, why: str) -> InputUnreadable:
     """A checkpoint could not be read for a reason other than verified corruption (an I/O
     error, no memory, a bug): the run stops with exit code 1 and one line, touching nothing on
     disk — falling back would abandon a checkpoint that may be perfectly good."""
-
-    exit_code = 1
-
-    def __init__(self, path: str, why: str):
-        self.why = why
-        super().__init__("checkpoint.resume", f"{path} could not be read ({why}); nothing shows "
-                         "it is corrupt, so not falling back to an older one: fix the cause and "
-                         "rerun (every checkpoint is kept)")
+    return InputUnreadable("checkpoint.resume", f"{path} could not be read ({why}); nothing "
+                           "shows it is corrupt, so not falling back to an older one: fix the "
+                           "cause and rerun (every checkpoint is kept)", why)
 
 
 def _problem_or_raise(path: str, exc: OSError) -> str:
     """A missing file is corruption ('PATH: missing'); any other OSError (EIO, EACCES...) is not
-    evidence of it and stops the run (CheckpointReadError)."""
+    evidence of it and stops the run (`read_error`, exit 1)."""
     where = exc.filename or path
     if exc.errno == errno.ENOENT:
         return f"{where}: missing"
-    raise CheckpointReadError(path, f"{where}: {exc.strerror or exc}") from exc
+    raise read_error(path, f"{where}: {exc.strerror or exc}") from exc
 
 
 def read_manifest(path: str) -> tuple[dict | None, str | None]:
@@ -138,7 +133,7 @@ def check_sizes(path: str, manifest: dict) -> list[str]:
 
 def check_hashes(path: str, manifest: dict, names: Iterable[str]) -> list[str]:
     """Content-hash mismatches among `names` (files the manifest lists), as 'PATH: what'.
-    CheckpointReadError for a read error other than a missing file."""
+    InputUnreadable (`read_error`) for a read error other than a missing file."""
     names = [n for n in names if n in manifest["files"]]
     try:
         hashes = _hash_many(path, names, manifest["algorithm"])
@@ -157,7 +152,7 @@ def verify_share(path: str, share: tuple[int, int] = (0, 1), hashes: bool = True
     is intact but unusable, e.g. another model shape), then the content hashes of this rank's
     share of the other files (every world-th name from rank, sorted). Empty when verified.
     `hashes=False`, or a hash algorithm this machine lacks (said through `log`): sizes only.
-    CheckpointReadError for a read error other than a missing file."""
+    InputUnreadable (`read_error`) for a read error other than a missing file."""
     manifest, problem = read_manifest(path)
     if manifest is None:
         return [problem]

@@ -20,9 +20,11 @@ from typing import NoReturn, Sequence
 
 from ..checkpoint.identity import check_before_start
 from ..config.errors import ConfigError, exception_chain
-from ..config.schema import MODEL_PRESETS, Config, validate
+from ..config.schema import MODEL_PRESETS, Config
+from ..config.validate import validate
 from ..hf.config import apply_init_from, explicit_model_keys, run_name
 from ..utils.atomic import atomic_write
+from .checks import check_inputs
 
 # configs/ at the repository root (ulysses_train/cli/ -> ../../configs)
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -184,7 +186,8 @@ def _compose(overrides: Sequence[str], world_size: int, check: bool = True) -> t
         config = apply_init_from(config, explicit_model_keys(overrides), run_dir)
         if check:  # parallel.auto: validate the layout train.py will run
             config = apply_auto(config, overrides, world_size)
-            validate(config, world_size, run_dir)
+            validate(config, world_size)
+            check_inputs(config, run_dir)  # files: a resuming run does not need model.init_from
         return config, run_dir
     except ConfigError:
         raise
@@ -302,6 +305,7 @@ def run_job(cfg, run, rank: int, world_size: int, *, auto: bool = True) -> NoRet
         if hydra.output_subdir is not None:  # rank 0 only (rank_overrides)
             write_effective_config(os.path.join(hydra.runtime.output_dir, hydra.output_subdir),
                                    composed, config)
+        check_inputs(config, hydra.runtime.output_dir)  # files may have changed since the pre-check
         code = run(config, hydra.runtime.output_dir)
     except ConfigError as error:
         fail(error, rank)

@@ -1,6 +1,6 @@
 """`python -m ulysses_train.plan [hydra overrides] plan.gpus=N plan.gpu_mem_gib=M [plan.*]`.
 
-Composes the overrides exactly as train.py does (cli.py), enumerates every layout (search.py)
+Composes the overrides exactly as train.py does (cli/compose.py), plans (plan/advice.py)
 and prints a table, or with plan.format=json only JSON on stdout: `best` (the layout's knobs,
 `peak_gib`, `step_s`, `command`) and `layouts` (each with `fits` and, when not, `why`); a
 `parallel.shard_group` the user set appears as `shard_group` in each (search.py keeps it fixed).
@@ -10,221 +10,24 @@ Bad input: one line `error: <key>: ...` on stderr, exit 2.
 from __future__ import annotations
 
 import json
-from collections import Counter
-from dataclasses import replace
 from typing import Sequence
 
 from ..config.errors import ConfigError
-from ..config.parallel import validate_shard_group
-from ..config.plan import validate_plan
-from ..config.schema import Config, ParallelConfig, validate
-from ..plan.memory import GIB
-from ..plan.search import Layout, apply, divisors, search
-from ..plan.timing import DEFAULT_TFLOPS, Links
-
-KNOBS = ("parallel.tp", "parallel.sp", "parallel.ring", "parallel.dp", "parallel.zero",
-         "train.activation_checkpointing", "train.activation_offload", "train.mlp_chunk",
-         "train.loss_chunk", "train.micro_batch_size", "parallel.shard_group")
-
-
-def explicit_knobs(overrides: Sequence[str], cfg: Config) -> dict:
-    """The layout knobs the command line sets, with their typed values: constraints."""
-    out = {}
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in KNOBS:
-            section, name = key.split(".")
-            out[key] = getattr(getattr(cfg, section), name)
-    return out
-
-
-def links_of(cfg: Config) -> Links:
-    p = cfg.plan
-    return Links(p.gpus_per_node, p.intra_node_gbps, p.inter_node_gbps)
-
-
-def command(layout: Layout, overrides: Sequence[str], gpus: int, per_node: int) -> str:
-    """The torchrun line that runs `layout`: the user's overrides (less plan.* and the knobs the
-    plan sets) followed by the layout's knobs."""
-    keep = [o for o in overrides if not o.lstrip("+~").startswith("plan.")
-            and o.split("=", 1)[0].lstrip("+~") not in KNOBS]
-    knobs = [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-             for k, v in layout.overrides.items() if k != "parallel.dp"]
-    nodes, local = (1, gpus) if gpus <= per_node else (gpus // per_node, per_node)
-    launch = (f"torchrun --standalone --nproc_per_node={local}" if nodes == 1 else
-              f"torchrun --nnodes={nodes} --nproc_per_node={local} --rdzv_backend=c10d "
-              "--rdzv_endpoint=$HEAD_NODE:29500")
-    return " ".join([launch, "train.py", *keep, *knobs])
-
-
-def row(layout: Layout) -> dict:
-    """One layout as JSON: its knobs (short names), fits/why, and the predictions."""
-    out = {k.split(".")[1]: v for k, v in layout.overrides.items()}
-    out.setdefault("ring", 1)
-    out["fits"] = layout.fits
-    if layout.why:
-        out["why"] = layout.why
-    if layout.memory is not None:
-        out["peak_gib"] = round(layout.memory.total / GIB, 3)
-        out["memory_gib"] = layout.memory.gib()
-        out["step_s"] = round(layout.time.step_s, 4)
-        out["compute_s"] = round(layout.time.compute_s, 4)
-        out["comm_s"] = {k: [round(t, 4), how] for k, (t, how) in layout.time.comm.items()}
-        out["tokens_per_s"] = round(layout.extra["tokens_per_s"], 1)
-        out["mfu"] = round(layout.extra["mfu"], 4)
-    return out
-
-
-def no_fit_error(cfg: Config, layouts: list, fixed: dict) -> ConfigError:
-    """Why nothing fits, and what would: more GPUs, a shorter sequence, offload."""
-    valid = [x for x in layouts if x.memory is not None]
-    if not valid:
-        return invalid_error(cfg, layouts, fixed)
-    small = min(valid, key=lambda x: x.memory.total)
-    gpus, mem, seq = cfg.plan.gpus, cfg.plan.gpu_mem_gib, cfg.data.seq_len
-    hints = []
-    for factor in (2, 4, 8, 16, 32, 64):
-        if _fits(cfg, fixed, gpus=gpus * factor):
-            hints.append(f"plan.gpus={gpus * factor}")
-            break
-    for factor in (2, 4, 8, 16, 32):
-        if seq // factor and _fits(cfg, fixed, seq=seq // factor):
-            hints.append(f"data.seq_len={seq // factor}")
-            break
-    if fixed.get("train.activation_offload") is False and _fits(
-            cfg, {**fixed, "train.activation_offload": True}):
-        hints.append("train.activation_offload=true")
-    what = "; would fit: " + " or ".join(hints) if hints else ""
-    return ConfigError("plan.gpu_mem_gib", f"no layout fits {gpus} GPUs of {mem:g} GiB "
-                       f"(the smallest needs {small.memory.total / GIB:.2f} GiB){what}")
-
-
-DEGREES = ("parallel.ring", "parallel.sp", "parallel.tp", "parallel.dp")
-
-
-def invalid_error(cfg: Config, layouts: list, fixed: dict) -> ConfigError:
-    """Why no layout passes train.py's validation, naming the key at fault: a non-positive
-    degree; then whether the
-    smallest world size the user's fixed parallel degrees need (tp x sp x dp, sp defaulting to
-    the ring) divides plan.gpus; then those degrees validated on their own at that world size
-    (parallel.shard_group aside: it depends on dp, which the plan chooses); then
-    parallel.shard_group, if it alone refuses some layouts (shard_group_error); then the
-    commonest error train.py's validation gave a candidate."""
-    gpus = cfg.plan.gpus
-    ring = fixed.get("parallel.ring", 1)
-    degrees = {"parallel.tp": fixed.get("parallel.tp", 1), "parallel.ring": ring,
-               "parallel.sp": fixed.get("parallel.sp", max(ring, 1)),
-               "parallel.dp": fixed.get("parallel.dp", 1)}
-    if degrees["parallel.dp"] == -1:  # the rest of the world: at least 1
-        degrees["parallel.dp"] = 1
-    need = degrees["parallel.tp"] * degrees["parallel.sp"] * degrees["parallel.dp"]
-    if min(degrees.values()) < 1:  # train.py's own "must be positive" line
-        validate(apply(cfg, degrees), 1)
-    if gpus % need:
-        set_keys = [k for k in DEGREES if k in fixed]
-        key = next((k for k in set_keys if gpus % max(1, fixed[k])), set_keys[0])
-        tp, sp, dp = (degrees[k] for k in ("parallel.tp", "parallel.sp", "parallel.dp"))
-        return ConfigError(key, f"{fixed[key]} needs a multiple of tp x sp x dp = {tp} x {sp} x "
-                           f"{dp} = {need} GPUs (the ring divides sp), but there are {gpus}; "
-                           f"choose degrees whose product divides {gpus}")
-    try:
-        validate(apply(cfg, {**degrees, "parallel.shard_group": 0}), need)
-    except ConfigError as error:
-        return error
-    group_error = shard_group_error(cfg, layouts)
-    if group_error is not None:
-        return group_error
-    errors = Counter((x.error.key, x.error.message) for x in layouts if x.error)
-    if errors:
-        return ConfigError(*errors.most_common(1)[0][0])
-    return ConfigError("parallel", f"no layout of {gpus} GPUs passes train.py's validation")
-
-
-def shard_group_error(cfg: Config, layouts: list) -> ConfigError | None:
-    """The `parallel.shard_group` error when it is what refuses the layouts: some layout that
-    train.py's validation accepts with the default group is refused with the user's. Names an
-    example layout with train.py's own message and the group sizes those layouts would take
-    (each checked by the same validation); None when the group is not at fault."""
-    group, gpus = cfg.parallel.shard_group, cfg.plan.gpus
-    if group in (0, -1):
-        return None
-    if group < 0:  # invalid whatever the layout: train.py's own line, not "suits no layout"
-        try:
-            validate_shard_group(cfg.parallel, 1)
-        except ConfigError as error:
-            return error
-    refused = []
-    for x in layouts:
-        if x.error is None or x.error.key != "parallel.shard_group":
-            continue
-        try:
-            validate(apply(cfg, {**x.overrides, "parallel.shard_group": 0}), gpus)
-        except ConfigError:
-            continue  # refused for another reason as well: not the group's fault alone
-        refused.append(x)
-    if not refused:
-        return None
-    # the example: a sharded layout (zero 2/3) with the largest dp x sp group, where most sizes fit
-    x = max(refused, key=lambda x: (x.get("parallel.zero") > 0,
-                                    x.get("parallel.dp") * x.get("parallel.sp")))
-    groups = {(y.get("parallel.dp"), y.get("parallel.sp"), y.get("parallel.zero"))
-              for y in refused if y.get("parallel.zero") > 0}
-    sizes = sorted({k for dp, sp, zero in groups
-                    for k in _valid_groups(cfg.parallel, dp, sp, zero)})
-    shown = ("parallel.tp", "parallel.sp", "parallel.ring", "parallel.dp", "parallel.zero")
-    knobs = " ".join(f"{k.split('.')[1]}={x.get(k)}" for k in shown if k in x.overrides)
-    hint = f"; sizes these layouts take: {', '.join(map(str, sizes))}" if sizes else ""
-    return ConfigError("parallel.shard_group", f"{group} suits no layout of {gpus} GPUs (e.g. "
-                       f"{knobs}: {x.error.message}){hint}")
-
-
-def _valid_groups(p: ParallelConfig, dp: int, sp: int, zero: int) -> list[int]:
-    """The shard-group sizes train.py's check (config_validate.validate_shard_group) accepts at
-    these dp, sp and zero."""
-    out = []
-    for k in divisors(dp * sp):
-        try:
-            validate_shard_group(replace(p, sp=sp, zero=zero, shard_group=k), dp)
-        except ConfigError:
-            continue
-        out.append(k)
-    return out
-
-
-def _fits(cfg: Config, fixed: dict, gpus: int | None = None, seq: int | None = None) -> bool:
-    trial = apply(cfg, {"data.seq_len": seq or cfg.data.seq_len})
-    p = cfg.plan
-    best, _ = search(trial, gpus or p.gpus, p.gpu_mem_gib, fixed, "cuda", links_of(cfg),
-                     p.tflops or DEFAULT_TFLOPS)
-    return best is not None
-
-
-def plan(cfg: Config, overrides: Sequence[str]) -> tuple[Layout, list]:
-    """(best, layouts) for the composed `cfg`; raises ConfigError when none fits."""
-    validate_plan(cfg.plan)
-    fixed = explicit_knobs(overrides, cfg)
-    p = cfg.plan
-    best, layouts = search(cfg, p.gpus, p.gpu_mem_gib, fixed, "cuda", links_of(cfg),
-                           p.tflops or DEFAULT_TFLOPS)
-    if best is None:
-        raise no_fit_error(cfg, layouts, fixed)
-    return best, layouts
+from ..plan.advice import plan
+from ..plan.report import command, row, table
+from . import compose
 
 
 def main(argv: Sequence[str]) -> int:
-    from . import compose as cli
-
     try:
-        cfg = cli.compose(argv)
+        cfg = compose.compose(argv)
         best, layouts = plan(cfg, argv)
     except ConfigError as error:
-        cli.fail(error, 0)
+        compose.fail(error, 0)
     cmd = command(best, argv, cfg.plan.gpus, cfg.plan.gpus_per_node)
     if cfg.plan.format == "json":
         print(json.dumps({"best": {**row(best), "command": cmd},
                           "layouts": [row(x) for x in layouts]}))
         return 0
-    from ..plan.report import table
-
     print(table(cfg, best, layouts, cmd))
     return 0

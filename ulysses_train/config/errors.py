@@ -5,6 +5,9 @@ Anything wrong with what the user gave us (config values, data paths, checkpoint
 `error: <key>: <message>`, and exits 2 (docs/architecture.md §2); library code never prints or exits
 itself. `RunStopped` is the same report for a run that had to stop itself (exit code 3).
 """
+from __future__ import annotations
+
+import math
 
 
 class ConfigError(ValueError):
@@ -16,6 +19,20 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
         self.key = key
         self.message = message
+
+
+class InputUnreadable(ConfigError):
+    """An input (a checkpoint, an output directory) could not be read or written for a reason
+    that is not bad input — an I/O error, a permission, no memory: one line and exit code 1.
+    Nothing shows the input is bad, so the user fixes the cause and reruns; nothing on disk is
+    touched (a checkpoint that merely failed to load may be perfectly good). `why`: the cause
+    alone, for callers that re-word the message."""
+
+    exit_code = 1
+
+    def __init__(self, key: str, message: str, why: str = ""):
+        super().__init__(key, message)
+        self.why = why or message
 
 
 class RunStopped(ConfigError):
@@ -44,19 +61,17 @@ def require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
-def read_json_object(path: str, key: str) -> dict:
-    """The JSON object in the user's file `path` (a config.json, meta.json, tokenizer config).
+def one_of(value, allowed, key: str) -> None:
+    require(value in allowed, key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
 
-    Raises ConfigError(key) naming the file when it is unreadable, not JSON, or not an object.
-    """
-    import json
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(key, f"{path} is not readable JSON ({type(exc).__name__}: {exc}); "
-                          "fix or replace it") from None
-    if not isinstance(value, dict):
-        raise ConfigError(key, f"{path} holds a JSON {type(value).__name__}, expected an object")
-    return value
+def positive(value, key: str) -> None:
+    require(value > 0 and math.isfinite(value), key, f"must be a positive number, got {value}")
+
+
+def finite(value: float, key: str, lo: float | None = None, hi: float | None = None) -> None:
+    require(math.isfinite(value), key, f"must be a finite number, got {value}")
+    if lo is not None:
+        require(value >= lo, key, f"must be >= {lo}, got {value}")
+    if hi is not None:
+        require(value <= hi, key, f"must be <= {hi}, got {value}")

@@ -1,7 +1,6 @@
 """Validation of the parallel layout (`parallel.*` against the world size and the model).
 
-Split out of config.py, which keeps the schema and the per-section checks; `config.validate`
-calls these. Every check is pure and collective-free: each rank runs it on the config alone,
+config/validate.py keeps the per-section checks and calls these. Every check is pure and collective-free: each rank runs it on the config alone,
 before any process group exists, and the first bad value is raised as a `ConfigError` naming
 its key (`error: <key>: ...`, exit 2 at the entry point).
 
@@ -13,34 +12,17 @@ splitting heads, so it adds no head rule). Any `data.seq_len` fits: rows are pad
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
-from .errors import require
+from .errors import one_of, positive, require
 
-if TYPE_CHECKING:  # config.py imports this module; the types are for readers only
-    from .schema import Config, DataConfig, EvalConfig, ModelConfig, ParallelConfig
+if TYPE_CHECKING:  # schema.py imports padded_vocab from here; the types are for readers only
+    from .schema import Config, ModelConfig, ParallelConfig
 
 ZERO_STAGES = (0, 2, 3)
 BACKENDS = ("auto", "nccl", "gloo")
 MAX_TIMEOUT_S = 7 * 24 * 3600  # parallel.timeout_s upper bound
 VOCAB_MULTIPLE = 128
-
-
-def one_of(value, allowed, key: str) -> None:
-    require(value in allowed, key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def positive(value, key: str) -> None:
-    require(value > 0 and math.isfinite(value), key, f"must be a positive number, got {value}")
-
-
-def finite(value: float, key: str, lo: float | None = None, hi: float | None = None) -> None:
-    require(math.isfinite(value), key, f"must be a finite number, got {value}")
-    if lo is not None:
-        require(value >= lo, key, f"must be >= {lo}, got {value}")
-    if hi is not None:
-        require(value <= hi, key, f"must be <= {hi}, got {value}")
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -169,20 +151,3 @@ def validate_layout(cfg: "Config", world_size: int) -> int:
     check_tp(cfg.model, p.tp)
     check_ulysses_heads(cfg.model, p)
     return dp
-
-
-def validate_eval(e: "EvalConfig", d: "DataConfig") -> None:
-    """The eval.* keys (scripts/eval.py, eval.every); eval.every needs held-out data."""
-    require(e.every >= 0, "eval.every", f"must be >= 0 (0 = off), got {e.every}")
-    positive(e.batches, "eval.batches")
-    require(e.passkey_trials >= 0, "eval.passkey_trials", f"must be >= 0, got {e.passkey_trials}")
-    b = list(e.buckets)
-    require(not b or (len(b) >= 2 and b[0] >= 0 and all(x < y for x, y in zip(b, b[1:]))),
-            "eval.buckets", f"{b} must be >= 2 increasing position edges from >= 0, e.g. "
-            "[0,64,128,256] (or [] for powers of two up to data.seq_len)")
-    require(all(n > 0 for n in e.passkey_lengths), "eval.passkey_lengths",
-            f"{list(e.passkey_lengths)} must be positive token counts")
-    require(len(e.passkey_depths) > 0 and all(0 <= x <= 1 for x in e.passkey_depths),
-            "eval.passkey_depths", f"{list(e.passkey_depths)} must be relative depths in [0, 1]")
-    require(e.every == 0 or d.val_fraction > 0 or d.name in ("synthetic", "passkey"),
-            "eval.every", "needs held-out data: set data.val_fraction > 0 or eval.every=0")

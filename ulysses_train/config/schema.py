@@ -1,35 +1,14 @@
-"""The configuration schema: one dataclass per config group, plus validation.
+"""The configuration schema: one dataclass per config group and the allowed values of each key.
 
-These dataclasses are the whole user-facing schema (docs/architecture.md §2). Hydra composes YAML
-files in `configs/` on top of them (registration happens in `train.py`, so importing the package
-never imports Hydra); the library only ever sees these plain dataclasses. `validate` checks every
-value before any heavy work and reports the first bad one as a `ConfigError` naming its key.
+These dataclasses are the whole user-facing schema (docs/configuration.md is generated from them
+by scripts/gen_config_docs.py). Hydra composes the YAML files in `configs/` on top of them (the
+registration is in cli/compose.py, so importing the package never imports Hydra); the library
+only ever sees these plain dataclasses. The rules on their values are config/validate.py's.
 """
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass, field
 from typing import List, Optional
-
-from .errors import ConfigError, require  # noqa: F401  (ConfigError: re-exported)
-
-# Layout validation lives in config_validate.py (re-exported here: callers import it from config).
-from .parallel import (  # noqa: F401
-    BACKENDS,
-    MAX_TIMEOUT_S,
-    VOCAB_MULTIPLE,
-    ZERO_STAGES,
-    check_tp,
-    check_ulysses_heads,
-    padded_vocab,
-    validate_eval,
-    validate_layout,
-    validate_parallel,
-)
-from .parallel import finite as _finite
-from .parallel import one_of as _one_of
-from .parallel import positive as _positive
 
 MODEL_PRESETS = ("tiny", "llama_125m", "tinyllama_1b", "llama3_8b")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
@@ -228,133 +207,3 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
-
-
-def validate_model(m: ModelConfig) -> None:
-    for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
-        _positive(getattr(m, key), f"model.{key}")
-    require(m.d_model % m.n_heads == 0, "model.d_model",
-            f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
-    require((m.d_model // m.n_heads) % 2 == 0, "model.d_model",
-            f"head dim {m.d_model // m.n_heads} must be even for rotary embeddings")
-    require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
-            f"model.n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}")
-    _positive(m.rope_theta, "model.rope_theta")
-    _positive(m.norm_eps, "model.norm_eps")
-    _positive(m.init_std, "model.init_std")
-    validate_rope(m)
-
-
-def validate_rope(m: ModelConfig) -> None:
-    """Every scaling key is checked whatever the method: a bad value fails now, not in the run
-    that first switches to the method reading it.
-    """
-    require(m.rope_scaling != "dynamic", "model.rope_scaling", "dynamic NTK scaling is "
-            "inference-only (its frequencies change with each input's length, so no one table "
-            "can be trained); use yarn, llama3, linear or ntk")
-    _one_of(m.rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
-    require(m.rope_scaling != "ntk" or m.d_model // m.n_heads > 2, "model.rope_scaling",
-            "ntk needs a head dim > 2 (its base change divides by head_dim - 2)")
-    _finite(m.rope_factor, "model.rope_factor")
-    require(m.rope_factor >= 1, "model.rope_factor",
-            f"must be >= 1 (target context / model.rope_original_seq_len), got {m.rope_factor}")
-    _positive(m.rope_original_seq_len, "model.rope_original_seq_len")
-    for key in ("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
-        _positive(getattr(m, "rope_" + key), f"model.rope_{key}")
-    require(m.rope_beta_fast > m.rope_beta_slow, "model.rope_beta_fast",
-            f"must be > model.rope_beta_slow={m.rope_beta_slow}, got {m.rope_beta_fast}")
-    require(m.rope_high_freq_factor > m.rope_low_freq_factor, "model.rope_high_freq_factor",
-            f"must be > model.rope_low_freq_factor={m.rope_low_freq_factor}, "
-            f"got {m.rope_high_freq_factor}")
-    for key in ("attention_factor", "mscale", "mscale_all_dim"):
-        value = getattr(m, "rope_" + key)
-        require(value is None or (math.isfinite(value) and value > 0), f"model.rope_{key}",
-                f"must be a positive number or null (transformers' default), got {value}")
-
-
-def validate_data(d: DataConfig) -> None:
-    _one_of(d.name, DATA_SOURCES, "data.name")
-    _positive(d.seq_len, "data.seq_len")
-    require(d.name != "files" or len(d.paths) > 0, "data.paths",
-            "data=files needs at least one path, e.g. data.paths=[corpus.jsonl]")
-    if d.name == "files":  # missing files, directories, unknown types: now, not after torch
-        from ..data.paths import resolve_paths
-
-        resolve_paths(list(d.paths))
-    require(d.name != "hf" or bool(d.hf_name), "data.hf_name",
-            "data=hf needs a dataset name, e.g. data.hf_name=wikitext")
-    require(d.max_docs >= 0, "data.max_docs", f"must be >= 0 (0 = all), got {d.max_docs}")
-    _finite(d.val_fraction, "data.val_fraction", 0.0, 0.5)
-    _positive(d.tokenizer_sample_bytes, "data.tokenizer_sample_bytes")
-    require(bool(d.cache_dir), "data.cache_dir", "must name a directory")
-    require(bool(d.text_field), "data.text_field", "must name the field (column) that holds "
-            "the documents' text, e.g. data.text_field=text")
-
-
-def validate_train(t: TrainConfig, dp: int) -> None:
-    for key in ("steps", "global_batch_size", "micro_batch_size", "val_batches"):
-        _positive(getattr(t, key), f"train.{key}")
-    require(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
-            f"{t.global_batch_size} is not divisible by micro_batch_size x dp = "
-            f"{t.micro_batch_size} x {dp}")
-    _one_of(t.precision, PRECISIONS, "train.precision")
-    _finite(t.grad_clip, "train.grad_clip", 0.0)
-    _one_of(t.activation_checkpointing, AC_MODES, "train.activation_checkpointing")
-    require(not t.activation_offload or t.activation_checkpointing != "none",
-            "train.activation_offload", "offload moves the inputs that activation checkpointing "
-            "keeps: set train.activation_checkpointing=full or selective too")
-    for key in ("loss_chunk", "mlp_chunk"):
-        require(getattr(t, key) >= 0, f"train.{key}",
-                f"must be >= 0 tokens (0 = no tiling), got {getattr(t, key)}")
-    require(t.exit_after_steps >= 0, "train.exit_after_steps", f"must be >= 0, got {t.exit_after_steps}")
-    require(t.val_every >= 0, "train.val_every", f"must be >= 0 (0 = off), got {t.val_every}")
-    _positive(t.max_skipped_steps, "train.max_skipped_steps")
-
-
-def validate_optim(o: OptimConfig) -> None:
-    _positive(o.lr, "optim.lr")
-    _finite(o.min_lr_ratio, "optim.min_lr_ratio", 0.0, 1.0)
-    _one_of(o.schedule, SCHEDULES, "optim.schedule")
-    require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    _finite(o.weight_decay, "optim.weight_decay", 0.0)
-    _finite(o.beta1, "optim.beta1", 0.0)
-    require(o.beta1 < 1, "optim.beta1", f"must be < 1, got {o.beta1}")
-    _finite(o.beta2, "optim.beta2", 0.0)
-    require(o.beta2 < 1, "optim.beta2", f"must be < 1, got {o.beta2}")
-    _positive(o.eps, "optim.eps")
-
-
-def validate(cfg: Config, world_size: int = 1, run_dir: str | None = None) -> None:
-    """Check every key; raise `ConfigError` naming the first bad one. Needs no process group.
-    A run in `run_dir` that will resume does not read model.init_from: its source may be gone."""
-    validate_model(cfg.model)
-    validate_parallel(cfg.parallel, world_size)
-    validate_data(cfg.data)
-    validate_train(cfg.train, validate_layout(cfg, world_size))
-    validate_optim(cfg.optim)
-    if cfg.model.init_from:  # files and headers only: fails before any heavy work
-        from ..checkpoint.store import resume_source
-        from ..hf.init_from import check_initial_weights
-
-        if not (run_dir and resume_source(run_dir, cfg.checkpoint.resume)):
-            check_initial_weights(cfg.model.init_from, cfg.model)
-    c = cfg.checkpoint
-    require(c.every >= 0, "checkpoint.every", f"must be >= 0 (0 = off), got {c.every}")
-    _positive(c.keep, "checkpoint.keep")
-    require(bool(c.resume), "checkpoint.resume", "must be auto, never or a checkpoint path")
-    resume = os.path.expanduser(c.resume)
-    require(c.resume in ("auto", "never") or os.path.isdir(resume), "checkpoint.resume",
-            f"{c.resume} {'is not a directory' if os.path.exists(resume) else 'does not exist'}"
-            "; give auto, never or a checkpoints/step_* directory")
-    if c.resume not in ("auto", "never"):  # complete and of this model's shape (meta.json only)
-        from ..checkpoint.store import check_resume_path
-
-        check_resume_path(os.path.abspath(os.path.expanduser(c.resume)), cfg.model)
-    _positive(cfg.logging.every, "logging.every")
-    _one_of(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
-    for key in ("crash_in_save_at_step", "pause_in_save_at_step", "crash_at_step", "nan_at_step"):
-        require(getattr(cfg.debug, key) >= 0, f"debug.{key}", "must be >= 0 (0 = off)")
-    _positive(cfg.debug.nan_steps, "debug.nan_steps")
-    _finite(cfg.debug.peak_flops, "debug.peak_flops", 0.0)
-    _one_of(cfg.debug.pause_in_save_before, ("commit", "latest"), "debug.pause_in_save_before")
-    validate_eval(cfg.eval, cfg.data)

@@ -22,8 +22,9 @@ import json
 import os
 from typing import Sequence
 
-from ..config.errors import ConfigError, read_json_object
+from ..config.errors import ConfigError
 from ..utils.hashing import hash_file
+from ..utils.jsonfile import read_json_object
 
 SPM_MODEL = "tokenizer.model"  # the names the files get in caches and in <run_dir>/tokenizer/
 HF_MODEL = "tokenizer.json"
@@ -158,7 +159,7 @@ def _token_name(value) -> str | None:
 def special_ids(tok: Tokenizer) -> tuple[int | None, int, bool]:
     """(bos_id, eos_id, add_bos) of `tok`, from its configs (see the module docstring).
     Raises ConfigError for a named token the vocabulary lacks, or for no EOS at all."""
-    configs = {name: read_json_object(tok.files[name], KEY)
+    configs = {name: _json(tok.files[name])
                for name in CONFIG_FILES if name in tok.files}
     ids = {}
     for role in ("bos", "eos"):
@@ -219,3 +220,11 @@ def encode_batch(batch: dict, model_path: str, num_threads: int) -> dict:
     """datasets.map function: token ids of each text (BOS/EOS are added when the stream is
     written)."""
     return {"ids": open_tokenizer(model_path).encode_batch(batch["text"], num_threads)}
+
+
+def _json(path: str) -> dict:
+    """read_json_object, its failure attributed to KEY (one `error: KEY: ...` line)."""
+    try:
+        return read_json_object(path)
+    except ValueError as exc:
+        raise ConfigError(KEY, str(exc)) from None

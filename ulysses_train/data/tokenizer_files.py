@@ -54,14 +54,13 @@ def init_from_dirs(path: str) -> Iterator[str]:
         yield os.path.join(os.path.dirname(parent), RUN_TOKENIZER_DIR)
 
 
-def init_from_or_run(init_from: str, run_dir: str, resume: str) -> str:
+def init_from_or_run(init_from: str, run_dir: str, resuming: bool) -> str:
     """`model.init_from` as the tokenizer search (`locate`) should see it. A run that resumes
-    (checkpoint_files.resume_source: resume wins over init_from) and kept its tokenizer in
-    `<run_dir>/tokenizer/` reads that copy, saved when the run started and held equal to the
-    source by the data identity check, so the source may have moved or gone; else init_from."""
-    from ..checkpoint.store import resume_source
-
-    if init_from and resume_source(run_dir, resume) and model_in(
+    (`resuming`: checkpoint.store.resume_source found a checkpoint; resume wins over init_from)
+    and kept its tokenizer in `<run_dir>/tokenizer/` reads that copy, saved when the run started
+    and held equal to the source by the data identity check, so the source may have moved or
+    gone; else init_from."""
+    if init_from and resuming and model_in(
             os.path.join(run_dir, RUN_TOKENIZER_DIR)):
         return os.path.abspath(run_dir)
     return init_from

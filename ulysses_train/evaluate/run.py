@@ -17,7 +17,8 @@ import time
 import torch
 
 from ..config.errors import ConfigError
-from ..config.schema import Config, padded_vocab
+from ..config.parallel import padded_vocab
+from ..config.schema import Config
 from ..hf.init_from import load_initial_weights, resolve
 from ..parallel import ParallelDims
 from ..parallel.parallelize import build_model, resolve_dtype

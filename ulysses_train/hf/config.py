@@ -24,7 +24,8 @@ import math
 import os
 from typing import Iterable
 
-from ..config.errors import ConfigError, read_json_object
+from ..config.errors import ConfigError
+from ..utils.jsonfile import read_json_object
 
 KEY = "model.init_from"
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -65,7 +66,7 @@ def model_fields_from(path: str, seq_len: int) -> tuple[dict, dict, str]:
         if not os.path.isfile(os.path.join(where, "config.json")):
             raise ConfigError(KEY, f"{where} has safetensors weights but no config.json; copy "
                                    "the model's config.json next to them")
-        hf = read_json_object(os.path.join(where, "config.json"), KEY)
+        hf = _json(os.path.join(where, "config.json"))
         stated, defaults = hf_model_fields(hf, seq_len, os.path.join(where, "config.json"))
         # The RoPE *scaling* the weights were trained with is where an extension starts, not a
         # fixed property of them: a Llama 3.1 (llama3 x8) extended further needs a larger
@@ -74,7 +75,7 @@ def model_fields_from(path: str, seq_len: int) -> tuple[dict, dict, str]:
         scaling = {k: v for k, v in stated.items() if k in ROPE_SCALING_KEYS}
         stated = {k: v for k, v in stated.items() if k not in scaling}
         return stated, {**defaults, **scaling}, os.path.basename(path)
-    saved = read_json_object(os.path.join(where, "meta.json"), KEY).get("model")
+    saved = _json(os.path.join(where, "meta.json")).get("model")
     if not isinstance(saved, dict):
         raise ConfigError(KEY, f"{where}/meta.json has no \"model\" entry")
     stated, defaults = checkpoint_model_fields(saved)
@@ -261,3 +262,11 @@ def run_name(name: str, init_from: str) -> str:
         return model_fields_from(init_from, 1 << 62)[2]
     except ConfigError:
         return os.path.basename(os.path.abspath(os.path.expanduser(init_from))) or name
+
+
+def _json(path: str) -> dict:
+    """read_json_object, its failure attributed to KEY (one `error: KEY: ...` line)."""
+    try:
+        return read_json_object(path)
+    except ValueError as exc:
+        raise ConfigError(KEY, str(exc)) from None

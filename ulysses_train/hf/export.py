@@ -42,10 +42,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ..checkpoint.state import load_failure
 from ..checkpoint.store import read_meta
-from ..config.errors import ConfigError
+from ..config.errors import ConfigError, InputUnreadable
 from ..config.schema import ModelConfig
 from .export_config import generation_config_json, hf_config_json, special_token_ids
-from .init_from import UnreadableCheckpoint, resolve, verify_checkpoint
+from .init_from import resolve, verify_checkpoint
 from .names import hf_names
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -126,20 +126,14 @@ def split_shards(tensors: list, dtype: torch.dtype, max_bytes: int) -> list[list
     return shards
 
 
-class ExportWriteError(ConfigError):
-    """OUT_DIR could not be written (disk full, I/O error): one line, exit code 1."""
-
-    exit_code = 1
-
-
-def _unreadable(step: str, exc: BaseException) -> UnreadableCheckpoint:
+def _unreadable(step: str, exc: BaseException) -> InputUnreadable:
     """A read of the verified checkpoint failed: no evidence of damage (exit 1, one line)."""
-    return UnreadableCheckpoint("CHECKPOINT", f"{step} could not be read ({load_failure(exc)}); "
+    return InputUnreadable("CHECKPOINT", f"{step} could not be read ({load_failure(exc)}); "
                                 "nothing shows it is damaged: fix the cause and rerun")
 
 
 def _load_one(step: str, key: str, entry) -> torch.Tensor:
-    """One full tensor from a DCP checkpoint (any layout), read alone. UnreadableCheckpoint
+    """One full tensor from a DCP checkpoint (any layout), read alone. InputUnreadable
     (exit 1) if DCP fails: the files matched the manifest, so that is no evidence of damage."""
     tensor = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
     try:
@@ -175,7 +169,7 @@ def write_shard(path: str, step: str, tensors: list, metadata, dtype: torch.dtyp
 def export(checkpoint: str, out_dir: str, dtype: str = "bf16", max_shard_bytes: int = 5 * 10**9,
            log=print) -> None:
     """Write the Hugging Face model dir of CHECKPOINT into OUT_DIR (see the module docstring).
-    ConfigError (exit 2) for bad input; UnreadableCheckpoint / ExportWriteError (exit 1) for an
+    ConfigError (exit 2) for bad input; InputUnreadable / ExportWriteError (exit 1) for an
     I/O failure, after removing what this export created."""
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -188,9 +182,9 @@ def export(checkpoint: str, out_dir: str, dtype: str = "bf16", max_shard_bytes: 
     except BaseException as exc:
         _remove(created)
         if isinstance(exc, OSError):  # writing (or copying into) OUT_DIR; reads of the
-            # checkpoint raise UnreadableCheckpoint instead
+            # checkpoint raise InputUnreadable instead
             where = f"{exc.filename}: " if exc.filename else ""
-            raise ExportWriteError("OUT_DIR", f"writing {out_dir} failed ({where}"
+            raise InputUnreadable("OUT_DIR", f"writing {out_dir} failed ({where}"
                                    f"{exc.strerror or exc}); removed the files this export "
                                    "wrote: fix the cause and rerun") from exc
         raise
@@ -233,7 +227,7 @@ def _export(checkpoint: str, out_dir: str, dtype: str, max_shard_bytes: int, log
 
 
 def _read_metadata(step: str) -> dict:
-    """DCP's metadata of the (verified) checkpoint; UnreadableCheckpoint (exit 1) if it fails."""
+    """DCP's metadata of the (verified) checkpoint; InputUnreadable (exit 1) if it fails."""
     try:
         return dcp.FileSystemReader(step).read_metadata().state_dict_metadata
     except Exception as exc:

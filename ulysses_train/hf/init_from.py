@@ -22,7 +22,7 @@ import os
 import time
 
 from ..checkpoint import store as files
-from ..config.errors import ConfigError
+from ..config.errors import ConfigError, InputUnreadable
 from . import weights_dir
 from .weights_dir import KEY, fail
 
@@ -96,14 +96,6 @@ def check_checkpoint(step_dir: str, model_cfg) -> None:
     verify_checkpoint(step_dir, KEY, hashes=False)
 
 
-class UnreadableCheckpoint(ConfigError):
-    """Our checkpoint could not be read for a reason other than verified damage (an I/O error,
-    a permission): one line and exit code 1, as resume's CheckpointReadError — nothing shows
-    the checkpoint is bad, so the user fixes the cause rather than picking another one."""
-
-    exit_code = 1
-
-
 def verify_checkpoint(step_dir: str, key: str = KEY, distributed: bool = False,
                       hashes: bool = True) -> str | None:
     """Verify our checkpoint `step_dir` against its manifest.json as resume does
@@ -114,7 +106,7 @@ def verify_checkpoint(step_dir: str, key: str = KEY, distributed: bool = False,
     Returns None, or a warning line when the manifest's hash algorithm is missing here (sizes
     only, then). The checks are checkpoint_files.verify_share's, split over the ranks by
     checkpoint_resume.verify_collectively when `distributed`: the code resume runs. ConfigError(`key`, "... is damaged: ...", exit 2) for a missing or unreadable
-    manifest, a missing file, a size or a hash that differs; UnreadableCheckpoint (exit 1) for
+    manifest, a missing file, a size or a hash that differs; InputUnreadable (exit 1) for
     any other read error. Costs one read of the checkpoint's bytes (xxh3: ~0.3-0.5 s/GiB).
     """
     warnings: list[str] = []
@@ -133,8 +125,8 @@ def verify_checkpoint(step_dir: str, key: str = KEY, distributed: bool = False,
                 dist.destroy_process_group(group)
         else:  # no torch.distributed: config validation calls this too
             problems = files.verify_share(step_dir, hashes=hashes, log=warnings.append)
-    except files.CheckpointReadError as exc:
-        raise UnreadableCheckpoint(key, f"{step_dir} could not be read ({exc.why}); nothing "
+    except InputUnreadable as exc:
+        raise InputUnreadable(key, f"{step_dir} could not be read ({exc.why}); nothing "
                                         "shows it is damaged: fix the cause and rerun") from None
     if problems:
         raise ConfigError(key, f"{step_dir} is damaged: {files.summary(problems)}; use another "

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config.schema import ModelConfig, padded_vocab
+from ..config.parallel import padded_vocab
+from ..config.schema import ModelConfig
 from .attention import sdpa_attention
 from .init import _is_dtensor, init_param_
 from .precision import compute_dtype

@@ -35,8 +35,8 @@ from datetime import timedelta
 
 import torch
 
-from ..config.parallel import shard_group_size
-from ..config.schema import ParallelConfig, validate_parallel
+from ..config.parallel import shard_group_size, validate_parallel
+from ..config.schema import ParallelConfig
 from .layout import SequenceLayout
 
 RENDEZVOUS_TIMEOUT = timedelta(minutes=30)  # torch's own default for first contact

@@ -43,7 +43,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from ..config.schema import check_tp
+from ..config.parallel import check_tp
 from ..model.gpt import GPT, IGNORE_INDEX
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from ..cli.plan import explicit_knobs, no_fit_error
 from ..config.plan import validate_plan
 from ..config.schema import Config
+from .advice import explicit_knobs, no_fit_error
 from .memory import GIB
 from .search import apply, search
 from .timing import DEFAULT_TFLOPS, Links

@@ -2,7 +2,10 @@
 others fail, the best layout's memory breakdown and step time, and its torchrun line."""
 from __future__ import annotations
 
+from typing import Sequence
+
 from ..config.schema import Config
+from .advice import KNOBS
 from .memory import GIB
 from .search import RING_MARGIN, Layout, ring_of
 
@@ -84,3 +87,35 @@ def group_note(cfg: Config, best: Layout) -> list[str]:
     return [f"  note: parallel.shard_group={n} is this layout's whole dp x sp group (dp "
             f"{o['parallel.dp']} x sp {o['parallel.sp']}): one shard group, no replicas, plain "
             "ZeRO; fix parallel.sp / parallel.dp for a layout with replicas"]
+
+
+def command(layout: Layout, overrides: Sequence[str], gpus: int, per_node: int) -> str:
+    """The torchrun line that runs `layout`: the user's overrides (less plan.* and the knobs the
+    plan sets) followed by the layout's knobs."""
+    keep = [o for o in overrides if not o.lstrip("+~").startswith("plan.")
+            and o.split("=", 1)[0].lstrip("+~") not in KNOBS]
+    knobs = [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+             for k, v in layout.overrides.items() if k != "parallel.dp"]
+    nodes, local = (1, gpus) if gpus <= per_node else (gpus // per_node, per_node)
+    launch = (f"torchrun --standalone --nproc_per_node={local}" if nodes == 1 else
+              f"torchrun --nnodes={nodes} --nproc_per_node={local} --rdzv_backend=c10d "
+              "--rdzv_endpoint=$HEAD_NODE:29500")
+    return " ".join([launch, "train.py", *keep, *knobs])
+
+
+def row(layout: Layout) -> dict:
+    """One layout as JSON: its knobs (short names), fits/why, and the predictions."""
+    out = {k.split(".")[1]: v for k, v in layout.overrides.items()}
+    out.setdefault("ring", 1)
+    out["fits"] = layout.fits
+    if layout.why:
+        out["why"] = layout.why
+    if layout.memory is not None:
+        out["peak_gib"] = round(layout.memory.total / GIB, 3)
+        out["memory_gib"] = layout.memory.gib()
+        out["step_s"] = round(layout.time.step_s, 4)
+        out["compute_s"] = round(layout.time.compute_s, 4)
+        out["comm_s"] = {k: [round(t, 4), how] for k, (t, how) in layout.time.comm.items()}
+        out["tokens_per_s"] = round(layout.extra["tokens_per_s"], 1)
+        out["mfu"] = round(layout.extra["mfu"], 4)
+    return out

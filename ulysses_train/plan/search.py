@@ -18,7 +18,8 @@ import itertools
 from dataclasses import dataclass, field
 
 from ..config.errors import ConfigError
-from ..config.schema import Config, ParallelConfig, validate
+from ..config.schema import Config, ParallelConfig
+from ..config.validate import validate
 from .memory import GIB, Breakdown, predict
 from .shapes import shapes_of
 from .timing import Links, StepTime, mfu, step_time

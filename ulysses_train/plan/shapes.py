@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config.parallel import shard_group_size
-from ..config.schema import Config, padded_vocab
+from ..config.parallel import padded_vocab, shard_group_size
+from ..config.schema import Config
 
 
 @dataclass(frozen=True)

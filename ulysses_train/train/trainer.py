@@ -21,8 +21,9 @@ import torch
 
 from ..checkpoint.identity import check_before_start, config_identity, lower_lr_fragment
 from ..checkpoint.manager import CheckpointManager
-from ..checkpoint.store import read_meta
-from ..config.schema import Config, validate
+from ..checkpoint.store import read_meta, resume_source
+from ..config.schema import Config
+from ..config.validate import validate
 from ..data import build_data
 from ..data.tokenizer_files import init_from_or_run
 from ..evaluate import training as eval_in_training
@@ -49,7 +50,7 @@ def run(cfg: Config, run_dir: str) -> int:
     """
     set_deterministic(cfg.train.deterministic)  # before anything touches CUDA (cuBLAS env)
     dims = ParallelDims.from_env(cfg.parallel)
-    validate(cfg, dims.world_size, run_dir)  # a resuming run does not need model.init_from
+    validate(cfg, dims.world_size)  # pure rules; the entry point checked the input files
     check_before_start(cfg, run_dir)  # a changed data.seq_len etc. fails before data is built
     dims.init_process_group()
     try:
@@ -74,8 +75,9 @@ class Trainer:
                                global_batch_size=cfg.train.global_batch_size,
                                model_vocab_size=padded_vocab(cfg.model.vocab_size),
                                log=self._say, is_main=dims.is_main,
-                               init_from=init_from_or_run(cfg.model.init_from, run_dir,
-                                                          cfg.checkpoint.resume),
+                               init_from=init_from_or_run(
+                                   cfg.model.init_from, run_dir,
+                                   resume_source(run_dir, cfg.checkpoint.resume) is not None),
                                max_tokenizer_vocab=cfg.model.vocab_size)
         if dims.is_main:  # <run_dir>/tokenizer/: what AutoTokenizer and the export load
             self.data.save_tokenizer(os.path.join(run_dir, "tokenizer"))

@@ -1,0 +1,33 @@
+"""The input checks that read files, run by the entry points after config/validate.py's pure rules
+and before any heavy work (no torch.distributed, no tensor data): `data.paths` exist and have a
+known type, `model.init_from` is a usable source (files, safetensors headers, our manifest's
+sizes), and an explicit `checkpoint.resume=PATH` is a complete checkpoint of this model's
+architecture (its meta.json). Each failure is one `ConfigError` naming its key.
+"""
+from __future__ import annotations
+
+import os
+
+from ..checkpoint.store import check_resume_path, resume_source
+from ..config.errors import require
+from ..config.schema import Config
+from ..data.paths import resolve_paths
+from ..hf.init_from import check_initial_weights
+
+
+def check_inputs(cfg: Config, run_dir: str | None = None) -> None:
+    """Raise ConfigError for the first input file that is missing or unusable. A run in
+    `run_dir` that will resume does not read model.init_from (resume wins): its source may be
+    gone, so it is not checked then."""
+    if cfg.data.name == "files":  # missing files, directories, unknown types
+        resolve_paths(list(cfg.data.paths))
+    if cfg.model.init_from and not (run_dir and resume_source(run_dir, cfg.checkpoint.resume)):
+        check_initial_weights(cfg.model.init_from, cfg.model)
+    resume = cfg.checkpoint.resume
+    if resume in ("auto", "never"):
+        return
+    path = os.path.expanduser(resume)
+    require(os.path.isdir(path), "checkpoint.resume",
+            f"{resume} {'is not a directory' if os.path.exists(path) else 'does not exist'}"
+            "; give auto, never or a checkpoints/step_* directory")
+    check_resume_path(os.path.abspath(path), cfg.model)  # complete, this architecture
