@@ -1,5 +1,5 @@
 """Print the memory model's CPU validation table (docs/benchmarks.md): predicted vs measured peak
-tensor bytes of the trainer's step in the configurations of tests/test_plan.py.
+tensor bytes of the trainer's step in the configurations of tests/plan/test_plan.py.
 
 Usage: python scripts/plan_check.py   (one 4-rank gloo spawn, ~1 min on 2 cores)
 """
@@ -8,9 +8,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # this checkout's package and tests, not whichever ulysses_train is installed
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "plan")]
 
-from distributed import run_distributed  # noqa: E402
+from support.spawn import run_distributed  # noqa: E402
 from test_plan import FOUR_RANKS, SINGLE, _measure, _predicted  # noqa: E402
 
 if __name__ == "__main__":

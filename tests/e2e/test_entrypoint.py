@@ -24,12 +24,13 @@ def test_trains_and_writes_the_run_dir(tmp_path, small_args):
     assert (run / ".hydra" / "config.yaml").exists()
 
 
-def _fake_checkpoint(step_dir, **model):
+def _fake_checkpoint(step_dir, drop=(), **model):
     """A committed-looking step dir whose meta.json records `model` (no tensors needed: the
-    pre-check reads meta.json only)."""
+    pre-check reads meta.json only); `drop`: keys an older version did not record."""
     step_dir.mkdir(parents=True)
     (step_dir / ".metadata").write_bytes(b"")
     shape = {**dataclasses.asdict(small_config().model), **model}
+    shape = {k: v for k, v in shape.items() if k not in drop}
     (step_dir / "meta.json").write_text(json.dumps({"step": 1, "model": shape}))
     checkpoint_files.write_manifest(str(step_dir))
 
@@ -44,6 +45,8 @@ def inputs(tmp_path_factory):
     (root / "folder.jsonl").mkdir()
     (root / "broken.parquet").write_bytes(b"not a parquet file")  # unreadable content
     _fake_checkpoint(root / "other_shape" / "step_00000001", n_layers=3)
+    _fake_checkpoint(root / "qkv_bias" / "step_00000001", qkv_bias=True)
+    _fake_checkpoint(root / "before_qkv_bias" / "step_00000001", drop=("qkv_bias",))
     (root / "partial" / "step_00000001").mkdir(parents=True)  # a save that never committed
     return root
 
@@ -98,6 +101,15 @@ BAD_INPUT = {
     "other-model-checkpoint": (["checkpoint.resume={inputs}/other_shape/step_00000001"], 1,
                                "checkpoint.resume", "holds a different model shape: n_layers=3 "
                                "(this run: 2)"),
+    # Every architecture key is checked (config/architecture.py), qkv_bias too (it was missed:
+    # the resume then failed inside DCP's load). The same dimensions with another flag name the
+    # flag, which is what to change.
+    "other-flag-checkpoint": (["checkpoint.resume={inputs}/qkv_bias/step_00000001"], 1,
+                              "model.qkv_bias", "was trained with qkv_bias=True (this run: "
+                              "False); set model.qkv_bias=true to resume it"),
+    "flag-older-checkpoint": (["checkpoint.resume={inputs}/before_qkv_bias/step_00000001",
+                               "model.qkv_bias=true"], 1, "model.qkv_bias",
+                              "was trained with qkv_bias=False (this run: True)"),
     # A bit-flipped checkpoint as PATH needs real tensors: test_faults.py
     # test_corrupt_checkpoint_as_path_is_a_one_line_error, beside the SIGKILL tests.
 }

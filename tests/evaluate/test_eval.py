@@ -59,8 +59,7 @@ def test_buckets_add_up_to_the_models_loss(loss_chunk):
     cfg = _config("synthetic", train={"loss_chunk": loss_chunk})  # every token a label
     model = build_model(cfg, cpu_dims())
     data = build_data(cfg.data, seed=0, global_batch_size=4, model_vocab_size=256)
-    rows = loss_by_position(model, cpu_dims(), held_out_micro_batches(cfg, cpu_dims(), data,
-                                                                      torch.device("cpu")),
+    rows = loss_by_position(model, cpu_dims(), held_out_micro_batches(cfg, cpu_dims(), data, model),
                             [0, 16, 64, SEQ])
     total, count = 0.0, 0
     for i in range(cfg.eval.batches):
@@ -114,7 +113,7 @@ def test_passkey_scorer_sees_success_and_requires_every_digit():
 
 def _top1_count(model, cfg, dims, data) -> int:
     correct = torch.zeros((), dtype=torch.int64)
-    for ids, pos, labels, mask in held_out_micro_batches(cfg, dims, data, torch.device("cpu")):
+    for ids, pos, labels, mask in held_out_micro_batches(cfg, dims, data, model):
         correct += token_stats(model, ids, pos, labels, mask)[1].sum()
     group = dims.group("dp_sp")
     if group is not None:

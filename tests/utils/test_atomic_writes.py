@@ -32,10 +32,10 @@ import pytest
 from support.common import ROOT, metrics_rows, small_config
 
 from ulysses_train.checkpoint import store as files
-from ulysses_train.checkpoint.manager import PAUSE_MARKER
 from ulysses_train.data.cache import TOKENIZER, open_or_build, read_complete
 from ulysses_train.data.tokenizer import open_tokenizer
 from ulysses_train.data.tokenizer_files import save_run_tokenizer
+from ulysses_train.train.faults import PAUSE_MARKER
 from ulysses_train.train.metrics import MetricsFile
 from ulysses_train.train.trainer import run
 
@@ -46,8 +46,9 @@ ATOMIC_SITES = {
     "utils/atomic.py": 1,  # the helper itself: every atomic_write test below goes through it
     "checkpoint/store.py": 2,  # latest: test_latest_survives_a_torn_write; move to abandoned/:
     #                            test_a_crash_while_moving_checkpoints_aside_loses_none
-    "checkpoint/manager.py": 2,  # step dir commit: test_torn_commit_file_keeps_the_previous_
-    #                      checkpoint; debug pause marker: test_torn_pause_marker_is_never_seen
+    "checkpoint/manager.py": 1,  # step dir commit: test_torn_commit_file_keeps_the_previous_
+    #                              checkpoint
+    "train/faults.py": 1,  # debug pause marker: test_torn_pause_marker_is_never_seen
     "train/metrics.py": 1,  # truncate_after: test_metrics_truncation_survives_a_torn_write
     "data/cache.py": 2,  # marker + directory publish: test_torn_cache_marker_publishes_nothing
     "data/tokenizer_files.py": 2,  # <run_dir>/tokenizer/ moved aside, then the new one in place:

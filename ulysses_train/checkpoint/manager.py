@@ -47,7 +47,6 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
@@ -56,8 +55,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from ..config.schema import CheckpointConfig, DebugConfig, ModelConfig
-from ..utils.atomic import atomic_write, fsync_dir, write_durably
+from ..config.schema import CheckpointConfig, ModelConfig
+from ..utils.atomic import fsync_dir, write_durably
 from . import store as files
 from .resume import ResumeMixin
 from .state import RecordingWriter, brief, state_to_save
@@ -67,7 +66,6 @@ from .store import (  # noqa: F401 (re-exported)
     step_dirname,
 )
 
-PAUSE_MARKER = "debug_paused"  # written in the run dir when debug.pause_in_save_* pauses
 # DCP warns on every save/load without a process group; a single process is what we intend. A
 # filter, not catch_warnings: async saves warn from DCP's thread, and catch_warnings is not
 # thread-safe.
@@ -89,8 +87,8 @@ class CheckpointManager(ResumeMixin):
 
     def __init__(self, run_dir: str, cfg: CheckpointConfig, model_cfg: ModelConfig,
                  log: Callable[[str], None] = print, is_main: bool = True,
-                 distributed: bool = False, debug: DebugConfig | None = None,
-                 identity: dict | None = None):
+                 distributed: bool = False, identity: dict | None = None,
+                 on_save_point: Callable[[int, str], None] | None = None):
         self.run_dir = run_dir
         # What makes this run's data (and its hyper-parameters): recorded in meta.json and
         # compared before loading (run_identity.check_resume). None: neither (library use).
@@ -100,7 +98,9 @@ class CheckpointManager(ResumeMixin):
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.log = log
-        self.debug = debug or DebugConfig()  # fault injection (debug.*_in_save_*): tests only
+        # Called with (step, "commit" | "latest") at those two points of a save: where tests
+        # inject crashes and pauses (train/faults.py). None: nothing happens there.
+        self.on_save_point = on_save_point or (lambda step, point: None)
         self.is_main = is_main
         self.distributed = distributed
         self._group = None  # the checkpoint's own gloo group, made once on first use
@@ -172,7 +172,7 @@ class CheckpointManager(ResumeMixin):
             self.log(f"saved checkpoint {final}")
 
     def _finish(self, step: int, tmp: str, final: str, writer: RecordingWriter) -> None:
-        self._debug_point(step, "commit")
+        self.on_save_point(step, "commit")
         hashed, algorithm = self._hash_own_files(tmp, writer.written)  # collective
         if self.is_main:
             self._commit(step, tmp, final, hashed, algorithm)
@@ -213,21 +213,9 @@ class CheckpointManager(ResumeMixin):
             self.ckdir.move_aside(step_dirname(step), "another save of the same step committed")
         os.rename(tmp, final)  # the commit
         fsync_dir(self.dir)
-        self._debug_point(step, "latest")
+        self.on_save_point(step, "latest")
         self.ckdir.point_latest(step_dirname(step))
         self.ckdir.prune(self.cfg.keep, step_dirname(step))
-
-    def _debug_point(self, step: int, point: str) -> None:
-        """Fault injection (debug.*): die or pause here so a test can kill the process."""
-        if point == "commit" and self.debug.crash_in_save_at_step == step:
-            os._exit(17)  # files written, not committed
-        if self.debug.pause_in_save_at_step == step and self.debug.pause_in_save_before == point:
-            if self.is_main:
-                marker = os.path.join(self.run_dir, PAUSE_MARKER)
-                atomic_write(marker, f"step {step} before {point}\n", durable=True)
-            self.log(f"debug: paused in the save of step {step} before the {point}, until killed")
-            while True:
-                time.sleep(60)
 
     def wait(self) -> None:
         """Block until the async save in flight (if any) is committed; raise, on every rank, if

@@ -25,6 +25,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
+from ..config.architecture import DIMENSIONS, architecture_diffs, describe
 from ..config.errors import ConfigError, InputUnreadable
 from ..utils.atomic import atomic_write, fsync_dir, write_durably
 from ..utils.hashing import can_hash, default_algorithm, hash_file  # noqa: F401 (re-exported)
@@ -35,8 +36,6 @@ ABANDONED = "abandoned"  # newer steps a resume from an older one moved aside (n
 MANIFEST = "manifest.json"
 META = "meta.json"
 DCP_METADATA = ".metadata"
-SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
-              "tie_embeddings")
 _MAX_THREADS = 8  # hashing releases the GIL: files of several ranks hash in parallel
 
 
@@ -193,13 +192,19 @@ def read_meta(path: str) -> dict:
 
 
 def check_shape(path: str, model_cfg) -> None:
-    """Refuse a checkpoint of another model shape, from its meta.json alone (no tensor read)."""
-    saved = read_meta(path)["model"]
-    diffs = [f"{k}={saved.get(k)} (this run: {getattr(model_cfg, k)})"
-             for k in SHAPE_KEYS if saved.get(k) != getattr(model_cfg, k)]
-    if diffs:
+    """Refuse a checkpoint of another architecture, from its meta.json alone (no tensor read):
+    another model (a dimension differs) names checkpoint.resume; the same dimensions with another
+    flag (tie_embeddings, qkv_bias) name that model.* key, which is what to change."""
+    diffs = architecture_diffs(read_meta(path)["model"], model_cfg)
+    if not diffs:
+        return
+    if any(k in DIMENSIONS for k, _, _ in diffs):
         raise ConfigError("checkpoint.resume", f"{path} holds a different model shape: "
-                          + ", ".join(diffs) + "; resume with the same model settings")
+                          f"{describe(diffs)}; resume with the same model settings")
+    key, saved, _ = diffs[0]
+    raise ConfigError(f"model.{key}", f"{path} was trained with {describe(diffs)}; set "
+                      f"model.{key}={str(saved).lower()} to resume it (or resume another "
+                      "checkpoint)")
 
 
 def check_resume_path(path: str, model_cfg) -> None:

@@ -7,7 +7,6 @@ else the sentencepiece model of the token cache.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Callable, Iterator
 
@@ -15,9 +14,10 @@ import torch
 
 from ..config.errors import ConfigError
 from ..config.schema import Config
+from ..model.precision import autocast_to
+from ..parallel.batching import dp_rows, shard_batch
 from .loss_by_position import bucket_edges, loss_by_position
 from .passkey import passkey_accuracy
-from .tokens import local_piece
 
 
 class _RunTokenizer:
@@ -64,32 +64,24 @@ def passkey_lengths(cfg: Config, tok) -> list[int]:
     return sorted({n for n in (seq // 4, seq // 2, seq) if n >= shortest})
 
 
-def held_out_micro_batches(cfg: Config, dims, data, device) -> Iterator[tuple]:
+def held_out_micro_batches(cfg: Config, dims, data, model) -> Iterator[tuple]:
     """This rank's (input_ids, position_ids, labels, mask) of `eval.batches` validation global
-    batches, micro-batched by train.micro_batch_size, as the trainer slices them."""
-    from ..model import document_mask_for, select_attention
-
-    attention = select_attention(device, cfg.data.document_mask)
-    mb = cfg.train.micro_batch_size
+    batches: its dp rows, sharded by parallel/batching.py exactly as the trainer shards them, on
+    `model`'s device, with `model`'s document mask when `data.document_mask`."""
+    device = next(model.parameters()).device
+    layout = dims.sequence_layout(cfg.data.seq_len)
+    rows = dp_rows(dims, cfg.train.global_batch_size)
     for i in range(cfg.eval.batches):
-        full = data.global_batch(i, "val")  # (G, S) on every rank
-        # (G, S) -> (G, S'): the padded rows the mask must describe (pad_to's inert padding)
-        full = full.pad_to(dims.sequence_layout(cfg.data.seq_len).padded_len)
-        ids, pos, labels, rows = local_piece(dims, full.input_ids, full.labels,
-                                             full.position_ids, seq_len=cfg.data.seq_len)
-        for start in range(0, len(ids), mb):
-            part = slice(start, start + mb)
-            mask = None
-            if cfg.data.document_mask:  # from the rows' whole (unsliced) document ids
-                mask = document_mask_for(full.document_ids[rows[part]].to(device), attention)
-            yield ids[part].to(device), pos[part].to(device), labels[part].to(device), mask
+        batch = data.global_batch(i, "val", rows=rows)  # (G/dp, S)
+        for mb in shard_batch(batch, dims, layout, cfg.train.micro_batch_size):
+            mb = mb.to(device)
+            mask = model.document_mask(mb.document_ids) if cfg.data.document_mask else None
+            yield mb.input_ids, mb.position_ids, mb.labels, mask
 
 
 def autocast_for(dtype: torch.dtype, device: torch.device) -> Callable:
-    """A context factory: autocast to `dtype` on `device`, or nothing for fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    """A context factory: model/precision.py's autocast_to(dtype, device) for each forward."""
+    return lambda: autocast_to(dtype, device)
 
 
 def evaluate_model(model, cfg: Config, dims, data, dtype: torch.dtype,
@@ -102,7 +94,7 @@ def evaluate_model(model, cfg: Config, dims, data, dtype: torch.dtype,
     autocast = autocast_for(dtype, device)
     edges = bucket_edges(cfg.data.seq_len, cfg.eval.buckets)
     log(f"eval: loss by position over {cfg.eval.batches} held-out batches ...")
-    by_position = loss_by_position(model, dims, held_out_micro_batches(cfg, dims, data, device),
+    by_position = loss_by_position(model, dims, held_out_micro_batches(cfg, dims, data, model),
                                    edges, autocast)
     for row in by_position:
         loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"

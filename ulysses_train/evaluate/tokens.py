@@ -18,10 +18,13 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 
 from ..config.errors import ConfigError
 from ..data import IGNORE_INDEX
+from ..data.batch import Batch
+from ..parallel.batching import dp_rows, shard_batch
+from ..parallel.layout import SequenceLayout
+from ..parallel.tensor import vocab_parallel_terms
 
 
 def _vocab_shard(logits) -> tuple[torch.Tensor, int, object]:
@@ -32,27 +35,18 @@ def _vocab_shard(logits) -> tuple[torch.Tensor, int, object]:
     return logits, 0, None
 
 
-def _all_reduce(t: torch.Tensor, group, op) -> torch.Tensor:
-    if group is not None:
-        dist.all_reduce(t, op=op, group=group)
-    return t
-
-
 @torch.no_grad()
 def loss_and_correct(logits, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (fp32 loss, bool top-1 correct), both (B, c), for logits (B, c, V) — plain or
-    a vocab-sharded DTensor — and labels (B, c). Ignored labels get loss 0 and False."""
+    a vocab-sharded DTensor — and labels (B, c). Ignored labels get loss 0 and False. The terms
+    are the training loss's own (parallel/tensor.py vocab_parallel_terms)."""
     local, start, group = _vocab_shard(logits)
-    z = local.float()  # (B, c, V/tp)
-    valid = labels != IGNORE_INDEX
-    owned = valid & (labels >= start) & (labels < start + z.shape[-1])
-    index = torch.where(owned, labels - start, 0).unsqueeze(-1)  # (B, c, 1)
-    m = _all_reduce(z.max(dim=-1).values, group, dist.ReduceOp.MAX)  # (B, c)
-    picked = torch.where(owned, z.gather(-1, index).squeeze(-1) - m, 0.0)  # z_t - m, or 0
-    sums = torch.stack([(z - m.unsqueeze(-1)).exp().sum(-1), picked])  # (2, B, c), one reduce
-    sum_exp, target = _all_reduce(sums, group, dist.ReduceOp.SUM).unbind(0)
+    z = local.float().reshape(-1, local.shape[-1])  # (B, c, V/tp) -> (B*c, V/tp), a copy
+    if z.data_ptr() == local.data_ptr():
+        z = z.clone()  # fp32 logits already: the terms overwrite their input
+    _, sum_exp, target, valid, _, _ = vocab_parallel_terms(z, labels.reshape(-1), start, group)
     loss = torch.where(valid, sum_exp.log() - target, 0.0)
-    return loss, valid & (target >= 0)
+    return loss.view(labels.shape), (valid & (target >= 0)).view(labels.shape)
 
 
 class _Recorder:
@@ -108,11 +102,9 @@ def local_piece(dims, input_ids: torch.Tensor, labels: torch.Tensor,
     last (N/dp,) global row numbers, -1 for a padding row. position_ids default to 0..L-1.
 
     With a ring (`dims.ring > 1`) the attention layer was built for the layout of `seq_len`
-    (data.seq_len, model_build.py), so rows are padded to that layout: L must be <= seq_len
+    (data.seq_len, parallel/parallelize.py), so rows are padded to that layout: L must be <= seq_len
     (ConfigError otherwise). Without one, any L works.
     """
-    from ..parallel.layout import SequenceLayout
-
     n, length = input_ids.shape
     if position_ids is None:
         position_ids = torch.arange(length).expand(n, length)  # (L,) -> (N, L)
@@ -123,16 +115,13 @@ def local_piece(dims, input_ids: torch.Tensor, labels: torch.Tensor,
                           f"{seq_len}, the length the ring layout (parallel.ring={ring}) was "
                           "built for; raise data.seq_len to the longest eval length")
     rows_per_dp = -(-n // dims.dp)
-    pad_rows, pad_cols = rows_per_dp * dims.dp - n, layout.padded_len - length
+    pad_rows = rows_per_dp * dims.dp - n
     row_index = torch.cat([torch.arange(n), torch.full((pad_rows,), -1)])
-    ids = torch.cat([input_ids, input_ids[:1].expand(pad_rows, length)])  # (N', L)
-    pos = torch.cat([position_ids, position_ids[:1].expand(pad_rows, length)])
-    lab = torch.cat([labels, torch.full((pad_rows, length), IGNORE_INDEX)])
-    ids, lab = (torch.nn.functional.pad(t, (0, pad_cols), value=v)  # (N', L) -> (N', L')
-                for t, v in ((ids, 0), (lab, IGNORE_INDEX)))
-    pos = torch.cat([pos, length + torch.arange(pad_cols).expand(len(pos), pad_cols)], dim=1)
-    dp_i = dims.local_rank("dp")
-    rows = slice(dp_i * rows_per_dp, (dp_i + 1) * rows_per_dp)
-    cols = layout.rank_positions(dims.local_rank("sp"))
-    return (ids[rows][:, cols].contiguous(), pos[rows][:, cols].contiguous(),
-            lab[rows][:, cols].contiguous(), row_index[rows])
+    batch = Batch(  # (N, L) -> (N', L): ignored copies of row 0 fill the last dp rank's share
+        input_ids=torch.cat([input_ids, input_ids[:1].expand(pad_rows, length)]),
+        labels=torch.cat([labels, torch.full((pad_rows, length), IGNORE_INDEX)]),
+        position_ids=torch.cat([position_ids, position_ids[:1].expand(pad_rows, length)]),
+        document_ids=torch.zeros(n + pad_rows, length, dtype=torch.int64))
+    rows = dp_rows(dims, n + pad_rows)
+    (mb,) = shard_batch(batch.slice(rows), dims, layout, rows_per_dp)  # one forward per dp rank
+    return mb.input_ids, mb.position_ids, mb.labels, row_index[rows]

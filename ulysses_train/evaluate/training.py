@@ -1,12 +1,13 @@
 """`eval.every=N` in training: the held-out loss by position, logged with the step's row.
 
-The trainer calls `due` in its report and merges `row_of(trainer)` into the metrics row: one
+The trainer calls `due` in its report and merges `row_of(...)` into the metrics row: one
 key per bucket, `loss_by_position/<start>-<end>` (nats per token), so metrics.jsonl stays one
 flat row per step and wandb plots each bucket as its own curve.
 """
 from __future__ import annotations
 
 from .loss_by_position import bucket_edges, loss_by_position
+from .suite import autocast_for, held_out_micro_batches
 
 
 def due(eval_cfg, step: int, last: bool) -> bool:
@@ -14,12 +15,11 @@ def due(eval_cfg, step: int, last: bool) -> bool:
     return eval_cfg.every > 0 and (step % eval_cfg.every == 0 or last)
 
 
-def row_of(trainer) -> dict:
-    """{"loss_by_position/<start>-<end>": loss} over eval.batches validation global batches,
-    micro-batched and sliced exactly as the trainer's own validation (trainer._micro_batches).
-    Collective: every rank calls it at the same step."""
-    cfg = trainer.cfg
+def row_of(model, cfg, dims, data, dtype) -> dict:
+    """{"loss_by_position/<start>-<end>": loss} of `model` over eval.batches validation global
+    batches, sharded and micro-batched exactly as the trainer's own validation
+    (suite.held_out_micro_batches). Collective: every rank calls it at the same step."""
     edges = bucket_edges(cfg.data.seq_len, cfg.eval.buckets)
-    batches = (mb for i in range(cfg.eval.batches) for mb in trainer._micro_batches(i, "val"))
-    rows = loss_by_position(trainer.model, trainer.dims, batches, edges, trainer._autocast)
+    batches = held_out_micro_batches(cfg, dims, data, model)
+    rows = loss_by_position(model, dims, batches, edges, autocast_for(dtype, dims.device))
     return {f"loss_by_position/{r['start']}-{r['end']}": r["loss"] for r in rows}

@@ -22,6 +22,7 @@ import os
 import time
 
 from ..checkpoint import store as files
+from ..config.architecture import architecture_diffs, describe
 from ..config.errors import ConfigError, InputUnreadable
 from . import weights_dir
 from .weights_dir import KEY, fail
@@ -75,23 +76,17 @@ def _complete_step(step_dir: str, named_by: str, key: str) -> str:
     return step_dir
 
 
-def _shape_keys(model_cfg) -> tuple[str, ...]:
-    # qkv_bias (Qwen2) is a shape key where the schema has it.
-    return files.SHAPE_KEYS + (("qkv_bias",) if hasattr(model_cfg, "qkv_bias") else ())
-
-
 def check_checkpoint(step_dir: str, model_cfg) -> None:
-    """Our checkpoint must hold this model's architecture (meta.json "model") and be intact in
-    size (manifest.json; the hashes are verified when it is loaded: `verify_checkpoint`)."""
+    """Our checkpoint must hold this model's architecture (meta.json "model",
+    config/architecture.py's keys) and be intact in size (manifest.json; the hashes are verified
+    when it is loaded: `verify_checkpoint`)."""
     try:
         saved = files.read_meta(step_dir)["model"]
     except ConfigError as exc:
         raise fail(exc.message) from exc
-    diffs = [f"{k}={saved.get(k, False if k == 'qkv_bias' else None)} (this run: "
-             f"{getattr(model_cfg, k)})" for k in _shape_keys(model_cfg)
-             if saved.get(k, False if k == "qkv_bias" else None) != getattr(model_cfg, k)]
+    diffs = architecture_diffs(saved, model_cfg)
     if diffs:
-        raise fail(f"{step_dir} holds another architecture: {', '.join(diffs)}; set model.* "
+        raise fail(f"{step_dir} holds another architecture: {describe(diffs)}; set model.* "
                    "(or the model= preset) to the checkpoint's")
     verify_checkpoint(step_dir, KEY, hashes=False)
 

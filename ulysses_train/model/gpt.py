@@ -30,8 +30,9 @@ from torch import nn
 
 from ..config.parallel import padded_vocab
 from ..config.schema import ModelConfig
-from .attention import sdpa_attention
+from .attention import document_mask_for, sdpa_attention
 from .init import _is_dtensor, init_param_
+from .masking import DocumentMask
 from .precision import compute_dtype
 from .rope import apply_rotary, rope_cos_sin, rope_frequencies
 from .tiling import tiled_head_loss, tiled_mlp
@@ -182,6 +183,7 @@ class GPT(nn.Module):
         self.vocab_size = padded_vocab(cfg.vocab_size)
         self.head_dim = cfg.d_model // cfg.n_heads
         self.tok_embeddings = nn.Embedding(self.vocab_size, cfg.d_model)
+        self.attention_fn = attention_fn  # every block's; `document_mask` builds for it
         self.layers = nn.ModuleList(Block(cfg, attention_fn, mlp_chunk) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # Tied: no separate module, the head reads tok_embeddings.weight directly. (Sharing one
@@ -195,6 +197,11 @@ class GPT(nn.Module):
         # (logits, labels) -> (loss_sum, n_valid). Injected, like attention_fn: a tensor-parallel
         # plan replaces it with a vocab-parallel loss for its vocab-sharded logits.
         self.loss_fn = token_loss_sum
+
+    def document_mask(self, document_ids: torch.Tensor) -> DocumentMask:
+        """The `attn_mask` for global document ids `(B, S)` (the whole padded rows, on the
+        compute device), with what this model's attention kernel reads already built."""
+        return document_mask_for(document_ids, self.attention_fn)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 labels: torch.Tensor | None = None, attn_mask=None):

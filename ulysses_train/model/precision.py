@@ -23,6 +23,8 @@ caller's `torch.autocast` block (and, on CUDA, on another thread).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 AutocastState = tuple[str, bool, torch.dtype]
@@ -46,3 +48,18 @@ def restore_autocast(state: AutocastState) -> torch.autocast:
     """A context that re-enters a captured autocast state (disabled if it was disabled)."""
     device_type, enabled, dtype = state
     return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype `train.precision` means on `device`: `auto` = fp32 on CPU, bf16 on GPU.
+    bf16 is autocast (and FSDP2's param_dtype); master weights stay fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def autocast_to(dtype: torch.dtype, device: torch.device):
+    """The context a forward runs in: autocast to `dtype` on `device`, nothing for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,4 +1,11 @@
-"""Reductions over the data-parallel (dp × sp) group: token counts, losses and gradients.
+"""Reductions over the data-parallel (dp × sp) group: token counts, losses and gradients, and
+`GradSync`, the one object that knows how a step's gradients become the global ones.
+
+`GradSync` has three regimes, chosen once by parallel/parallelize.py, so the training step has no
+branch over layouts: `Plain` (one rank; or zero=0 with tensor parallelism: one coalesced
+all-reduce after the last backward), `DDP` (zero=0: bucketed all-reduces overlapping backward,
+skipped before the last micro-batch) and `FSDP` (zero=2/3: FSDP2 reduce-scatters; what it keeps
+and communicates per micro-batch is `sharding.set_last_micro_batch`'s).
 
 Sequence-parallel ranks hold the same weights but different tokens, so for everything below they
 count as data parallel: sums go over the flattened `dp_sp` group (docs/architecture.md §1). Every
@@ -17,12 +24,15 @@ use zero=2/3 there for overlap).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .sharding import set_last_micro_batch
 
 
 def all_reduce_(tensor: torch.Tensor, group, op=None) -> torch.Tensor:
@@ -101,3 +111,56 @@ def sum_hook(group, bucket):  # no annotations: DDP checks them, and ours would 
     """
     work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
+
+
+class GradSync:
+    """How the gradients of one optimizer step are reduced over dp x sp.
+
+    Use: for each micro-batch, `with sync.micro_batch(last): sync.module(...).backward()`; after
+    the last, `sync.finish()`. Then every rank holds the global gradient (replicated, or its
+    tp/FSDP shard), summed — never averaged: the loss was divided by the global token count.
+    `module` is what forward runs through (a DDP wrapper, or the model itself); the model's
+    parameters, state dict and checkpoints are never the wrapper's.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def micro_batch(self, last: bool):
+        """Context for one micro-batch's forward and backward; `last`: the step's last."""
+        return contextlib.nullcontext()
+
+    def finish(self) -> None:
+        """After the last backward of the step."""
+
+
+class Plain(GradSync):
+    """One rank (group None: nothing to do), or replicated DTensor parameters (tp > 1 at
+    zero=0, which DDP cannot take): one coalesced all-reduce after backward."""
+
+    def __init__(self, model: nn.Module, group):
+        super().__init__(model)
+        self.group = group
+
+    def finish(self) -> None:
+        reduce_gradients_(self.module.parameters(), self.group)
+
+
+class DDP(GradSync):
+    """zero=0 with plain parameters: torch's DistributedDataParallel (`replicate`) all-reduces
+    buckets during backward, on the last micro-batch only (`no_sync` before it)."""
+
+    def micro_batch(self, last: bool):
+        return contextlib.nullcontext() if last else self.module.no_sync()
+
+
+class FSDP(GradSync):
+    """zero=2/3: FSDP2 reduce-scatters (and under HSDP all-reduces) inside backward."""
+
+    def __init__(self, model: nn.Module, zero: int):
+        super().__init__(model)
+        self.zero = zero
+
+    def micro_batch(self, last: bool):
+        set_last_micro_batch(self.module, self.zero, last)
+        return contextlib.nullcontext()

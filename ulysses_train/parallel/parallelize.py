@@ -1,11 +1,20 @@
-"""Building the model for a layout: the one place where parallelism enters the single-device GPT.
+"""THE place where parallelism enters the single-device GPT: `parallelize(cfg, dims)`.
 
-`build_model` constructs the model on the meta device with its attention function (Ulysses
-around the local kernel when sp > 1 and ring = 1; Ulysses x ring attention when ring > 1),
-applies tensor parallelism, activation checkpointing,
-compile and FSDP2 in that order (docs/architecture.md §3), then materialises and initialises
-the parameters by name, so every layout starts from the same weights. `resolve_dtype` owns
-`train.precision`'s meaning.
+Every way a layout changes the model is applied here, in this order (torchtitan's
+`parallelize.py` order; docs/architecture.md, "Where parallelism enters"):
+1. the attention function (`build_attention`): the local kernel alone (sp = 1), Ulysses around it
+   over the sp group (ring = 1), or the Ulysses x ring layer, which reads the token layout the
+   data path shards by (parallel/batching.py);
+2. construction on the meta device (no memory spent on a throwaway init);
+3. tensor parallelism (parallel/tensor.py: a DTensor plan, and the vocab-parallel loss as the
+   model's `loss_fn`), first, because its plan names the unwrapped modules;
+4. activation checkpointing and compile, per block (names unchanged);
+5. FSDP2 (zero 2/3, HSDP), which wraps whatever layout TP left;
+6. `to_empty` and `init_weights(seed)`: parameters are materialised and initialised by name,
+   shard by shard, so every layout starts from the same weights;
+7. the gradient reduction (`GradSync`: plain, DDP or FSDP2), which the training step drives
+   without knowing which one it has.
+Nothing else in the package wraps, shards or rewires the model.
 """
 from __future__ import annotations
 
@@ -13,25 +22,18 @@ import torch
 
 from ..config.schema import Config
 from ..model import GPT, select_attention
-from . import ParallelDims, UlyssesAttention
+from ..model.precision import resolve_dtype
 from .activations import apply_activation_checkpointing, apply_compile
+from .grad_sync import DDP, FSDP, GradSync, Plain, replicate
+from .mesh import ParallelDims
 from .sharding import apply_sharding
 from .tensor import apply_tensor_parallel
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """`auto` = fp32 on CPU, bf16 on GPU. bf16 is autocast; master weights stay fp32."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+from .ulysses import UlyssesAttention
 
 
 def build_attention(cfg: Config, dims: ParallelDims):
-    """The model's `attention_fn` for this layout: the local kernel alone (sp = 1), Ulysses
-    around it over the sp group (ring = 1), or the hybrid Ulysses x ring layer over the
-    ("ulysses", "ring") groups, which reads the token layout (parallel/layout.py) the data path
-    shards by. Every one takes q/k/v of this rank's tokens and a DocumentMask of the padded
-    global rows."""
+    """The model's `attention_fn` for this layout (step 1 of the module docstring). Every one
+    takes q/k/v of this rank's tokens and a DocumentMask of the padded global rows."""
     local_attention = select_attention(dims.device, cfg.data.document_mask)
     if dims.sp == 1:
         return local_attention
@@ -44,22 +46,14 @@ def build_attention(cfg: Config, dims: ParallelDims):
 
 
 def build_model(cfg: Config, dims: ParallelDims) -> GPT:
-    """Meta-device construction, parallelism injected, then materialize and initialize.
-
-    The model is single-device code: sequence parallelism enters only as the attention function
-    (UlyssesAttention around SDPA on the sp group). Building on meta first means no memory is
-    spent on a throwaway init, and `init_weights` gives every layout the same initial weights
-    (parameters are seeded by name).
-    """
+    """Steps 1-6 of the module docstring: the model of this layout, built, sharded and
+    initialised (the same weights in every layout). For training use `parallelize`, which adds
+    the gradient reduction; evaluation and tests that run no optimizer step use this alone."""
     attention_fn = build_attention(cfg, dims)
     t = cfg.train
     with torch.device("meta"):
         model = GPT(cfg.model, attention_fn=attention_fn, loss_chunk=t.loss_chunk,
                     mlp_chunk=t.mlp_chunk)
-    # The order matters (docs/architecture.md §3): TP first (the plan names the unwrapped modules),
-    # then activation checkpointing and compile (per block, names unchanged), then FSDP2, which
-    # wraps whatever layout TP left; parameters are only materialized, and initialized per name
-    # shard by shard, once every wrapper is in place.
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.meshes["tp"])
     apply_activation_checkpointing(model, t.activation_checkpointing, t.activation_offload)
@@ -71,3 +65,23 @@ def build_model(cfg: Config, dims: ParallelDims) -> GPT:
     model.to_empty(device=dims.device)
     model.init_weights(cfg.train.seed)
     return model
+
+
+def build_grad_sync(model: GPT, cfg: Config, dims: ParallelDims) -> GradSync:
+    """Step 7: FSDP2 when the model is sharded (zero 2/3 over more than one rank); else DDP over
+    dp x sp for plain parameters; else (tp > 1: DTensor parameters, which DDP cannot take; or
+    one rank) one coalesced all-reduce after backward, a no-op alone."""
+    group = dims.group("dp_sp")  # None alone
+    if cfg.parallel.zero > 0 and dims.dp_sp > 1:
+        return FSDP(model, cfg.parallel.zero)
+    if group is not None and dims.tp == 1:
+        return DDP(replicate(model, group, dims.device))
+    return Plain(model, group)
+
+
+def parallelize(cfg: Config, dims: ParallelDims) -> tuple[GPT, GradSync]:
+    """(model, gradient sync) of this layout: what the trainer (and, through it, the planner's
+    measurement) trains. Call after `dims.build_mesh()`; a collective when distributed (DDP
+    checks the parameters' shapes across ranks)."""
+    model = build_model(cfg, dims)
+    return model, build_grad_sync(model, cfg, dims)

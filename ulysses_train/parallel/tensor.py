@@ -143,11 +143,40 @@ class _GradResharder:
         self.handle = weight.register_hook(reshard)
 
 
-def _all_reduce(t: torch.Tensor, op: str, group: dist.ProcessGroup) -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, op: str, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Out-of-place all-reduce through torch's functional collective op (the op DTensor, the
-    Ulysses all-to-alls and torch.compile use), waited at once: the next op needs the result."""
+    Ulysses all-to-alls and torch.compile use), waited at once: the next op needs the result.
+    `group` None (the vocabulary is not sharded): `t` itself."""
+    if group is None:
+        return t
     out = torch.ops._c10d_functional.all_reduce(t.contiguous(), op, group.group_name)
     return torch.ops._c10d_functional.wait_tensor(out)
+
+
+@torch.no_grad()
+def vocab_parallel_terms(logits: torch.Tensor, labels: torch.Tensor, start: int, group
+                         ) -> tuple[torch.Tensor, ...]:
+    """The per-token terms of cross-entropy for logits sharded on the vocab dim (Megatron's
+    vocab-parallel cross-entropy, Shoeybi et al. 2019, sec. 3): `logits` (N, V/tp) fp32, this
+    rank's columns [start, start + V/tp); labels (N,); `group` the tp group (None: unsharded).
+
+    Returns (exp, sum_exp, target, valid, owned, local_target):
+        m       = all_reduce_max(max_local(z))           (not returned; exp and target use it)
+        exp     = exp(z - m), (N, V/tp) — `logits` itself, overwritten (the caller's copy)
+        sum_exp = all_reduce_sum(sum_local(exp)), (N,)   the global softmax denominator
+        target  = all_reduce_sum(z_t - m on the owning rank, 0 elsewhere), (N,)
+    so loss = log(sum_exp) - target and t is a top-1 token iff target >= 0. The two sums go in
+    one all-reduce. Used by the training loss (its backward below) and by evaluation.
+    """
+    valid = labels != IGNORE_INDEX
+    owned = valid & (labels >= start) & (labels < start + logits.shape[-1])
+    local_target = torch.where(owned, labels - start, 0)  # (N,) index into this shard
+    max_z = _all_reduce(logits.max(dim=-1).values, "max", group)  # (N,)
+    picked = torch.gather(logits, 1, local_target[:, None])[:, 0]  # (N, V/tp) -> (N,)
+    target_z = torch.where(owned, picked - max_z, 0.0)
+    exp = logits.sub_(max_z.unsqueeze(-1)).exp_()  # in place: z is not needed again
+    sums = _all_reduce(torch.stack([exp.sum(dim=-1), target_z]), "sum", group)  # (2, N)
+    return exp, sums[0], sums[1], valid, owned, local_target
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -180,21 +209,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, logits, labels, start, group):
-        n_local = logits.shape[-1]
-        valid = labels != IGNORE_INDEX
-        owned = valid & (labels >= start) & (labels < start + n_local)
-        local_target = torch.where(owned, labels - start, 0)  # (N,) index into this shard
-        with torch.no_grad():
-            max_z = _all_reduce(logits.max(dim=-1).values, "max", group)  # (N,)
-            shifted = logits - max_z.unsqueeze(-1)  # (N, V/tp)
-            exp = shifted.exp_()  # in place: the shifted logits are not needed again
-            picked = torch.gather(logits, 1, local_target[:, None])[:, 0]  # (N, V/tp) -> (N,)
-            target_z = torch.where(owned, picked - max_z, 0.0)
-            # One all-reduce for both per-token sums: (2, N).
-            sums = _all_reduce(torch.stack([exp.sum(dim=-1), target_z]), "sum", group)
-            sum_exp, target_z = sums[0], sums[1]
-            loss = torch.where(valid, sum_exp.log() - target_z, 0.0).sum()
-            softmax = exp.div_(sum_exp.unsqueeze(-1))  # (N, V/tp), reuses the exp buffer
+        exp, sum_exp, target_z, valid, owned, local_target = vocab_parallel_terms(
+            logits.clone(), labels, start, group)  # clone: the input stays as autograd saw it
+        loss = torch.where(valid, sum_exp.log() - target_z, 0.0).sum()
+        softmax = exp.div_(sum_exp.unsqueeze(-1))  # (N, V/tp), reuses the exp buffer
         ctx.save_for_backward(softmax, valid, owned, local_target)
         return loss
 

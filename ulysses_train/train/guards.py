@@ -24,7 +24,6 @@ import warnings
 import torch
 
 from ..config.errors import RunStopped
-from ..config.schema import DebugConfig
 
 # A skipped first step advances the schedule before any `optimizer.step()`, on purpose (see
 # above); torch would warn that this skips a value of the schedule — it does not here (the LR
@@ -89,18 +88,3 @@ def set_deterministic(enabled: bool) -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-
-
-# ---- fault injection (debug.*; never set in real runs) ---------------------------------------
-def nan_injected(debug: DebugConfig, step: int) -> bool:
-    """Whether step `step` (1-based, as logged) gets a NaN loss: debug.nan_at_step/nan_steps."""
-    return 0 < debug.nan_at_step <= step < debug.nan_at_step + debug.nan_steps
-
-
-def crash_if_asked(debug: DebugConfig, step: int, rank: int, world_size: int) -> None:
-    """debug.crash_at_step: the last rank dies (exit 1, no cleanup) right after that step, on
-    torchrun's first attempt only (TORCHELASTIC_RESTART_COUNT), so a restart can resume."""
-    if (debug.crash_at_step == step and rank == world_size - 1
-            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
-        print(f"debug: crashing rank {rank} after step {step} (debug.crash_at_step)", flush=True)
-        os._exit(1)

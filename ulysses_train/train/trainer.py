@@ -11,7 +11,6 @@ data → model → optimizer → checkpoints, restore, then `fit`. Invariants th
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -28,15 +27,17 @@ from ..data import build_data
 from ..data.tokenizer_files import init_from_or_run
 from ..evaluate import training as eval_in_training
 from ..hf.init_from import load_initial_weights
-from ..model import document_mask_for, num_params, padded_vocab, select_attention
+from ..model import num_params, padded_vocab
 from ..model.gpt import model_flops
+from ..model.precision import autocast_to, resolve_dtype
 from ..parallel import ParallelDims
-from ..parallel.grad_sync import all_reduce_, reduce_gradients_, replicate
-from ..parallel.parallelize import build_model, resolve_dtype
-from ..parallel.sharding import set_last_micro_batch
+from ..parallel.batching import dp_rows, shard_batch
+from ..parallel.grad_sync import all_reduce_
+from ..parallel.parallelize import parallelize
 from ..parallel.tensor import clip_grad_norm_
 from . import optim
-from .guards import NonFiniteGuard, crash_if_asked, nan_injected, set_deterministic
+from .faults import Faults
+from .guards import NonFiniteGuard, set_deterministic
 from .metrics import Reporter, Throughput, peak_flops, span_sq_sum, with_wandb_fallback
 from .optim import build_optimizer, build_scheduler
 from .stop import StopSignals
@@ -81,20 +82,17 @@ class Trainer:
                                max_tokenizer_vocab=cfg.model.vocab_size)
         if dims.is_main:  # <run_dir>/tokenizer/: what AutoTokenizer and the export load
             self.data.save_tokenizer(os.path.join(run_dir, "tokenizer"))
-        self.model = build_model(cfg, dims)
-        self.local_attention = select_attention(self.device, cfg.data.document_mask)  # for masks
+        # The one place parallelism enters: the model of this layout and its gradient sync.
+        self.model, self.grad_sync = parallelize(cfg, dims)
         self.layout = dims.sequence_layout(cfg.data.seq_len)  # who holds which token (padded)
         self.dp_sp = dims.group("dp_sp")  # None alone: every reduction is then the identity
-        self.sharded = cfg.parallel.zero > 0 and dims.dp_sp > 1  # FSDP2 reduces gradients itself
-        # zero=0: DDP reduces gradients during backward (forward/backward go through it); None
-        # alone, sharded, or with tp (DTensor parameters: reduce_gradients_ after backward).
-        self.ddp = (None if self.sharded or dims.tp > 1
-                    else replicate(self.model, self.dp_sp, self.device))
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.faults = Faults(cfg.debug, run_dir, dims, log=self._say)  # tests only
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint, cfg.model, log=self._say,
                                       is_main=dims.is_main, distributed=dims.distributed,
-                                      debug=cfg.debug, identity=self._identity())
+                                      identity=self._identity(),
+                                      on_save_point=self.faults.save_point)
         self.guard = NonFiniteGuard(cfg.train.max_skipped_steps)
         self.step = 0  # completed optimizer steps (skipped ones too) == data position
         self.tokens = 0  # tokens trained on so far, each counted once
@@ -158,39 +156,18 @@ class Trainer:
         return self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
 
     # ---- one step -----------------------------------------------------------------------
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     def _micro_batches(self, step: int, split: str):
-        """Yield this rank's (input_ids, position_ids, labels, mask) micro-batches of one global
-        batch.
-
-        A dp rank reads only its rows; the rows are padded to the layout's length S' and an sp
-        rank keeps the columns `SequenceLayout.rank_positions` gives it (consecutive S'/P under
-        Ulysses alone; two zig-zag chunks with a ring). Labels and global positions were fixed
-        on the whole sequence and padding is inert (`Batch.pad_to`), so sharding loses nothing.
-        The document mask (None unless `data.document_mask`) is built from the rows' *padded,
-        unsharded* document ids: the attention sees the whole row (docs/architecture.md §1).
-        """
-        rows_per_dp = self.cfg.train.global_batch_size // self.dims.dp
-        dp_i, sp_i = self.dims.local_rank("dp"), self.dims.local_rank("sp")
-        full_rows = self.data.global_batch(step, split, rows=slice(dp_i * rows_per_dp,
-                                                                   (dp_i + 1) * rows_per_dp))
-        full_rows = full_rows.pad_to(self.layout.padded_len)  # (G/dp, S) -> (G/dp, S')
-        batch = full_rows.take(self.layout.rank_positions(sp_i))  # (G/dp, S') -> (G/dp, S'/sp)
-        mb = self.cfg.train.micro_batch_size
-        for start in range(0, rows_per_dp, mb):
-            rows = slice(start, start + mb)
-            # (G/dp, S'/sp) -> (mb, S'/sp) per micro-batch
-            ids, positions, labels = (t[rows].to(self.device, non_blocking=True)
-                                      for t in (batch.input_ids, batch.position_ids, batch.labels))
-            mask = None
-            if self.cfg.data.document_mask:  # (mb, S') global ids, once per micro-batch
-                mask = document_mask_for(full_rows.document_ids[rows].to(self.device),
-                                         self.local_attention)
-            yield ids, positions, labels, mask
+        """Yield this rank's (input_ids, position_ids, labels, mask) micro-batches of global
+        batch `step` of `split`: its dp rows, read alone, sharded by parallel/batching.py (the
+        one function training, evaluation and the planner share). The document mask (None
+        unless `data.document_mask`) describes the whole padded rows, as attention sees them."""
+        rows = dp_rows(self.dims, self.cfg.train.global_batch_size)
+        batch = self.data.global_batch(step, split, rows=rows)  # (G/dp, S)
+        for mb in shard_batch(batch, self.dims, self.layout, self.cfg.train.micro_batch_size):
+            mb = mb.to(self.device)
+            mask = (self.model.document_mask(mb.document_ids) if self.cfg.data.document_mask
+                    else None)
+            yield mb.input_ids, mb.position_ids, mb.labels, mask
 
     def _global_counts(self, micro) -> tuple[int, int]:
         """(valid labels, sum of squared attention spans: documents under data.document_mask,
@@ -212,27 +189,23 @@ class Trainer:
         """One optimizer step over the global batch of `self.step`, with accumulation; skipped
         (weights and optimizer state untouched) if the loss or gradient norm is not finite."""
         micro = list(self._micro_batches(self.step, "train"))
-        poison = nan_injected(self.cfg.debug, self.step + 1)  # fault injection (tests only)
+        poison = self.faults.poison_loss(self.step + 1)  # fault injection (tests only)
         # Divide by the valid-token count of the whole global batch, exactly once.
         n_valid, span_sq = self._global_counts(micro)
         n_valid = max(n_valid, 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for i, (input_ids, position_ids, labels, mask) in enumerate(micro):
-            last = i == len(micro) - 1  # gradients are communicated on the last micro-batch
-            if self.sharded:
-                set_last_micro_batch(self.model, self.cfg.parallel.zero, last)
-            no_sync = self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext()
-            with no_sync:
-                with self._autocast():
-                    part, _ = (self.ddp or self.model)(input_ids, position_ids, labels,
-                                                       attn_mask=mask)
+            # gradients are communicated on the last micro-batch (GradSync: plain, DDP or FSDP2)
+            with self.grad_sync.micro_batch(last=i == len(micro) - 1):
+                with autocast_to(self.dtype, self.device):
+                    part, _ = self.grad_sync.module(input_ids, position_ids, labels,
+                                                    attn_mask=mask)
                 if poison:
                     part = part * math.nan
                 (part / n_valid).backward()
             loss_sum += part.detach()
-        if not self.sharded and self.ddp is None:
-            reduce_gradients_(self.model.parameters(), self.dp_sp)
+        self.grad_sync.finish()
         # Gradients are now the global ones (replicated, or tp/FSDP shards): the norm sums each
         # shard once over the dimensions it is split on, so norm and clipping are global.
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
@@ -256,7 +229,7 @@ class Trainer:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, count)
         for i in range(self.cfg.train.val_batches):
             for input_ids, position_ids, labels, mask in self._micro_batches(i, "val"):
-                with self._autocast():
+                with autocast_to(self.dtype, self.device):
                     part, n = self.model(input_ids, position_ids, labels, attn_mask=mask)
                 sums += torch.stack([part.double(), n.double()])
         self.model.train()
@@ -302,7 +275,7 @@ class Trainer:
             meter.add(out["n_tokens"], out["flops"])
             reporter.tick(out["loss"], out["n_tokens"] / (time.perf_counter() - t0))
             self._report(reporter, out, meter, total)
-            crash_if_asked(self.cfg.debug, self.step, self.dims.rank, self.dims.world_size)
+            self.faults.after_step(self.step)
             signal_name = stop.agree(self.dims.distributed, self.device)  # collective
             if self._end_of_step(reporter, signal_name, start, total):
                 return
@@ -327,7 +300,8 @@ class Trainer:
         if val_due:
             row["val_loss"] = self.evaluate()
         if eval_due:  # held-out loss per position bucket (evaluate/training.py)
-            row.update(eval_in_training.row_of(self))
+            row.update(eval_in_training.row_of(self.model, cfg, self.dims, self.data,
+                                                  self.dtype))
         reporter.log(row, total)  # never raises: a metric must not end the run
 
     def _end_of_step(self, reporter: Reporter, signal_name: str | None, start: int,
