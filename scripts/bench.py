@@ -7,7 +7,7 @@
 Prints one JSON line per sequence length: seq_len, tokens_per_s, model_tflops, mfu (null where
 the device's peak is unknown), peak_mem_gib, plus the options used (ac, offload, mlp_chunk, ...).
 Batch size 1, synthetic tokens. The model is built exactly as the trainer builds it
-(`model_build.build_model`: same checkpointing, tiling and compile passes), and the optimizer is
+(`parallelize.build_model`: same checkpointing, tiling and compile passes), and the optimizer is
 the trainer's AdamW (fused on CUDA), so the numbers are the trainer's step minus data loading.
 
 Defaults are the long-context recipe: bf16 autocast on GPU (fp32 on CPU), tiled loss (no

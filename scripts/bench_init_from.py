@@ -6,7 +6,7 @@ Builds DIR (default: a temp dir) with transformers' `save_pretrained`: a random 
 Llama (d 768, 10 layers, 12 heads / 4 kv heads, ffn 2048, vocab 32000, untied, bf16 on disk,
 sharded with an index), unless DIR already holds one. Then, for each layout `ranks:zero`, runs
 this script under torchrun (gloo, CPU): every rank builds the model as the trainer does
-(`model_build.build_model`, so it owns only its shards at zero=3) and loads DIR into it under
+(`parallelize.build_model`, so it owns only its shards at zero=3) and loads DIR into it under
 `rss.AnonPeak`. Prints one JSON line per rank: RssAnon before the load, its peak during the
 load, what the load added (peak - before), RSS after (mapped safetensors pages included), time.
 

@@ -8,8 +8,12 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "setup: installing torch 2.13.0" >&2
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-# Commands run from the repo root import this checkout directly; only dependencies are needed.
 if ! "$PY" -c "import hydra, omegaconf, datasets, sentencepiece, wandb, tqdm, filelock, pytest, pyarrow, transformers, tokenizers, safetensors, matplotlib" 2>/dev/null; then
   echo "setup: pip install -e '.[dev]'" >&2
   "$PY" -m pip install -q -e ".[dev]"
 fi
+# The checkout itself, editable and without touching the dependencies: `import ulysses_train` works
+# from any directory (scripts/eval.py, scripts/*.py) and the console scripts ulysses-train,
+# ulysses-eval, ulysses-export and ulysses-plan are on PATH. Reinstalled each time, so a fresh
+# clone (CI's) points at itself, not at an older checkout.
+"$PY" -m pip install -q --no-deps --no-build-isolation -e .

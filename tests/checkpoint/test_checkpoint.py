@@ -6,7 +6,7 @@ import pytest
 import torch
 from support.common import cpu_dims, flip_byte, run_train, small_config
 
-from ulysses_train.checkpoint import store as checkpoint_files
+from ulysses_train.checkpoint import manifest
 from ulysses_train.checkpoint.manager import (
     CheckpointManager,
     CheckpointSaveError,
@@ -141,10 +141,10 @@ def test_manifest_reports_the_damaged_file_by_path(tmp_path, damage):
     cfg, model, opt = make()
     m = manager(tmp_path, cfg)
     step_dir = m.save(1, model, opt, {"step": 1})
-    assert m.verify(step_dir) == []
+    assert m.resume.verify(step_dir) == []
     victim = os.path.join(step_dir, [f for f in os.listdir(step_dir) if f.endswith(".distcp")][0])
     DAMAGE[damage](victim)
-    problems = m.verify(step_dir)
+    problems = m.resume.verify(step_dir)
     assert len(problems) == 1 and problems[0].startswith(victim + ": "), problems
 
 
@@ -155,7 +155,7 @@ def test_manifest_covers_every_file_and_meta_is_checked_first(tmp_path):
     assert set(manifest["files"]) == set(os.listdir(step_dir)) - {"manifest.json"}
     # A flipped byte in meta.json is corruption, not "another model shape".
     flip_byte(os.path.join(step_dir, "meta.json"))
-    problems = manager(tmp_path, cfg).verify(step_dir)
+    problems = manager(tmp_path, cfg).resume.verify(step_dir)
     assert problems and "meta.json" in problems[0]
 
 
@@ -200,7 +200,7 @@ def test_failed_async_save_is_raised_and_never_marked_latest(tmp_path, monkeypat
     def disk_full(path, *hashed):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_files, "write_manifest", disk_full)
+    monkeypatch.setattr(manifest, "write_manifest", disk_full)
     m.save(2, model, opt, {"step": 2})
     with pytest.raises(CheckpointSaveError, match="step 2 was not saved.*No space left"):
         m.wait()
@@ -233,12 +233,12 @@ def test_resume_abandons_checkpoints_newer_than_the_resumed_step(tmp_path):
 
 def test_sha256_without_xxhash_and_sizes_only_where_the_hash_is_unknown(tmp_path, monkeypatch):
     cfg, model, opt = make()
-    monkeypatch.setattr(checkpoint_files, "default_algorithm", lambda: "sha256")
+    monkeypatch.setattr(manifest, "default_algorithm", lambda: "sha256")
     step_dir = manager(tmp_path, cfg).save(1, model, opt, {"step": 1})
     assert json.load(open(os.path.join(step_dir, "manifest.json")))["algorithm"] == "sha256"
     flip_byte(os.path.join(step_dir, "__0_0.distcp"))
-    assert "content differs" in manager(tmp_path, cfg).verify(step_dir)[0]
-    monkeypatch.setattr(checkpoint_files, "can_hash", lambda algorithm: False)
+    assert "content differs" in manager(tmp_path, cfg).resume.verify(step_dir)[0]
+    monkeypatch.setattr(manifest, "can_hash", lambda algorithm: False)
     said = []
-    assert manager(tmp_path, cfg, log=said.append).verify(step_dir) == []  # sizes still match
+    assert manager(tmp_path, cfg, log=said.append).resume.verify(step_dir) == []  # sizes still match
     assert "checking file sizes only" in said[0]

@@ -19,7 +19,7 @@ import torch
 from support.common import ROOT, SMALL, cpu_dims, flip_byte, run_train, small_config
 from support.spawn import run_distributed
 
-from ulysses_train.checkpoint import store as checkpoint_files
+from ulysses_train.checkpoint import manifest, store
 from ulysses_train.checkpoint.manager import CheckpointManager
 from ulysses_train.config.errors import InputUnreadable
 from ulysses_train.config.schema import CheckpointConfig
@@ -79,7 +79,7 @@ def test_a_read_error_that_is_not_corruption_stops_and_keeps_everything(tmp_path
         monkeypatch.setattr(torch.distributed.checkpoint.filesystem.FileSystemReader,
                             "read_data", fault)
     else:
-        monkeypatch.setattr(checkpoint_files, "hash_file", fault)
+        monkeypatch.setattr(manifest, "hash_file", fault)
     said = []
     with pytest.raises(InputUnreadable) as caught:
         _manager(tmp_path, cfg, log=said.append).restore(model, opt, {"step": 0})
@@ -149,7 +149,7 @@ def test_explicit_older_path_moves_newer_steps_aside_even_twice(tmp_path):
     assert sorted(os.listdir(ck / "abandoned")) == [
         "step_00000002", "step_00000003", "step_00000003.1"]
     for name in os.listdir(ck / "abandoned"):
-        assert checkpoint_files.is_complete(str(ck / "abandoned" / name))
+        assert store.is_complete(str(ck / "abandoned" / name))
 
 
 @pytest.mark.parametrize("elsewhere", [False, True], ids=["same-dir", "other-run-dir"])
@@ -173,7 +173,7 @@ def test_rerunning_an_explicit_path_continues_its_line(tmp_path, elsewhere):
     kept = sorted(os.listdir(abandoned)) if abandoned.exists() else []
     assert kept == ([] if elsewhere else ["step_00000002", "step_00000003"])
     again.save(3, model, opt, {"step": 3})  # the line goes on; its origin is kept
-    assert checkpoint_files.read_meta(str(run_dir / "checkpoints" / "step_00000003"))[
+    assert store.read_meta(str(run_dir / "checkpoints" / "step_00000003"))[
         "origin"] == os.path.realpath(path)
 
 
@@ -216,14 +216,14 @@ def _hashing_rank(rank, world, root):
     model = build(cfg, dims)
     opt = build_optimizer(model, cfg.optim)
     hashed = []
-    real = checkpoint_files.hash_file
-    checkpoint_files.hash_file = lambda path, alg: hashed.append(os.path.basename(path)) or \
+    real = manifest.hash_file
+    manifest.hash_file = lambda path, alg: hashed.append(os.path.basename(path)) or \
         real(path, alg)
     m = CheckpointManager(root, CheckpointConfig(), cfg.model, is_main=dims.is_main,
                           distributed=True)
     m.save(1, model, opt, {"step": 1})
     on_save, hashed[:] = sorted(hashed), []
-    problems = m.verify(os.path.join(root, "checkpoints", "step_00000001"))
+    problems = m.resume.verify(os.path.join(root, "checkpoints", "step_00000001"))
     on_verify, hashed[:] = sorted(hashed), []
     background = CheckpointManager(root, CheckpointConfig(async_save=True), cfg.model,
                                    is_main=dims.is_main, distributed=True)
@@ -231,7 +231,7 @@ def _hashing_rank(rank, world, root):
     background.wait()
     background.close()
     on_async_save = sorted(hashed)
-    problems += m.verify(os.path.join(root, "checkpoints", "step_00000002"))
+    problems += m.resume.verify(os.path.join(root, "checkpoints", "step_00000002"))
     return on_save, on_verify, problems, on_async_save
 
 
@@ -240,8 +240,8 @@ def test_each_rank_hashes_the_files_it_wrote(tmp_path):
     (save0, verify0, problems0, async0), (save1, verify1, problems1, async1) = results
     assert save0 == async0 == [".metadata", "__0_0.distcp", "meta.json"]  # + what it alone wrote
     assert save1 == async1 == ["__1_0.distcp"]
-    manifest = checkpoint_files.read_manifest(str(tmp_path / "checkpoints" / "step_00000001"))[0]
-    assert sorted(manifest["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp",
+    listed = manifest.read_manifest(str(tmp_path / "checkpoints" / "step_00000001"))[0]
+    assert sorted(listed["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp",
                                          "meta.json"]
     assert problems0 == problems1 == []
     assert sorted(verify0 + verify1) == sorted(["meta.json", "meta.json", ".metadata",

@@ -14,7 +14,7 @@ import pytest
 from support.common import SMALL, cpu_dims, run_train, small_config
 
 from ulysses_train.checkpoint import identity as run_identity
-from ulysses_train.checkpoint import store as checkpoint_files
+from ulysses_train.checkpoint import manifest, store
 from ulysses_train.cli import compose as cli
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.config.schema import Config
@@ -137,7 +137,7 @@ def test_resume_with_another_data_stream_is_refused_naming_the_key(tmp_path, sec
 
 def test_meta_json_records_the_data_identity(tmp_path):
     _stop_at_2(tmp_path)
-    meta = checkpoint_files.read_meta(str(tmp_path / "checkpoints" / "step_00000002"))
+    meta = store.read_meta(str(tmp_path / "checkpoints" / "step_00000002"))
     data = meta["identity"]["data"]
     assert {k: data[k] for k in run_identity.STREAM_KEYS} == {
         "data.name": "synthetic", "data.seq_len": 32, "train.global_batch_size": 4,
@@ -225,7 +225,7 @@ def test_a_checkpoint_without_identity_resumes_with_a_warning(tmp_path, capsys):
     meta = json.loads((step / "meta.json").read_text())
     del meta["identity"]
     (step / "meta.json").write_text(json.dumps(meta))
-    checkpoint_files.write_manifest(str(step))  # as an older version wrote it
+    manifest.write_manifest(str(step))  # as an older version wrote it
     changed = small_config(train={"steps": 4, "seed": 5})
     run_identity.check_before_start(changed, str(tmp_path))  # nothing to compare: silent
     trainer = Trainer(changed, str(tmp_path), cpu_dims())

@@ -6,6 +6,7 @@ import yaml
 from support.common import small_config
 
 from ulysses_train.cli import compose as cli
+from ulysses_train.cli import job
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.config.schema import MODEL_PRESETS, ModelConfig
 from ulysses_train.model import PRESETS
@@ -70,10 +71,10 @@ def test_only_rank_zero_writes_hydra_files():
 
 def test_restart_warning_only_when_restarts_cannot_work():
     shared = {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in cli.restart_warning(shared)
-    assert cli.restart_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
-    assert cli.restart_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
-    assert cli.restart_warning({}) is None
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in job.restart_warning(shared)
+    assert job.restart_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert job.restart_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert job.restart_warning({}) is None
 
 
 def test_hydra_config_yaml_is_rewritten_only_when_init_from_or_auto_changed_it(tmp_path):
@@ -85,16 +86,16 @@ def test_hydra_config_yaml_is_rewritten_only_when_init_from_or_auto_changed_it(t
 
     composed = cli.precheck([])
     (tmp_path / "config.yaml").write_text("hydra's composition\n")
-    assert not cli.write_effective_config(str(tmp_path), composed, composed)
+    assert not job.write_effective_config(str(tmp_path), composed, composed)
     assert (tmp_path / "config.yaml").read_text() == "hydra's composition\n"
     imported = dataclasses.replace(composed, model=dataclasses.replace(
         composed.model, n_layers=5, init_from="/models/src"))
-    assert cli.write_effective_config(str(tmp_path), composed, imported)
+    assert job.write_effective_config(str(tmp_path), composed, imported)
     text = (tmp_path / "config.yaml").read_text()
     assert text.startswith("# the config this run uses: Hydra's composition with model.init_from")
     assert OmegaConf.create(text).model.n_layers == 5
     assert os.listdir(tmp_path) == ["config.yaml"]  # no .tmp left behind
-    assert not cli.write_effective_config(str(tmp_path / "none"), composed, imported)
+    assert not job.write_effective_config(str(tmp_path / "none"), composed, imported)
 
 
 @pytest.mark.parametrize("override,key,value", [

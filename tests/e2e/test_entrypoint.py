@@ -10,7 +10,7 @@ import os
 import pytest
 from support.common import SMALL, metrics_rows, run_train, small_config
 
-from ulysses_train.checkpoint import store as checkpoint_files
+from ulysses_train.checkpoint import manifest
 
 
 def test_trains_and_writes_the_run_dir(tmp_path, small_args):
@@ -32,7 +32,7 @@ def _fake_checkpoint(step_dir, drop=(), **model):
     shape = {**dataclasses.asdict(small_config().model), **model}
     shape = {k: v for k, v in shape.items() if k not in drop}
     (step_dir / "meta.json").write_text(json.dumps({"step": 1, "model": shape}))
-    checkpoint_files.write_manifest(str(step_dir))
+    manifest.write_manifest(str(step_dir))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ ZeRO-2 shards within a node, replicas across).
 - Then the same job again, and once step 3 is logged both workers of one "node" are SIGKILLed:
   both launchers restart (--max-restarts=1), the job resumes from `latest` and its curve equals
   the uninterrupted multi-node one bit for bit (the launcher's shared store must be off:
-  TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, cli.restart_warning).
+  TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, cli/job.py restart_warning).
 """
 from __future__ import annotations
 

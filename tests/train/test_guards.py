@@ -8,7 +8,7 @@ import pytest
 import torch
 from support.common import cpu_dims, metrics_rows, small_config
 
-from ulysses_train.cli import compose as cli
+from ulysses_train.cli import job
 from ulysses_train.config.errors import RunStopped
 from ulysses_train.train.trainer import Trainer, run
 
@@ -83,6 +83,6 @@ def test_k_skips_in_a_row_stop_with_the_last_good_weights_saved(tmp_path):
 
 def test_run_stopped_is_one_line_with_exit_code_3(capsys):
     with pytest.raises(SystemExit) as info:
-        cli.fail(RunStopped("train.max_skipped_steps", "2 steps in a row\nhad NaN"), rank=0)
+        job.fail(RunStopped("train.max_skipped_steps", "2 steps in a row\nhad NaN"), rank=0)
     assert info.value.code == 3
     assert capsys.readouterr().err == "error: train.max_skipped_steps: 2 steps in a row had NaN\n"

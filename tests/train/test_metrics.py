@@ -24,10 +24,9 @@ from ulysses_train.train.metrics import (
     mfu_of,
     peak_flops,
     span_sq_sum,
-    wandb_login_source,
-    wandb_mode,
 )
 from ulysses_train.train.trainer import Trainer
+from ulysses_train.train.wandb_run import wandb_login_source, wandb_mode
 
 
 def test_mfu_is_achieved_over_peak():

@@ -184,7 +184,7 @@ def test_torchrun_sp2_trains_and_resumes(tmp_path, small_args):
 
 
 def test_torchrun_bad_layout_is_one_clean_line(small_args):
-    """Every rank fails validation; rank 0 reports first (the others wait, cli.fail), so the
+    """Every rank fails validation; rank 0 reports first (the others wait, cli/job.py fail), so the
     launcher cannot stop it before its line is out."""
     done = run_torchrun(2, small_args + ["parallel.sp=4"])
     # the launcher's own exit code and summary (docs/architecture.md §2)

@@ -31,7 +31,9 @@ import numpy as np
 import pytest
 from support.common import ROOT, metrics_rows, small_config
 
+from ulysses_train.checkpoint import manifest
 from ulysses_train.checkpoint import store as files
+from ulysses_train.cli import job
 from ulysses_train.data.cache import TOKENIZER, open_or_build, read_complete
 from ulysses_train.data.tokenizer import open_tokenizer
 from ulysses_train.data.tokenizer_files import save_run_tokenizer
@@ -129,7 +131,7 @@ def test_latest_survives_a_torn_write(tmp_path):
     assert [r["step"] for r in metrics_rows(tmp_path)] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("name", [files.META, files.MANIFEST])
+@pytest.mark.parametrize("name", [manifest.META, manifest.MANIFEST])
 def test_torn_commit_file_keeps_the_previous_checkpoint(tmp_path, capsys, name):
     """A crash while writing a step's meta.json or manifest: the step never appears complete,
     `latest` still names the previous one, and the rerun resumes from it."""
@@ -303,13 +305,12 @@ def test_torn_effective_config_keeps_hydras(tmp_path):
     mid-write leaves Hydra's composition whole, never a torn YAML."""
     import dataclasses
 
-    from ulysses_train.cli import compose as cli
 
     composed = small_config()
     applied = dataclasses.replace(composed, model=dataclasses.replace(
         composed.model, n_layers=5, init_from="/models/src"))
     (tmp_path / "config.yaml").write_text("hydra's composition\n")
     with pytest.raises(SimulatedCrash), torn_writes(lambda p: p.endswith("config.yaml.tmp")):
-        cli.write_effective_config(str(tmp_path), composed, applied)
+        job.write_effective_config(str(tmp_path), composed, applied)
     assert (tmp_path / "config.yaml").read_text() == "hydra's composition\n"
 

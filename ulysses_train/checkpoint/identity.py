@@ -5,7 +5,7 @@ The data position of a run is its global step (row r of step t is sample t * glo
 if every input of that stream is the same, so each checkpoint's `meta.json` records, under
 `identity.data`, flat keys named like the config keys that carry them:
 
-- the stream's shape, checked from the config alone (before torch is imported):
+- the stream's shape, checked from the config alone (in the pre-check, before data is built):
   `data.name`, `data.seq_len`, `train.global_batch_size`, `train.seed`, `data.document_mask`,
   `data.val_fraction` (`STREAM_KEYS`);
 - the content, known once the data is built: `data.tokenizer` (sha256 of the files defining
@@ -25,18 +25,18 @@ every start). Checkpoints written before the identity existed resume with a warn
 
 Resuming with a different identity is bad input (`ConfigError`, exit 2) naming the key. The
 optimizer's hyper-parameters are recorded too (`identity.optim`), but there the config wins
-(optim.py, `Trainer._restore`).
+(train/optim.py, `Trainer._restore`).
 """
 from __future__ import annotations
 
 import os
 import platform
 import re
-import shlex
 from typing import Callable
 
 from ..config.errors import ConfigError
-from .store import CheckpointDir, read_meta
+from ..config.overrides import override
+from .store import read_meta, resume_source
 
 STREAM_KEYS = ("data.name", "data.seq_len", "train.global_batch_size", "train.seed",
                "data.document_mask", "data.val_fraction")
@@ -74,22 +74,6 @@ def config_identity(cfg) -> dict:
     return out
 
 
-def _hydra_value(value) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list):
-        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
-    text = str(value)
-    if re.fullmatch(r"[\w./~+:@-]*", text):
-        return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def override(key: str, value) -> str:
-    """`key=value` as one shell word that Hydra parses back to `value` (quoted when needed)."""
-    return shlex.quote(f"{key}={_hydra_value(value)}")
-
-
 def lower_lr_fragment(cfg, run_dir: str) -> str:
     """What to add to the command to resume this run with half the learning rate. The run dir
     is named: the default one hashes optim.lr, so without it the rerun would start a new run."""
@@ -119,7 +103,7 @@ def check_resume(meta: dict, current: dict, path: str, mode: str,
     """Refuse to resume checkpoint `path` (its `meta`) with another data identity.
 
     `current` is {"data": {...}} as `Trainer` builds it, or only its config part (the early
-    check before torch: content keys absent are not compared). Raises ConfigError naming the
+    pre-check: content keys absent are not compared). Raises ConfigError naming the
     key (exit 2); logs a warning for a checkpoint without an identity, and a note when only
     the source changed but the tokens did not.
     """
@@ -176,20 +160,10 @@ def _default_blame(key: str, now: dict) -> str:
     return {"files": "data.paths", "hf": "data.hf_name"}.get(now.get("data.name"), "data.name")
 
 
-def resume_candidate(run_dir: str, mode: str) -> str | None:
-    """The checkpoint `checkpoint.resume` would try first, or None (never, or none yet)."""
-    if mode == "never":
-        return None
-    if mode != "auto":
-        return os.path.abspath(os.path.expanduser(mode))
-    found = CheckpointDir(os.path.join(run_dir, "checkpoints"), log=lambda _: None).candidates()
-    return found[0] if found else None
-
-
 def check_before_start(cfg, run_dir: str) -> None:
     """The config part of the check, from meta.json alone: no torch, no data built. Silent for
     what the full check reports later (an unreadable or old checkpoint)."""
-    path = resume_candidate(run_dir, cfg.checkpoint.resume)
+    path = resume_source(run_dir, cfg.checkpoint.resume)
     if path is None:
         return
     try:

@@ -1,10 +1,10 @@
 """Checkpoints: DCP save (sync or async), verified resume, the `latest` pointer, retention.
 
-This module saves; choosing and loading what to resume from is `checkpoint_resume.ResumeMixin`.
+This module saves; choosing and loading what to resume from is checkpoint/resume.py's `Resume`.
 
-Layout under the run dir (kept by `checkpoint_files.CheckpointDir`):
+Layout under the run dir (kept by `store.CheckpointDir`):
     checkpoints/step_00000100/   a committed checkpoint: DCP files + `.metadata`, `meta.json`,
-                                 `manifest.json` (sizes and hashes of the others; checkpoint_files)
+                                 `manifest.json` (sizes and hashes of the others; manifest.py)
     checkpoints/latest           text file naming the newest committed step directory
     checkpoints/.tmp_step_...    a save in progress (never read; removed, with a log line, on start)
 
@@ -28,7 +28,7 @@ Crash safety (a `kill -9` at any instant leaves a resumable run):
   once and raised on every rank at that wait — it is never marked `latest`. A single process
   needs no process group (DCP saves with `no_dist`).
 - Hashing on save: each rank hashes the shard files it wrote itself (known from DCP's write
-  results, `checkpoint_state.RecordingWriter`), all ranks at once; rank 0 gathers the entries
+  results, `state.RecordingWriter`), all ranks at once; rank 0 gathers the entries
   and adds `.metadata` and `meta.json` — it never reads every shard alone.
 - Verification on resume: sizes of every file of each candidate (one stat each: free), then the
   hashes of the checkpoint actually being loaded — loading reads those bytes anyway, so verifying
@@ -57,8 +57,9 @@ import torch.distributed.checkpoint as dcp
 
 from ..config.schema import CheckpointConfig, ModelConfig
 from ..utils.atomic import fsync_dir, write_durably
+from . import manifest
 from . import store as files
-from .resume import ResumeMixin
+from .resume import Resume
 from .state import RecordingWriter, brief, state_to_save
 from .store import (  # noqa: F401 (re-exported)
     TMP_PREFIX,
@@ -77,7 +78,7 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written; `latest` still names the previous one."""
 
 
-class CheckpointManager(ResumeMixin):
+class CheckpointManager:
     """Owns `run_dir/checkpoints`: saving, retention and choosing what to resume from.
 
     Every rank writes its shards through DCP; only the main rank touches the directory structure
@@ -91,7 +92,7 @@ class CheckpointManager(ResumeMixin):
                  on_save_point: Callable[[int, str], None] | None = None):
         self.run_dir = run_dir
         # What makes this run's data (and its hyper-parameters): recorded in meta.json and
-        # compared before loading (run_identity.check_resume). None: neither (library use).
+        # compared before loading (checkpoint/identity.py check_resume). None: neither (library use).
         self.identity = identity
         self.dir = os.path.join(run_dir, "checkpoints")
         self.ckdir = files.CheckpointDir(self.dir, log)
@@ -106,9 +107,20 @@ class CheckpointManager(ResumeMixin):
         self._group = None  # the checkpoint's own gloo group, made once on first use
         self._executor: ThreadPoolExecutor | None = None  # finishes async saves
         self._pending: tuple[int, Future] | None = None  # the async save in flight
-        # The `checkpoint.resume=PATH` this run's line started from (realpath), recorded in every
-        # meta.json it saves: rerunning the same command then continues that line (restore).
-        self.origin: str | None = None
+        self.resume = Resume(self.ckdir, cfg, model_cfg, identity, log, is_main, distributed,
+                             group=self._pg)
+
+    @property
+    def origin(self) -> str | None:
+        """The `checkpoint.resume=PATH` this run's line started from (realpath), recorded in
+        every meta.json it saves: rerunning the same command then continues that line."""
+        return self.resume.origin
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                trainer_state: dict) -> tuple[dict | None, str | None]:
+        """Apply `checkpoint.resume` (Resume.restore): (saved trainer state, path) or (None,
+        None). A collective: every rank calls it."""
+        return self.resume.restore(model, optimizer, trainer_state)
 
     def _barrier(self) -> None:
         if self.distributed:
@@ -181,9 +193,9 @@ class CheckpointManager(ResumeMixin):
         """Every rank hashes the shard files it wrote, all at once; rank 0 gathers the entries
         (on the checkpoint's gloo group) and returns them with their algorithm ({} elsewhere).
         A rank's read error fails the save on that rank and on rank 0, which never commits."""
-        algorithm = files.default_algorithm()
+        algorithm = manifest.default_algorithm()
         try:
-            mine = (algorithm, files.hash_files(tmp, written, algorithm), None)
+            mine = (algorithm, manifest.hash_files(tmp, written, algorithm), None)
         except OSError as exc:
             mine = (algorithm, {}, f"{exc.filename}: {exc.strerror or exc}")
         every = [mine]
@@ -207,8 +219,8 @@ class CheckpointManager(ResumeMixin):
             meta["identity"] = self.identity
         if self.origin is not None:
             meta["origin"] = self.origin
-        write_durably(os.path.join(tmp, files.META), json.dumps(meta, indent=1))
-        files.write_manifest(tmp, hashed, algorithm)  # last file in: it covers all the others
+        write_durably(os.path.join(tmp, manifest.META), json.dumps(meta, indent=1))
+        manifest.write_manifest(tmp, hashed, algorithm)  # last file in: it covers all the others
         if os.path.exists(final):  # cannot happen after `abandon_after`; never delete it anyway
             self.ckdir.move_aside(step_dirname(step), "another save of the same step committed")
         os.rename(tmp, final)  # the commit

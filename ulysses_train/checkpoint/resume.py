@@ -1,8 +1,6 @@
-"""Choosing and loading the checkpoint to resume from: the `restore` half of CheckpointManager.
-
-`ResumeMixin` is mixed into `checkpoint.CheckpointManager` and uses its attributes (`dir`,
-`ckdir`, `cfg`, `model_cfg`, `identity`, `origin`, `log`, `is_main`, `distributed`, `_pg`).
-The rules it keeps:
+"""Choosing and loading the checkpoint to resume from: `Resume`, which `CheckpointManager.restore`
+delegates to (it is given what it reads: the checkpoints dir, checkpoint.*, the model config, the
+data identity and the checkpoint's gloo group). The rules it keeps:
 - `resume=auto` follows `latest` and falls back to an older checkpoint only past *verified*
   corruption (manifest, sizes, hashes); any other failure to verify or load is a
   `InputUnreadable (store.read_error)` (exit 1) that leaves everything on disk.
@@ -15,6 +13,7 @@ The rules it keeps:
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -23,24 +22,25 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import set_state_dict
 
 from ..config.errors import ConfigError, InputUnreadable
+from . import manifest
 from . import store as files
 from .identity import check_resume
+from .manifest import read_error
 from .state import load_failure, state_to_load
-from .store import read_error
 
 # DCP wraps read failures in CheckpointException, which derives from BaseException.
 LOAD_ERRORS = (Exception, CheckpointException)
 
 
 def verify_collectively(path: str, group, **share_args) -> list[str]:
-    """`checkpoint_files.verify_share` split over the ranks of gloo `group` (None: this process
+    """`manifest.verify_share` split over the ranks of gloo `group` (None: this process
     alone): each rank hashes its share of the files and the verdicts are gathered, so every rank
     returns the same problems (deduplicated) or raises the same InputUnreadable (store.read_error).
     `share_args`: verify_share's `hashes`, `check`, `log`. A collective over `group`."""
     rank, world = ((dist.get_rank(group), dist.get_world_size(group)) if group is not None
                    else (0, 1))
     try:
-        mine = (files.verify_share(path, (rank, world), **share_args), None)
+        mine = (manifest.verify_share(path, (rank, world), **share_args), None)
     except InputUnreadable as exc:
         mine = ([], exc.why)
     every = [mine]
@@ -54,8 +54,21 @@ def verify_collectively(path: str, group, **share_args) -> list[str]:
     return list(dict.fromkeys(p for problems, _ in every for p in problems))  # dedup
 
 
-class ResumeMixin:
-    """`check_shape`, `verify`, `load` and `restore` of `CheckpointManager` (see the module)."""
+class Resume:
+    """Applies `checkpoint.resume` to a run's `checkpoints/` dir (see the module docstring).
+
+    `identity`: what the run's data stream is (checked against each checkpoint's meta.json;
+    None: not checked). `group`: a function returning the checkpoint's gloo group (None alone),
+    made on first use. After `restore`, `origin` is the `checkpoint.resume=PATH` the run's line
+    started from (recorded in every later meta.json), or None."""
+
+    def __init__(self, ckdir: files.CheckpointDir, cfg, model_cfg, identity: dict | None,
+                 log: Callable[[str], None], is_main: bool, distributed: bool,
+                 group: Callable[[], object]):
+        self.ckdir, self.dir, self.cfg, self.model_cfg = ckdir, ckdir.path, cfg, model_cfg
+        self.identity, self.log, self.is_main = identity, log, is_main
+        self.distributed, self._pg = distributed, group
+        self.origin: str | None = None
 
     # ---- verifying ----------------------------------------------------------------------
     def check_shape(self, path: str) -> None:
@@ -149,7 +162,7 @@ class ResumeMixin:
         for path in candidates:
             problems = self.verify(path)
             if problems:
-                self.log(f"warning: checkpoint {path} is corrupt ({files.summary(problems)}); "
+                self.log(f"warning: checkpoint {path} is corrupt ({manifest.summary(problems)}); "
                          "trying the next newest")
                 continue
             return self._load_verified(path, model, optimizer, trainer_state), path
@@ -164,5 +177,5 @@ class ResumeMixin:
         problems = self.verify(path)
         if problems:
             raise ConfigError("checkpoint.resume", f"{path} is corrupt: "
-                              f"{files.summary(problems)}; pick another step directory")
+                              f"{manifest.summary(problems)}; pick another step directory")
         return self._load_verified(path, model, optimizer, trainer_state)

@@ -49,7 +49,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     # A Hugging Face model dir or one of our run/step dirs: the architecture (model.*) comes
-    # from it (hf/config.py), the weights too (init_from.py), and its tokenizer files are
+    # from it (hf/config.py), the weights too (hf/init_from.py), and its tokenizer files are
     # data.tokenizer_path's default (data/tokenizer_files.py). "" = train from scratch.
     init_from: str = ""
 
@@ -81,7 +81,7 @@ class ParallelConfig:
 
 @dataclass
 class PlanConfig:
-    """`python -m ulysses_train.plan` and `parallel.auto` (validated in plan/config.py)."""
+    """`python -m ulysses_train.plan` and `parallel.auto` (validated in config/plan.py)."""
 
     gpus: int = 0  # GPUs to plan for (0: the world size under parallel.auto)
     gpu_mem_gib: float = 0.0  # memory per GPU (0 under parallel.auto: what the device reports)
@@ -128,7 +128,7 @@ class TrainConfig:
     val_every: int = 100  # 0 = off
     val_batches: int = 4
     deterministic: bool = False  # bit-reproducible kernels on GPU too (guards.set_deterministic)
-    max_skipped_steps: int = 5  # stop after this many non-finite steps in a row (guards.py)
+    max_skipped_steps: int = 5  # stop after this many non-finite steps in a row (train/guards.py)
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""`data.paths` as plain files (no torch): which inputs a `data=files` run reads.
+"""`data.paths` as plain files: which inputs a `data=files` run reads.
 
-Kept out of the `data` package (whose import pulls in torch) so the validator can refuse a
-missing file, a directory or an unknown file type in the pre-check, a second after the command
-is typed; the data pipeline resolves the same list again when it reads them.
+The entry points' pre-check (cli/checks.py) refuses a missing file, a directory or an unknown
+file type with it before any heavy work, a second after the command is typed; the data pipeline
+resolves the same list again when it reads them.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""What `scripts/eval.py` runs: load a checkpoint into the training layout, evaluate, write
+"""What `scripts/eval.py` (cli/eval.py) runs: load a checkpoint into the training layout, evaluate, write
 `eval.json` and `eval.png` into the run dir (rank 0, atomically).
 
 `eval.checkpoint` is one of our run dirs (its `checkpoints/latest`), a `checkpoints/step_N` dir,
 or a Hugging Face model dir. It is read exactly as `model.init_from` is in training (one path:
-hf/config.py decides `model.*`, init_from.py loads the weights into this layout, the tokenizer
+hf/config.py decides `model.*`, hf/init_from.py loads the weights into this layout, the tokenizer
 defaults to the checkpoint's): scripts/eval.py sets `model.init_from` to it. For our
 checkpoints a `model.rope_*` given on the command line wins (e.g. RoPE scaling to evaluate
 beyond the trained context); architecture keys must agree.
@@ -20,27 +20,14 @@ from ..config.errors import ConfigError
 from ..config.parallel import padded_vocab
 from ..config.schema import Config
 from ..hf.init_from import load_initial_weights, resolve
+from ..model.precision import resolve_dtype
 from ..parallel import ParallelDims
-from ..parallel.parallelize import build_model, resolve_dtype
+from ..parallel.parallelize import build_model
 from ..utils.atomic import atomic_write
 from . import evaluate_model
 from .suite import passkey_plan
 
 RESULT, PLOT = "eval.json", "eval.png"
-
-
-def checkpoint_as_init_from(args: list[str]) -> list[str]:
-    """The override that makes `eval.checkpoint=PATH` the model source: `model.init_from=PATH`
-    (architecture, weights, tokenizer). Raises ConfigError if both are given and differ."""
-    path = next((a.split("=", 1)[1] for a in args if a.startswith("eval.checkpoint=")), "")
-    given = next((a.split("=", 1)[1] for a in args if a.startswith("model.init_from=")), None)
-    if not path:
-        raise ConfigError("eval.checkpoint", "is required: give a run dir, a checkpoints/step_N "
-                          "dir or a Hugging Face model dir")
-    if given is not None and given != path:
-        raise ConfigError("model.init_from", f"{given} differs from eval.checkpoint={path}; "
-                          "give only eval.checkpoint (it is the model evaluated)")
-    return [] if given is not None else [f"model.init_from={path}"]
 
 
 def write_results(result: dict, run_dir: str) -> tuple[str, str]:

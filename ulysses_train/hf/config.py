@@ -3,7 +3,7 @@
 A Hugging Face model dir's `config.json` (model_type llama, mistral or qwen2; transformers 4 or 5
 spelling) or one of our run / `checkpoints/step_*` dirs (its meta.json "model") decides the
 model's fields, overriding the preset. `apply_init_from` is the one place that does it; both the
-command-line pre-check (cli.py) and train.py's main call it with the keys the user set
+command-line pre-check (cli/compose.py) and train.py's main call it with the keys the user set
 explicitly, so they build the same config. Rules:
 
 - A key the source *states* and the user also set explicitly to another value is an error
@@ -15,7 +15,7 @@ explicitly, so they build the same config. Rules:
   too: a later stage of a context extension changes them on purpose.
 - What we cannot train faithfully is refused in one line before any heavy work.
 
-No torch, no transformers: this runs in the pre-check, before torch is imported.
+No tensors, no transformers: this runs in the pre-check, before any heavy work.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import math
 import os
 from typing import Iterable
 
+from ..checkpoint.store import resume_source
 from ..config.errors import ConfigError
 from ..utils.jsonfile import read_json_object
 
@@ -227,13 +228,11 @@ def apply_init_from(cfg, explicit: Iterable[str], run_dir: str | None = None):
     `explicit`: ModelConfig field names the user set on the command line
     (`explicit_model_keys`). ConfigError `model.<key>` when one of them disagrees with a value
     the source states; ConfigError `model.init_from` when the source is unusable. `run_dir`:
-    when the run there will resume from a checkpoint (checkpoint_files.resume_source), that
+    when the run there will resume from a checkpoint (checkpoint/store.py resume_source), that
     checkpoint decides instead: resume wins, the source is not read and may be gone.
     """
     if not cfg.model.init_from:
         return cfg
-    from ..checkpoint.store import resume_source
-
     explicit = set(explicit)
     resumed = resume_source(run_dir, cfg.checkpoint.resume) if run_dir else None
     stated, defaults, name = model_fields_from(resumed or cfg.model.init_from, cfg.data.seq_len)

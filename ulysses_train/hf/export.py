@@ -26,7 +26,6 @@ so the same command can be rerun.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -273,24 +272,3 @@ def _copy_tokenizer(tokenizer_dir: str, out_dir: str, created: list[str]) -> lis
         created.append(os.path.join(out_dir, name))
         shutil.copy2(os.path.join(tokenizer_dir, name), created[-1])
     return names
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ulysses_train.export",
-                                     description="Export a checkpoint as a Hugging Face model dir")
-    parser.add_argument("checkpoint", help="a run dir (its checkpoints/latest), its checkpoints/ or a step_* dir")
-    parser.add_argument("out_dir", help="a new or empty directory")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    parser.add_argument("--max-shard-size", default="5GB",
-                        help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
-    args = parser.parse_args(argv)
-    try:
-        export(args.checkpoint, args.out_dir, args.dtype, parse_size(args.max_shard_size))
-    except ConfigError as error:
-        print(re.sub(r"\s*\n\s*", " ", f"error: {error}"), file=sys.stderr, flush=True)
-        return error.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

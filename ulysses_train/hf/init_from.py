@@ -11,7 +11,7 @@ data position (stage 2 of a context extension starts from stage 1 this way). Wha
 `check_initial_weights` is the cheap half (files, headers, meta.json, our manifest's sizes; no
 torch, no tensor data), called by config validation before any heavy work; `load_initial_weights`
 is the load, called by every rank after the model is built, sharded and initialised
-(model_build.py). Our checkpoints' content hashes are verified there, once per load, split over
+(parallel/parallelize.py py). Our checkpoints' content hashes are verified there, once per load, split over
 the ranks as resume splits them (`verify_checkpoint`; export calls it too): validation runs on
 every rank, and more than once per process, so hashing there would read the checkpoint over and
 over (resume too checks only what meta.json says at validation, and hashes at the load).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 
+from ..checkpoint import manifest
 from ..checkpoint import store as files
 from ..config.architecture import architecture_diffs, describe
 from ..config.errors import ConfigError, InputUnreadable
@@ -48,7 +49,7 @@ def resolve(path: str, key: str = KEY, hf: bool = True) -> tuple[str, str]:
         if latest is not None:
             return OURS, _complete_step(os.path.join(ckdir, latest), f"{ckdir}/latest names", key)
     if os.path.basename(path).startswith(files.STEP_PREFIX) or any(
-            os.path.isfile(os.path.join(path, n)) for n in (files.META, files.DCP_METADATA)):
+            os.path.isfile(os.path.join(path, n)) for n in (manifest.META, manifest.DCP_METADATA)):
         return OURS, _complete_step(path, "", key)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         raise ConfigError(key, f"{path} is a run dir without checkpoints/latest (no committed "
@@ -94,13 +95,13 @@ def check_checkpoint(step_dir: str, model_cfg) -> None:
 def verify_checkpoint(step_dir: str, key: str = KEY, distributed: bool = False,
                       hashes: bool = True) -> str | None:
     """Verify our checkpoint `step_dir` against its manifest.json as resume does
-    (checkpoint_resume.py): every file's size, then (`hashes`) every file's content hash. With
+    (checkpoint/resume.py): every file's size, then (`hashes`) every file's content hash. With
     `distributed`, each rank hashes every world-th file and the verdicts are gathered on a
     gloo group, so every rank raises the same error or none (a collective: every rank calls it).
 
     Returns None, or a warning line when the manifest's hash algorithm is missing here (sizes
-    only, then). The checks are checkpoint_files.verify_share's, split over the ranks by
-    checkpoint_resume.verify_collectively when `distributed`: the code resume runs. ConfigError(`key`, "... is damaged: ...", exit 2) for a missing or unreadable
+    only, then). The checks are manifest.verify_share's, split over the ranks by
+    checkpoint/resume.py verify_collectively when `distributed`: the code resume runs. ConfigError(`key`, "... is damaged: ...", exit 2) for a missing or unreadable
     manifest, a missing file, a size or a hash that differs; InputUnreadable (exit 1) for
     any other read error. Costs one read of the checkpoint's bytes (xxh3: ~0.3-0.5 s/GiB).
     """
@@ -119,12 +120,12 @@ def verify_checkpoint(step_dir: str, key: str = KEY, distributed: bool = False,
             finally:
                 dist.destroy_process_group(group)
         else:  # no torch.distributed: config validation calls this too
-            problems = files.verify_share(step_dir, hashes=hashes, log=warnings.append)
+            problems = manifest.verify_share(step_dir, hashes=hashes, log=warnings.append)
     except InputUnreadable as exc:
         raise InputUnreadable(key, f"{step_dir} could not be read ({exc.why}); nothing "
                                         "shows it is damaged: fix the cause and rerun") from None
     if problems:
-        raise ConfigError(key, f"{step_dir} is damaged: {files.summary(problems)}; use another "
+        raise ConfigError(key, f"{step_dir} is damaged: {manifest.summary(problems)}; use another "
                                "step_* dir")
     return warnings[0] if warnings else None
 
@@ -142,7 +143,7 @@ def check_initial_weights(path: str, model_cfg) -> tuple[str, str]:
 
 def load_initial_weights(model, path: str, model_cfg, dims) -> str:
     """Load the weights at `path` (see the module docstring) into `model`, which
-    `model_build.build_model` has built, sharded and initialised for layout `dims`; return one
+    `parallelize.build_model` has built, sharded and initialised for layout `dims`; return one
     line for the log: what was loaded, from where, in how long.
 
     A collective: every rank calls it at the same point. ConfigError as `check_initial_weights`;

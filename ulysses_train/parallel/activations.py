@@ -1,6 +1,6 @@
 """What each block keeps for backward: activation checkpointing, CPU offload, compile.
 
-Applied from `model_build.build_model` after tensor parallelism and before FSDP2
+Applied from `parallelize.build_model` after tensor parallelism and before FSDP2
 (docs/architecture.md §3), to the single-device blocks through their `checkpoint_fn` hook, so
 parameter names (and therefore checkpoints) are the same whatever is chosen here.
 

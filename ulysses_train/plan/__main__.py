@@ -1,6 +1,6 @@
-"""`python -m ulysses_train.plan [overrides] plan.gpus=N plan.gpu_mem_gib=M`: see plan/cli.py."""
+"""`python -m ulysses_train.plan [overrides] plan.gpus=N plan.gpu_mem_gib=M`: see cli/plan.py."""
 import sys
 
 from ..cli.plan import main
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(main())

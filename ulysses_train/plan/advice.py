@@ -143,7 +143,7 @@ def shard_group_error(cfg: Config, layouts: list) -> ConfigError | None:
 
 
 def _valid_groups(p: ParallelConfig, dp: int, sp: int, zero: int) -> list[int]:
-    """The shard-group sizes train.py's check (config_validate.validate_shard_group) accepts at
+    """The shard-group sizes train.py's check (config/parallel.py validate_shard_group) accepts at
     these dp, sp and zero."""
     out = []
     for k in divisors(dp * sp):

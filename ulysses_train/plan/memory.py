@@ -139,7 +139,7 @@ def _phases(sh: Shapes, device: str):
                         transient=recompute + act.block_backward_transient(sh, device),
                         comm=act.ulysses_buffer(sh) if sh.U > 1 else 0)
     # after backward: zero 0 with dp·sp > 1 flattens every gradient into one buffer to reduce
-    # (parallel/data_parallel.py); then AdamW (fused on CUDA: no temporaries; CPU's per-tensor
+    # (parallel/grad_sync.py); then AdamW (fused on CUDA: no temporaries; CPU's per-tensor
     # loop: two temporaries the size of the largest parameter).
     largest = max(sh.V * sh.d // sh.tp, sh.d * sh.F) // sh.n_shard
     yield Breakdown(**static, params=master, phase="gradient reduction + optimizer step",

@@ -104,7 +104,7 @@ def padded_seq(seq_len: int, sp: int, ring: int) -> int:
 
 def shapes_of(cfg: Config, world_size: int, device: str = "cuda") -> Shapes:
     """The per-rank shapes of `cfg` on `world_size` ranks; `device` (cpu | cuda) decides what
-    train.precision=auto means (model_build.resolve_dtype: fp32 on CPU, bf16 on GPU)."""
+    train.precision=auto means (model/precision.py resolve_dtype: fp32 on CPU, bf16 on GPU)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     ring = getattr(p, "ring", 1)  # parallel.ring arrives with the ring branch
     dp = p.dp if p.dp > 0 else world_size // (p.tp * p.sp)

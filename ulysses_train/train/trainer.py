@@ -38,9 +38,10 @@ from ..parallel.tensor import clip_grad_norm_
 from . import optim
 from .faults import Faults
 from .guards import NonFiniteGuard, set_deterministic
-from .metrics import Reporter, Throughput, peak_flops, span_sq_sum, with_wandb_fallback
+from .metrics import Reporter, Throughput, peak_flops, span_sq_sum
 from .optim import build_optimizer, build_scheduler
 from .stop import StopSignals
+from .wandb_run import with_wandb_fallback
 
 
 def run(cfg: Config, run_dir: str) -> int:
@@ -113,7 +114,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "rng": rng}
 
     def _identity(self) -> dict:
-        """What checkpoints record and resuming compares (run_identity.py): the data stream
+        """What checkpoints record and resuming compares (checkpoint/identity.py py): the data stream
         (must match) and the optimizer's hyper-parameters (the config wins, logged)."""
         data = {**config_identity(self.cfg), **getattr(self.data, "identity", {})}
         return {"data": data, "optim": optim.hyperparameters(self.cfg.optim,

@@ -4,7 +4,7 @@ One owner for the algorithm choice: xxh3-128 from the `xxhash` package (several 
 with `datasets`) where installed, else sha256 from the standard library. The algorithm's name is
 recorded beside every hash, so a file hashed on one machine is checked with the same algorithm
 on another (`new_hasher` also reads the xxh3-64 that token caches of an earlier build recorded).
-Imports nothing heavy: the config validator uses it before torch is imported.
+Imports nothing of the package (utils/ is a leaf).
 """
 from __future__ import annotations
 

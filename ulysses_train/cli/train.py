@@ -1,0 +1,51 @@
+"""`python train.py [overrides]`, `ulysses-train [overrides]`, or under torchrun.
+
+Hydra composes `configs/` on top of the dataclass schema; bad overrides and bad input files are
+caught before Hydra's own reporting (compose.precheck), so the user sees one `error: <key>: ...`
+line and exit code 2 (docs/configuration.md, "Errors"). Flags such as --help, --cfg job or
+--multirun are Hydra's own business.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from ..config.errors import ConfigError
+from . import compose, job
+
+
+def hydra_entry(run, argv_prefix: list[str], *, auto: bool):
+    """Run `run(config, run_dir) -> exit code` under Hydra's main with `sys.argv`: the pre-check
+    (unless a flag is given), rank 0's warnings, the non-zero ranks' overrides, then Hydra."""
+    import hydra
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    compose.register()
+
+    @hydra.main(config_path=compose.CONFIG_DIR, config_name="config", version_base="1.3")
+    def _main(cfg) -> None:
+        job.run_job(cfg, run, rank, world, auto=auto)
+
+    sys.argv = sys.argv[:1] + argv_prefix + compose.rank_overrides(rank)
+    _main()
+
+
+def main() -> None:
+    """The training entry point (console script `ulysses-train`)."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    args = sys.argv[1:]
+    if not any(a.startswith("-") for a in args):
+        try:
+            compose.precheck(args, world)
+        except ConfigError as error:
+            job.fail(error, rank)
+    warning = job.restart_warning(os.environ)
+    if warning and rank == 0:
+        print(warning, file=sys.stderr, flush=True)
+
+    def run(config, run_dir):
+        from ..train.trainer import run as train
+
+        return train(config, run_dir)
+
+    hydra_entry(run, args, auto=True)
