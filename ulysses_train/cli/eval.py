@@ -63,4 +63,4 @@ def main() -> None:
         return evaluate(config, run_dir)
 
     # eval.checkpoint (as model.init_from) decides model.*, exactly as the pre-check did
-    hydra_entry(run, args, auto=False)
+    hydra_entry(run, args, job="eval", auto=False)

@@ -11,12 +11,14 @@ import os
 import sys
 
 from ..config.errors import ConfigError
-from . import compose, job
+from . import compose
+from . import job as job_exit
 
 
-def hydra_entry(run, argv_prefix: list[str], *, auto: bool):
-    """Run `run(config, run_dir) -> exit code` under Hydra's main with `sys.argv`: the pre-check
-    (unless a flag is given), rank 0's warnings, the non-zero ranks' overrides, then Hydra."""
+def hydra_entry(run, args: list[str], *, job: str, auto: bool):
+    """Run `run(config, run_dir) -> exit code` under Hydra's main with the command line `args`
+    plus the non-zero ranks' overrides. `job`: Hydra's job name (its help header and log file
+    `<job>.log`), which Hydra would otherwise take from this module's name."""
     import hydra
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -24,9 +26,9 @@ def hydra_entry(run, argv_prefix: list[str], *, auto: bool):
 
     @hydra.main(config_path=compose.CONFIG_DIR, config_name="config", version_base="1.3")
     def _main(cfg) -> None:
-        job.run_job(cfg, run, rank, world, auto=auto)
+        job_exit.run_job(cfg, run, rank, world, auto=auto)
 
-    sys.argv = sys.argv[:1] + argv_prefix + compose.rank_overrides(rank)
+    sys.argv = sys.argv[:1] + args + [f"hydra.job.name={job}"] + compose.rank_overrides(rank)
     _main()
 
 
@@ -38,8 +40,8 @@ def main() -> None:
         try:
             compose.precheck(args, world)
         except ConfigError as error:
-            job.fail(error, rank)
-    warning = job.restart_warning(os.environ)
+            job_exit.fail(error, rank)
+    warning = job_exit.restart_warning(os.environ)
     if warning and rank == 0:
         print(warning, file=sys.stderr, flush=True)
 
@@ -48,4 +50,4 @@ def main() -> None:
 
         return train(config, run_dir)
 
-    hydra_entry(run, args, auto=True)
+    hydra_entry(run, args, job="train", auto=True)
