@@ -10,8 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # this checkout's package and tests, not whichever ulysses_train is installed
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "plan")]
 
-from support.spawn import run_distributed  # noqa: E402
 from test_plan import FOUR_RANKS, SINGLE, _measure, _predicted  # noqa: E402
+
+from support.spawn import run_distributed  # noqa: E402
 
 if __name__ == "__main__":
     merged = {}

@@ -8,7 +8,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "setup: installing torch 2.13.0" >&2
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-if ! "$PY" -c "import hydra, omegaconf, datasets, sentencepiece, wandb, tqdm, filelock, pytest, pyarrow, transformers, tokenizers, safetensors, matplotlib" 2>/dev/null; then
+if ! "$PY" -c "import hydra, omegaconf, datasets, sentencepiece, wandb, tqdm, filelock, pytest, pyarrow, transformers, tokenizers, safetensors, matplotlib, ruff" 2>/dev/null; then
   echo "setup: pip install -e '.[dev]'" >&2
   "$PY" -m pip install -q -e ".[dev]"
 fi

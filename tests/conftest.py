@@ -1,6 +1,7 @@
 """Suite-wide settings and fixtures (helpers live in the `support` package: tests/support/)."""
 import pytest
 import torch
+
 from support.common import SMALL
 
 # Tests use tiny shapes, where one thread is fastest; more threads than free cores (2 here, shared

@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
-from support.common import cpu_dims, flip_byte, run_train, small_config
 
+from support.common import cpu_dims, flip_byte, run_train, small_config
 from ulysses_train.checkpoint import manifest
 from ulysses_train.checkpoint.manager import (
     CheckpointManager,

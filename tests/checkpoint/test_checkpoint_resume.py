@@ -12,9 +12,9 @@ import os
 
 import pytest
 import torch
+
 from support.common import ROOT, cpu_dims, metrics_rows, run_train, small_config
 from support.spawn import run_distributed
-
 from ulysses_train.checkpoint.state import init_optimizer_state
 from ulysses_train.config.errors import RunStopped
 from ulysses_train.parallel import ParallelDims
@@ -68,7 +68,7 @@ def _curves(root, parallel, dims) -> dict:
     out = {}
     for name, debug, train in (("exit_after", {"nan_steps": 1}, {"exit_after_steps": 1}),
                                ("exit_3", {"nan_steps": 2}, {"max_skipped_steps": 2})):
-        def config(**extra):
+        def config(debug=debug, train=train, **extra):
             return small_config(parallel=parallel, checkpoint={"every": 0},
                                 debug={"nan_at_step": 1, **debug},
                                 train={"steps": 4, **train, **extra})

@@ -16,9 +16,9 @@ import sys
 
 import pytest
 import torch
+
 from support.common import ROOT, SMALL, cpu_dims, flip_byte, run_train, small_config
 from support.spawn import run_distributed
-
 from ulysses_train.checkpoint import manifest, store
 from ulysses_train.checkpoint.manager import CheckpointManager
 from ulysses_train.config.errors import InputUnreadable

@@ -11,8 +11,8 @@ import json
 import os
 
 import pytest
-from support.common import SMALL, cpu_dims, run_train, small_config
 
+from support.common import SMALL, cpu_dims, run_train, small_config
 from ulysses_train.checkpoint import identity as run_identity
 from ulysses_train.checkpoint import manifest, store
 from ulysses_train.cli import compose as cli

@@ -3,8 +3,8 @@ import os
 
 import pytest
 import yaml
-from support.common import small_config
 
+from support.common import small_config
 from ulysses_train.cli import compose as cli
 from ulysses_train.cli import job
 from ulysses_train.config.errors import ConfigError

@@ -4,9 +4,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
+
 from support.common import ROOT
 
 SCRIPTS = {"ulysses-train": "ulysses_train.cli.train:main",

@@ -2,8 +2,8 @@
 import math
 
 import pytest
-from support.common import small_config
 
+from support.common import small_config
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.config.parallel import check_tp
 from ulysses_train.config.schema import Config

@@ -1,5 +1,6 @@
 """Fixtures of the data tests."""
 import pytest
+
 from support.data import build, small_stdlib
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from support.common import run_train
 from support.data import build, files_cfg
-
 from ulysses_train.config.errors import ConfigError
 
 DOCS = [{"text": f"Document {i} is about {'cats' if i % 2 else 'dogs'}, number {i * 7}. " * 3}

@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from support.data import build, files_cfg, write_inputs
 
+from support.data import build, files_cfg, write_inputs
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.data import cache
 from ulysses_train.data.cache import check_cache

@@ -6,9 +6,9 @@ here directly, on both streams and through build_data.
 """
 import numpy as np
 import torch
+
 from support.common import small_config
 from support.data import build, small_stdlib
-
 from ulysses_train.config.schema import DataConfig
 from ulysses_train.config.validate import validate
 from ulysses_train.data import DataSource, PackedTokens, build_data

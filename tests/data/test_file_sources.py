@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-from support.data import LINES, build, files_cfg, write_inputs
 
+from support.data import LINES, build, files_cfg, write_inputs
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.config.schema import DataConfig
 from ulysses_train.data.cache import load_split

@@ -8,6 +8,7 @@ size check against model.vocab_size, and the default from model.init_from.
 import json
 
 import pytest
+
 from support.data import build, files_cfg, small_stdlib
 from support.tokenizers import (
     BOS,
@@ -17,7 +18,6 @@ from support.tokenizers import (
     make_hf_tokenizer,
     stdlib_texts,
 )
-
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.data.cache import load_split, read_complete
 from ulysses_train.data.tokenizer import open_tokenizer
@@ -192,7 +192,6 @@ def test_train_py_on_a_tokenizer_json_end_to_end(tmp_path, hf_tokenizer):
     checkpoint records the tokenizer's identity; resuming after the tokenizer changed is refused
     (in process: the one-line report of a ConfigError is cli.py's, tested there)."""
     from support.common import metrics_rows, run_train, small_config
-
     from ulysses_train.train.trainer import run
 
     folder = copy_tree(hf_tokenizer.parent, tmp_path / "tok")

@@ -1,8 +1,8 @@
 """global_batch is a pure function of (seed, step, split): builds, rows and layouts agree."""
 import pytest
 import torch
-from support.data import build, small_stdlib
 
+from support.data import build, small_stdlib
 from ulysses_train.config.schema import DataConfig
 
 

@@ -4,8 +4,8 @@ import json
 import os
 
 import pytest
-from support.tokenizers import SAMPLE, make_hf_tokenizer, stdlib_texts
 
+from support.tokenizers import SAMPLE, make_hf_tokenizer, stdlib_texts
 from ulysses_train.data.tokenizer import open_tokenizer
 from ulysses_train.data.tokenizer_files import save_run_tokenizer
 

@@ -7,8 +7,8 @@ import traceback
 
 import numpy as np
 import torch
-from support.data import build, small_stdlib
 
+from support.data import build, small_stdlib
 from ulysses_train.data.cache import read_complete
 
 

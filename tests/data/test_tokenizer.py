@@ -1,7 +1,7 @@
 """Tokenizer sizing and the given-tokenizer path."""
 import pytest
-from support.data import build, small_stdlib
 
+from support.data import build, small_stdlib
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.config.schema import DataConfig
 from ulysses_train.data.tokenizer_train import line_chunks

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from support.common import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))

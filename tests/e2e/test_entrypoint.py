@@ -8,8 +8,8 @@ import json
 import os
 
 import pytest
-from support.common import SMALL, metrics_rows, run_train, small_config
 
+from support.common import SMALL, metrics_rows, run_train, small_config
 from ulysses_train.checkpoint import manifest
 
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-from support.common import ROOT, SMALL, flip_byte, run_train
 
+from support.common import ROOT, SMALL, flip_byte, run_train
 from ulysses_train.cli import compose as cli
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.config.schema import DataConfig

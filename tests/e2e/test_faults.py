@@ -21,6 +21,7 @@ import sys
 import time
 
 import pytest
+
 from support.common import ROOT, SMALL, flip_byte, metrics_rows, run_train
 
 STEPS = 12

@@ -24,6 +24,7 @@ import sys
 import time
 
 import pytest
+
 from support.common import ROOT, SMALL, cpu_dims, metrics_rows, small_config
 from support.curves import train_run
 

@@ -19,9 +19,9 @@ import time
 
 import pytest
 import torch
+
 from support.common import ROOT, SMALL, metrics_rows, run_torchrun, small_config
 from support.spawn import run_distributed
-
 from ulysses_train.parallel import ParallelDims
 from ulysses_train.train.stop import StopSignals
 from ulysses_train.train.trainer import Trainer

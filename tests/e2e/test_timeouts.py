@@ -20,6 +20,7 @@ import sys
 import time
 
 import pytest
+
 from support.common import ROOT
 
 TIMEOUT_S = 5

@@ -17,9 +17,9 @@ import os
 
 import pytest
 import torch
+
 from support.common import cpu_dims, metrics_rows, small_config
 from support.spawn import run_distributed
-
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.data import IGNORE_INDEX, build_data
 from ulysses_train.data.passkey import KEY_DIGITS, WordTokenizer

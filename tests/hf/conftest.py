@@ -1,5 +1,6 @@
 """Session-scoped Hugging Face fixtures: built once (transformers' save_pretrained, ~1 s)."""
 import pytest
+
 from support.hf import save_llama
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import transformers  # noqa: E402  (a dev dependency: missing = a failure, not a skip)
-from support.common import SMALL, cpu_dims, flip_byte, run_torchrun, small_config
 
+from support.common import SMALL, cpu_dims, flip_byte, run_torchrun, small_config
 from ulysses_train.checkpoint.manifest import write_manifest
 from ulysses_train.cli import compose as cli
 from ulysses_train.config.schema import ModelConfig

@@ -16,9 +16,9 @@ import struct
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
 from support.common import run_train, small_config
 from support.hf import model_config
-
 from ulysses_train.cli.checks import check_inputs
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.hf.init_from import HF, OURS, check_initial_weights

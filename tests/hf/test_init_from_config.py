@@ -9,8 +9,8 @@ import os
 
 import pytest
 import transformers  # noqa: E402  (a dev dependency: missing = a failure, not a skip)
-from support.common import SMALL, run_train
 
+from support.common import SMALL, run_train
 from ulysses_train.cli import compose as cli
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.hf.config import apply_init_from, explicit_model_keys
@@ -161,7 +161,6 @@ def test_unsupported_config_json_is_refused_in_one_line(tmp_path, change, words)
 def _our_step(tmp_path, **model) -> str:
     """A one-step run of ours (stage 1) whose checkpoints/latest names step_00000001."""
     from support.common import cpu_dims
-
     from ulysses_train.train.trainer import Trainer
 
     overrides = [f"model.{k}={v}" for k, v in model.items()]

@@ -22,10 +22,10 @@ import shutil
 import pytest
 import torch
 import torch.distributed as dist
+
 from support.common import cpu_dims, flip_byte, metrics_rows, small_config
 from support.hf import hf_logits, model_config, save_llama
 from support.spawn import run_distributed
-
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.hf.init_from import load_initial_weights
 from ulysses_train.model.init import canonical_name

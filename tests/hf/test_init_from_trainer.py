@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 import torch
+
 from support.common import cpu_dims, small_config
 from support.hf import model_config
-
 from ulysses_train.model.init import canonical_name
 from ulysses_train.train.trainer import Trainer
 
@@ -56,7 +56,6 @@ def test_a_resuming_run_needs_no_init_from_source(hf_untied, tmp_path):
     gone (a deleted download, another node): the pre-check read the source for the
     architecture and checked its files although resume wins and never loads it."""
     from support.common import SMALL
-
     from ulysses_train.cli import compose as cli
     from ulysses_train.config.errors import ConfigError
     from ulysses_train.config.validate import validate

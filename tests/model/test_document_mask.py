@@ -51,7 +51,8 @@ def segments(lengths=LENGTHS):
             start += n
 
 
-def qkv(hq, hkv, b=len(LENGTHS), d=8, seed=0):
+def qkv(hq, hkv, b=None, d=8, seed=0):
+    b = len(LENGTHS) if b is None else b
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, S, h, d, generator=g) for h in (hq, hkv, hkv, hq)]  # q, k, v, grad
 
@@ -99,7 +100,7 @@ def test_kernel_equals_documents_run_separately(kernel, hq, hkv):
     got = fwd_bwd(KERNELS[kernel], q, k, v, grad_out, mask=DocumentMask(doc_ids()))
     want = per_document(q, k, v, grad_out)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{kernel} {name}: {m}")
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{kernel} {name}: {m}")
     assert got[0].is_contiguous() and got[0].shape == q.shape
 
 
@@ -217,7 +218,7 @@ def test_gpt_with_document_mask_equals_documents_as_sequences(tokens, kernel):
                 reference(ids[b:b + 1, s:e], torch.arange(e - s)[None], labels[b:b + 1, s:e])[0].backward()
     if backward:  # the gradient of the summed loss is the sum over documents
         for (name, p), r in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(p.grad, r.grad, **TOL, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(p.grad, r.grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_gpt_mask_changes_the_result(tokens):

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from support.common import small_config
 
+from support.common import small_config
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.config.schema import ModelConfig
 from ulysses_train.config.validate import validate

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.common import cpu_dims, small_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from support.common import cpu_dims, small_config
 from ulysses_train.parallel.activations import ActivationOffload, _Parked
 from ulysses_train.parallel.parallelize import build_model
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from support.common import cpu_dims, small_config
 from support.spawn import run_distributed
-
 from ulysses_train.data.synthetic import EOS_ID
 from ulysses_train.parallel import ParallelDims
 from ulysses_train.train.trainer import Trainer

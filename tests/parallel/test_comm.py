@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from support.spawn import CollectiveCounter, block_group, run_distributed
 
+from support.spawn import CollectiveCounter, block_group, run_distributed
 from ulysses_train.parallel.comm import (
     head_to_seq,
     kv_replication,

@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+
 from support.common import fwd_bwd, rel_err
 from support.spawn import block_group, run_distributed, sp_gpt_errors
-
 from ulysses_train.config.schema import ModelConfig
 from ulysses_train.data.batch import document_positions
 from ulysses_train.model.attention import eager_attention, sdpa_attention

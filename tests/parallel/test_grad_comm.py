@@ -20,6 +20,7 @@ from collections import Counter
 
 import pytest
 import torch.distributed as dist
+
 from support.common import small_config
 from support.spawn import run_distributed
 

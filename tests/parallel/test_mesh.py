@@ -12,8 +12,8 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
-from support.spawn import run_distributed
 
+from support.spawn import run_distributed
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.config.schema import ParallelConfig
 from ulysses_train.parallel import mesh

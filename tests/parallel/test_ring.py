@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+
 from support.common import fwd_bwd, rel_err
 from support.ring import Recorder, dense_mask, doc_ids, hybrid_groups, reference
 from support.spawn import run_distributed
-
 from ulysses_train.model.attention import sdpa_attention
 from ulysses_train.model.masking import DocumentMask
 from ulysses_train.parallel import ring as ring_mod

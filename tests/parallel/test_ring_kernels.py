@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from support.common import rel_err
 
+from support.common import rel_err
 from ulysses_train.parallel import ring_kernels as rk
 
 B, HQ, HKV, C, D = 2, 4, 2, 8, 8

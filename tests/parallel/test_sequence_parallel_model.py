@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from support.common import cpu_dims, small_config
 from support.spawn import run_distributed
-
 from ulysses_train.parallel import ParallelDims
 from ulysses_train.parallel.grad_sync import all_reduce_, reduce_gradients_
 from ulysses_train.parallel.parallelize import build_model

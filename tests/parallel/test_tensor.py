@@ -12,6 +12,9 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
 from support.spawn import CollectiveCounter, run_distributed
 from support.tp import (
     BATCH,
@@ -27,9 +30,6 @@ from support.tp import (
     make_optimizer,
     model_config,
 )
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
-
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.model.attention import sdpa_attention
 from ulysses_train.model.gpt import GPT, token_loss_sum
@@ -142,7 +142,7 @@ def _qkv_bias_case(tp_mesh=None) -> dict:
     so a bias sharded differently from its weight's output rows would change the logits."""
     model = build_gpt(model_config(qkv_bias=True), tp_mesh)
     biases = {n: p for n, p in model.named_parameters() if n.endswith(".bias")}
-    for i, (name, p) in enumerate(sorted(biases.items())):
+    for i, (_, p) in enumerate(sorted(biases.items())):
         copy_full_(p, torch.linspace(-1.0, 1.0, p.shape[0]) * (i + 1) / len(biases))
     ids, pos, labels = make_inputs()
     loss_sum, n_valid = model(ids, pos, labels)

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
 from support.common import fwd_bwd, rel_err
 from support.spawn import CollectiveCounter, block_group, run_distributed, sp_gpt_errors
-
 from ulysses_train.config.schema import ModelConfig
 from ulysses_train.model.attention import eager_attention, sdpa_attention
 from ulysses_train.parallel import comm
@@ -92,7 +92,7 @@ def _bad_heads(group) -> dict[str, object]:
     with CollectiveCounter() as count:  # nothing may be sent before the check: ranks stay in step
         for name, (hq, hkv) in {"hq": (6, 2), "kv_vs_p": (12, 3), "gqa": (8, 3)}.items():
             q, k, v, _ = _global_inputs(1, hq, hkv)
-            messages[name] = _value_error(lambda: attn(q[:, :4], k[:, :4], v[:, :4]))
+            messages[name] = _value_error(lambda q=q, k=k, v=v: attn(q[:, :4], k[:, :4], v[:, :4]))
         messages["rank3"] = _value_error(
             lambda: attn(torch.zeros(4, 8, 8), torch.zeros(4, 2, 8), torch.zeros(4, 2, 8)))
     messages["collectives"] = count.total

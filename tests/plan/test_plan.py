@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+
 from support.common import SMALL, metrics_rows, run_torchrun, small_config
 from support.spawn import run_distributed
-
 from ulysses_train.cli import plan as plan_cli
 from ulysses_train.config.validate import validate
 from ulysses_train.plan.search import RING_MARGIN, Layout, apply, choose

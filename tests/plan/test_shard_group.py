@@ -9,8 +9,8 @@ calls (no process group): well under a second each.
 import json
 
 import pytest
-from support.common import SMALL, small_config
 
+from support.common import SMALL, small_config
 from ulysses_train.cli import plan as plan_cli
 from ulysses_train.config.validate import validate
 from ulysses_train.plan.memory import (

@@ -2,8 +2,8 @@
 (parallel/sharding.py set_last_micro_batch): ZeRO-2 gathers and reduce-scatters once per step
 however many micro-batches, ZeRO-3 once (reduce-scatter) and twice (all-gather) per micro-batch."""
 import pytest
-from support.common import small_config
 
+from support.common import small_config
 from ulysses_train.plan.shapes import shapes_of
 from ulysses_train.plan.timing import Links, step_time
 

@@ -130,12 +130,13 @@ def _collect(procs, results, world_size: int, timeout: float) -> list[Any]:
             # A rank may exit right after putting its report: look again before blaming it.
             if dead and results.empty():
                 raise RuntimeError(f"rank {dead[0]} died without reporting "
-                                   f"(exit code {procs[dead[0]].exitcode})")
+                                   f"(exit code {procs[dead[0]].exitcode})") from None
             if first_error is not None and time.monotonic() > error_seen_at + _ERROR_GRACE_S:
                 break
             if time.monotonic() > deadline:
                 missing = sorted(set(range(world_size)) - reported)
-                raise TimeoutError(f"run_distributed: ranks {missing} did not finish within {timeout} s")
+                raise TimeoutError(f"run_distributed: ranks {missing} did not finish within "
+                                   f"{timeout} s") from None
             continue
         reported.add(rank)
         if status == "ok":

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from support.common import cpu_dims, metrics_rows, small_config
 
+from support.common import cpu_dims, metrics_rows, small_config
 from ulysses_train.cli import job
 from ulysses_train.config.errors import RunStopped
 from ulysses_train.train.trainer import Trainer, run

@@ -9,10 +9,10 @@ tests/parallel/test_grad_comm.py.
 from __future__ import annotations
 
 import pytest
+
 from support.common import cpu_dims, metrics_rows, run_train, small_config
 from support.curves import LOSS_RTOL, curve_config, train_run, train_until
 from support.spawn import run_distributed
-
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.config.validate import validate
 

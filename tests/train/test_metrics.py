@@ -13,8 +13,8 @@ import types
 
 import pytest
 import torch
-from support.common import cpu_dims, metrics_rows, run_train, small_config
 
+from support.common import cpu_dims, metrics_rows, run_train, small_config
 from ulysses_train.model import flops_per_token, model_config, padded_vocab
 from ulysses_train.model.gpt import attention_flops, model_flops
 from ulysses_train.train.metrics import (

@@ -18,9 +18,9 @@ import math
 
 import pytest
 import torch
+
 from support.common import cpu_dims, small_config
 from support.spawn import run_distributed
-
 from ulysses_train.model.gpt import model_flops
 from ulysses_train.parallel import ParallelDims
 from ulysses_train.train.trainer import Trainer

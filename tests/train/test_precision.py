@@ -14,9 +14,9 @@ from collections import defaultdict
 import pytest
 import torch
 import torch.distributed as dist
+
 from support.common import cpu_dims, metrics_rows, small_config
 from support.spawn import run_distributed
-
 from ulysses_train.parallel import ParallelDims
 from ulysses_train.train.trainer import Trainer
 

@@ -9,8 +9,8 @@ a run stopped after step 3 and resumed; steps 4..N must get the same batches and
 from __future__ import annotations
 
 import torch
-from support.common import cpu_dims, metrics_rows, small_config
 
+from support.common import cpu_dims, metrics_rows, small_config
 from ulysses_train.train.trainer import Trainer
 
 STEPS, STOP = 6, 3

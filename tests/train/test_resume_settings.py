@@ -10,8 +10,8 @@ import shlex
 
 import pytest
 import torch
-from support.common import SMALL, cpu_dims, run_train, small_config
 
+from support.common import SMALL, cpu_dims, run_train, small_config
 from ulysses_train.train.optim import lr_factor
 from ulysses_train.train.trainer import Trainer
 

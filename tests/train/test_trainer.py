@@ -3,8 +3,8 @@ import os
 
 import pytest
 import torch
-from support.common import cpu_dims, metrics_rows, small_config
 
+from support.common import cpu_dims, metrics_rows, small_config
 from ulysses_train.data import Batch
 from ulysses_train.train.trainer import Trainer, run
 

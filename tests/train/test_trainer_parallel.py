@@ -26,6 +26,7 @@ import re
 
 import pytest
 import torch
+
 from support.common import (
     cpu_dims,
     metrics_rows,
@@ -43,7 +44,6 @@ from support.curves import (
     train_until,
 )
 from support.spawn import run_distributed
-
 from ulysses_train.parallel import ParallelDims
 from ulysses_train.train.trainer import Trainer
 

@@ -19,6 +19,7 @@ and a mask built on the unpadded rows (the kernel refuses its shape).
 from __future__ import annotations
 
 import pytest
+
 from support.common import UnevenLabels, cpu_dims, metrics_rows
 from support.curves import (
     CURVES,
@@ -29,7 +30,6 @@ from support.curves import (
     layout_rank,
 )
 from support.spawn import run_distributed
-
 from ulysses_train.parallel import ParallelDims
 from ulysses_train.parallel.layout import SequenceLayout
 from ulysses_train.train.trainer import Trainer

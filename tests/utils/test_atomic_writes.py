@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.common import ROOT, metrics_rows, small_config
 
+from support.common import ROOT, metrics_rows, small_config
 from ulysses_train.checkpoint import manifest
 from ulysses_train.checkpoint import store as files
 from ulysses_train.cli import job

@@ -18,7 +18,6 @@ from ..plan.advice import plan
 from ..plan.report import command, row, table
 from . import compose, job
 
-
 USAGE = """usage: python -m ulysses_train.plan [overrides] plan.gpus=N plan.gpu_mem_gib=M [plan.*]
        (or ulysses-plan ...)
 

@@ -132,7 +132,8 @@ def _cache_root(cfg: DataConfig) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError("data.cache_dir", f"cannot create {root}: {e}; pick a writable directory")
+        raise ConfigError("data.cache_dir", f"cannot create {root}: {e}; pick a writable "
+                          "directory") from None
     if not os.access(root, os.W_OK):
         raise ConfigError("data.cache_dir", f"{root} is not writable; pick another directory")
     return root

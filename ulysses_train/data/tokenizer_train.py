@@ -78,7 +78,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_path: str,
             if too_low:
                 raise ConfigError("model.vocab_size", f"{vocab_size} is too small for a "
                                   f"byte-fallback tokenizer of this corpus (needs at least "
-                                  f"{too_low.group(2)}); raise it or set data.tokenizer_path")
+                                  f"{too_low.group(2)}); raise it or set data.tokenizer_path"
+                                  ) from None
             raise
         with open(out_path, "wb") as f:
             f.write(buffer.getvalue())
