@@ -58,7 +58,7 @@ def test_a_resuming_run_needs_no_init_from_source(hf_untied, tmp_path):
     from support.common import SMALL
     from ulysses_train.cli import compose as cli
     from ulysses_train.config.errors import ConfigError
-    from ulysses_train.config.validate import validate
+    from ulysses_train.cli.checks import check_inputs
 
     src, run_dir = tmp_path / "src", tmp_path / "run"
     shutil.copytree(hf_untied, src)
@@ -73,7 +73,7 @@ def test_a_resuming_run_needs_no_init_from_source(hf_untied, tmp_path):
     again = cli.precheck(args + ["train.steps=2"])  # was: model.init_from: ... does not exist
     assert again.model == first.model  # the run's own checkpoint gave the same architecture
     with pytest.raises(ConfigError, match="does not exist"):
-        validate(again)  # a run dir with nothing to resume still needs the source
+        check_inputs(again)  # a run dir with nothing to resume still needs the source
     trainer = Trainer(again, str(run_dir), cpu_dims())
     assert trainer.resumed_from is not None and trainer.step == 1
     assert trainer.fit() == 0 and trainer.step == 2

@@ -70,6 +70,7 @@ class Recorder:
 def _record_step(rank, world, parallel, bucket_cap_mb):
     """Events of the second train_step of a dp=2 x sp=2 trainer with `parallel` overrides."""
     from ulysses_train.parallel import ParallelDims
+    from ulysses_train.parallel import parallelize
     from ulysses_train.parallel.grad_sync import replicate
     from ulysses_train.train import trainer as trainer_mod
 
@@ -78,9 +79,9 @@ def _record_step(rank, world, parallel, bucket_cap_mb):
                        checkpoint={"resume": "never"})
     dims = ParallelDims.from_config(cfg.parallel, world, rank)
     dims.build_mesh()
-    saved_replicate, saved_clip = trainer_mod.replicate, trainer_mod.clip_grad_norm_
+    saved_replicate, saved_clip = parallelize.replicate, trainer_mod.clip_grad_norm_
     rec = Recorder()
-    trainer_mod.replicate = functools.partial(replicate, bucket_cap_mb=bucket_cap_mb)
+    parallelize.replicate = functools.partial(replicate, bucket_cap_mb=bucket_cap_mb)
     trainer_mod.clip_grad_norm_ = lambda *a, **k: (rec.events.append(("clip",)),
                                                    saved_clip(*a, **k))[1]
     try:
@@ -96,7 +97,7 @@ def _record_step(rank, world, parallel, bucket_cap_mb):
         with rec:
             trainer.train_step()
     finally:
-        trainer_mod.replicate, trainer_mod.clip_grad_norm_ = saved_replicate, saved_clip
+        parallelize.replicate, trainer_mod.clip_grad_norm_ = saved_replicate, saved_clip
     return rec.events
 
 

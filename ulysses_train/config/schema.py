@@ -21,14 +21,15 @@ WANDB_MODES = ("offline", "online", "disabled")
 
 @dataclass
 class ModelConfig:
+    # the preset (model=...) or, with init_from, the source's name; names the run dir
     name: str = "tiny"
-    n_layers: int = 4
-    d_model: int = 256
-    n_heads: int = 8
-    n_kv_heads: int = 4
-    ffn_hidden: int = 688
+    n_layers: int = 4  # transformer blocks
+    d_model: int = 256  # hidden size (the residual stream)
+    n_heads: int = 8  # query heads (head dim = d_model / n_heads)
+    n_kv_heads: int = 4  # key/value heads (GQA: n_heads is a multiple of it)
+    ffn_hidden: int = 688  # SwiGLU hidden size
     vocab_size: int = 8192  # embedding rows; rounded up to a multiple of 128 by the model
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE base
     # Context extension (model/rope.py): none | linear | ntk | yarn | llama3. Each key below is
     # read only by the methods its comment names; defaults: Llama 3.1's, the YaRN paper's betas.
     rope_scaling: str = "none"
@@ -41,13 +42,13 @@ class ModelConfig:
     # yarn's attention scaling of cos/sin (transformers' names): attention_factor wins; else
     # mscale/mscale_all_dim when both are set; null = transformers' default 0.1 ln(factor) + 1.
     rope_attention_factor: Optional[float] = None
-    rope_mscale: Optional[float] = None
-    rope_mscale_all_dim: Optional[float] = None
+    rope_mscale: Optional[float] = None  # yarn: see rope_attention_factor
+    rope_mscale_all_dim: Optional[float] = None  # yarn: see rope_attention_factor
     rope_truncate: bool = True  # yarn: floor/ceil the correction range (transformers' truncate)
-    tie_embeddings: bool = False
+    tie_embeddings: bool = False  # the output head reads the embedding matrix
     qkv_bias: bool = False  # q/k/v projections with a bias (Qwen2); initialised to zero
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    init_std: float = 0.02  # N(0, init_std) init (output projections: / sqrt(2 n_layers))
     # A Hugging Face model dir or one of our run/step dirs: the architecture (model.*) comes
     # from it (hf/config.py), the weights too (hf/init_from.py), and its tokenizer files are
     # data.tokenizer_path's default (data/tokenizer_files.py). "" = train from scratch.
@@ -56,14 +57,14 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    sp: int = 1
+    tp: int = 1  # tensor-parallel degree
+    sp: int = 1  # sequence-parallel degree (Ulysses x ring)
     dp: int = -1  # -1: whatever the world size leaves after tp * sp
     # Ring degree inside the sequence-parallel group: sp = ring x Ulysses (sp/ring ranks per
     # all-to-all). 1 = Ulysses only. Changes the layout, not the math (checkpoints reshard).
     ring: int = 1
-    zero: int = 0
-    backend: str = "auto"
+    zero: int = 0  # 0: replicated (DDP) | 2: gradients + optimizer sharded | 3: parameters too
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     # Seconds a collective may wait for its peers before it fails: a rank that dies or stalls
     # then ends every rank within this time instead of leaving them hanging. Also bounds the
     # first rendezvous. Long enough for the slowest legitimate wait (a checkpoint written by
@@ -85,7 +86,7 @@ class PlanConfig:
 
     gpus: int = 0  # GPUs to plan for (0: the world size under parallel.auto)
     gpu_mem_gib: float = 0.0  # memory per GPU (0 under parallel.auto: what the device reports)
-    gpus_per_node: int = 8
+    gpus_per_node: int = 8  # GPUs sharing the fast links
     intra_node_gbps: float = 7200.0  # Gbit/s per GPU inside a node (NVLink 4: 900 GB/s)
     inter_node_gbps: float = 400.0  # Gbit/s per GPU between nodes (one 400G NIC per GPU)
     tflops: float = 0.0  # sustained TFLOP/s per GPU (0: plan/timing.py DEFAULT_TFLOPS)
@@ -94,30 +95,31 @@ class PlanConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "stdlib"
-    seq_len: int = 256
-    document_mask: bool = False
+    name: str = "stdlib"  # the source: stdlib | files | hf | synthetic | passkey (data=...)
+    seq_len: int = 256  # tokens per training sequence (any length at any sp)
+    document_mask: bool = False  # attend within documents only; positions restart per document
     paths: List[str] = field(default_factory=list)  # data=files: .txt/.jsonl/.parquet
     text_field: str = "text"  # column holding the text in jsonl/parquet/hf rows
     hf_name: str = ""  # data=hf: a hub dataset name or a local dataset script/dir
-    hf_config: str = ""
-    hf_split: str = "train"
+    hf_config: str = ""  # data=hf: the dataset config name
+    hf_split: str = "train"  # data=hf: the split read
     max_docs: int = 0  # 0 = every document; caps what is read (useful for streaming sources)
     val_fraction: float = 0.02  # share of documents held out for validation (split by document)
+    # token caches and trained tokenizers (shared between runs)
     cache_dir: str = "~/.cache/ulysses_train"
     # A sentencepiece .model, a Hugging Face tokenizer.json, or a directory with one; "" = the
     # tokenizer files of model.init_from, else train a sentencepiece model on the corpus.
     tokenizer_path: str = ""
-    tokenizer_sample_bytes: int = 8_000_000
+    tokenizer_sample_bytes: int = 8_000_000  # bytes of text a new sentencepiece model trains on
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 300  # optimizer steps of the whole run (the LR schedule's length)
     global_batch_size: int = 8  # sequences per optimizer step, whole job
     micro_batch_size: int = 4  # sequences per dp rank per forward
-    seed: int = 0
-    precision: str = "auto"
+    seed: int = 0  # init and data order
+    precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16
     grad_clip: float = 1.0  # 0 = off
     activation_checkpointing: str = "none"  # none | full | selective (keeps attention outputs)
     activation_offload: bool = False  # checkpointed block inputs in pinned CPU memory
@@ -126,41 +128,41 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block
     exit_after_steps: int = 0  # 0 = off; else stop (with a checkpoint) after this many steps
     val_every: int = 100  # 0 = off
-    val_batches: int = 4
+    val_batches: int = 4  # global batches per validation
     deterministic: bool = False  # bit-reproducible kernels on GPU too (guards.set_deterministic)
     max_skipped_steps: int = 5  # stop after this many non-finite steps in a row (train/guards.py)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
-    schedule: str = "cosine"
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | linear | constant, after the warmup
+    warmup_steps: int = 20  # linear warmup: lr x (step + 1) / warmup_steps
+    weight_decay: float = 0.1  # decoupled, on matrices only (not norms, biases)
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    eps: float = 1e-8  # AdamW
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 100  # 0 = no periodic saves (the last step, exit_after_steps still save)
-    keep: int = 3
+    keep: int = 3  # complete checkpoints kept (older ones of this run removed)
     resume: str = "auto"  # auto | never | PATH to a step directory
-    async_save: bool = False
+    async_save: bool = False  # save in the background (DCP async_save)
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"
-    project: str = "ulysses_train"
-    name: str = ""
+    mode: str = "offline"  # offline | online | disabled (online without a login logs offline)
+    project: str = "ulysses_train"  # wandb project
+    name: str = ""  # wandb run name ("" = wandb's)
 
 
 @dataclass
 class LoggingConfig:
-    every: int = 10
+    every: int = 10  # steps between metrics rows and log lines
     progress: bool = True  # tqdm bar on rank 0
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -174,7 +176,7 @@ class DebugConfig:
     # so a test can SIGKILL it there; before "commit" (DCP files written, not yet renamed into
     # place) or before "latest" (committed, `latest` not yet moved).
     pause_in_save_at_step: int = 0
-    pause_in_save_before: str = "commit"
+    pause_in_save_before: str = "commit"  # commit | latest (see pause_in_save_at_step)
     crash_at_step: int = 0  # the last rank os._exit(1)s after this step (torchrun attempt 0 only)
     nan_at_step: int = 0  # make the loss (so every gradient) NaN at this step ...
     nan_steps: int = 1  # ... and the nan_steps - 1 steps after it
@@ -191,6 +193,7 @@ class EvalConfig:
     buckets: List[int] = field(default_factory=list)  # position edges; [] = 0, 64, 128, ..., seq_len
     batches: int = 4  # held-out global batches for the loss by position
     passkey_lengths: List[int] = field(default_factory=list)  # [] = seq_len/4, seq_len/2, seq_len
+    # relative depths of the passkey in the prompt
     passkey_depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     passkey_trials: int = 10  # prompts per (length, depth); 0 = no passkey
 
