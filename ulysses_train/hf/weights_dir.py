@@ -1,4 +1,4 @@
-"""A Hugging Face safetensors model directory, checked from its headers alone (no torch).
+"""A Hugging Face safetensors model directory, checked from its headers alone (no tensor data).
 
 What `model.init_from=DIR` accepts as weights (transformers' own layout):
 - `model.safetensors` alone, or
@@ -16,6 +16,11 @@ values without a word. Refused: a shard the index names but the directory lacks,
 with the headers, and several files without an index. Each file's size must be what its header
 says (8 + header length + the end of the last tensor's data), so an interrupted download
 (header intact, data short) or trailing bytes are refused here, not deep inside the load.
+
+Why a header reader of our own rather than `safetensors.safe_open`: safe_open enforces the same
+layout rules, but reports a short or overlong file only as "incomplete metadata, file not fully
+covered" and does not expose the byte offsets; reading the header (8 bytes of length, then JSON)
+lets each refusal name the file, the tensor and the byte counts, and costs ~60 lines.
 
 Errors are `ConfigError("model.init_from", ...)`: one line, exit 2.
 """
