@@ -127,3 +127,21 @@ def test_same_config_and_seed_give_bit_identical_runs(tmp_path):
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
     a, b = metrics_rows(tmp_path / "a"), metrics_rows(tmp_path / "b")
     assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+
+
+def test_train_step_has_no_branch_over_layouts():
+    """Parallelism enters in parallel/parallelize.py only: the step drives a GradSync and never
+    asks which layout it runs in (it used to branch over DDP, FSDP2 and the plain reduction)."""
+    import ast
+    import inspect
+    import textwrap
+
+    from ulysses_train.train.trainer import Trainer
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(Trainer.train_step)))
+    names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | {
+        n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    # (the loss sum is all-reduced over self.dp_sp: the token-weighted loss, not a branch)
+    layout_words = {"zero", "tp", "sp", "dp", "ddp", "sharded", "parallel", "ring", "dims",
+                    "set_last_micro_batch", "reduce_gradients_", "no_sync"}
+    assert not names & layout_words, sorted(names & layout_words)
