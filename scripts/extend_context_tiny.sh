@@ -3,7 +3,7 @@
 # a "pretrained" model (trained here at 96 tokens on data=passkey and exported, standing in for a
 # downloaded Hugging Face dir) is evaluated at 384 tokens, extended in two stages (192 tokens
 # with YaRN x2 under Ulysses sp=2, then 384 tokens with x4 under a pure ring sp=2 ring=2),
-# evaluated again and exported back to Hugging Face. tests/test_recipe.py runs it with few steps.
+# evaluated again and exported back to Hugging Face. tests/e2e/test_recipe.py runs it with few steps.
 #
 # usage: scripts/extend_context_tiny.sh WORK_DIR [BASE_STEPS=300] [STAGE_STEPS=150] [TRIALS=10]
 set -euo pipefail

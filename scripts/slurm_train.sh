@@ -7,7 +7,7 @@
 #
 # Across nodes, shard ZeRO within a node and replicate across nodes (hybrid sharding), e.g.
 #   sbatch scripts/slurm_train.sh parallel.sp=8 parallel.zero=3 parallel.shard_group=8
-# The torchrun line below is the one tests/test_multinode.py runs as two "nodes" on one machine.
+# The torchrun line below is the one tests/e2e/test_multinode.py runs as two "nodes" on one machine.
 #
 # Arguments are train.py overrides. Submit from the repository root (the run dir is relative to
 # it); the same overrides always map to the same run dir, so a requeued or resubmitted job
