@@ -3,7 +3,7 @@
 The data position is step x global_batch_size over a stream fixed by the seed, data.seq_len and
 the tokens, so a resume with any of those changed would silently re-read or skip samples, or
 read token ids that now mean other pieces. Each checkpoint's meta.json records them
-(run_identity.py) and a resume compares them; the default run dir hashes only what defines the
+(checkpoint/identity.py) and a resume compares them; the default run dir hashes only what defines the
 run, so "rerun with train.activation_checkpointing=full" continues it.
 """
 import dataclasses

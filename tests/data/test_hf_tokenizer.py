@@ -190,7 +190,7 @@ def _train_args(tmp_path, tokenizer):
 def test_train_py_on_a_tokenizer_json_end_to_end(tmp_path, hf_tokenizer):
     """Two steps of train.py on a tokenizer.json; the run keeps its tokenizer, and its
     checkpoint records the tokenizer's identity; resuming after the tokenizer changed is refused
-    (in process: the one-line report of a ConfigError is cli.py's, tested there)."""
+    (in process: the one-line report of a ConfigError is cli/job.py's, tested there)."""
     from support.common import metrics_rows, run_train, small_config
     from ulysses_train.train.trainer import run
 

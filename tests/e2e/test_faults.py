@@ -216,7 +216,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, cache, reference):
     assert len(assert_on_reference(run_dir, reference)) == step  # the curve so far, bit for bit
     TALLY["polite_stops"] += 1
     # Resuming from it is resuming from any checkpoint (above); after a stop signal on one rank
-    # of two: tests/test_stop.py.
+    # of two: tests/e2e/test_stop.py.
 
 
 def test_corrupt_checkpoint_as_path_is_a_one_line_error(tmp_path, cache, reference):

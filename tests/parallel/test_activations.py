@@ -1,6 +1,6 @@
 """Activation checkpointing (full, selective), CPU offload and compile change memory, not the
 function: loss and gradients equal the plain model (fp32, CPU), and each mode keeps and
-recomputes what it says. Parallel layouts with these options: tests/test_trainer_parallel.py."""
+recomputes what it says. Parallel layouts with these options: tests/train/test_trainer_parallel.py."""
 from __future__ import annotations
 
 import pytest

@@ -2,7 +2,7 @@
 positions each sp rank holds, and `Batch.pad_to` / `Batch.take`.
 
 The multi-rank proof that the sharded, padded rows train the one-process model is
-tests/test_trainer_sequence.py; here every rule is checked from the numbers alone.
+tests/train/test_trainer_sequence.py; here every rule is checked from the numbers alone.
 """
 from __future__ import annotations
 

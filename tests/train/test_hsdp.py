@@ -2,7 +2,7 @@
 plain ZeRO and one process.
 
 The HSDP loss curves against one process live with the other layouts in
-tests/test_trainer_parallel.py (the "hsdp-*" LAYOUTS), the per-rank state bytes in its
+tests/train/test_trainer_parallel.py (the "hsdp-*" LAYOUTS), the per-rank state bytes in its
 test_zero_stages_shard_state_per_rank, and the collective counts in
 tests/parallel/test_grad_comm.py.
 """
