@@ -45,7 +45,7 @@ class DataSource:
                  document_positions: bool = False, identity: dict | None = None,
                  bos_id: int | None = None, tokenizer_files: Sequence[str] = ()):
         self.streams = streams
-        # What the tokens are, for checkpoints' data identity (checkpoint/identity.py py): the tokenizer's
+        # What the tokens are, for checkpoints' data identity (checkpoint/identity.py): the tokenizer's
         # sha256 (tokenizer.py, tokenizer_identity), per split [documents, tokens, sha256 of
         # the document offsets], and the cache's name. Empty for synthetic data (a function of
         # the config alone).

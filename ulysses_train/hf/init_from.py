@@ -11,7 +11,7 @@ data position (stage 2 of a context extension starts from stage 1 this way). Wha
 `check_initial_weights` is the cheap half (files, headers, meta.json, our manifest's sizes; no
 torch, no tensor data), called by config validation before any heavy work; `load_initial_weights`
 is the load, called by every rank after the model is built, sharded and initialised
-(parallel/parallelize.py py). Our checkpoints' content hashes are verified there, once per load, split over
+(parallel/parallelize.py). Our checkpoints' content hashes are verified there, once per load, split over
 the ranks as resume splits them (`verify_checkpoint`; export calls it too): validation runs on
 every rank, and more than once per process, so hashing there would read the checkpoint over and
 over (resume too checks only what meta.json says at validation, and hashes at the load).

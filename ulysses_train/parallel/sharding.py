@@ -7,7 +7,8 @@ over `dp_sp`, the same group the loss and token counts are summed over.
 
 How `parallel.zero` maps to FSDP2:
 - 0: not sharded. Every rank keeps full parameters, gradients and optimizer state; gradients
-  are summed over dp_sp by `grad_sync.reduce_gradients_` (one coalesced all-reduce).
+  are summed over dp_sp by DDP during backward (grad_sync.DDP), or with tp > 1 by one coalesced
+  all-reduce after it (grad_sync.Plain).
 - 2: `fully_shard(reshard_after_forward=False)`. Gradients and optimizer state are sharded
   (reduce-scattered); parameters are gathered once per micro-batch forward and kept until that
   micro-batch's backward is done, and — with gradient accumulation — kept gathered across the

@@ -114,7 +114,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "rng": rng}
 
     def _identity(self) -> dict:
-        """What checkpoints record and resuming compares (checkpoint/identity.py py): the data stream
+        """What checkpoints record and resuming compares (checkpoint/identity.py): the data stream
         (must match) and the optimizer's hyper-parameters (the config wins, logged)."""
         data = {**config_identity(self.cfg), **getattr(self.data, "identity", {})}
         return {"data": data, "optim": optim.hyperparameters(self.cfg.optim,
