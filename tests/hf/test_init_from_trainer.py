@@ -57,8 +57,8 @@ def test_a_resuming_run_needs_no_init_from_source(hf_untied, tmp_path):
     architecture and checked its files although resume wins and never loads it."""
     from support.common import SMALL
     from ulysses_train.cli import compose as cli
-    from ulysses_train.config.errors import ConfigError
     from ulysses_train.cli.checks import check_inputs
+    from ulysses_train.config.errors import ConfigError
 
     src, run_dir = tmp_path / "src", tmp_path / "run"
     shutil.copytree(hf_untied, src)

@@ -4,7 +4,6 @@ no real layout has, and each consumer must feed the model exactly those columns)
 import torch
 
 from support.common import cpu_dims, small_config
-from ulysses_train.data import build_data
 from ulysses_train.data.batch import Batch
 from ulysses_train.model.gpt import GPT
 from ulysses_train.parallel.batching import dp_rows, shard_batch

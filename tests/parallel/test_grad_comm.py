@@ -69,8 +69,7 @@ class Recorder:
 
 def _record_step(rank, world, parallel, bucket_cap_mb):
     """Events of the second train_step of a dp=2 x sp=2 trainer with `parallel` overrides."""
-    from ulysses_train.parallel import ParallelDims
-    from ulysses_train.parallel import parallelize
+    from ulysses_train.parallel import ParallelDims, parallelize
     from ulysses_train.parallel.grad_sync import replicate
     from ulysses_train.train import trainer as trainer_mod
 
