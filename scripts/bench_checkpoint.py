@@ -12,7 +12,8 @@ import time
 
 sys.path.insert(0, os.getcwd())
 import ulysses_train.checkpoint.manager as checkpoint  # noqa: E402
-import ulysses_train.checkpoint.store as files  # noqa: E402
+import ulysses_train.checkpoint.manifest as manifest  # noqa: E402
+import ulysses_train.checkpoint.resume as resume  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -29,9 +30,9 @@ def timed(name, fn):
     return wrap
 
 
-for name in ("save", "verify", "load"):
-    setattr(checkpoint.CheckpointManager, name,
-            timed(name, getattr(checkpoint.CheckpointManager, name)))
-files.write_manifest = timed("write_manifest", files.write_manifest)  # rank 0's manifest step
+checkpoint.CheckpointManager.save = timed("save", checkpoint.CheckpointManager.save)
+for name in ("verify", "load"):  # the resume side (checkpoint/resume.py)
+    setattr(resume.Resume, name, timed(name, getattr(resume.Resume, name)))
+manifest.write_manifest = timed("write_manifest", manifest.write_manifest)  # rank 0's manifest
 sys.argv = [os.path.join(os.getcwd(), "train.py")] + sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")

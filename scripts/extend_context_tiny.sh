@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's "Extend a model's context" recipe, every step, at tiny size on CPU and offline:
+# The "Extend a model's context" recipe of docs/huggingface.md, every step, at tiny size on CPU and offline:
 # a "pretrained" model (trained here at 96 tokens on data=passkey and exported, standing in for a
 # downloaded Hugging Face dir) is evaluated at 384 tokens, extended in two stages (192 tokens
 # with YaRN x2 under Ulysses sp=2, then 384 tokens with x4 under a pure ring sp=2 ring=2),

@@ -46,7 +46,7 @@ HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 # so restarted workers would read the dead ones' addresses: restarts need the sharing off.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
-# Network settings across nodes (README, "Several nodes"): uncomment what your cluster needs.
+# Network settings across nodes (docs/fault-tolerance.md, "Several nodes"): uncomment what your cluster needs.
 # export NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0  # the interface the nodes reach each other on
 # export NCCL_IB_HCA=mlx5_0:1,mlx5_1:1                 # InfiniBand adapters NCCL may use
 # export NCCL_IB_DISABLE=1                             # IB off (sockets): only to rule IB out

@@ -1,6 +1,6 @@
 """Two "nodes" on one machine: two torchrun launchers joined by a c10d rendezvous.
 
-Each launcher is the README's multi-node command (`torchrun --nnodes=2 --nproc-per-node=2
+Each launcher is docs/fault-tolerance.md's multi-node command (`torchrun --nnodes=2 --nproc-per-node=2
 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:PORT --rdzv-id=ID --max-restarts=1 train.py ...`;
 torchrun reads `--nproc_per_node` and `--nproc-per-node` alike, and this is the spelling of
 scripts/slurm_train.sh), started twice; sequence parallel
@@ -47,7 +47,7 @@ def _launcher_flags(port: int, run_id: str) -> list[str]:
 
 
 def _launch(port: int, run_id: str, run_dir, log_path) -> subprocess.Popen:
-    """One "node": the README's command with this machine as the rendezvous host."""
+    """One "node": docs/fault-tolerance.md's command with this machine as the rendezvous host."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)

@@ -1,7 +1,7 @@
-"""The README's "Extend a model's context" recipe, every command, at tiny size
+"""docs/huggingface.md's "Extend a model's context" recipe, every command, at tiny size
 (scripts/extend_context_tiny.sh): HF dir in, eval before, two extension stages (Ulysses, then
 ring), eval after, export, transformers loads the result. Few steps: this proves the commands
-work together, not that the model learns (the measured run is in the README)."""
+work together, not that the model learns (the measured run is in docs/huggingface.md)."""
 import json
 import os
 import subprocess

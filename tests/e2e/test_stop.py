@@ -117,7 +117,7 @@ def test_torchrun_restarts_a_crashed_worker_and_resumes(tmp_path, two_ranks):
     args = SMALL + [f"train.steps={STEPS}", "checkpoint.every=2", "debug.crash_at_step=3",
                     f"hydra.run.dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}"]
     # torch >= 2.5 shares the launcher's store with the workers and keeps it across restarts, so
-    # restarted workers would read the dead ones' addresses: a restart needs this (README).
+    # restarted workers would read the dead ones' addresses: a restart needs this (docs/fault-tolerance.md).
     done = run_torchrun(2, args, launcher_args=["--max-restarts=1"],
                         env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     output = done.stdout + done.stderr

@@ -187,7 +187,7 @@ def test_eval_every_logs_each_bucket(tmp_path):
 def test_short_training_on_passkey_retrieves_key_digits(tmp_path):
     """Real training, real scorer: 150 steps on data=passkey (the key's repeats as labels) lift
     the share of key digits that are top-1 at the trained length well above 1/10, what a model
-    that only knows that a digit comes next would get. Whole keys need longer (README's recipe);
+    that only knows that a digit comes next would get. Whole keys need longer (docs/huggingface.md's recipe);
     this shows the eval sees retrieval being learnt, not just a constructed copier."""
     cfg = _config(model={"d_model": 128, "ffn_hidden": 384, "vocab_size": 128, "init_std": 0.02},
                   train={"steps": 150, "global_batch_size": 16, "micro_batch_size": 16},

@@ -19,8 +19,8 @@ import transformers  # noqa: E402  (a dev dependency: missing = a failure, not a
 from support.common import SMALL, cpu_dims, flip_byte, run_torchrun, small_config
 from ulysses_train.checkpoint.manifest import write_manifest
 from ulysses_train.cli import compose as cli
+from ulysses_train.cli.export import main as export_main
 from ulysses_train.config.schema import ModelConfig
-from ulysses_train.hf.export import main as export_main
 from ulysses_train.model import GPT
 from ulysses_train.train.trainer import Trainer
 

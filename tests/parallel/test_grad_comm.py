@@ -11,7 +11,7 @@ size. The second step is the one asserted (DDP rebuilds its buckets after the fi
   the micro-batch before the last.
 - Counts: the collectives between the first forward and the gradient clipping, per stage, are
   FSDP2's and DDP's own; they are asserted against the formulas documented in
-  docs/architecture.md §5 ("Collectives per step") and printed for the README.
+  docs/architecture.md §5 ("Collectives per step") and printed for docs/parallelism.md.
 """
 from __future__ import annotations
 

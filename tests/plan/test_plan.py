@@ -132,7 +132,7 @@ def test_plan_json_best_is_valid_fits_and_is_fastest(capsys):
 
 
 def test_ring_layout_needs_a_clear_margin_to_be_best(capsys):
-    """The README's command: a ring layout is predicted fastest by less than RING_MARGIN, so the
+    """docs/planner.md's command: a ring layout is predicted fastest by less than RING_MARGIN, so the
     plan recommends the fastest ring=1 layout and the table says what it passed over."""
     args = PLAN[:2] + ["train.global_batch_size=1"] + PLAN[3:]
     assert plan_cli.main(args + ["plan.format=json"]) == 0

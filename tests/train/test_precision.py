@@ -1,4 +1,4 @@
-"""One mixed-precision policy in every layout (model/precision.py, README "Mixed precision").
+"""One mixed-precision policy in every layout (model/precision.py, docs/parallelism.md "Mixed precision").
 
 `train.precision=bf16` on CPU (autocast supports bf16 there): the dtypes seen at the block
 boundaries of a real training run must *equal the policy's*, for zero=0 (one process), ZeRO-3

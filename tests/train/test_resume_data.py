@@ -1,6 +1,6 @@
 """Resume continues the data where it stopped.
 
-README claim: "a stopped run resumes bit-exact". The bug this catches: a resume that restores
+docs/checkpoints.md claim: "a stopped run resumes bit-exact". The bug this catches: a resume that restores
 weights, optimizer and step count but restarts the data stream at step 0 (or anywhere but the
 saved step) — the loss stays plausible, so only the batches themselves show it. A forward
 pre-hook records the input ids the model receives at every step of an uninterrupted run and of

@@ -37,7 +37,7 @@ def test_metrics_rows_follow_the_contract(tmp_path):
 def test_resume_is_bit_exact(tmp_path):
     """12 steps straight == 6 steps (exit_after_steps) + a rerun in the same run dir.
 
-    README claim "resume is bit-exact"; catches lost optimizer moments, RNG or schedule state,
+    docs/checkpoints.md claim "resume is bit-exact"; catches lost optimizer moments, RNG or schedule state,
     and a data stream restarted at step 0 on resume (planted once: fails; test_resume_data.py
     checks the batches themselves)."""
     straight = small_config(train={"steps": 12}, checkpoint={"every": 0})
@@ -93,7 +93,7 @@ def _step_with(micro_batch_size):
 def test_accumulation_is_token_weighted():
     """Micro-batches of 1 row equal one 4-row batch even with uneven valid-token counts.
 
-    README claim "the loss is token-weighted"; catches a mean of per-micro-batch means and a
+    claim "the loss is token-weighted" (docs/architecture.md); catches a mean of per-micro-batch means and a
     division by the micro-batch's own token count."""
     loss_1, params_1 = _step_with(1)
     loss_4, params_4 = _step_with(4)

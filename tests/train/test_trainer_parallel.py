@@ -1,4 +1,4 @@
-"""Whole training runs under dp x sp x tp layouts equal the one-process loss curve (README:
+"""Whole training runs under dp x sp x tp layouts equal the one-process loss curve (docs/parallelism.md:
 "every layout trains the same model": the parity claim).
 
 Every input must matter, or a layout could drop it unnoticed. Two 8-step curves, both on data

@@ -8,7 +8,7 @@ temporary file and the real one keeps its old content; a file written in place i
 Every such site in the package is listed in `ATOMIC_SITES` and has a test here; a new site fails
 `test_every_atomic_write_site_has_a_torn_write_test` until it gets one.
 
-Bugs these tests catch (each README safety claim -> its bug):
+Bugs these tests catch (each safety claim of docs/checkpoints.md -> its bug):
 - "a crash never leaves `checkpoints/latest` naming a half-written step": `latest` written in
   place (planted by hand once: `test_latest_survives_a_torn_write` fails);
 - "a checkpoint directory is complete or absent": meta.json or the manifest written into the

@@ -1,7 +1,7 @@
 """The configuration schema: one dataclass per config group and the allowed values of each key.
 
-These dataclasses are the whole user-facing schema (docs/configuration.md is generated from them
-by scripts/gen_config_docs.py). Hydra composes the YAML files in `configs/` on top of them (the
+These dataclasses are the whole user-facing schema (docs/config-reference.md is generated from
+them by scripts/gen_config_docs.py). Hydra composes the YAML files in `configs/` on top of them (the
 registration is in cli/compose.py, so importing the package never imports Hydra); the library
 only ever sees these plain dataclasses. The rules on their values are config/validate.py's.
 """
@@ -185,8 +185,7 @@ class DebugConfig:
 
 @dataclass
 class EvalConfig:
-    """Long-context evaluation (scripts/eval.py; `every` also in training). README: "Long-context
-    evaluation"."""
+    """Long-context evaluation (scripts/eval.py; `every` also in training). docs/evaluation.md."""
 
     checkpoint: str = ""  # scripts/eval.py: a run dir (its latest), a step_N dir or an HF dir
     every: int = 0  # training: loss by position every N steps (0 = off)

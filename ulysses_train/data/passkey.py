@@ -21,8 +21,8 @@ key line (`{key} is the pass key`); every other label is the ignore index. The f
 random (nothing to learn) and the filler is repeated text: as labels, the filler is learnt at
 once and then its many tokens swamp the five answer tokens' gradient (measured: plain language-
 model training stayed at 0 % passkey accuracy). The short-range second mention is a copy the
-model learns first and that speeds up learning the long-range one (measured: README, "Long-
-context evaluation").
+model learns first and that speeds up learning the long-range one (measured:
+docs/evaluation.md).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The mixed-precision policy, and the two helpers that let every code path follow it.
 
-Policy (the same for every layout: zero 0/2/3, tp, sp; README "Mixed precision"):
+Policy (the same for every layout: zero 0/2/3, tp, sp; docs/parallelism.md, "Mixed precision"):
 - master weights, gradients as stored and optimizer state: fp32;
 - matmuls and attention: the compute dtype (bf16 under `train.precision=bf16`, by autocast, or
   by FSDP2's `param_dtype` gathering the weights in bf16 — both round each weight once to bf16);
