@@ -1,7 +1,8 @@
-"""Everything Hydra: schema registration, override pre-checking, error translation.
+"""Everything Hydra: schema registration, composition, override pre-checking, error translation.
 
-Only `train.py` imports this module, so `import ulysses_train` never pulls in Hydra. The library
-below it sees plain dataclasses (`ulysses_train.config.schema.Config`), never a DictConfig.
+Only the entry points (cli/) import this module, and it imports Hydra inside its functions, so
+`import ulysses_train` never pulls Hydra in. The library below sees plain dataclasses
+(`ulysses_train.config.schema.Config`), never a DictConfig.
 
 Why pre-check: Hydra reports an unknown key or a wrong type as a multi-line message and exits 1.
 The contract (docs/architecture.md §2) is one line `error: <key>: <what to do>` and exit 2 on every
@@ -25,8 +26,8 @@ from ..hf.config import apply_init_from, explicit_model_keys, run_name
 from .checks import check_inputs
 
 # configs/ at the repository root (ulysses_train/cli/ -> ../../configs)
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "configs")
+CONFIG_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                          os.pardir, os.pardir, "configs"))
 GROUP_OPTIONS = {"model": MODEL_PRESETS}
 
 
