@@ -1,0 +1,3 @@
+"""The planner: predicted memory and step time of every layout, the best one for a job, and
+parallel.auto.
+"""

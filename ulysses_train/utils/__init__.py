@@ -1,0 +1,3 @@
+"""Small helpers that know nothing of the package: atomic writes, content hashes, JSON files,
+resident memory.
+"""
