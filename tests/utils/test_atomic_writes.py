@@ -56,7 +56,7 @@ ATOMIC_SITES = {
     "data/tokenizer_files.py": 2,  # <run_dir>/tokenizer/ moved aside, then the new one in place:
     #                                test_run_tokenizer_folder_is_whole_or_absent
     "evaluate/run.py": 2,  # eval.json and eval.png: test_torn_eval_result_keeps_the_previous_one
-    "cli/compose.py": 1,  # .hydra/config.yaml: test_torn_effective_config_keeps_hydras
+    "cli/job.py": 1,  # .hydra/config.yaml: test_torn_effective_config_keeps_hydras
 }
 
 
