@@ -1,4 +1,5 @@
-"""What a run reports: metrics.jsonl, throughput, memory, MFU, the progress bar and wandb.
+"""What a run reports: metrics.jsonl, throughput, memory, MFU, the progress bar and wandb rows
+(starting wandb, and the mode it can start in, is train/wandb_run.py's).
 
 Only rank 0 writes (docs/architecture.md §2): other ranks construct a `Reporter` with
 `enabled=False`. `metrics.jsonl` holds one JSON object per logged step; on resume the rows after the
