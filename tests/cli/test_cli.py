@@ -186,3 +186,30 @@ def test_input_files_are_checked_by_cli_checks(tmp_path):
         with pytest.raises(ConfigError) as info:
             check_inputs(small_config(**sections))
         assert info.value.key == key and words in info.value.message, (sections, info.value)
+
+
+def test_a_run_dir_that_cannot_be_made_is_one_line(tmp_path):
+    """hydra.run.dir naming a file, a path under a file, or nothing at all: Hydra failed with a
+    FileExistsError / NotADirectoryError traceback, or trained in the current directory."""
+    afile = tmp_path / "a.jsonl"
+    afile.write_text("{}\n")
+    cases = [(str(afile), "is a file, not a directory"),
+             (str(afile / "sub"), f"cannot be created: {afile} is a file"),
+             ("", "is empty")]
+    for run_dir, words in cases:
+        with pytest.raises(ConfigError) as info:
+            cli.run_dir_for([f"hydra.run.dir={run_dir}"])
+        assert info.value.key == "hydra.run.dir" and words in info.value.message, info.value
+    assert cli.run_dir_for([f"hydra.run.dir={tmp_path / 'new' / 'run'}"]) == str(
+        tmp_path / "new" / "run")
+
+
+def test_the_entry_points_own_overrides_join_the_users_run_of_overrides():
+    from ulysses_train.cli.train import with_overrides
+
+    ours = ["hydra.job.name=train"]
+    assert with_overrides(["a=1", "--cfg", "job"], ours) == ["hydra.job.name=train", "a=1",
+                                                            "--cfg", "job"]
+    assert with_overrides(["--cfg", "job", "a=1"], ours) == ["--cfg", "job",
+                                                            "hydra.job.name=train", "a=1"]
+    assert with_overrides(["--help"], ours) == ["--help", "hydra.job.name=train"]

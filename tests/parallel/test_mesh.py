@@ -226,3 +226,14 @@ def test_other_errors_are_not_reported_as_collective_failures():
     for exc in (RuntimeError("CUDA out of memory"), ValueError("Timed out"),  # not a backend error
                 KeyError("x")):
         assert mesh.describe_collective_failure(exc, 0, 2, 5) is None
+
+
+def test_nccl_without_a_gpu_is_one_config_error():
+    """parallel.backend=nccl on a CPU machine was a torch ValueError (and a torchrun traceback)
+    from init_process_group; now the layout refuses it, naming the key."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: nccl is valid here")
+    with pytest.raises(ConfigError) as info:
+        ParallelDims.from_config(ParallelConfig(backend="nccl"), 1, 0)
+    assert info.value.key == "parallel.backend" and "gloo" in info.value.message
+    assert ParallelDims.from_config(ParallelConfig(backend="auto"), 1, 0).backend == "gloo"

@@ -135,7 +135,8 @@ def _stream_message(key: str, old, new, path: str, mode: str) -> str:
            f"by the seed, data.seq_len and the tokens): rerun with {override(key, old)} to "
            f"resume, or {_new_run_advice(mode)}")
     if key == "data.seq_len":
-        msg += " (initialising a new run from these weights arrives with model.init_from)"
+        msg += (" (to train these weights at another length, start a new run from them: "
+                "model.init_from=<this run dir> with a new hydra.run.dir)")
     return msg
 
 

@@ -47,7 +47,6 @@ import dataclasses
 import json
 import os
 import shutil
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
@@ -66,12 +65,6 @@ from .store import (  # noqa: F401 (re-exported)
     is_complete,
     step_dirname,
 )
-
-# DCP warns on every save/load without a process group; a single process is what we intend. A
-# filter, not catch_warnings: async saves warn from DCP's thread, and catch_warnings is not
-# thread-safe.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
-                        "uninitialized, assuming the intent")
 
 
 class CheckpointSaveError(RuntimeError):

@@ -31,3 +31,26 @@ def check_inputs(cfg: Config, run_dir: str | None = None) -> None:
             f"{resume} {'is not a directory' if os.path.exists(path) else 'does not exist'}"
             "; give auto, never or a checkpoints/step_* directory")
     check_resume_path(os.path.abspath(path), cfg.model)  # complete, this architecture
+
+
+def check_run_dir(run_dir: str) -> None:
+    """`hydra.run.dir` names a directory this process can create or use. ConfigError for an
+    empty value (Hydra would use the current directory), a path that is a file, or one under a
+    file or an unwritable directory — Hydra itself would fail with a traceback there."""
+    key = "hydra.run.dir"
+    require(bool(run_dir.strip()), key, "is empty; give a directory for the run (or drop the "
+            "override to get the default runs/<model>-<data>-<hash>)")
+    path = os.path.abspath(run_dir)
+    if os.path.exists(path):
+        require(os.path.isdir(path), key, f"{path} is a file, not a directory; choose another "
+                "hydra.run.dir")
+        require(os.access(path, os.W_OK | os.X_OK), key, f"{path} is not writable; choose "
+                "another hydra.run.dir")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    require(os.path.isdir(parent), key, f"{path} cannot be created: {parent} is a file; choose "
+            "another hydra.run.dir")
+    require(os.access(parent, os.W_OK | os.X_OK), key, f"{path} cannot be created: {parent} is "
+            "not writable; choose another hydra.run.dir")

@@ -23,7 +23,7 @@ from ..config.overrides import override
 from ..config.schema import MODEL_PRESETS, Config
 from ..config.validate import validate
 from ..hf.config import apply_init_from, explicit_model_keys, run_name
-from .checks import check_inputs
+from .checks import check_inputs, check_run_dir
 
 # configs/ at the repository root (ulysses_train/cli/ -> ../../configs)
 CONFIG_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -172,6 +172,8 @@ def _compose(overrides: Sequence[str], world_size: int, check: bool = True) -> t
                 raise ConfigError("hydra.run.dir", f"Hydra does not expand ~ and would make a "
                                   f"directory named '~' here; write hydra.run.dir=$HOME"
                                   f"{run_dir[1:]}")
+            if check:  # Hydra would fail to make it with a traceback, or use the cwd for ""
+                check_run_dir(run_dir)
             with open_dict(cfg):
                 del cfg["hydra"]
             extra = _unknown_key(OmegaConf.to_container(cfg), Config)
@@ -205,6 +207,26 @@ def apply_auto(config: Config, overrides: Sequence[str], world_size: int,
     if log:
         print(line, flush=True)
     return config
+
+
+# Hydra's flags that only print the composed config, with the value each takes (if any).
+PRINT_FLAGS = {"--cfg": 1, "-c": 1, "--package": 1, "-p": 1, "--resolve": 0}
+
+
+def overrides_of(args: Sequence[str]) -> list[str] | None:
+    """The overrides of a command line whose flags only print the config (`--cfg job`,
+    `--resolve`, `--package`), so they can be checked as a run's are; None when another flag
+    (--help, --multirun, ...) makes Hydra do something else."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i].startswith("-"):
+            if args[i] not in PRINT_FLAGS:
+                return None
+            i += 1 + PRINT_FLAGS[args[i]]
+            continue
+        out.append(args[i])
+        i += 1
+    return out
 
 
 def compose(overrides: Sequence[str]) -> Config:

@@ -5,6 +5,7 @@ Errors: one `error: ...` line; exit 2 for bad input, 1 for what could not be rea
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -13,7 +14,9 @@ from ..hf.export import DTYPES, export, parse_size
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ulysses_train.export",
+    called = os.path.basename(sys.argv[0])  # the console script, or `-m`'s module path
+    parser = argparse.ArgumentParser(prog=called if called == "ulysses-export"
+                                     else "python -m ulysses_train.export",
                                      description="Export a checkpoint as a Hugging Face model dir")
     parser.add_argument("checkpoint", help="a run dir (its checkpoints/latest), its checkpoints/ or a step_* dir")
     parser.add_argument("out_dir", help="a new or empty directory")

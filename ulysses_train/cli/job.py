@@ -12,7 +12,7 @@ import sys
 import time
 from typing import NoReturn
 
-from ..config.errors import ConfigError
+from ..config.errors import ConfigError, exception_chain
 from ..config.schema import Config
 from ..hf.config import apply_init_from, explicit_model_keys
 from ..utils.atomic import atomic_write
@@ -69,6 +69,21 @@ def write_effective_config(hydra_dir: str, composed: Config, config: Config) -> 
     return True
 
 
+def interrupted(error: BaseException) -> bool:
+    """Whether `error` is a KeyboardInterrupt, or wraps one: DCP turns an interrupt inside a
+    save into a CheckpointException whose `failures` hold it (a second Ctrl-C during the first
+    one's save lands there)."""
+    for exc in exception_chain(error):
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        failures = getattr(exc, "failures", None)
+        if isinstance(failures, dict) and any(
+                isinstance(f[0] if isinstance(f, tuple) else f, KeyboardInterrupt)
+                for f in failures.values()):
+            return True
+    return False
+
+
 def run_job(cfg, run, rank: int, world_size: int, *, auto: bool = True) -> NoReturn:
     """The body of a Hydra entry point (train.py, scripts/eval.py): the composed `cfg` (a
     DictConfig) to our dataclasses with `model.init_from` (and, if `auto`, `parallel.auto`)
@@ -92,13 +107,15 @@ def run_job(cfg, run, rank: int, world_size: int, *, auto: bool = True) -> NoRet
         code = run(config, hydra.runtime.output_dir)
     except ConfigError as error:
         fail(error, rank)
-    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops politely, with a save)
-        if rank == 0:
-            print("aborted: rerun the same command to resume from the newest checkpoint",
-                  file=sys.stderr, flush=True)
-        sys.exit(130)
-    except Exception as error:  # a peer rank stalled or died: one line, not a traceback
-        from ..parallel.mesh import describe_collective_failure
+    except BaseException as error:
+        if interrupted(error):  # a second Ctrl-C (the first one stops politely, with a save)
+            if rank == 0:
+                print("aborted: rerun the same command to resume from the newest checkpoint",
+                      file=sys.stderr, flush=True)
+            sys.exit(130)
+        if not isinstance(error, Exception):
+            raise
+        from ..parallel.mesh import describe_collective_failure  # a peer stalled or died
 
         line = describe_collective_failure(error, rank, world_size, cfg.parallel.timeout_s)
         if line is None:

@@ -28,19 +28,33 @@ def hydra_entry(run, args: list[str], *, job: str, auto: bool):
     def _main(cfg) -> None:
         job_exit.run_job(cfg, run, rank, world, auto=auto)
 
-    sys.argv = sys.argv[:1] + args + [f"hydra.job.name={job}"] + compose.rank_overrides(rank)
+    sys.argv = sys.argv[:1] + with_overrides(args, [f"hydra.job.name={job}",
+                                                     *compose.rank_overrides(rank)])
     _main()
+
+
+def with_overrides(args: list[str], ours: list[str]) -> list[str]:
+    """`args` with `ours` placed just before the user's first override (at the end when there
+    is none): Hydra's parser takes one contiguous run of overrides, before or after its flags
+    (`train.steps=3 --cfg job`, `--cfg job train.steps=3`), and a user's own value of one of
+    ours, later in the run, still wins."""
+    first = next((i for i, a in enumerate(args) if not a.startswith("-") and "=" in a),
+                 len(args))
+    return args[:first] + ours + args[first:]
 
 
 def main() -> None:
     """The training entry point (console script `ulysses-train`)."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     args = sys.argv[1:]
-    if not any(a.startswith("-") for a in args):
-        try:
+    printing = compose.overrides_of(args)  # `--cfg job`: keys and types are checked too
+    try:
+        if not any(a.startswith("-") for a in args):
             compose.precheck(args, world)
-        except ConfigError as error:
-            job_exit.fail(error, rank)
+        elif printing is not None:
+            compose.compose(printing)
+    except ConfigError as error:
+        job_exit.fail(error, rank)
     warning = job_exit.restart_warning(os.environ)
     if warning and rank == 0:
         print(warning, file=sys.stderr, flush=True)

@@ -35,6 +35,7 @@ from datetime import timedelta
 
 import torch
 
+from ..config.errors import ConfigError
 from ..config.parallel import shard_group_size, validate_parallel
 from ..config.schema import ParallelConfig
 from .layout import SequenceLayout
@@ -79,6 +80,9 @@ class ParallelDims:
         validate_parallel(cfg, world_size)
         dp = cfg.dp if cfg.dp > 0 else world_size // (cfg.tp * cfg.sp)
         device = pick_device(rank)
+        if cfg.backend == "nccl" and device.type != "cuda":  # NCCL has no CPU transport
+            raise ConfigError("parallel.backend", "nccl needs CUDA GPUs and this machine has "
+                              "none; use parallel.backend=auto (gloo on CPU) or gloo")
         backend = cfg.backend if cfg.backend != "auto" else (
             "nccl" if device.type == "cuda" else "gloo")
         return cls(tp=cfg.tp, sp=cfg.sp, dp=dp, world_size=world_size, rank=rank,

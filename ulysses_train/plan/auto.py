@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from ..config.overrides import hydra_value
 from ..config.plan import validate_plan
 from ..config.schema import Config
 from .advice import explicit_knobs, no_fit_error
@@ -54,7 +55,7 @@ def resolve(cfg: Config, overrides: Sequence[str], world_size: int) -> tuple[Con
                            p.tflops or DEFAULT_TFLOPS)
     if best is None:
         raise no_fit_error(planned, layouts, fixed)
-    chosen = " ".join(f"{k}={v}" for k, v in best.overrides.items())
+    chosen = " ".join(f"{k}={hydra_value(v)}" for k, v in best.overrides.items())
     line = (f"parallel.auto: {chosen} (predicted peak {best.memory.total / GIB:.3g} GiB of "
             f"{mem:.3g} per rank on {kind}; {sum(x.fits for x in layouts)} of {len(layouts)} "
             "layouts fit)")

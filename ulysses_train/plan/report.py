@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..config.overrides import hydra_value
 from ..config.schema import Config
 from .advice import KNOBS
 from .memory import GIB
@@ -67,7 +68,8 @@ def table(cfg: Config, best: Layout, layouts: list, command: str) -> str:
             out.append(_line(x))
     mem = best.memory
     parts = ", ".join(f"{k} {v:.2f}" for k, v in mem.gib().items() if k not in ("phase", "total"))
-    out += ["", "best: " + " ".join(f"{k.split('.')[1]}={v}" for k, v in best.overrides.items()),
+    out += ["", "best: " + " ".join(f"{k.split('.')[1]}={hydra_value(v)}"
+                                    for k, v in best.overrides.items()),
             f"  peak {mem.total / GIB:.2f} GiB per GPU at '{mem.phase}': {parts} (GiB)",
             f"  step {best.time.step_s:.3f} s = compute {best.time.compute_s:.3f} s + exposed "
             f"communication {best.time.exposed_comm_s:.3f} s"]
@@ -94,8 +96,7 @@ def command(layout: Layout, overrides: Sequence[str], gpus: int, per_node: int) 
     plan sets) followed by the layout's knobs."""
     keep = [o for o in overrides if not o.lstrip("+~").startswith("plan.")
             and o.split("=", 1)[0].lstrip("+~") not in KNOBS]
-    knobs = [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-             for k, v in layout.overrides.items() if k != "parallel.dp"]
+    knobs = [f"{k}={hydra_value(v)}" for k, v in layout.overrides.items() if k != "parallel.dp"]
     nodes, local = (1, gpus) if gpus <= per_node else (gpus // per_node, per_node)
     launch = (f"torchrun --standalone --nproc_per_node={local}" if nodes == 1 else
               f"torchrun --nnodes={nodes} --nproc_per_node={local} --rdzv_backend=c10d "
