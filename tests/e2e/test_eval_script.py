@@ -120,3 +120,15 @@ def test_passkey_rows_hide_the_key_and_answer_it():
     with pytest.raises(ConfigError, match="data.seq_len"):
         build_data(DataConfig(name="passkey", seq_len=min_length(tok) - 1), seed=0,
                    global_batch_size=4, model_vocab_size=128)
+
+
+@pytest.mark.parametrize("args,key", [(["eval.chekpoint=/runs/a"], "eval.chekpoint"),
+                                      (["eval.checkpoint=/runs/a", "eval.batchez=2"],
+                                       "eval.batchez")])
+def test_a_misspelt_key_is_named_before_a_missing_one(args, key, tmp_path):
+    """Issue 19, item 7: `eval.chekpoint=...` was reported as 'eval.checkpoint is required',
+    never naming the typo; unknown keys are now reported first."""
+    out = run_eval(args, tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(f"error: {key}: unknown key"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr

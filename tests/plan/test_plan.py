@@ -228,3 +228,17 @@ def test_parallel_auto_runs_the_planned_layout_for_two_steps(tmp_path):
     recorded = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["parallel"]
     assert {f"parallel.{k}": str(recorded[k]) for k in ("dp", "sp", "tp")}.items() <= \
         chosen.items()  # and the run dir records it, not the composed layout
+
+
+def test_cfg_job_prints_the_composed_config(capsys):
+    """Issue 19, item 8: `python -m ulysses_train.plan --cfg job` printed
+    'error: overrides: LexerNoViableAltException: --cfg'; it prints the config, as train.py
+    does, and a bad key there is still one line."""
+    assert plan_cli.main(["--cfg", "job", "plan.gpus=8", "model=llama_125m"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["plan"]["gpus"] == 8 and printed["model"]["name"] == "llama_125m"
+    with pytest.raises(SystemExit) as info:
+        plan_cli.main(["--cfg", "job", "plan.gpuz=8"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("error: plan.gpuz: unknown key"), err
+    assert plan_cli.main(["--help"]) == 0 and "plan.gpus=N" in capsys.readouterr().out

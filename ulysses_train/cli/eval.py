@@ -46,6 +46,8 @@ def main() -> None:
     args = sys.argv[1:]
     if not any(a.startswith("-") for a in args):  # --help, --cfg job: Hydra's own business
         try:
+            compose.compose(args)  # unknown keys and bad types first: `eval.chekpoint=` is a typo,
+            #                        not a missing eval.checkpoint
             args += checkpoint_as_init_from(args)  # the evaluated model: architecture, weights
             args += default_run_dir(args)  # (precheck's resume checks then look at the eval dir)
             try:

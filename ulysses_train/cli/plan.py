@@ -26,6 +26,7 @@ micro-batch) that fits N GPUs of M GiB and trains fastest, for the model and dat
 overrides (the same as train.py's) describe. parallel.* and train.* keys given on the command
 line are kept fixed. plan.format=json prints {"best": ..., "layouts": [...]}; plan.gpus_per_node,
 plan.intra_node_gbps, plan.inter_node_gbps and plan.tflops describe the cluster (docs/planner.md).
+--cfg job prints the composed config instead.
 """
 
 
@@ -35,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE, end="")
         return 0
+    printing = compose.overrides_of(argv)  # `--cfg job`: the composed config, as train.py does
+    if printing is not None and len(printing) < len(argv):
+        return print_config(printing)
     try:
         cfg = compose.compose(argv)
         best, layouts = plan(cfg, argv)
@@ -46,4 +50,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "layouts": [row(x) for x in layouts]}))
         return 0
     print(table(cfg, best, layouts, cmd))
+    return 0
+
+
+def print_config(overrides: Sequence[str]) -> int:
+    """`--cfg job`: print the config the overrides compose to (YAML), or its one-line error."""
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = compose.compose(overrides)
+    except ConfigError as error:
+        job.fail(error, 0)
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
     return 0
