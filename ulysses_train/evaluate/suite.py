@@ -15,7 +15,7 @@ import torch
 from ..config.errors import ConfigError
 from ..config.schema import Config
 from ..model.precision import autocast_to
-from ..parallel.batching import dp_rows, shard_batch
+from ..parallel.batching import step_micro_batches
 from .loss_by_position import bucket_edges, loss_by_position
 from .passkey import passkey_accuracy
 
@@ -68,15 +68,10 @@ def held_out_micro_batches(cfg: Config, dims, data, model) -> Iterator[tuple]:
     """This rank's (input_ids, position_ids, labels, mask) of `eval.batches` validation global
     batches: its dp rows, sharded by parallel/batching.py exactly as the trainer shards them, on
     `model`'s device, with `model`'s document mask when `data.document_mask`."""
-    device = next(model.parameters()).device
     layout = dims.sequence_layout(cfg.data.seq_len)
-    rows = dp_rows(dims, cfg.train.global_batch_size)
     for i in range(cfg.eval.batches):
-        batch = data.global_batch(i, "val", rows=rows)  # (G/dp, S)
-        for mb in shard_batch(batch, dims, layout, cfg.train.micro_batch_size):
-            mb = mb.to(device)
-            mask = model.document_mask(mb.document_ids) if cfg.data.document_mask else None
-            yield mb.input_ids, mb.position_ids, mb.labels, mask
+        yield from step_micro_batches(data, i, "val", dims, layout, cfg.train.global_batch_size,
+                                      cfg.train.micro_batch_size, model, cfg.data.document_mask)
 
 
 def autocast_for(dtype: torch.dtype, device: torch.device) -> Callable:

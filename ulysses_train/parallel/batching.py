@@ -57,3 +57,19 @@ def shard_batch(batch: Batch, dims: ParallelDims, layout: SequenceLayout,
         rows = slice(start, start + micro_batch_size)  # (R, ...) -> (mb, ...)
         yield MicroBatch(local.input_ids[rows], local.position_ids[rows], local.labels[rows],
                          full.document_ids[rows])
+
+
+def step_micro_batches(data, step: int, split: str, dims: ParallelDims, layout: SequenceLayout,
+                       global_batch_size: int, micro_batch_size: int, model,
+                       document_mask: bool) -> Iterator[tuple]:
+    """This rank's (input_ids, position_ids, labels, mask) micro-batches of global batch `step`
+    of `split` (a data.DataSource): its dp rows, read alone, sharded by `shard_batch`, on
+    `model`'s device. `mask`: None, or with `document_mask` the model's DocumentMask of the whole
+    padded rows, as attention sees them. What the trainer trains and validates on, and what
+    evaluation holds out: one function, so they cannot shard differently."""
+    device = next(model.parameters()).device
+    batch = data.global_batch(step, split, rows=dp_rows(dims, global_batch_size))  # (G/dp, S)
+    for mb in shard_batch(batch, dims, layout, micro_batch_size):
+        mb = mb.to(device)
+        mask = model.document_mask(mb.document_ids) if document_mask else None
+        yield mb.input_ids, mb.position_ids, mb.labels, mask

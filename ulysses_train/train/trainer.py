@@ -31,7 +31,7 @@ from ..model import num_params, padded_vocab
 from ..model.gpt import model_flops
 from ..model.precision import autocast_to, resolve_dtype
 from ..parallel import ParallelDims
-from ..parallel.batching import dp_rows, shard_batch
+from ..parallel.batching import step_micro_batches
 from ..parallel.grad_sync import all_reduce_
 from ..parallel.parallelize import parallelize
 from ..parallel.tensor import clip_grad_norm_
@@ -159,16 +159,12 @@ class Trainer:
     # ---- one step -----------------------------------------------------------------------
     def _micro_batches(self, step: int, split: str):
         """Yield this rank's (input_ids, position_ids, labels, mask) micro-batches of global
-        batch `step` of `split`: its dp rows, read alone, sharded by parallel/batching.py (the
-        one function training, evaluation and the planner share). The document mask (None
-        unless `data.document_mask`) describes the whole padded rows, as attention sees them."""
-        rows = dp_rows(self.dims, self.cfg.train.global_batch_size)
-        batch = self.data.global_batch(step, split, rows=rows)  # (G/dp, S)
-        for mb in shard_batch(batch, self.dims, self.layout, self.cfg.train.micro_batch_size):
-            mb = mb.to(self.device)
-            mask = (self.model.document_mask(mb.document_ids) if self.cfg.data.document_mask
-                    else None)
-            yield mb.input_ids, mb.position_ids, mb.labels, mask
+        batch `step` of `split` (parallel/batching.py, which evaluation and the planner's
+        measurement share)."""
+        t = self.cfg.train
+        return step_micro_batches(self.data, step, split, self.dims, self.layout,
+                                  t.global_batch_size, t.micro_batch_size, self.model,
+                                  self.cfg.data.document_mask)
 
     def _global_counts(self, micro) -> tuple[int, int]:
         """(valid labels, sum of squared attention spans: documents under data.document_mask,
