@@ -9,12 +9,11 @@ result (docs/evaluation.md).
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 
 from ..config.errors import ConfigError
 from . import compose, job
-from .train import hydra_entry
+from .train import hydra_entry, launch
 
 
 def checkpoint_as_init_from(args: list[str]) -> list[str]:
@@ -42,7 +41,7 @@ def default_run_dir(args: list[str]) -> list[str]:
 
 def main() -> None:
     """The evaluation entry point (console script `ulysses-eval`)."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = launch()
     args = sys.argv[1:]
     if not any(a.startswith("-") for a in args):  # --help, --cfg job: Hydra's own business
         try:

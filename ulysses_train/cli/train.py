@@ -15,13 +15,18 @@ from . import compose
 from . import job as job_exit
 
 
+def launch() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them (RANK, WORLD_SIZE); (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def hydra_entry(run, args: list[str], *, job: str, auto: bool):
     """Run `run(config, run_dir) -> exit code` under Hydra's main with the command line `args`
     plus the non-zero ranks' overrides. `job`: Hydra's job name (its help header and log file
     `<job>.log`), which Hydra would otherwise take from this module's name."""
     import hydra
 
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = launch()
     compose.register()
 
     @hydra.main(config_path=compose.CONFIG_DIR, config_name="config", version_base="1.3")
@@ -45,7 +50,7 @@ def with_overrides(args: list[str], ours: list[str]) -> list[str]:
 
 def main() -> None:
     """The training entry point (console script `ulysses-train`)."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = launch()
     args = sys.argv[1:]
     printing = compose.overrides_of(args)  # `--cfg job`: keys and types are checked too
     try:
