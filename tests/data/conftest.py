@@ -24,3 +24,11 @@ def spm_tokenizer(tmp_path_factory):
     from support.tokenizers import make_spm_tokenizer
 
     return make_spm_tokenizer(tmp_path_factory.mktemp("spm_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def spm_user_symbols(tmp_path_factory):
+    """A sentencepiece model whose BOS/EOS are user-defined symbols (matched inside text)."""
+    from support.tokenizers import make_spm_with_user_symbols
+
+    return make_spm_with_user_symbols(tmp_path_factory.mktemp("spm_user_symbols"))

@@ -9,7 +9,8 @@ from support.tokenizers import SAMPLE, make_hf_tokenizer, stdlib_texts
 from ulysses_train.data.tokenizer import open_tokenizer
 from ulysses_train.data.tokenizer_files import save_run_tokenizer
 
-TEXTS = [SAMPLE, "x", " two  spaces\n\n", *(t[:4000] for t in stdlib_texts(3, skip=300))]
+TEXTS = [SAMPLE, "x", " two  spaces\n\n", "<s>literal</s> <unk>",
+         *(t[:4000] for t in stdlib_texts(3, skip=300))]
 
 
 @pytest.mark.parametrize("kind", ["tokenizer.json", "sentencepiece"])
@@ -25,7 +26,8 @@ def test_autotokenizer_loads_the_run_tokenizer_with_our_ids(tmp_path, kind, hf_t
                 "sentencepiece": ["tokenizer.model", "tokenizer_config.json"]}[kind]
     assert sorted(os.listdir(out)) == expected
     assert sorted(os.listdir(out.parent)) == ["tokenizer"]  # no temporary left behind
-    theirs = AutoTokenizer.from_pretrained(str(out))
+    # split_special_tokens: special-token strings in text are text, as we encode documents.
+    theirs = AutoTokenizer.from_pretrained(str(out), split_special_tokens=True)
     for text, ours in zip(TEXTS, tok.encode_batch(TEXTS)):
         assert theirs.encode(text, add_special_tokens=False) == ours
         # With special tokens transformers adds what our packer writes before a document.

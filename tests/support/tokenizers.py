@@ -5,6 +5,9 @@
   <|begin_of_text|> first), with a `tokenizer_config.json` naming BOS/EOS as Meta's does.
 - `make_spm_tokenizer`: our own sentencepiece model (the trainer the project uses), written
   where asked.
+- `make_spm_with_user_symbols`: a sentencepiece model whose BOS/EOS are Llama-3-style
+  user-defined symbols (which sentencepiece matches inside text), named by a
+  tokenizer_config.json.
 """
 from __future__ import annotations
 
@@ -82,3 +85,26 @@ def copy_tree(src: Path, dst: Path) -> Path:
     for name in os.listdir(src):
         (dst / name).write_bytes((src / name).read_bytes())
     return dst
+
+
+def make_spm_with_user_symbols(folder, vocab_size: int = 600) -> Path:
+    """A sentencepiece model (our trainer settings) with BOS and EOS as user-defined symbols,
+    ids 2 and 3, and a tokenizer_config.json naming them, with add_bos_token."""
+    import io
+
+    import sentencepiece as spm
+
+    from ulysses_train.data.tokenizer_train import TRAINER_SETTINGS, line_chunks
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    spm.set_min_log_level(2)  # as train_tokenizer: its INFO lines would drown the test output
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=line_chunks(stdlib_texts(20)), model_writer=buffer,
+        vocab_size=vocab_size, user_defined_symbols=[BOS, EOS], num_threads=1,
+        **TRAINER_SETTINGS)
+    (folder / "tokenizer.model").write_bytes(buffer.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": BOS, "eos_token": EOS, "add_bos_token": True}))
+    return folder / "tokenizer.model"

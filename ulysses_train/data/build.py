@@ -3,10 +3,11 @@
 Steps, each logged with counts and time: (1) generate the documents into an Arrow dataset
 (`datasets.Dataset.from_generator`); (2) split them by their stable hash; (3) train a tokenizer
 on a deterministic sample of the train split, or copy the given one's files (tokenizer.py);
-(4) tokenize every document (`Dataset.map`, batched; sentencepiece and tokenizers encode a batch
-on all cores); (5) write, per split, the documents' tokens back to back, each followed by EOS
-(and preceded by BOS when the tokenizer's config says add_bos_token), as one flat array
-(`<split>.bin`) plus document start offsets (`<split>_offsets.npy`, ending with the stream
+(4) tokenize every document as text (`Dataset.map`, batched; sentencepiece and tokenizers encode
+a batch on all cores; special-token strings in a document stay text: tokenizer.py); (5) write,
+per split, the documents' tokens back to back, each followed by EOS (and preceded by BOS when
+the tokenizer's config says add_bos_token; these are the stream's only BOS/EOS), as one flat
+array (`<split>.bin`) plus document start offsets (`<split>_offsets.npy`, ending with the stream
 length). The Arrow intermediates are deleted; the caller publishes the directory (see cache.py).
 """
 from __future__ import annotations

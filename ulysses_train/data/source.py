@@ -26,7 +26,13 @@ from .packing import PackedTokens
 from .passkey import PasskeyTokens, WordTokenizer, min_length
 from .synthetic import EOS_ID, SyntheticTokens
 from .tokenizer import KEY as TOKENIZER_KEY
-from .tokenizer import MODEL_FILES, Tokenizer, open_tokenizer, tokenizer_identity
+from .tokenizer import (
+    MODEL_FILES,
+    TEXT_ENCODING,
+    Tokenizer,
+    open_tokenizer,
+    tokenizer_identity,
+)
 from .tokenizer_files import init_from_dirs, locate, model_in, save_run_tokenizer
 from .tokenizer_train import TRAINER_SETTINGS
 
@@ -182,7 +188,9 @@ def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_voca
     limit = max_tokenizer_vocab or model_vocab_size
     given = _given_tokenizer(cfg, init_from, limit, log)
     if given is not None:
-        tokenizer = {"given_sha256": given.identity()}
+        # TEXT_ENCODING: a cache made when special-token strings in text became control ids
+        # has another key. Ours needs none: it has no special piece that text could match.
+        tokenizer = {"given_sha256": given.identity(), "text": TEXT_ENCODING}
     else:
         tokenizer = {"settings": TRAINER_SETTINGS, "vocab_size": limit,
                      "sample_bytes": cfg.tokenizer_sample_bytes}

@@ -10,8 +10,15 @@ What packing needs (data/build.py, data/packing.py) comes from them, first sourc
   `add_bos` is tokenizer_config.json's `add_bos_token` when present; else, for a
   tokenizer.json, whether its post-processor puts BOS first (Llama 3 does it that way); else
   false (our own trained model has no BOS).
-Text is encoded without special tokens (`add_special_tokens=False`, the same ids transformers'
-`tokenizer.encode(text, add_special_tokens=False)` gives); the packer adds BOS/EOS itself.
+Document text is encoded as text: no special tokens are added (`add_special_tokens=False`), and a
+special token's string inside the text (scraped pages are full of `<|endoftext|>`, `</s>`,
+`<|begin_of_text|>`) becomes ordinary pieces, never its control id, as tiktoken's
+`disallowed_special=()` and transformers' `split_special_tokens=True` do. So the only BOS/EOS
+ids of the packed stream are the ones the packer adds. Special here: for a tokenizer.json its
+added tokens marked special, for sentencepiece its control pieces (never parsed from text
+anyway); for both, every token the configs name (`*_token`, `additional_special_tokens`,
+`added_tokens_decoder` entries marked special), which are made special (tokenizers) or control
+pieces (sentencepiece: its user-defined symbols are matched in text; spm_model.py).
 `sentencepiece` and `tokenizers` are imported inside the functions: `import ulysses_train.data`
 stays light.
 """
@@ -31,6 +38,9 @@ HF_MODEL = "tokenizer.json"
 MODEL_FILES = (HF_MODEL, SPM_MODEL)  # preference order inside a directory (transformers': fast)
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 KEY = "data.tokenizer_path"
+# How text becomes ids (see the module docstring), part of the token cache's key of a given
+# tokenizer: caches from when special-token strings in text became control ids rebuild once.
+TEXT_ENCODING = "special-token strings as text"
 
 _loaded: dict[str, "Tokenizer"] = {}  # per process: the datasets.map batches reuse one tokenizer
 
@@ -50,11 +60,19 @@ class Tokenizer:
         for name in CONFIG_FILES:
             if os.path.isfile(os.path.join(folder, name)):
                 self.files[name] = os.path.join(folder, name)
+        self.configs = {name: _json(self.files[name])
+                        for name in CONFIG_FILES if name in self.files}
         self.vocab_size = self._vocab_size()
         self.bos_id, self.eos_id, self.add_bos = special_ids(self)
+        self._specials_as_text(special_names(self.configs))
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
-        """Token ids of each text, without special tokens."""
+        """Token ids of each text, without special tokens, special-token strings in it
+        encoded as text (see the module docstring)."""
+        raise NotImplementedError
+
+    def _specials_as_text(self, names: set[str]) -> None:
+        """Make `encode_batch` encode every special token's string, and `names`, as text."""
         raise NotImplementedError
 
     def token_to_id(self, token: str) -> int | None:
@@ -100,6 +118,21 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_batch(self, texts, num_threads=1):
         return self.sp.encode(list(texts), num_threads=num_threads)
 
+    def _specials_as_text(self, names):
+        # Control pieces are never parsed from text; user-defined ones are: those that are
+        # special become control pieces (spm_model.py). Only candidates trigger the rewrite.
+        ids = [self.token_to_id(n) for n in names]
+        if not any(i is not None and not (self.sp.is_control(i) or self.sp.is_unknown(i) or
+                                          self.sp.is_byte(i)) for i in ids):
+            return
+        import sentencepiece as spm
+
+        from .spm_model import user_defined_as_control
+
+        model, changed = user_defined_as_control(self.sp.serialized_model_proto(), names)
+        if changed:
+            self.sp = spm.SentencePieceProcessor(model_proto=model)
+
     def token_to_id(self, token):
         i = self.sp.piece_to_id(token)
         # piece_to_id answers unk for an unknown piece: only unk itself may map there.
@@ -133,6 +166,20 @@ class HFTokenizer(Tokenizer):
         # tokenizers parallelises batches itself (RAYON_NUM_THREADS); num_threads is for spm.
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    def _specials_as_text(self, names):
+        from tokenizers import AddedToken
+
+        # Added tokens the configs name as special but tokenizer.json does not mark special
+        # (transformers makes them special when it loads the configs): marked here, same ids.
+        promote = [AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip,
+                              rstrip=t.rstrip, normalized=t.normalized, special=True)
+                   for t in self.tok.get_added_tokens_decoder().values()
+                   if not t.special and t.content in names]
+        if promote:
+            self.tok.add_special_tokens(promote)
+        # Special added tokens inside text are then split like any text (tokenizers >= 0.15).
+        self.tok.encode_special_tokens = True
+
     def token_to_id(self, token):
         return self.tok.token_to_id(token)
 
@@ -156,11 +203,31 @@ def _token_name(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def special_names(configs: dict[str, dict]) -> set[str]:
+    """Every token the configs (file name -> content) name as special: `bos_token`,
+    `eos_token`, `unk_token`, `pad_token`, ... (`*_token`), `additional_special_tokens`,
+    `extra_special_tokens` (a list or a dict), and `added_tokens_decoder` entries marked
+    special."""
+    names = []
+    for config in configs.values():
+        for key, value in config.items():
+            if key.endswith("_token") and not key.startswith("add_"):  # add_bos_token: a flag
+                names.append(_token_name(value))
+            elif key in ("additional_special_tokens", "extra_special_tokens"):
+                values = list(value.values()) if isinstance(value, dict) else value
+                if isinstance(values, list):
+                    names.extend(_token_name(v) for v in values)
+        decoder = config.get("added_tokens_decoder")
+        if isinstance(decoder, dict):
+            names.extend(e.get("content") for e in decoder.values()
+                         if isinstance(e, dict) and e.get("special"))
+    return {n for n in names if isinstance(n, str) and n}
+
+
 def special_ids(tok: Tokenizer) -> tuple[int | None, int, bool]:
     """(bos_id, eos_id, add_bos) of `tok`, from its configs (see the module docstring).
     Raises ConfigError for a named token the vocabulary lacks, or for no EOS at all."""
-    configs = {name: _json(tok.files[name])
-               for name in CONFIG_FILES if name in tok.files}
+    configs = tok.configs
     ids = {}
     for role in ("bos", "eos"):
         key = f"{role}_token"
