@@ -1,11 +1,17 @@
 """The one list of architecture keys (config/architecture.py) is complete and is what every
-checkpoint comparison uses."""
+checkpoint comparison uses: DIMENSIONS and FLAGS are exactly the fields that change the tensors,
+FUNCTION exactly those that change what the same weights compute."""
 import dataclasses
 
 import torch
 
-from ulysses_train.config.architecture import ARCHITECTURE_KEYS, architecture_diffs
-from ulysses_train.config.schema import ModelConfig
+from ulysses_train.config.architecture import (
+    ARCHITECTURE_KEYS,
+    FUNCTION,
+    RESUME_KEYS,
+    architecture_diffs,
+)
+from ulysses_train.config.schema import ROPE_SCALINGS, ModelConfig
 from ulysses_train.hf.config import checkpoint_model_fields
 from ulysses_train.model import GPT
 
@@ -48,3 +54,75 @@ def test_diffs_read_an_unrecorded_key_as_the_default():
 def test_init_from_our_checkpoint_states_every_architecture_key():
     stated, _ = checkpoint_model_fields(dataclasses.asdict(ModelConfig()))
     assert set(ARCHITECTURE_KEYS) <= set(stated)
+
+
+# Each RoPE method reads its own parameters (model/rope.py), so a parameter changes the function
+# only under its method: every base below is one method, with everything it reads in effect
+# (yarn's mscale pair is read only when both are set; its beta_fast moves the correction range
+# of head dim 16 only with a pretraining context of a few thousand positions).
+SMALL_MODEL = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96,
+                   vocab_size=256, rope_factor=4.0)
+FUNCTION_BASES = [dict(rope_scaling=m, rope_original_seq_len=64)
+                  for m in ("none", "linear", "ntk", "llama3")] + [
+    dict(rope_scaling="yarn", rope_original_seq_len=2048, rope_mscale=1.0,
+         rope_mscale_all_dim=1.0)]
+
+
+def _other(name: str, value):
+    """Another valid value of field `name`; a field of a type not handled here fails the test,
+    so whoever adds it decides how it is changed (and into which list it goes)."""
+    if name == "rope_scaling":
+        return next(m for m in ROPE_SCALINGS if m != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2
+    if value is None:  # an optional float (yarn's attention factor, mscale pair)
+        return 1.5
+    if isinstance(value, str):
+        return value + "-other"
+    raise TypeError(f"ModelConfig.{name}: no rule for changing a {type(value).__name__}")
+
+
+def _logits(model: GPT, ids: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        return model(ids, positions)
+
+
+def test_every_key_that_changes_what_the_weights_compute_is_a_function_key():
+    """For each field outside ARCHITECTURE_KEYS, the same weights loaded into a model with that
+    field changed (under each RoPE method): the fields whose change alters the logits are
+    exactly FUNCTION. Catches a rope or norm key that a resume would let change silently, and
+    one listed that changes nothing."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (1, 24))
+    computing = set()
+    for extra in FUNCTION_BASES:
+        base_cfg = ModelConfig(**SMALL_MODEL, **extra)
+        base = GPT(base_cfg)
+        base.init_weights(seed=0)
+        reference = _logits(base, ids)
+        for field in dataclasses.fields(ModelConfig):
+            if field.name in ARCHITECTURE_KEYS:
+                continue
+            changed = GPT(dataclasses.replace(
+                base_cfg, **{field.name: _other(field.name, getattr(base_cfg, field.name))}))
+            changed.load_state_dict(base.state_dict())
+            if not torch.equal(_logits(changed, ids), reference):
+                computing.add(field.name)
+    assert computing == set(FUNCTION)
+    assert RESUME_KEYS == ARCHITECTURE_KEYS + FUNCTION
+
+
+def test_init_from_compares_the_weights_resume_also_the_function():
+    """A next stage (model.init_from) may change the RoPE; a resume may not: the same recorded
+    model, compared on ARCHITECTURE_KEYS and on RESUME_KEYS."""
+    saved = dataclasses.asdict(ModelConfig(rope_scaling="yarn", rope_factor=2.0))
+    cfg = ModelConfig(rope_scaling="yarn", rope_factor=4.0, rope_theta=5e5)
+    assert architecture_diffs(saved, cfg) == []
+    assert architecture_diffs(saved, cfg, RESUME_KEYS) == [("rope_theta", 10000.0, 5e5),
+                                                           ("rope_factor", 2.0, 4.0)]
+    older = {k: v for k, v in saved.items() if k != "rope_truncate"}  # not recorded: default
+    assert architecture_diffs(older, dataclasses.replace(cfg, rope_truncate=False),
+                              RESUME_KEYS)[-1] == ("rope_truncate", True, False)

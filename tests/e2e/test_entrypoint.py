@@ -4,6 +4,7 @@ The bad-input cases run the real command line, one process each (the pre-check r
 torch is imported, about a second per case); the in-process validator tests are test_config.py.
 """
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -47,6 +48,7 @@ def inputs(tmp_path_factory):
     _fake_checkpoint(root / "other_shape" / "step_00000001", n_layers=3)
     _fake_checkpoint(root / "qkv_bias" / "step_00000001", qkv_bias=True)
     _fake_checkpoint(root / "before_qkv_bias" / "step_00000001", drop=("qkv_bias",))
+    _fake_checkpoint(root / "yarn2" / "step_00000001", rope_scaling="yarn", rope_factor=2.0)
     (root / "partial" / "step_00000001").mkdir(parents=True)  # a save that never committed
     return root
 
@@ -110,6 +112,12 @@ BAD_INPUT = {
     "flag-older-checkpoint": (["checkpoint.resume={inputs}/before_qkv_bias/step_00000001",
                                "model.qkv_bias=true"], 1, "model.qkv_bias",
                               "was trained with qkv_bias=False (this run: True)"),
+    # A key that changes what the weights compute (RoPE, norm_eps) is refused on resume: the
+    # next stage with it is a new run from the checkpoint (issue 19 item 5).
+    "function-changed-checkpoint": (["checkpoint.resume={inputs}/yarn2/step_00000001",
+                                     "model.rope_scaling=yarn", "model.rope_factor=4"], 1,
+                                    "model.rope_factor", "was trained with rope_factor=2.0 "
+                                    "(this run: 4.0), which changes what its weights compute"),
     # A bit-flipped checkpoint as PATH needs real tensors: test_faults.py
     # test_corrupt_checkpoint_as_path_is_a_one_line_error, beside the SIGKILL tests.
 }
@@ -152,3 +160,51 @@ def test_default_run_dir_is_derived_from_the_overrides(tmp_path):
     other = run_train(base + ["train.seed=1"], cwd=tmp_path)
     assert other.returncode == 0
     assert len(os.listdir(tmp_path / "runs")) == 2
+
+
+def _files(run) -> dict:
+    """Every file under `run` -> (sha256 of its bytes, mtime): what a refused run must leave."""
+    out = {}
+    for root, _, names in os.walk(run):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, run)] = (hashlib.sha256(f.read()).hexdigest(),
+                                                   os.stat(path).st_mtime_ns)
+    return out
+
+
+def test_resume_with_another_rope_is_refused_and_a_new_run_starts_from_it(tmp_path, small_args):
+    """Issue 19 item 5 as reported: rerunning a run dir with model.rope_factor 2 -> 4, or another
+    model.rope_theta, resumed (exit 0), trained another function and rewrote meta.json. Now: one
+    line naming the key and the next stage's command, nothing in the run dir touched (meta.json,
+    metrics.jsonl, latest, .hydra/), for resume=auto and for checkpoint.resume=PATH. The next
+    stage itself, a new run dir with model.init_from=<that step> and the new factor, trains, and
+    rerunning that resumes it."""
+    yarn = ["model.rope_scaling=yarn", "model.rope_original_seq_len=16"]
+    first = run_train(small_args + yarn + ["model.rope_factor=2", "train.steps=1"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000001"
+    before = _files(run)
+    assert {"checkpoints/latest", "metrics.jsonl", ".hydra/config.yaml"} <= set(before)
+    for change, key in [(["model.rope_factor=4"], "model.rope_factor"),
+                        (["model.rope_factor=2", "model.rope_theta=500000"], "model.rope_theta"),
+                        (["model.rope_factor=4", f"checkpoint.resume={step}"],
+                         "model.rope_factor")]:
+        again = run_train(small_args + yarn + change + ["train.steps=2"])
+        assert again.returncode == 2, (change, again.stdout[-1000:], again.stderr[-2000:])
+        lines = again.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {key}: {step} was trained with")
+        assert f"model.init_from={step} hydra.run.dir=NEW_DIR" in lines[0]
+        assert again.stdout == ""  # refused by the pre-check, before Hydra writes anything
+        assert _files(run) == before, change
+    stage2 = [a for a in small_args if not a.startswith("hydra.run.dir=")] + yarn + [
+        f"hydra.run.dir={tmp_path / 'stage2'}", f"model.init_from={step}", "model.rope_factor=4"]
+    new_run = run_train(stage2 + ["train.steps=1"])
+    assert new_run.returncode == 0, new_run.stderr[-2000:]
+    assert "model.init_from: loaded" in new_run.stdout
+    resumed = run_train(stage2 + ["train.steps=2"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {tmp_path / 'stage2' / 'checkpoints' / 'step_00000001'}" in \
+        resumed.stdout

@@ -72,8 +72,9 @@ class Resume:
 
     # ---- verifying ----------------------------------------------------------------------
     def check_shape(self, path: str) -> None:
-        """Refuse a checkpoint of another model shape or data identity, from meta.json alone."""
-        files.check_shape(path, self.model_cfg)
+        """Refuse a checkpoint of another model (shape, flag or function: store.check_shape) or
+        data identity, from meta.json alone."""
+        files.check_shape(path, self.model_cfg, self.cfg.resume)
         if self.identity is not None:
             check_resume(files.read_meta(path), self.identity, path, self.cfg.resume, self.log)
 

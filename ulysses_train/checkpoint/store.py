@@ -14,8 +14,9 @@ import os
 import shutil
 from typing import Callable
 
-from ..config.architecture import DIMENSIONS, architecture_diffs, describe
+from ..config.architecture import DIMENSIONS, FLAGS, RESUME_KEYS, architecture_diffs, describe
 from ..config.errors import ConfigError
+from ..config.overrides import override
 from ..utils.atomic import atomic_write, fsync_dir
 from .manifest import DCP_METADATA, MANIFEST, META
 
@@ -45,29 +46,42 @@ def read_meta(path: str) -> dict:
                           f"{type(exc).__name__}); point it at a checkpoints/step_* dir") from exc
 
 
-def check_shape(path: str, model_cfg) -> None:
-    """Refuse a checkpoint of another architecture, from its meta.json alone (no tensor read):
-    another model (a dimension differs) names checkpoint.resume; the same dimensions with another
-    flag (tie_embeddings, qkv_bias) name that model.* key, which is what to change."""
-    diffs = architecture_diffs(read_meta(path)["model"], model_cfg)
+def check_shape(path: str, model_cfg, mode: str = "auto") -> None:
+    """Refuse to resume a checkpoint of another model, from its meta.json alone (no tensor
+    read), comparing config/architecture.py's RESUME_KEYS: another model (a dimension differs)
+    names checkpoint.resume; the same dimensions with another flag (tie_embeddings, qkv_bias)
+    or function key (RoPE, norm_eps) name that model.* key, which is what to change. A
+    function key alone can be changed by a new run from these weights (model.init_from), which
+    the line says. `mode`: checkpoint.resume (auto, or the PATH given), for that advice.
+    ConfigError (exit 2)."""
+    diffs = architecture_diffs(read_meta(path)["model"], model_cfg, RESUME_KEYS)
     if not diffs:
         return
     if any(k in DIMENSIONS for k, _, _ in diffs):
         raise ConfigError("checkpoint.resume", f"{path} holds a different model shape: "
                           f"{describe(diffs)}; resume with the same model settings")
-    key, saved, _ = diffs[0]
-    raise ConfigError(f"model.{key}", f"{path} was trained with {describe(diffs)}; set "
-                      f"model.{key}={str(saved).lower()} to resume it (or resume another "
-                      "checkpoint)")
+    restore = " ".join(override(f"model.{k}", saved) for k, saved, _ in diffs)
+    why = f"{os.path.abspath(path)} was trained with {describe(diffs)}"
+    if any(k in FLAGS for k, _, _ in diffs):
+        raise ConfigError(f"model.{diffs[0][0]}", f"{why}; set {restore} to resume it (or resume "
+                          "another checkpoint)")
+    new_run = override("model.init_from", os.path.abspath(path)) + " hydra.run.dir=NEW_DIR"
+    if mode != "auto":
+        new_run = "drop checkpoint.resume and add " + new_run
+    raise ConfigError(f"model.{diffs[0][0]}", f"{why}, which changes what its weights compute, "
+                      f"so resuming would train another function; set {restore} to resume it, "
+                      f"or start the next stage from it as a new run: {new_run} (an empty "
+                      "directory)")
 
 
 def check_resume_path(path: str, model_cfg) -> None:
     """The cheap checks of an explicit `checkpoint.resume=PATH`: a complete checkpoint directory
-    of this model's shape. File sizes and hashes are checked when it is loaded (it may be big)."""
+    of this model (`check_shape`). File sizes and hashes are checked when it is loaded (it may
+    be big)."""
     if not os.path.isdir(path) or not is_complete(path):
         raise ConfigError("checkpoint.resume", f"{path} is not a complete checkpoint (missing, "
                           "or a partial save); give a checkpoints/step_* directory")
-    check_shape(path, model_cfg)
+    check_shape(path, model_cfg, mode=path)
 
 
 class CheckpointDir:

@@ -14,8 +14,10 @@ _BARE = re.compile(r"[\w./+:@-]*")  # what Hydra reads unquoted as the same stri
 
 
 def hydra_value(value, quote: bool = False) -> str:
-    """`value` (a bool, number, string or list of them) in Hydra's grammar; strings
+    """`value` (None, a bool, number, string or list of them) in Hydra's grammar; strings
     double-quoted when they need it (always with `quote`)."""
+    if value is None:  # Hydra's spelling of None (a bare `None` would read as that string)
+        return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
