@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 import transformers  # noqa: E402  (a dev dependency: missing = a failure, not a skip)
 
 from support.common import SMALL, cpu_dims, flip_byte, run_torchrun, small_config
+from support.hf import TransformersWarnings
 from ulysses_train.checkpoint.manifest import write_manifest
 from ulysses_train.cli import compose as cli
 from ulysses_train.cli.export import main as export_main
@@ -27,7 +28,7 @@ from ulysses_train.train.trainer import Trainer
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 VOCAB = 200  # not a multiple of 128: the export must drop exactly our padding rows
-ROPE = {"none": {}, "llama3": dict(rope_factor=4.0, rope_original_seq_len=16),
+ROPE = {"none": {}, "linear": dict(rope_factor=2.0), "llama3": dict(rope_factor=4.0, rope_original_seq_len=16),
         "yarn": dict(rope_factor=4.0, rope_original_seq_len=16, rope_beta_fast=16.0,
                      rope_attention_factor=1.2)}
 
@@ -58,8 +59,12 @@ def our_logits(step, ids, pos) -> torch.Tensor:
 
 
 def hf_logits(out_dir, ids, pos) -> torch.Tensor:
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        out_dir, output_loading_info=True, attn_implementation="eager")
+    """transformers' logits of the exported dir, which must load without a warning (a config it
+    warns about, e.g. a yarn factor max_position_embeddings contradicts, is a failure)."""
+    with TransformersWarnings() as said:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            out_dir, output_loading_info=True, attn_implementation="eager")
+    assert not said.messages, said.messages
     assert not any(info.values()), info  # no missing / unexpected / mismatched keys, no errors
     assert model.dtype == torch.float32
     with torch.no_grad():
@@ -81,9 +86,9 @@ def check_logits(run_dir, out_dir, tag) -> float:
 
 
 @pytest.mark.parametrize("rope,tie,qkv_bias", [
-    ("none", False, False), ("none", True, False), ("llama3", False, False),
-    ("yarn", True, False), ("yarn", False, True)],
-    ids=["default-untied", "default-tied", "llama3-untied", "yarn-tied", "qwen2-yarn"])
+    ("none", False, False), ("none", True, False), ("linear", False, False),
+    ("llama3", False, False), ("yarn", True, False), ("yarn", False, True)],
+    ids=["default-untied", "default-tied", "linear", "llama3-untied", "yarn-tied", "qwen2-yarn"])
 def test_transformers_loads_the_export_and_computes_our_logits(tmp_path, rope, tie, qkv_bias):
     run = train_one_step(tmp_path / "run", rope_scaling=rope, tie_embeddings=tie,
                          qkv_bias=qkv_bias, **ROPE[rope])
@@ -92,7 +97,10 @@ def test_transformers_loads_the_export_and_computes_our_logits(tmp_path, rope, t
     check_logits(run, out, f"{rope} tie={tie} qkv_bias={qkv_bias}")
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM"]
-    assert (config["vocab_size"], config["max_position_embeddings"]) == (VOCAB, 32)
+    # trained at 32 tokens: with scaling, the extended context factor x original (linear x2
+    # over the default 8192; llama3 and yarn x4 over 16), which transformers reads consistently
+    assert config["vocab_size"] == VOCAB
+    assert config["max_position_embeddings"] == {"none": 32, "linear": 16384}.get(rope, 64)
     assert config["tie_word_embeddings"] == tie and config["torch_dtype"] == "float32"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -220,7 +228,8 @@ def test_tokenizer_files_are_copied_and_give_the_special_ids(tmp_path, capsys):
 
 def test_config_round_trip_of_an_imported_model(tmp_path):
     """HF config.json -> model.init_from -> training -> export -> the same architecture and
-    RoPE as transformers reads them (max_position_embeddings is the trained length)."""
+    RoPE as transformers reads them, and the source's context (max_position_embeddings 64 =
+    yarn x4 over 16), not the trained 32."""
     src = tmp_path / "src"
     config = transformers.LlamaConfig(
         hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
@@ -239,7 +248,7 @@ def test_config_round_trip_of_an_imported_model(tmp_path):
                 "num_key_value_heads", "num_hidden_layers", "rms_norm_eps", "vocab_size",
                 "tie_word_embeddings", "rope_parameters", "hidden_act", "head_dim"):
         assert a[key] == b[key], key
-    assert b["max_position_embeddings"] == 32  # the trained data.seq_len
+    assert a["max_position_embeddings"] == b["max_position_embeddings"] == 64
 
 
 def test_weights_round_trip(tmp_path):

@@ -110,7 +110,7 @@ def test_context_extension_keys_are_free_when_config_json_has_no_scaling(tmp_pat
     ("model.n_layers=2", "model.n_layers"), ("model.vocab_size=256", "model.vocab_size"),
     ("model.tie_embeddings=true", "model.tie_embeddings"), ("++model.qkv_bias=true",
                                                              "model.qkv_bias"),
-    ("model.rope_theta=500000", "model.rope_theta"), ("model.norm_eps=1e-6", "model.norm_eps"),
+    ("model.ffn_hidden=128", "model.ffn_hidden"), ("model.norm_eps=1e-6", "model.norm_eps"),
 ])
 def test_explicit_value_that_disagrees_is_an_error_naming_it(tmp_path, override, key):
     with pytest.raises(ConfigError) as info:
@@ -119,8 +119,9 @@ def test_explicit_value_that_disagrees_is_an_error_naming_it(tmp_path, override,
 
 
 def test_stated_rope_scaling_is_where_a_further_extension_starts(tmp_path):
-    """A model already scaled (Llama 3.1: llama3 x8) can be extended further: the scaling keys
-    of config.json are defaults an override changes; rope_theta stays fixed (above)."""
+    """A model already scaled (Llama 3.1: llama3 x8) can be extended further: the RoPE keys
+    of config.json are defaults an override changes (rope_theta too: adjusted base frequency,
+    tests/hf/test_export_source.py)."""
     path = hf_dir(tmp_path, rope_parameters={"rope_type": "llama3", "factor": 8.0,
                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                              "original_max_position_embeddings": 128,

@@ -59,3 +59,36 @@ def hf_logits(path: str, ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(ids).logits
+
+
+class TransformersWarnings:
+    """Every warning transformers gives inside the `with` block: Python `warnings` and records
+    of its `transformers` logger (which does not propagate, so pytest's caplog misses it).
+    `warning_once`'s cache is cleared on entry, so a message an earlier test triggered is
+    seen again. `.messages`: the texts, in order."""
+
+    def __enter__(self):
+        import logging
+        import warnings
+
+        self.messages: list[str] = []
+        logging.Logger.warning_once.cache_clear()  # transformers' lru_cache'd warning_once
+        collector = self
+
+        class Collect(logging.Handler):
+            def emit(self, record):
+                if record.levelno >= logging.WARNING:
+                    collector.messages.append(record.getMessage())
+
+        self._handler, self._logger = Collect(), logging.getLogger("transformers")
+        self._logger.addHandler(self._handler)
+        self._catch = warnings.catch_warnings(record=True)
+        self._caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+        self._logger.removeHandler(self._handler)
+        self.messages += [str(w.message) for w in self._caught]
+        return False

@@ -82,8 +82,12 @@ class CheckpointManager:
     def __init__(self, run_dir: str, cfg: CheckpointConfig, model_cfg: ModelConfig,
                  log: Callable[[str], None] = print, is_main: bool = True,
                  distributed: bool = False, identity: dict | None = None,
-                 on_save_point: Callable[[int, str], None] | None = None):
+                 on_save_point: Callable[[int, str], None] | None = None,
+                 extra_meta: dict | None = None):
         self.run_dir = run_dir
+        # More meta.json entries, written as given (hf/source.py: what an export needs from
+        # model.init_from's source, so a step dir exports without it). None: none.
+        self.extra_meta = extra_meta or {}
         # What makes this run's data (and its hyper-parameters): recorded in meta.json and
         # compared before loading (checkpoint/identity.py check_resume). None: neither (library use).
         self.identity = identity
@@ -212,6 +216,7 @@ class CheckpointManager:
             meta["identity"] = self.identity
         if self.origin is not None:
             meta["origin"] = self.origin
+        meta.update({k: v for k, v in self.extra_meta.items() if k not in meta})
         write_durably(os.path.join(tmp, manifest.META), json.dumps(meta, indent=1))
         manifest.write_manifest(tmp, hashed, algorithm)  # last file in: it covers all the others
         if os.path.exists(final):  # cannot happen after `abandon_after`; never delete it anyway

@@ -8,11 +8,14 @@ explicitly, so they build the same config. Rules:
 
 - A key the source *states* and the user also set explicitly to another value is an error
   naming it (`error: model.<key>: ...`, exit 2).
-- Keys the source does not state keep the user's value: for an HF dir without `rope_scaling`,
-  the RoPE scaling keys are the context extension itself (`model.rope_scaling=yarn ...`), and
-  `model.rope_original_seq_len` defaults to the model's `max_position_embeddings` (its pretraining
-  context) unless set. For our own checkpoints `rope_theta` and the scaling keys are defaults
-  too: a later stage of a context extension changes them on purpose.
+- Keys the source does not state keep the user's value. The RoPE keys (`rope_theta` and the
+  scaling keys) are only defaults, for an HF dir as for our checkpoints: changing them is a
+  context extension (`model.rope_scaling=yarn ...`, a larger factor, adjusted base frequency
+  `model.rope_theta=500000`), logged by the trainer (`rope_notes`). Without `rope_scaling` in
+  config.json, `model.rope_original_seq_len` defaults to the model's `max_position_embeddings`
+  (its pretraining context) unless set.
+- A yarn context (factor x original) shorter than the source's `max_position_embeddings` is
+  refused: its export could not state both (`_check_yarn_context`).
 - What we cannot train faithfully is refused in one line before any heavy work.
 
 No tensors, no transformers: this runs in the pre-check, before any heavy work.
@@ -27,16 +30,16 @@ from typing import Iterable
 from ..checkpoint.store import resume_source
 from ..config.errors import ConfigError
 from ..utils.jsonfile import read_json_object
+from .source import hf_max_positions, source_record
 
 KEY = "model.init_from"
 SUPPORTED = ("llama", "mistral", "qwen2")
 # transformers' defaults for keys a config.json may omit (LlamaConfig / MistralConfig /
-# Qwen2Config, transformers 5).
+# Qwen2Config, transformers 5; max_position_embeddings's: hf/source.py MAX_POSITIONS).
 _DEFAULTS = {
-    "llama": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=2048),
-    "mistral": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, sliding_window=4096,
-                    max_position_embeddings=131072),
-    "qwen2": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=32768),
+    "llama": dict(rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "mistral": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, sliding_window=4096),
+    "qwen2": dict(rms_norm_eps=1e-6, tie_word_embeddings=False),
 }
 # Our RoPE keys <- transformers' rope_parameters names, per rope_type.
 _ROPE_KEYS = {
@@ -69,13 +72,14 @@ def model_fields_from(path: str, seq_len: int) -> tuple[dict, dict, str]:
                                    "the model's config.json next to them")
         hf = _json(os.path.join(where, "config.json"))
         stated, defaults = hf_model_fields(hf, seq_len, os.path.join(where, "config.json"))
-        # The RoPE *scaling* the weights were trained with is where an extension starts, not a
+        # The RoPE the weights were trained with is where a context extension starts, not a
         # fixed property of them: a Llama 3.1 (llama3 x8) extended further needs a larger
-        # factor. So scaling keys are defaults, overridable like our checkpoints' (rope_theta,
-        # part of what the weights encode, stays stated).
-        scaling = {k: v for k, v in stated.items() if k in ROPE_SCALING_KEYS}
-        stated = {k: v for k, v in stated.items() if k not in scaling}
-        return stated, {**defaults, **scaling}, os.path.basename(path)
+        # factor, and adjusted base frequency (a larger rope_theta: Code Llama, Llama 3, Qwen)
+        # is an extension too. So the RoPE keys are defaults, overridable as our checkpoints'
+        # are; the trainer logs each change (`rope_notes`).
+        rope = {k: v for k, v in stated.items() if k in ROPE_KEYS}
+        stated = {k: v for k, v in stated.items() if k not in rope}
+        return stated, {**defaults, **rope}, os.path.basename(path)
     saved = _json(os.path.join(where, "meta.json")).get("model")
     if not isinstance(saved, dict):
         raise ConfigError(KEY, f"{where}/meta.json has no \"model\" entry")
@@ -87,6 +91,7 @@ ROPE_SCALING_KEYS = ("rope_scaling", "rope_factor", "rope_original_seq_len", "ro
                      "rope_beta_slow", "rope_low_freq_factor", "rope_high_freq_factor",
                      "rope_attention_factor", "rope_mscale", "rope_mscale_all_dim",
                      "rope_truncate")
+ROPE_KEYS = ("rope_theta", *ROPE_SCALING_KEYS)
 
 
 def checkpoint_model_fields(saved: dict) -> tuple[dict, dict]:
@@ -131,8 +136,7 @@ def hf_model_fields(hf: dict, seq_len: int, where: str = "config.json") -> tuple
     except (TypeError, ValueError) as exc:
         raise _refuse(where, f"a size is not a number ({exc})") from None
     _check_supported(hf, kind, seq_len, where)
-    max_pos = int(hf.get("max_position_embeddings", defaults["max_position_embeddings"]))
-    rope_stated, rope_defaults = _rope_fields(hf, max_pos, where)
+    rope_stated, rope_defaults = _rope_fields(hf, hf_max_positions(hf), where)
     return {**stated, **rope_stated}, rope_defaults
 
 
@@ -248,7 +252,57 @@ def apply_init_from(cfg, explicit: Iterable[str], run_dir: str | None = None):
     updates.update(stated)
     if "name" not in explicit:
         updates["name"] = name
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **updates))
+    model = dataclasses.replace(cfg.model, **updates)
+    _check_yarn_context(model, source_record(cfg.model.init_from, resumed), source)
+    return dataclasses.replace(cfg, model=model)
+
+
+def _check_yarn_context(model, record: dict | None, source: str) -> None:
+    """A yarn context (factor x original) shorter than the source's cannot be exported
+    consistently: transformers reads yarn's factor as max_position_embeddings / original
+    (<= 4.55) or warns when they disagree (5), so max_position_embeddings must be exactly
+    factor x original (hf/export_config.py max_positions). Refused before any work."""
+    served = (record or {}).get("max_position_embeddings")
+    if model.rope_scaling != "yarn" or not served:
+        return
+    context = round(model.rope_factor * model.rope_original_seq_len)
+    if context < served:
+        raise ConfigError("model.rope_factor", f"yarn x{model.rope_factor:g} over "
+                          f"model.rope_original_seq_len={model.rope_original_seq_len} covers "
+                          f"{context} positions, fewer than the {served} {source} serves; set "
+                          f"model.rope_factor >= {served / model.rope_original_seq_len:g}")
+
+
+def _num(x: float) -> str:
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:g}"
+
+
+def rope_notes(init_from: str, model) -> list[str]:
+    """One line per RoPE choice of ModelConfig `model` that differs from what its source
+    `init_from` was trained with (the trainer logs them when it loads the weights):
+    `model.rope_theta: 500000 (the source was trained with 10000: adjusted base frequency)`,
+    and one line for the scaling keys together (a context extension)."""
+    stated, defaults, _ = model_fields_from(init_from, 1 << 62)
+    before = {**defaults, **stated}
+    notes = []
+    theta = before.get("rope_theta")
+    if theta is not None and not _same(theta, model.rope_theta):
+        notes.append(f"model.rope_theta: {_num(model.rope_theta)} (the source was trained "
+                     f"with {_num(theta)}: adjusted base frequency)")
+    source = {k: before.get(k, getattr(model, k)) for k in ROPE_SCALING_KEYS}
+    if model.rope_scaling != "none" and any(
+            not _same(v, getattr(model, k)) for k, v in source.items()):
+        notes.append(f"model.rope_scaling: {_scaling(model)} (the source was trained with "
+                     f"{_scaling(dataclasses.replace(model, **source))}: context extension)")
+    return notes
+
+
+def _scaling(m) -> str:
+    """`yarn x4 over 32`, `linear x2`, `none`."""
+    if m.rope_scaling == "none":
+        return "none"
+    over = "" if m.rope_scaling in ("linear", "ntk") else f" over {m.rope_original_seq_len}"
+    return f"{m.rope_scaling} x{_num(m.rope_factor)}{over}"
 
 
 def run_name(name: str, init_from: str) -> str:

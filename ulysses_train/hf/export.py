@@ -6,7 +6,9 @@ CHECKPOINT is a run dir (its `checkpoints/latest`), its `checkpoints/` dir or a 
 0/2/3): DCP reassembles each tensor from whatever shards hold it. OUT_DIR gets
 `model-0000k-of-0000n.safetensors` shards (at most --max-shard-size each, unless one tensor is
 bigger) with `model.safetensors.index.json`, `config.json` and `generation_config.json`
-(hf/export_config.py), and the tokenizer files the run used (`<run dir>/tokenizer/`).
+(hf/export_config.py; with model.init_from, the source's generation config, special ids and
+served context, recorded in meta.json: hf/source.py), and the tokenizer files the run used
+(`<run dir>/tokenizer/`).
 
 Memory: tensors are read one at a time (a one-entry DCP load into a fresh full-size tensor),
 cut to the unpadded vocabulary, cast, and written straight into their shard file, whose header
@@ -43,9 +45,11 @@ from ..checkpoint.state import load_failure
 from ..checkpoint.store import read_meta
 from ..config.errors import ConfigError, InputUnreadable
 from ..config.schema import ModelConfig
-from .export_config import generation_config_json, hf_config_json, special_token_ids
+from .export_config import hf_config_json, max_positions, special_token_ids
 from .init_from import resolve, verify_checkpoint
 from .names import hf_names
+from .source import KEY as SOURCE
+from .source import exported_ids
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ST_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -73,8 +77,9 @@ def locate(checkpoint: str) -> tuple[str, str]:
     return step, run_dir
 
 
-def read_model(step: str) -> tuple[ModelConfig, int]:
-    """(ModelConfig, trained data.seq_len) from the checkpoint's meta.json."""
+def read_model(step: str) -> tuple[ModelConfig, int, dict | None]:
+    """(ModelConfig, trained data.seq_len, the record of model.init_from's source or None;
+    hf/source.py) from the checkpoint's meta.json."""
     try:
         meta = read_meta(step)
     except ConfigError as exc:  # the same reader as resume; named by this command's argument
@@ -85,7 +90,8 @@ def read_model(step: str) -> tuple[ModelConfig, int]:
     if seq_len is None:
         raise ConfigError("CHECKPOINT", f"{step}/meta.json records no data.seq_len (written by "
                                         "an older version); cannot set max_position_embeddings")
-    return model, int(seq_len)
+    record = meta.get(SOURCE)
+    return model, int(seq_len), record if isinstance(record, dict) else None
 
 
 def plan_tensors(m: ModelConfig, metadata, dtype: torch.dtype) -> list[tuple[str, str, list]]:
@@ -194,11 +200,12 @@ def _export(checkpoint: str, out_dir: str, dtype: str, max_shard_bytes: int, log
     """`export` into the existing, empty `out_dir`; appends every path it creates to `created`."""
     step, run_dir = locate(checkpoint)
     verify_checkpoint(step, "CHECKPOINT", hashes=False)  # sizes (stat only) before any read
-    model, seq_len = read_model(step)
+    model, seq_len, record = read_model(step)
     torch_dtype = DTYPES[dtype]
     tokenizer_dir = os.path.join(run_dir, "tokenizer")
-    bos, eos = special_token_ids(tokenizer_dir)
-    config = hf_config_json(model, seq_len, dtype, bos, eos)  # refuses ntk before any write
+    special_ids, generation = exported_ids(record, *special_token_ids(tokenizer_dir))
+    served = max_positions(model, seq_len, (record or {}).get("max_position_embeddings"))
+    config = hf_config_json(model, served, dtype, special_ids)  # refuses ntk before any write
     warning = verify_checkpoint(step, "CHECKPOINT")  # every hash: one read, before any write
     if warning:
         print(warning, file=sys.stderr)
@@ -213,7 +220,7 @@ def _export(checkpoint: str, out_dir: str, dtype: str, max_shard_bytes: int, log
         log(f"wrote {name} ({len(shard)} tensors, {total / 1e6:.1f} MB so far)")
     for name, data in ((INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}),
                        ("config.json", config),
-                       ("generation_config.json", generation_config_json(bos, eos))):
+                       ("generation_config.json", generation)):
         created.append(os.path.join(out_dir, name))
         _write_json(created[-1], data)
     if not os.path.isdir(tokenizer_dir):

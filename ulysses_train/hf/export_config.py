@@ -46,10 +46,31 @@ def rope_scaling_json(m) -> dict | None:
     raise ConfigError("model.rope_scaling", f"{m.rope_scaling!r} cannot be exported")
 
 
-def hf_config_json(m, seq_len: int, dtype: str, bos: int | None, eos: int | None) -> dict:
-    """config.json for ModelConfig `m` trained at `seq_len` tokens (max_position_embeddings),
-    weights written in `dtype` (bf16 | fp32), with the tokenizer's bos/eos ids (None: unknown).
-    vocab_size is the model's unpadded one: only our padding rows are left out.
+def max_positions(m, seq_len: int, source: int | None) -> int:
+    """config.json's `max_position_embeddings` for ModelConfig `m` trained at `seq_len` tokens
+    from a source that served `source` positions (None: trained from scratch).
+
+    It is the context the model serves, which serving engines cap requests at, so it is never
+    less than the source's (Megatron-Bridge#5994). With RoPE scaling it is the extended context
+    factor x original: transformers <= 4.55 *reads* yarn's factor as max_position_embeddings /
+    original_max_position_embeddings, and transformers 5 warns when the two disagree
+    (modeling_rope_utils `_validate_yarn_rope_parameters`), so for yarn it is exactly that (a
+    yarn context shorter than the source's is refused at the start: hf/config.py). linear and
+    llama3, where transformers reads no factor from it, take the largest of the three.
+    """
+    if m.rope_scaling == "none":
+        return max(seq_len, source or 0)
+    context = round(m.rope_factor * m.rope_original_seq_len)
+    if m.rope_scaling == "yarn":
+        return context
+    return max(context, seq_len, source or 0)
+
+
+def hf_config_json(m, max_position_embeddings: int, dtype: str, special_ids: dict) -> dict:
+    """config.json for ModelConfig `m` serving `max_position_embeddings` positions
+    (`max_positions`), weights written in `dtype` (bf16 | fp32), with `special_ids`
+    ({bos,eos,pad}_token_id: ints, lists of ints or None; hf/source.py exported_ids). vocab_size
+    is the model's unpadded one: only our padding rows are left out.
     """
     qwen = m.qkv_bias  # Qwen2 is Llama plus q/k/v biases
     config = {
@@ -64,13 +85,12 @@ def hf_config_json(m, seq_len: int, dtype: str, bos: int | None, eos: int | None
         "hidden_act": "silu",
         "rms_norm_eps": m.norm_eps,
         "vocab_size": m.vocab_size,
-        "max_position_embeddings": seq_len,
+        "max_position_embeddings": max_position_embeddings,
         "rope_theta": m.rope_theta,
         "rope_scaling": rope_scaling_json(m),
         "tie_word_embeddings": m.tie_embeddings,
         "torch_dtype": TORCH_DTYPE[dtype],
-        "bos_token_id": bos,
-        "eos_token_id": eos,
+        **special_ids,
         "initializer_range": m.init_std,
     }
     if qwen:
@@ -78,10 +98,6 @@ def hf_config_json(m, seq_len: int, dtype: str, bos: int | None, eos: int | None
     else:
         config.update(attention_bias=False, mlp_bias=False)
     return config
-
-
-def generation_config_json(bos: int | None, eos: int | None) -> dict:
-    return {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos}
 
 
 def special_token_ids(tokenizer_dir: str) -> tuple[int | None, int | None]:

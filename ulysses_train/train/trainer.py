@@ -26,7 +26,10 @@ from ..config.validate import validate
 from ..data import build_data
 from ..data.tokenizer_files import init_from_or_run
 from ..evaluate import training as eval_in_training
+from ..hf.config import rope_notes
 from ..hf.init_from import load_initial_weights
+from ..hf.source import KEY as SOURCE_KEY
+from ..hf.source import source_record
 from ..model import num_params, padded_vocab
 from ..model.gpt import model_flops
 from ..model.precision import autocast_to, resolve_dtype
@@ -93,7 +96,8 @@ class Trainer:
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint, cfg.model, log=self._say,
                                       is_main=dims.is_main, distributed=dims.distributed,
                                       identity=self._identity(),
-                                      on_save_point=self.faults.save_point)
+                                      on_save_point=self.faults.save_point,
+                                      extra_meta=self._source_record())
         self.guard = NonFiniteGuard(cfg.train.max_skipped_steps)
         self.step = 0  # completed optimizer steps (skipped ones too) == data position
         self.tokens = 0  # tokens trained on so far, each counted once
@@ -119,6 +123,13 @@ class Trainer:
         data = {**config_identity(self.cfg), **getattr(self.data, "identity", {})}
         return {"data": data, "optim": optim.hyperparameters(self.cfg.optim,
                                                              self.cfg.train.grad_clip)}
+
+    def _source_record(self) -> dict:
+        """meta.json's record of what an export needs from model.init_from's source
+        (hf/source.py); a resuming run keeps its checkpoint's (the source may be gone)."""
+        resumed = resume_source(self.run_dir, self.cfg.checkpoint.resume)
+        record = source_record(self.cfg.model.init_from, resumed)
+        return {SOURCE_KEY: record} if record else {}
 
     def _restore(self) -> str | None:
         """Load the checkpoint `checkpoint.resume` picks: state from it, hyper-parameters from
@@ -151,6 +162,8 @@ class Trainer:
                       "the run's own checkpoint wins")
             return
         self._say(load_initial_weights(self.model, source, self.cfg.model, self.dims))
+        for note in rope_notes(source, self.cfg.model):  # adjusted base frequency, scaling
+            self._say(note)
 
     def save(self) -> str:
         """Checkpoint this step; return its path (the manager logs it; async: commits later)."""
