@@ -72,6 +72,29 @@ def test_buckets_add_up_to_the_models_loss(loss_chunk):
     assert sum(r["tokens"] for r in rows) == count
 
 
+@pytest.mark.parametrize("loss_chunk", [0, 16])
+def test_padded_ids_take_no_probability_and_are_never_top1(loss_chunk):
+    """vocab 300 in 384 head rows, the padding rows set to 20x real rows, so that a padding
+    column would be every token's largest logit: evaluation still scores the real columns
+    only (its loss is their cross-entropy, their argmax is top-1) and the model's softmax
+    gives the padding exactly 0."""
+    cfg = _config("synthetic", model={"vocab_size": 300}, train={"loss_chunk": loss_chunk})
+    model = build_model(cfg, cpu_dims())
+    with torch.no_grad():
+        model.output.weight[300:] = 20 * model.output.weight[:84]
+    ids = torch.randint(0, 300, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(SEQ).repeat(2, 1)
+    with torch.no_grad():
+        logits = model(ids, pos)  # (2, SEQ, 384)
+    real = logits[..., :300]
+    labels = real.argmax(-1)  # the real top-1 of every token
+    loss, correct = token_stats(model, ids, pos, labels)
+    assert correct.all()
+    want = torch.nn.functional.cross_entropy(real.transpose(1, 2), labels, reduction="none")
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    assert float(logits.softmax(-1)[..., 300:].sum()) == 0.0
+
+
 class _Copier(torch.nn.Module):
     """A stand-in model that retrieves the key perfectly: at each position it predicts the
     token that followed the same token the *first* time it occurred with the same predecessor

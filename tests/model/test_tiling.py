@@ -45,6 +45,24 @@ def test_tiled_model_equals_plain(tie, options):
         torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("chunk", [0, 16], ids=["dense", "tiled"])
+def test_loss_leaves_out_the_padded_vocab(tie, chunk):
+    """vocab 300 in 384 head rows (randomly initialised, like every row): the loss, dense or
+    tiled, is the cross-entropy over the 300 real logits, and the padded rows get no gradient."""
+    model = GPT(ModelConfig(**{**CFG.__dict__, "tie_embeddings": tie}), loss_chunk=chunk)
+    model.init_weights(0)
+    ids, pos, labels = _batch()
+    with torch.no_grad():
+        real = model(ids, pos)[..., :300]  # (B, S, 300)
+    want = torch.nn.functional.cross_entropy(real.transpose(1, 2), labels, reduction="sum")
+    loss_sum, _ = model(ids, pos, labels)
+    loss_sum.backward()
+    torch.testing.assert_close(loss_sum, want, rtol=1e-6, atol=1e-5)
+    head = (model.tok_embeddings if tie else model.output).weight
+    assert head.grad[:300].any() and not head.grad[300:].any()
+
+
 def test_chunk_at_least_the_sequence_is_the_plain_path():
     """No recompute where tiling saves nothing: exactly the untiled graph (bit-equal)."""
     ref_loss, _, ref_grads = _loss_and_grads()

@@ -44,11 +44,14 @@ from ulysses_train.parallel.tensor import (
 )
 
 OPTIMIZERS = ("default", "foreach", "fused")
+# model.vocab_size 130, padded to 256 rows: at tp=2 rank 1's 128 columns hold 2 real ids, at
+# tp=4 rank 2's 64 hold 2 and rank 3's none at all.
+PADDED = 130
 
 
 def _run_model(model, cfg, cols=slice(None), group=None) -> dict:
     """Token-weighted loss, gradients (summed over the dp_sp `group`), norm and optimizer steps."""
-    ids, pos, labels = (t[:, cols] for t in make_inputs())
+    ids, pos, labels = (t[:, cols] for t in make_inputs(cfg.model.vocab_size))
     with CollectiveCounter() as fwd:
         loss_sum, n_valid = model(ids, pos, labels)
     totals = torch.stack([loss_sum.detach().double(), n_valid.double()])
@@ -78,7 +81,7 @@ def _run_model(model, cfg, cols=slice(None), group=None) -> dict:
 def _tp_model_case(tp_mesh, cfg) -> dict:
     recorder = Recorder(sdpa_attention)
     model = build_gpt(cfg, tp_mesh, recorder)
-    ids, pos, _ = make_inputs()
+    ids, pos, _ = make_inputs(cfg.model.vocab_size)
     logits = model(ids, pos)
     out = {"init": {n: full_of(p) for n, p in model.named_parameters()},
            "logits": (type(logits).__name__, tuple(logits.placements), tuple(local_of(logits).shape)),
@@ -157,6 +160,7 @@ def _two_ranks(rank, world) -> dict:
     out = {"pieces": _pieces(mesh),
            "untied": _tp_model_case(mesh, model_config()),
            "tied": _tp_model_case(mesh, model_config(tie_embeddings=True)),
+           "padded": _tp_model_case(mesh, model_config(vocab_size=PADDED)),
            "qkv_bias": _qkv_bias_case(mesh)}
     with torch.device("meta"):  # the divisibility check runs before any sharding
         bad = GPT(model_config(n_kv_heads=1).model)
@@ -196,7 +200,8 @@ def _four_ranks(rank, world) -> dict:
     return {"tp2_sp2": _run_model(model, cfg, cols, dims.group("dp_sp")),
             "tp2_sp2_attention_inputs": recorder.seen,
             "tp2_sp2_fsdp_norms": _fsdp_norms(dims, cols),
-            "tp4": _tp_model_case(tp4, model_config(n_kv_heads=4))}
+            "tp4": _tp_model_case(tp4, model_config(n_kv_heads=4)),
+            "tp4_padded": _tp_model_case(tp4, model_config(n_kv_heads=4, vocab_size=PADDED))}
 
 
 @pytest.fixture(scope="module")
@@ -210,10 +215,10 @@ def four_ranks():
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(tie=False, n_kv_heads=2) -> dict:
-    cfg = model_config(tie_embeddings=tie, n_kv_heads=n_kv_heads)
+def _reference(tie=False, n_kv_heads=2, vocab=VOCAB) -> dict:
+    cfg = model_config(tie_embeddings=tie, n_kv_heads=n_kv_heads, vocab_size=vocab)
     model = build_gpt(cfg)
-    ids, pos, _ = make_inputs()
+    ids, pos, _ = make_inputs(vocab)
     out = {"init": {n: full_of(p) for n, p in model.named_parameters()},
            "logits_full": model(ids, pos).detach()}
     out.update(_run_model(model, cfg))
@@ -249,6 +254,26 @@ def test_tp2_model_equals_one_process(two_ranks, tie):
         # this rank's rows, not a full (V, d) copy.
         assert got["grad_placements_ok"]
         assert got["emb_grad_bytes"] == VOCAB // 2 * 64 * 4
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_loss_leaves_out_the_padded_vocab(two_ranks, four_ranks, tp):
+    """The vocab-parallel loss over a padded vocabulary (PADDED) equals one process's, which is
+    the cross-entropy over the real columns alone: the padding logits are -inf on whichever
+    rank holds them, and the padded head rows get an exact zero gradient in both."""
+    ref = _reference(n_kv_heads=4 if tp == 4 else 2, vocab=PADDED)
+    _, _, labels = make_inputs(PADDED)
+    real = ref["logits_full"][..., :PADDED].reshape(-1, PADDED)  # (B*S, 130)
+    want = torch.nn.functional.cross_entropy(real, labels.reshape(-1), reduction="sum")
+    assert ref["loss"] == pytest.approx(float(want), rel=1e-6)
+    assert torch.isneginf(ref["logits_full"][..., PADDED:]).all()
+    assert not ref["grads"]["output.weight"][PADDED:].any()
+    for rank_out in two_ranks if tp == 2 else four_ranks:
+        got = rank_out["padded" if tp == 2 else "tp4_padded"]
+        _assert_matches_reference(got, ref)
+        assert torch.equal(got["logits_full"].isneginf(), ref["logits_full"].isneginf())
+        assert_close_tol(got["logits_full"][..., :PADDED], ref["logits_full"][..., :PADDED])
+        assert not got["grads"]["output.weight"][PADDED:].any()
 
 
 def test_tp2_shards_qkv_biases_with_their_weights(two_ranks):

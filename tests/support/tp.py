@@ -15,10 +15,11 @@ SEED, SEQ, BATCH, VOCAB = 7, 32, 2, 256
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-def make_inputs():
-    """(input_ids, position_ids, labels), (B, S): row 0 keeps only its first 5 labels."""
+def make_inputs(vocab: int = VOCAB):
+    """(input_ids, position_ids, labels), (B, S), ids below `vocab`: row 0 keeps only its first
+    5 labels."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
+    ids = torch.randint(0, vocab, (BATCH, SEQ + 1), generator=g)
     inputs, labels = ids[:, :-1], ids[:, 1:].clone()
     labels[0, 5:] = -100
     labels[1, ::3] = -100

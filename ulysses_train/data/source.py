@@ -165,9 +165,11 @@ def build_data(cfg: DataConfig, *, seed: int, global_batch_size: int, model_voca
                max_tokenizer_vocab: int = 0) -> DataSource:
     """The DataSource for `cfg`, building (once, under a lock) or reusing its token cache.
 
-    `model_vocab_size`: the embedding rows (padded); synthetic tokens are drawn below it.
-    `max_tokenizer_vocab` (default: `model_vocab_size`): the most ids a tokenizer may have, the
-    model's unpadded `model.vocab_size` (padding rows are dropped on export). `init_from`:
+    `model_vocab_size`: the model's real vocabulary, `model.vocab_size` (not its padded row
+    count: the padding columns' logits are -inf, model/vocab.py, so a padded id must never be a
+    target); synthetic tokens are drawn below it. `max_tokenizer_vocab` (default:
+    `model_vocab_size`): the most ids a tokenizer may have, the model's unpadded
+    `model.vocab_size` (padding rows are dropped on export). `init_from`:
     `model.init_from`, whose tokenizer files are the default (tokenizer_files.py).
     Every process of a job may call this at the same time: one builds, the others wait and read
     the same files. Only `is_main` logs. Bad input raises `ConfigError` naming the key.

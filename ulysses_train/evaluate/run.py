@@ -17,7 +17,6 @@ import time
 import torch
 
 from ..config.errors import ConfigError
-from ..config.parallel import padded_vocab
 from ..config.schema import Config
 from ..hf.init_from import load_initial_weights, resolve
 from ..model.precision import resolve_dtype
@@ -62,7 +61,7 @@ def _evaluate(cfg: Config, run_dir: str, dims: ParallelDims) -> int:
     t0 = time.perf_counter()
     data = build_data(cfg.data, seed=cfg.train.seed,
                       global_batch_size=cfg.train.global_batch_size,
-                      model_vocab_size=padded_vocab(cfg.model.vocab_size), log=say,
+                      model_vocab_size=cfg.model.vocab_size, log=say,
                       is_main=dims.is_main, init_from=cfg.model.init_from,
                       max_tokenizer_vocab=cfg.model.vocab_size)
     passkey_plan(cfg, dims, data)  # bad eval lengths fail here, before any weights are read

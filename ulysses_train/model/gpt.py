@@ -36,6 +36,7 @@ from .masking import DocumentMask
 from .precision import compute_dtype
 from .rope import apply_rotary, rope_cos_sin, rope_frequencies
 from .tiling import tiled_head_loss, tiled_mlp
+from .vocab import mask_padded_vocab_
 
 AttentionFn = Callable[..., torch.Tensor]
 IGNORE_INDEX = -100
@@ -211,7 +212,8 @@ class GPT(nn.Module):
         built once per batch from the *global* document ids (`masking.py`); it is handed to
         every layer's `attention_fn` as `mask=`, never looked into here.
 
-        Returns logits (B, S, Vpad) when `labels` is None, else `(loss_sum, n_valid)`: the fp32
+        Returns logits (B, S, Vpad) when `labels` is None — the padding columns >=
+        `cfg.vocab_size` at -inf (vocab.py) — else `(loss_sum, n_valid)`: the fp32
         sum of per-token cross-entropy over labels != -100 (0-dim, differentiable) and the number
         of such labels (0-dim int64). Labels are already shifted by the data pipeline.
         """
@@ -232,10 +234,13 @@ class GPT(nn.Module):
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         # (B, S, d) -> (B, S, Vpad). The untied head is called as a module so that wrappers
-        # applied from outside (a tensor-parallel plan, FSDP2) see it run.
+        # applied from outside (a tensor-parallel plan, FSDP2) see it run. The padding columns
+        # become -inf here, once, for every consumer and layout (vocab.py).
         if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight)
-        return self.output(h)
+            logits = F.linear(h, self.tok_embeddings.weight)
+        else:
+            logits = self.output(h)
+        return mask_padded_vocab_(logits, self.cfg.vocab_size)
 
     def _head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss_fn(self._logits(h), labels)

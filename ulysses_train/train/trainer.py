@@ -30,7 +30,7 @@ from ..hf.config import rope_notes
 from ..hf.init_from import load_initial_weights
 from ..hf.source import KEY as SOURCE_KEY
 from ..hf.source import source_record
-from ..model import num_params, padded_vocab
+from ..model import num_params
 from ..model.gpt import model_flops
 from ..model.precision import autocast_to, resolve_dtype
 from ..parallel import ParallelDims
@@ -78,7 +78,7 @@ class Trainer:
         self.cfg = cfg = with_wandb_fallback(cfg, run_dir, dims.is_main)
         self.data = build_data(cfg.data, seed=cfg.train.seed,
                                global_batch_size=cfg.train.global_batch_size,
-                               model_vocab_size=padded_vocab(cfg.model.vocab_size),
+                               model_vocab_size=cfg.model.vocab_size,
                                log=self._say, is_main=dims.is_main,
                                init_from=init_from_or_run(
                                    cfg.model.init_from, run_dir,
