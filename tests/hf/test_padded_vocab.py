@@ -9,6 +9,8 @@ one transformers computes over the real vocabulary, and the same from its run di
   the normaliser (issue 19 item 1: 7.18609 against 7.11866).
 - A one-step run (vocab 300) evaluated from its run dir and from its own fp32 export: the same
   per-token losses (the run's padding rows are random, the export's reloaded ones zero).
+- data=synthetic in training and in eval.py draws ids below model.vocab_size (a padded id as
+  target would now cost inf).
 """
 from __future__ import annotations
 
@@ -92,3 +94,32 @@ def test_run_dir_and_its_export_give_the_same_loss(tmp_path):
     assert run_pad > 0 and hf_pad == 0  # the run's padding rows are its init, the export's zero
     torch.testing.assert_close(hf_loss, run_loss, rtol=0, atol=1e-5)
     assert torch.equal(hf_top1, run_top1)
+
+
+class _Built(Exception):
+    """Stops an entry point right after it built its data."""
+
+
+def test_training_and_evaluation_data_draw_ids_below_the_real_vocab(tmp_path, monkeypatch):
+    """data=synthetic draws below the model's vocab_size, not its padded row count: a padded id
+    as target would have loss inf. The trainer's source (sampled) and evaluation's (eval.py's
+    _evaluate, stopped after build_data) both get model.vocab_size."""
+    from ulysses_train.data import build_data
+    from ulysses_train.evaluate import run as eval_run
+
+    cfg = small_config(model={"vocab_size": VOCAB})
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    data = Trainer(cfg, str(tmp_path / "run"), cpu_dims()).data
+    assert data.vocab_size == VOCAB
+    ids = torch.cat([data.global_batch(step).input_ids for step in range(200)])  # 25.6k ids
+    assert int(ids.max()) < VOCAB
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs, source=build_data(*args, **kwargs))
+        raise _Built
+
+    monkeypatch.setattr("ulysses_train.data.build_data", spy)
+    with pytest.raises(_Built):
+        eval_run._evaluate(cfg, str(tmp_path / "eval"), cpu_dims())
+    assert seen["model_vocab_size"] == seen["source"].vocab_size == VOCAB

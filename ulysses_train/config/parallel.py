@@ -29,8 +29,8 @@ def padded_vocab(vocab_size: int) -> int:
     """Embedding/head rows: `vocab_size` rounded up to a multiple of 128.
 
     Why: matmul kernels are fastest on multiples of 128, and a tensor-parallel split of the head
-    needs a row count divisible by tp. The extra rows are never targets; they only learn to
-    receive low logits.
+    needs a row count divisible by tp. The extra rows are never inputs nor targets, and their
+    logits are -inf (model/vocab.py): they take no probability and get no gradient.
     """
     return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 

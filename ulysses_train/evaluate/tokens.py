@@ -6,7 +6,8 @@ DTensor logits under tensor parallelism. `token_stats` swaps in a recorder for o
 the head runs exactly as in training (tiled: never the full S x V logits) and every tile's
 per-token values are kept instead of being summed.
 
-Per token, with logits z over the (padded) vocabulary and target t:
+Per token, with logits z over the padded vocabulary (its padding columns already -inf,
+model/vocab.py: exp gives them 0, so they take no probability and are never top-1) and target t:
     loss = log(sum_v exp(z_v - m)) - (z_t - m),  m = max_v z_v     (cross-entropy, stable form)
     correct = z_t >= m                                                (t is a top-1 token)
 Under tensor parallelism m, the exp-sum and z_t are all-reduced over the tp group (Megatron's

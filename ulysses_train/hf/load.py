@@ -11,11 +11,10 @@ Each rank reads only the slices it owns, straight into its local shards:
   `copy_rows_` reads the same way by hand: this rank's row range clipped to the checkpoint's
   rows, and the padding rows set to zero.
 
-Why zero padding rows: they are never inputs (no token id reaches them) and never targets, but
-the head's rows enter every softmax. A zero row gives the logit exactly 0 whatever the input —
-known and bounded — where `init_weights`' random rows would give input-dependent logits of
-size ~init_std * |h|, which a real model's large hidden states (|h| ~ 100) turn into logits of
-order 1. Zero is also what a tied embedding's unused rows export as before they are dropped.
+Why zero padding rows: they are never inputs (no token id reaches them), never targets, and
+their logits are masked to -inf (model/vocab.py), so their values change no result; zero is a
+defined value where `init_weights`' random rows would be arbitrary, and what a tied
+embedding's unused rows export as before they are dropped.
 
 No rank holds more than its own shards plus one slice in the checkpoint's dtype at a time; no
 rank materialises the whole model in fp32 (docs/benchmarks.md has the measured peak memory).

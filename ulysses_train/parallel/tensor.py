@@ -167,6 +167,8 @@ def vocab_parallel_terms(logits: torch.Tensor, labels: torch.Tensor, start: int,
         target  = all_reduce_sum(z_t - m on the owning rank, 0 elsewhere), (N,)
     so loss = log(sum_exp) - target and t is a top-1 token iff target >= 0. The two sums go in
     one all-reduce. Used by the training loss (its backward below) and by evaluation.
+    The model's padding columns arrive as -inf (model/vocab.py): their exp is 0, and a rank
+    whose columns are all padding has a local max of -inf, which the max all-reduce replaces.
     """
     valid = labels != IGNORE_INDEX
     owned = valid & (labels >= start) & (labels < start + logits.shape[-1])
