@@ -25,15 +25,17 @@ from .init import _is_dtensor
 def mask_padded_vocab_(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Set the columns >= `vocab_size` of `logits` (..., Vpad) to -inf in place; return it.
 
-    Plain logits: one fill of the (..., Vpad - vocab_size) tail, no copy. A DTensor (the tp
-    plan's Shard(-1) logits, each rank holding a column range): `masked_fill_` with a (Vpad,)
-    boolean mask laid out like the logits' last dim, so each rank masks its own columns with no
-    communication (a rank whose range is all padding masks all of it). Autograd-safe: the
-    logits are a fresh matmul output that nothing saved for backward.
+    Nothing happens without padding (a vocab_size that is a multiple of 128). Plain logits: one
+    fill of the (..., Vpad - vocab_size) tail, no copy. A DTensor (the tp plan's Shard(-1)
+    logits, each rank holding a column range): `masked_fill_` with a (Vpad,) boolean mask laid
+    out like the logits' last dim, so each rank masks its own columns with no communication (a
+    rank whose range is all padding masks all of it). Autograd-safe: the logits are a fresh
+    matmul output that nothing saved for backward.
     """
+    if logits.shape[-1] <= vocab_size:
+        return logits
     if not _is_dtensor(logits):
-        if logits.shape[-1] > vocab_size:
-            logits[..., vocab_size:] = float("-inf")
+        logits[..., vocab_size:] = float("-inf")
         return logits
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
