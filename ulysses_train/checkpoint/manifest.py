@@ -7,7 +7,7 @@ installed, else sha256 (utils/hashing.py). Measured on a 1 GiB checkpoint in the
 (busy) 2-core dev machine: xxh3 0.3-0.5 s/GiB (the file read dominates: the hash alone runs at
 ~30 GB/s), sha256 ~1.5 s/GiB (SHA-NI). The manifest names its algorithm; a reader that lacks it
 checks sizes only and says so. A defence against torn writes and bad disks, not against
-tampering.
+tampering (a planted pickle cannot run code: safe_read.py).
 
 Only verified corruption (a missing file, a size or a hash that differs) is reported as a
 problem; any other read error (EIO, EACCES, no memory) is `read_error` (exit 1): nothing shows

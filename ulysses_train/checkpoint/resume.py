@@ -4,6 +4,8 @@ data identity and the checkpoint's gloo group). The rules it keeps:
 - `resume=auto` follows `latest` and falls back to an older checkpoint only past *verified*
   corruption (manifest, sizes, hashes); any other failure to verify or load is a
   `InputUnreadable (store.read_error)` (exit 1) that leaves everything on disk.
+- Every pickle in the checkpoint is read restricted (safe_read.py): a planted one is
+  `RefusedPickle` (exit 1, naming the file), in both modes — no fallback past it, nothing run.
 - `resume=PATH` loads exactly PATH, unless this run dir's `latest` already continues the line
   that started from PATH (a rerun, restart or requeue of the same command): then it continues.
 - Checkpoints newer than the one resumed from are moved to `checkpoints/abandoned/`, never
@@ -17,7 +19,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -26,6 +27,7 @@ from . import manifest
 from . import store as files
 from .identity import check_resume
 from .manifest import read_error
+from .safe_read import RefusedPickle, load
 from .state import load_failure, state_to_load
 
 # DCP wraps read failures in CheckpointException, which derives from BaseException.
@@ -91,7 +93,7 @@ class Resume:
              trainer_state: dict) -> dict:
         """Load `path` into model/optimizer; return the saved trainer state (same keys)."""
         request, state = state_to_load(path, model, optimizer, trainer_state)
-        dcp.load(request, checkpoint_id=path, no_dist=not self.distributed)
+        load(request, path, self.distributed)  # every pickle in it restricted (safe_read.py)
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         return request["trainer"]
@@ -102,6 +104,8 @@ class Resume:
         stops the run (exit 1) — falling back would abandon a checkpoint that may be good."""
         try:
             return self.load(path, model, optimizer, trainer_state)
+        except RefusedPickle:  # a planted pickle: the file is named, nothing falls back past it
+            raise
         except LOAD_ERRORS as exc:
             raise read_error(path, f"loading it failed: {load_failure(exc)}") from exc
 

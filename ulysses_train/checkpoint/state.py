@@ -19,6 +19,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
+from .safe_read import read_metadata
+
 OPTIM_STATE_PREFIX = "optim.state."  # DCP keys of the optimizer's per-parameter state
 
 
@@ -74,10 +76,10 @@ def state_to_load(path: str, model: torch.nn.Module, optimizer: torch.optim.Opti
     A checkpoint written by an older version before any optimizer step holds no optimizer state
     at all: then DCP is not asked for it and the optimizer keeps the zero state that
     `init_optimizer_state` gave it — exactly the (empty) state it was saved with. Reads
-    `path/.metadata` (small).
+    `path/.metadata` (small, restricted: safe_read.RefusedPickle for a disallowed global).
     """
     state = state_to_save(model, optimizer, trainer_state)
-    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    keys = read_metadata(path).state_dict_metadata
     if any(k.startswith(OPTIM_STATE_PREFIX) for k in keys):
         return state, state
     optim = {k: v for k, v in state["optim"].items() if k != "state"}

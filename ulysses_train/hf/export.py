@@ -22,7 +22,8 @@ file's size and content hash (init_from.verify_checkpoint, as `model.init_from` 
 verify), since DCP has no checksums and would export flipped bytes silently.
 
 Bad input is one line `error: <what>: ...` on stderr and exit code 2; an I/O error while reading
-or writing is one line and exit code 1. Whatever fails after OUT_DIR was created removes the
+or writing is one line and exit code 1, as is a pickle in the checkpoint that names anything
+outside checkpoint/safe_read.py's allow-list (RefusedPickle, naming the file; nothing run). Whatever fails after OUT_DIR was created removes the
 files and directories this export created (OUT_DIR was new or empty: nothing else is touched),
 so the same command can be rerun.
 """
@@ -38,9 +39,9 @@ import sys
 import warnings
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..checkpoint.safe_read import RefusedPickle, load, read_metadata
 from ..checkpoint.state import load_failure
 from ..checkpoint.store import read_meta
 from ..config.errors import ConfigError, InputUnreadable
@@ -144,7 +145,9 @@ def _load_one(step: str, key: str, entry) -> torch.Tensor:
     try:
         with warnings.catch_warnings():  # "assuming ... a single process": yes, deliberately
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({key: tensor}, storage_reader=dcp.FileSystemReader(step), no_dist=True)
+            load({key: tensor}, step, distributed=False)
+    except RefusedPickle:  # a planted pickle: its own line, naming the file
+        raise
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
         raise _unreadable(step, exc) from exc
     return tensor
@@ -235,7 +238,9 @@ def _export(checkpoint: str, out_dir: str, dtype: str, max_shard_bytes: int, log
 def _read_metadata(step: str) -> dict:
     """DCP's metadata of the (verified) checkpoint; InputUnreadable (exit 1) if it fails."""
     try:
-        return dcp.FileSystemReader(step).read_metadata().state_dict_metadata
+        return read_metadata(step).state_dict_metadata
+    except RefusedPickle:  # a planted pickle: its own line, naming the file
+        raise
     except Exception as exc:
         raise _unreadable(step, exc) from exc
 

@@ -147,7 +147,8 @@ def load_initial_weights(model, path: str, model_cfg, dims) -> str:
     line for the log: what was loaded, from where, in how long.
 
     A collective: every rank calls it at the same point. ConfigError as `check_initial_weights`;
-    a checkpoint whose DCP metadata disagrees with the model is a ConfigError too.
+    a checkpoint whose DCP metadata disagrees with the model is a ConfigError too; one whose
+    pickles name anything outside the allow-list is safe_read.RefusedPickle (exit 1, every rank).
     """
     start = time.perf_counter()
     kind, where = check_initial_weights(path, model_cfg)
@@ -171,14 +172,15 @@ def load_initial_weights(model, path: str, model_cfg, dims) -> str:
 def _load_our_weights(model, step_dir: str, distributed: bool) -> int:
     """DCP-load the `model.*` entries of our checkpoint `step_dir` (nothing else) into `model`;
     return the parameter count. Checks every entry's presence and global shape first."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         set_model_state_dict,
     )
 
+    from ..checkpoint.safe_read import load, read_metadata
+
     state = get_model_state_dict(model)  # FQN-keyed, sharded like the model (no copies)
-    saved = dcp.FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    saved = read_metadata(step_dir).state_dict_metadata  # restricted: safe_read.py
     missing = [k for k in state if f"model.{k}" not in saved]
     if missing:
         raise fail(f"{step_dir} lacks model tensors {weights_dir.listing(missing)}")
@@ -186,6 +188,6 @@ def _load_our_weights(model, step_dir: str, distributed: bool) -> int:
         if tuple(saved[f"model.{k}"].size) != tuple(v.shape):
             raise fail(f"{step_dir}: model.{k} has shape {list(saved[f'model.{k}'].size)}, the "
                        f"model {list(v.shape)}; set model.* to the checkpoint's architecture")
-    dcp.load({"model": state}, checkpoint_id=step_dir, no_dist=not distributed)
+    load({"model": state}, step_dir, distributed)
     set_model_state_dict(model, state)  # a no-op copy when DCP filled the parameters in place
     return sum(v.numel() for v in state.values())
