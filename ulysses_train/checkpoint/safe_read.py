@@ -97,7 +97,8 @@ class SafeReader(dcp.FileSystemReader):
         rank-local `__<rank>.metadata` as there. RefusedPickle for a disallowed global."""
         rank = kwargs.get("rank")
         if rank not in self._metadata:
-            path = self._get_metadata_path(rank)
+            path = (self._get_metadata_path(rank) if hasattr(self, "_get_metadata_path")
+                    else self.fs.concat_path(self.path, ".metadata"))  # older torch
             with self.fs.create_stream(path, "rb") as f:
                 metadata = RestrictedUnpickler(f, str(path)).load()
             if getattr(metadata, "storage_meta", None) is None:
