@@ -211,9 +211,9 @@ def test_gpt_forward_with_each_scaling(method, reference_run):
     inv_freq, mscale = rope_frequencies(cfg)
     assert torch.equal(model.inv_freq, inv_freq) and model.attention_scaling == mscale
     with torch.no_grad():
-        logits = model(ids, pos)
+        logits = model(ids, pos)[..., :CFG.vocab_size]  # the padded columns are -inf (model/vocab.py)
     assert torch.isfinite(logits).all()
-    assert not torch.allclose(logits, unscaled, atol=1e-4)  # same weights, other angles
+    assert not torch.allclose(logits, unscaled[..., :CFG.vocab_size], atol=1e-4)  # other angles
 
 
 def test_gpt_applies_the_yarn_temperature():
