@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from support.common import ROOT, SMALL, cpu_dims, flip_byte, run_train, small_config
+from support.common import ROOT, SMALL, cpu_dims, files_under, flip_byte, run_train, small_config
 from support.spawn import run_distributed
 from ulysses_train.checkpoint import manifest, store
 from ulysses_train.checkpoint.manager import CheckpointManager
@@ -40,15 +40,6 @@ def _manager(root, cfg, log=None, **ck):
     return CheckpointManager(str(root), CheckpointConfig(**ck), cfg.model,
                              log=log if log is not None else (lambda s: None))
 
-
-def _snapshot(root) -> dict:
-    """Every file under `root` with its bytes: what 'nothing on disk touched' compares."""
-    out = {}
-    for where, _, names in os.walk(root):
-        for n in names:
-            with open(os.path.join(where, n), "rb") as f:
-                out[os.path.relpath(os.path.join(where, n), root)] = f.read()
-    return out
 
 
 def _saved(tmp_path, steps=(1, 2, 3), **ck):
@@ -74,7 +65,7 @@ def _oom(*args, **kwargs):
 def test_a_read_error_that_is_not_corruption_stops_and_keeps_everything(tmp_path, monkeypatch,
                                                                           where, fault):
     cfg, model, opt = _saved(tmp_path)
-    before = _snapshot(tmp_path)
+    before = files_under(tmp_path)
     if where == "load":
         monkeypatch.setattr(torch.distributed.checkpoint.filesystem.FileSystemReader,
                             "read_data", fault)
@@ -86,7 +77,7 @@ def test_a_read_error_that_is_not_corruption_stops_and_keeps_everything(tmp_path
     assert caught.value.exit_code == 1
     assert "step_00000003 could not be read" in str(caught.value)
     assert ("Input/output error" if fault is _eio else "MemoryError") in str(caught.value)
-    assert _snapshot(tmp_path) == before  # no fallback, nothing moved or deleted
+    assert files_under(tmp_path) == before  # no fallback, nothing moved or deleted
     assert not any("trying the next newest" in s for s in said), said
 
 
@@ -96,7 +87,7 @@ def test_a_load_error_through_train_py_is_one_line_exit_1(tmp_path):
                     f"data.cache_dir={tmp_path / 'cache'}"]
     assert run_train(args).returncode == 0
     ck = tmp_path / "run" / "checkpoints"
-    before = _snapshot(ck)
+    before = files_under(ck)
     wrapper = tmp_path / "broken_disk.py"  # train.py with DCP's file read failing (EIO)
     wrapper.write_text(
         "import errno, runpy, sys\n"
@@ -115,7 +106,7 @@ def test_a_load_error_through_train_py_is_one_line_exit_1(tmp_path):
                                   "be read (loading it failed: rank 0: OSError: [Errno 5] Input/output "
                                   "error); nothing shows it is corrupt")
     assert "Traceback" not in done.stdout + done.stderr
-    assert _snapshot(ck) == before
+    assert files_under(ck) == before
 
 
 def test_corruption_still_falls_back_and_moves_the_corrupt_one_aside(tmp_path):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from support.common import ROOT, cpu_dims, small_config
+from support.common import ROOT, cpu_dims, files_under, small_config
 from support.planted import plant_in_metadata, plant_in_trainer_state
 from support.spawn import run_distributed
 from ulysses_train.checkpoint import safe_read
@@ -45,14 +45,6 @@ def _saved_run(root, steps=(1, 2)) -> tuple:
     return cfg, model, opt
 
 
-def _snapshot(root) -> dict:
-    out = {}
-    for where, _, names in os.walk(root):
-        for n in names:
-            with open(os.path.join(where, n), "rb") as f:
-                out[os.path.relpath(os.path.join(where, n), root)] = f.read()
-    return out
-
 
 PLANTS = {"metadata": (plant_in_metadata, ".metadata", "builtins.open"),
           "trainer-state": (plant_in_trainer_state, "__0_0.distcp", "io.open")}
@@ -71,7 +63,7 @@ def test_resume_refuses_a_planted_pickle_and_runs_nothing(tmp_path, plant, resum
     step = str(tmp_path / "run" / "checkpoints" / "step_00000002")
     marker = str(tmp_path / "ran")
     plant_fn(step, marker)
-    before = _snapshot(tmp_path)
+    before = files_under(tmp_path)
     ck = CheckpointConfig(resume=step if resume == "PATH" else "auto")
     m = CheckpointManager(str(tmp_path / "run"), ck, cfg.model, log=lambda s: None)
     with pytest.raises(RefusedPickle) as info:
@@ -80,7 +72,7 @@ def test_resume_refuses_a_planted_pickle_and_runs_nothing(tmp_path, plant, resum
     assert info.value.exit_code == 1 and info.value.key == os.path.join(step, file)
     assert str(info.value).startswith(f"{step}/{file}: refuses to unpickle {refused}")
     assert "\n" not in str(info.value)
-    assert _snapshot(tmp_path) == before
+    assert files_under(tmp_path) == before
 
 
 def _pickle_naming(module: str, name: str) -> bytes:

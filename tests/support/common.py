@@ -115,3 +115,14 @@ def flip_byte(path) -> None:
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def files_under(root) -> dict[str, bytes]:
+    """Every file under `root` (relative path -> bytes): what 'nothing on disk was touched'
+    compares before and after."""
+    out = {}
+    for where, _, names in os.walk(root):
+        for n in names:
+            with open(os.path.join(where, n), "rb") as f:
+                out[os.path.relpath(os.path.join(where, n), root)] = f.read()
+    return out
