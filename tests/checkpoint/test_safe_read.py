@@ -75,6 +75,23 @@ def test_resume_refuses_a_planted_pickle_and_runs_nothing(tmp_path, plant, resum
     assert files_under(tmp_path) == before
 
 
+@pytest.mark.parametrize("plant", PLANTS)
+def test_check_pickles_reads_every_pickle_and_nothing_else(tmp_path, plant):
+    """The pre-checks' `check_pickles` refuses either plant (the `.metadata`, or a non-tensor
+    item inside a `.distcp` file) with the same line as a load, and passes an intact checkpoint."""
+    plant_fn, file, refused = PLANTS[plant]
+    _saved_run(tmp_path / "run")
+    intact, step = (str(tmp_path / "run" / "checkpoints" / f"step_0000000{i}") for i in (1, 2))
+    safe_read.check_pickles(intact)
+    marker = str(tmp_path / "ran")
+    plant_fn(step, marker)
+    before = files_under(tmp_path)
+    with pytest.raises(RefusedPickle) as info:
+        safe_read.check_pickles(step)
+    assert not os.path.exists(marker) and files_under(tmp_path) == before
+    assert str(info.value).startswith(f"{step}/{file}: refuses to unpickle {refused}")
+
+
 def _pickle_naming(module: str, name: str) -> bytes:
     """A protocol-2 pickle whose only global is module.name, called with no arguments."""
     return b"\x80\x02c" + f"{module}\n{name}\n".encode() + b")R."

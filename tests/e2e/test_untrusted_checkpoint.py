@@ -76,16 +76,17 @@ def test_export_refuses_and_writes_nothing(planted, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("planted", ["metadata"], indirect=True)
+@pytest.mark.parametrize("planted", ["metadata", "trainer-state"], indirect=True)
 def test_init_from_refuses_and_trains_nothing(planted, tmp_path):
-    """`model.init_from=<step>` (weights only: `.metadata` and model tensors): refused before
-    the first step; the new run dir gets no checkpoint and no metrics row."""
+    """`model.init_from=<step>`: refused in the pre-check (which reads every pickle of the
+    step, the trainer state's too), so the new run dir is never made — no .hydra/, no log, no
+    copied tokenizer."""
     run, file, marker = planted
     out = tmp_path / "new_run"
     done = run_train(SMALL + ["train.steps=1", f"model.init_from={os.path.join(run, STEP)}",
                               f"hydra.run.dir={out}"])
     _refused(done, file, marker)
-    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("planted", ["metadata"], indirect=True)
@@ -96,22 +97,23 @@ def test_eval_refuses_and_writes_no_result(planted, tmp_path):
                    *SMALL, f"eval.checkpoint={os.path.join(run, STEP)}", "eval.batches=1",
                    "eval.passkey_lengths=[]", f"hydra.run.dir={out}", cwd=tmp_path)
     _refused(done, file, marker)
-    assert not (out / "eval.json").exists() and not (out / "eval.png").exists()
+    assert not out.exists()  # refused in the pre-check: no .hydra/, no eval.log
 
 
 @pytest.mark.parametrize("planted,mode", [("metadata", "auto"), ("metadata", "PATH"),
                                           ("trainer-state", "auto")], indirect=["planted"])
 def test_resume_refuses_without_falling_back(planted, tmp_path, mode):
     """Resuming the planted run (auto: its `latest`; PATH: the step dir, from a new run dir):
-    refused, in both modes, without falling back to the intact step 1 — the checkpoints, the
-    metrics and `latest` stay exactly as they were, nothing is moved to abandoned/."""
+    refused, in both modes, in the pre-check and without falling back to the intact step 1 —
+    every file of the run dir (checkpoints, metrics, `latest`, the recorded .hydra/ config)
+    stays exactly as it was, nothing is moved to abandoned/, no new run dir is made."""
     run, file, marker = planted
     out = run if mode == "auto" else str(tmp_path / "other_run")
     resume = "auto" if mode == "auto" else os.path.join(run, STEP)
-    before = _files(os.path.join(run, "checkpoints")), _files(run).get("metrics.jsonl")
+    before = _files(run)
     done = run_train(SMALL + ["train.steps=3", "checkpoint.every=1", f"hydra.run.dir={out}",
                               f"checkpoint.resume={resume}"])
     _refused(done, file, marker)
-    assert (_files(os.path.join(run, "checkpoints")), _files(run).get("metrics.jsonl")) == before
+    assert _files(run) == before
     if mode == "PATH":
-        assert not os.path.exists(os.path.join(out, "checkpoints"))
+        assert not os.path.exists(out)

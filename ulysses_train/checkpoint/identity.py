@@ -36,6 +36,7 @@ from typing import Callable
 
 from ..config.errors import ConfigError
 from ..config.overrides import override
+from .safe_read import check_pickles
 from .store import check_shape, read_meta, resume_source
 
 STREAM_KEYS = ("data.name", "data.seq_len", "train.global_batch_size", "train.seed",
@@ -162,9 +163,10 @@ def _default_blame(key: str, now: dict) -> str:
 
 
 def check_before_start(cfg, run_dir: str) -> None:
-    """The config part of the resume checks, from meta.json alone: no torch, no data built,
-    nothing written (the entry points run it before Hydra makes the run dir's .hydra/). The
-    model first (store.check_shape: another shape, flag or RoPE/norm setting), then the data
+    """The config part of the resume checks, from meta.json and the checkpoint's small pickles:
+    no tensor read, no data built, nothing written (the entry points run it before Hydra makes
+    the run dir's .hydra/). The model first (store.check_shape: another shape, flag or RoPE/norm
+    setting), then its pickles (safe_read.check_pickles: RefusedPickle, exit 1), then the data
     stream. Silent for what the full check reports later (an unreadable or old checkpoint)."""
     path = resume_source(run_dir, cfg.checkpoint.resume)
     if path is None:
@@ -174,5 +176,6 @@ def check_before_start(cfg, run_dir: str) -> None:
     except ConfigError:
         return  # the checkpoint manager reports (or falls back past) it
     check_shape(path, cfg.model, cfg.checkpoint.resume)
+    check_pickles(path)  # a planted pickle: refused before Hydra rewrites .hydra/ (exit 1)
     check_resume(meta, {"data": config_identity(cfg)}, path, cfg.checkpoint.resume,
                  log=lambda _: None)

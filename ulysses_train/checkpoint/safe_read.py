@@ -15,7 +15,9 @@ are already read with `torch.load(weights_only=True)`):
 - BYTE_IO items are read by `SafeLoadPlanner` with `torch.load(weights_only=True)`, torch's own
   allow-list (primitives, containers, tensors), which covers all we store as bytes.
 Anything else is `RefusedPickle` (exit 1), raised before the refused callable is looked up, so
-nothing from the file runs. Every DCP read of the package goes through `read_metadata` and `load`.
+nothing from the file runs. Every DCP read of the package goes through `read_metadata` and
+`load`; the entry points' pre-checks run `check_pickles` first, so a refusal comes before
+anything (the run dir's `.hydra/`, logs, a copied tokenizer) is written.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ import re
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 from ..config.errors import InputUnreadable, exception_chain
 
@@ -112,8 +115,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default load planner with non-tensor items read by `torch.load(weights_only=True)`
     (DefaultLoadPlanner uses weights_only=False); `step` names the checkpoint in refusals."""
 
-    def __init__(self, step: str):
-        super().__init__()
+    def __init__(self, step: str, flatten: bool = True):
+        super().__init__(flatten_state_dict=flatten)
         self.step = step
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
@@ -166,3 +169,24 @@ def load(state: dict, step: str, distributed: bool) -> None:
         if refused is None:
             raise
         raise refused from None
+
+
+def check_pickles(step: str) -> None:
+    """Read every pickle of checkpoint `step` restricted — its `.metadata` and each non-tensor
+    (BYTE_IO) item — and keep nothing: what the entry points' pre-checks run, so a planted pickle
+    is refused before Hydra writes the run dir's `.hydra/` or anything else is written. Small
+    reads (no tensor is read); one process, no collective. RefusedPickle for a disallowed global;
+    any other failure (a torn or damaged file) is silent here: the load's own checks (manifest
+    hashes, resume's fallback) report it as they always have."""
+    try:
+        metadata = read_metadata(step)
+        # flat keys as DCP records them ("trainer.step"), loaded with flattening off
+        state = {fqn: None for fqn, item in metadata.state_dict_metadata.items()
+                 if isinstance(item, BytesStorageMetadata)}
+        if state:
+            dcp.load(state, storage_reader=SafeReader(step),
+                     planner=SafeLoadPlanner(step, flatten=False), no_dist=True)
+    except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
+        refused = refusal(exc)
+        if refused is not None:
+            raise refused from None

@@ -53,6 +53,8 @@ def main() -> None:
                 compose.precheck(args, world)
             except ConfigError as error:  # the user named eval.checkpoint: say that key
                 key = "eval.checkpoint" if error.key == "model.init_from" else error.key
+                if key == error.key and "model.init_from=" not in error.message:
+                    raise  # nothing to re-word (e.g. a file: safe_read.RefusedPickle)
                 raise type(error)(key, error.message.replace(  # keeps its exit code
                     "model.init_from=", "eval.checkpoint=")) from None
         except ConfigError as error:
