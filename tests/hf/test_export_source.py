@@ -169,6 +169,21 @@ def test_yarn_shorter_than_the_source_is_refused(tmp_path):
     assert info.value.key == "model.rope_factor" and "512" in str(info.value)
 
 
+def test_a_resume_with_a_shorter_yarn_is_refused_as_the_rope_change_it_is(tmp_path):
+    """Catches (fresh-user pass): resuming a yarn x8 run with x2 was refused by the export-context
+    check against the *source's* context, advising a factor the resume check then refused too;
+    the refusal that applies is resume's (another rope_factor than the checkpoint's)."""
+    src = hf_source(tmp_path / "src", GENERATION, max_position_embeddings=512)
+    yarn = [f"model.init_from={src}", "model.rope_scaling=yarn", "model.rope_original_seq_len=64"]
+    run = train(tmp_path, "run", *yarn, "model.rope_factor=8")
+    with pytest.raises(ConfigError) as info:
+        cli.precheck([*ARGS, "data.seq_len=32", "train.steps=1", *yarn, "model.rope_factor=2",
+                      f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"])
+    assert info.value.key == "model.rope_factor", str(info.value)
+    assert "rope_factor=8.0 (this run: 2.0)" in str(info.value) and "model.init_from=" in str(
+        info.value)
+
+
 def test_raised_rope_theta_from_an_hf_dir_is_accepted_logged_and_exported(tmp_path, capsys):
     """Catches: model.rope_theta=500000 from an HF dir was refused ("drop the override"), while
     adjusted base frequency is how Code Llama, Llama 3 and Qwen extended their context."""

@@ -253,7 +253,9 @@ def apply_init_from(cfg, explicit: Iterable[str], run_dir: str | None = None):
     if "name" not in explicit:
         updates["name"] = name
     model = dataclasses.replace(cfg.model, **updates)
-    _check_yarn_context(model, source_record(cfg.model.init_from, resumed), source)
+    if not resumed:  # a resume compares the RoPE with its checkpoint's (store.check_shape),
+        #              which passed this check when its run started
+        _check_yarn_context(model, source_record(cfg.model.init_from, None), source)
     return dataclasses.replace(cfg, model=model)
 
 
