@@ -196,6 +196,33 @@ def test_raised_rope_theta_from_an_hf_dir_is_accepted_logged_and_exported(tmp_pa
     assert config["rope_theta"] == 500000.0
 
 
+def test_static_ntk_from_an_hf_dir_says_at_the_start_that_it_cannot_be_exported(tmp_path,
+                                                                                capsys):
+    """Found by a fresh-user pass: ntk trained without a word and only the export refused it."""
+    src = hf_source(tmp_path / "src", GENERATION)
+    train(tmp_path, "run", f"model.init_from={src}", "model.rope_scaling=ntk",
+          "model.rope_factor=4")
+    log = capsys.readouterr().out
+    assert "model.rope_scaling: static ntk has no transformers rope_type, so this run cannot " \
+           "be exported" in log, log
+
+
+def test_eval_says_and_records_a_rope_override(tmp_path, capsys):
+    """Found by a fresh-user pass: eval of an HF dir with model.rope_theta=500000 changed the
+    loss but neither logged it (training does) nor recorded it in eval.json."""
+    from ulysses_train.evaluate.run import run as evaluate
+
+    src = hf_source(tmp_path / "src", GENERATION)
+    cfg = cli.precheck([*ARGS, "data.seq_len=32", f"data.cache_dir={tmp_path / 'cache'}",
+                        f"model.init_from={src}", "model.rope_theta=500000", "eval.batches=1",
+                        "eval.passkey_lengths=[]"])
+    assert evaluate(cfg, str(tmp_path / "ev")) == 0
+    assert "eval: model.rope_theta: 500000 (the source was trained with 10000" in \
+        capsys.readouterr().out
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert result["rope"] == {"theta": 500000.0, "scaling": "none"}
+
+
 def test_an_unreadable_generation_config_is_one_line_before_any_work(tmp_path):
     src = hf_source(tmp_path / "src", GENERATION)
     (tmp_path / "src" / "generation_config.json").write_text("{not json")

@@ -20,7 +20,9 @@ def main(argv=None) -> int:
                                      description="Export a checkpoint as a Hugging Face model dir")
     parser.add_argument("checkpoint", help="a run dir (its checkpoints/latest), its checkpoints/ or a step_* dir")
     parser.add_argument("out_dir", help="a new or empty directory")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16",
+                        help="weights on disk (default bf16: half the size, rounded once from "
+                             "the fp32 master weights; fp32: exactly as trained)")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     args = parser.parse_args(argv)

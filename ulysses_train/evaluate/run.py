@@ -18,6 +18,7 @@ import torch
 
 from ..config.errors import ConfigError
 from ..config.schema import Config
+from ..hf.config import rope_notes
 from ..hf.init_from import load_initial_weights, resolve
 from ..model.precision import resolve_dtype
 from ..parallel import ParallelDims
@@ -39,6 +40,14 @@ def write_results(result: dict, run_dir: str) -> tuple[str, str]:
     atomic_write(json_path, json.dumps(result, indent=1, allow_nan=False) + "\n")
     atomic_write(png_path, lambda tmp: write_png(result, tmp))
     return json_path, png_path
+
+
+def rope_settings(m) -> dict:
+    """The RoPE the model was evaluated with (eval.json "rope"): an override of the checkpoint's
+    (`model.rope_theta=`, a larger `model.rope_factor`) changes the result, so it is recorded."""
+    keys = ["theta", "scaling"] + (["factor", "original_seq_len"] if m.rope_scaling != "none"
+                                   else [])
+    return {k: getattr(m, "rope_" + k) for k in keys}
 
 
 def run(cfg: Config, run_dir: str) -> int:
@@ -73,10 +82,13 @@ def _evaluate(cfg: Config, run_dir: str, dims: ParallelDims) -> int:
             raise
         raise type(error)("eval.checkpoint", error.message) from None  # keeps its exit code
     say(f"eval: {loaded} | layout dp={dims.dp} sp={dims.sp} (ring={dims.ring}) tp={dims.tp}")
+    for note in rope_notes(cfg.model.init_from, cfg.model):  # a RoPE override, as training says
+        say(f"eval: {note}")
     dtype = resolve_dtype(cfg.train.precision, dims.device)
     result = evaluate_model(model, cfg, dims, data, dtype, log=say)
     _, source = resolve(cfg.model.init_from)  # a run dir: the step it read; an HF dir: itself
-    result = {"checkpoint": os.path.abspath(source), "seq_len": cfg.data.seq_len, **result,
+    result = {"checkpoint": os.path.abspath(source), "seq_len": cfg.data.seq_len,
+              "rope": rope_settings(cfg.model), **result,
               "seconds": round(time.perf_counter() - t0, 1)}
     if dims.is_main:
         json_path, png_path = write_results(result, run_dir)

@@ -283,7 +283,8 @@ def rope_notes(init_from: str, model) -> list[str]:
     """One line per RoPE choice of ModelConfig `model` that differs from what its source
     `init_from` was trained with (the trainer logs them when it loads the weights):
     `model.rope_theta: 500000 (the source was trained with 10000: adjusted base frequency)`,
-    and one line for the scaling keys together (a context extension)."""
+    and one line for the scaling keys together (a context extension), plus a warning for static
+    ntk, which the export cannot write (hf/export_config.py)."""
     stated, defaults, _ = model_fields_from(init_from, 1 << 62)
     before = {**defaults, **stated}
     notes = []
@@ -296,6 +297,10 @@ def rope_notes(init_from: str, model) -> list[str]:
             not _same(v, getattr(model, k)) for k, v in source.items()):
         notes.append(f"model.rope_scaling: {_scaling(model)} (the source was trained with "
                      f"{_scaling(dataclasses.replace(model, **source))}: context extension)")
+        if model.rope_scaling == "ntk":  # said now, not first at the export
+            notes.append("model.rope_scaling: static ntk has no transformers rope_type, so "
+                         "this run cannot be exported to Hugging Face; yarn, linear or llama3 "
+                         "can be")
     return notes
 
 
