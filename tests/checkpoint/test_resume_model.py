@@ -122,6 +122,19 @@ def test_flags_and_dimensions_keep_their_messages(tmp_path):
     assert "different model shape: n_layers=2 (this run: 3)" in shape.value.message
 
 
+def test_a_resume_without_its_init_from_is_told_to_give_it_again(tmp_path):
+    """Found by a fresh-user pass: a run started with model.init_from and resumed without it
+    gets the preset's shape, and the line only said 'resume with the same model settings'."""
+    step = _fake_run(tmp_path / "run", init_from="/models/tiny-hf")
+    with pytest.raises(ConfigError) as info:
+        store.check_shape(step, _model(n_layers=3))
+    assert "this run started from model.init_from=/models/tiny-hf: give it again" in \
+        info.value.message
+    with pytest.raises(ConfigError) as given:  # given, the advice would be wrong
+        store.check_shape(step, _model(n_layers=3, init_from="/models/tiny-hf"))
+    assert "give it again" not in given.value.message
+
+
 def test_the_trainer_refuses_it_too(tmp_path):
     """A caller that skips the pre-check (Trainer in-process) is refused by the checkpoint
     manager's own check, before any state is loaded or saved."""

@@ -54,12 +54,17 @@ def check_shape(path: str, model_cfg, mode: str = "auto") -> None:
     function key alone can be changed by a new run from these weights (model.init_from), which
     the line says. `mode`: checkpoint.resume (auto, or the PATH given), for that advice.
     ConfigError (exit 2)."""
-    diffs = architecture_diffs(read_meta(path)["model"], model_cfg, RESUME_KEYS)
+    saved = read_meta(path)["model"]
+    diffs = architecture_diffs(saved, model_cfg, RESUME_KEYS)
     if not diffs:
         return
     if any(k in DIMENSIONS for k, _, _ in diffs):
+        # A run started from model.init_from took its architecture from there; without the
+        # key again the preset's comes back, which is what differs.
+        again = (f"; this run started from {override('model.init_from', saved['init_from'])}: "
+                 "give it again" if saved.get("init_from") and not model_cfg.init_from else "")
         raise ConfigError("checkpoint.resume", f"{path} holds a different model shape: "
-                          f"{describe(diffs)}; resume with the same model settings")
+                          f"{describe(diffs)}; resume with the same model settings{again}")
     restore = " ".join(override(f"model.{k}", saved) for k, saved, _ in diffs)
     why = f"{os.path.abspath(path)} was trained with {describe(diffs)}"
     if any(k in FLAGS for k, _, _ in diffs):
