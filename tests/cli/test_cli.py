@@ -50,6 +50,11 @@ def test_yaml_presets_match_python_presets(name):
     (["checkpoint.resume=" + os.path.abspath(__file__)], "checkpoint.resume", "is not a directory"),
     (["data.text_field="], "data.text_field", "must name the field"),
     (["parallel.timeout_s=1e14"], "parallel.timeout_s", "must be at most 604800 seconds"),
+    (["model.sliding_window=-4"], "model.sliding_window", "must be >= 0 tokens"),
+    (["model.n_layers=2", "model.sliding_window=8", "model.layer_types=[full_attention,global]"],
+     "model.layer_types", "unknown entries ['global']"),
+    (["model.layer_types=[sliding_attention]"], "model.layer_types",
+     "has 1 entries for model.n_layers=4"),
 ])
 def test_hydra_errors_become_one_line(overrides, key, fragment):
     with pytest.raises(ConfigError) as info:

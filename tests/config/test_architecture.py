@@ -62,10 +62,16 @@ def test_init_from_our_checkpoint_states_every_architecture_key():
 # of head dim 16 only with a pretraining context of a few thousand positions).
 SMALL_MODEL = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96,
                    vocab_size=256, rope_factor=4.0)
+# The window bases (W=4 < the 24 tokens) hold the window keys to what they compute: a doubled
+# window, each layer's type flipped, and [] (every layer slides, as transformers' Mistral)
+# against an explicit all-full list.
 FUNCTION_BASES = [dict(rope_scaling=m, rope_original_seq_len=64)
                   for m in ("none", "linear", "ntk", "llama3")] + [
     dict(rope_scaling="yarn", rope_original_seq_len=2048, rope_mscale=1.0,
-         rope_mscale_all_dim=1.0)]
+         rope_mscale_all_dim=1.0),
+    dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    dict(sliding_window=4)]
+FLIPPED = {"full_attention": "sliding_attention", "sliding_attention": "full_attention"}
 
 
 def _other(name: str, value):
@@ -79,6 +85,8 @@ def _other(name: str, value):
         return value * 2
     if value is None:  # an optional float (yarn's attention factor, mscale pair)
         return 1.5
+    if name == "layer_types":  # each layer flipped; [] (all alike) -> an explicit all-full list
+        return [FLIPPED[t] for t in value] if value else ["full_attention"] * SMALL_MODEL["n_layers"]
     if isinstance(value, str):
         return value + "-other"
     raise TypeError(f"ModelConfig.{name}: no rule for changing a {type(value).__name__}")

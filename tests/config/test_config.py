@@ -49,6 +49,11 @@ BAD = [
     ("debug", "crash_at_step", -1, "debug.crash_at_step"),
     ("debug", "nan_at_step", -2, "debug.nan_at_step"),
     ("debug", "nan_steps", 0, "debug.nan_steps"),
+    ("model", "sliding_window", -1, "model.sliding_window"),
+    ("model", "layer_types", ["full_attention"], "model.layer_types"),  # 1 entry, 2 layers
+    ("model", "layer_types", ["full_attention", "local"], "model.layer_types"),
+    # sliding layers without a window (sliding_window=0) would silently be full attention
+    ("model", "layer_types", ["sliding_attention", "full_attention"], "model.layer_types"),
 ]
 
 
@@ -66,6 +71,14 @@ def test_bad_value_names_its_key(section, key, value, expected_key):
     assert info.value.key == expected_key
     assert str(info.value).startswith(expected_key + ": ")
     assert "\n" not in str(info.value)
+
+
+def test_sliding_window_under_a_ring_is_one_line_naming_the_way_out():
+    cfg = small_config(parallel={"sp": 4, "ring": 4}, model=SLIDING)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size=4)
+    assert str(info.value).startswith("model.layer_types: sliding-window layers under "
+                                      "parallel.ring>1 are not implemented yet; use parallel.ring=1")
 
 
 def test_files_source_needs_paths():
@@ -99,6 +112,8 @@ def test_wandb_mode_checked():
         validate(cfg)
 
 
+SLIDING = {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}
+
 LAYOUTS_BAD = [  # (sections, world size, key)
     ({"parallel": {"sp": 3}}, 4, "parallel.sp"),  # 3 does not divide 4
     ({"parallel": {"sp": 2, "dp": 4}}, 4, "parallel.dp"),  # 2 x 4 != 4
@@ -122,6 +137,9 @@ LAYOUTS_BAD = [  # (sections, world size, key)
     ({"parallel": {"tp": 2, "sp": 8, "ring": 2}}, 16, "parallel.ring"),  # tp x U = 8 > 4
     ({"parallel": {"sp": 6, "ring": 2}, "model": {"n_heads": 6, "n_kv_heads": 2,
                                                    "d_model": 96}}, 6, "parallel.ring"),  # kv 2 vs U 3
+    # sliding windows under a ring: the halo exchange is not implemented (issue 20 §3)
+    ({"parallel": {"sp": 4, "ring": 2}, "model": SLIDING}, 4, "model.layer_types"),
+    ({"parallel": {"sp": 2, "ring": 2}, "model": {"sliding_window": 8}}, 2, "model.layer_types"),
 ]
 
 
@@ -148,6 +166,9 @@ def test_layouts_that_do_not_fit(sections, world, key):
     ({"parallel": {"sp": 3, "ring": 3}, "data": {"seq_len": 250}}, 3),  # 4 heads, U = 1
     ({"parallel": {"sp": 6, "ring": 3}, "model": {"n_heads": 6, "n_kv_heads": 2,
                                                    "d_model": 96}}, 6),  # kv 2 == U 2
+    ({"parallel": {"sp": 4}, "model": SLIDING}, 4),  # sliding windows under Ulysses
+    ({"parallel": {"sp": 4, "ring": 2}, "model": {"sliding_window": 8,  # a window, no layer slides
+                                                  "layer_types": ["full_attention"] * 2}}, 4),
 ])
 def test_layouts_that_fit(sections, world):
     validate(small_config(**sections), world_size=world)

@@ -168,10 +168,12 @@ def test_select_attention(monkeypatch):
 
 def test_document_mask_for_prebuilds_what_the_kernel_reads():
     mask = document_mask_for(doc_ids(), sdpa_attention)
-    assert mask._dense is not None and mask._block_mask is None
+    assert list(mask._dense) == [0] and not mask._block_masks
     wrapper = SimpleNamespace(local_attention=flex_attention_kernel)  # as UlyssesAttention holds it
     mask = document_mask_for(doc_ids(), wrapper)  # looked through
-    assert mask._block_mask is not None and mask._dense is None
+    assert list(mask._block_masks) == [0] and not mask._dense
+    mask = document_mask_for(doc_ids(), sdpa_attention, windows=(0, 3))  # one form per window
+    assert sorted(mask._dense) == [0, 3]
 
 
 # --- the whole model -----------------------------------------------------------------------

@@ -11,7 +11,7 @@ the three lists below, or into none when it changes neither the tensors nor the 
 - FLAGS set which tensors exist (tied embeddings share the head with the embedding; qkv_bias
   adds q/k/v biases): the same model dimensions with another switch.
 - FUNCTION keys change what the same weights compute (RoPE type, base, scaling factor and
-  every RoPE parameter, the RMSNorm epsilon). The weights fit, so `model.init_from` may change
+  every RoPE parameter, the RMSNorm epsilon, the attention window and which layers slide). The weights fit, so `model.init_from` may change
   them (the next stage of a context extension); resuming the same run may not — it would
   train another function under the old run's name and rewrite its meta.json.
   Every `rope_*` parameter is compared, also one the active `rope_scaling` does not read (say
@@ -35,7 +35,7 @@ FLAGS = ("tie_embeddings", "qkv_bias")
 FUNCTION = ("rope_scaling", "rope_theta", "rope_factor", "rope_original_seq_len",
             "rope_beta_fast", "rope_beta_slow", "rope_low_freq_factor", "rope_high_freq_factor",
             "rope_attention_factor", "rope_mscale", "rope_mscale_all_dim", "rope_truncate",
-            "norm_eps")
+            "norm_eps", "sliding_window", "layer_types")
 # What the weights must fit: `model.init_from` from our checkpoint compares these.
 ARCHITECTURE_KEYS = DIMENSIONS + FLAGS
 # What resuming the same run compares: the weights fit *and* compute the same function.
@@ -55,3 +55,13 @@ def architecture_diffs(saved: dict, model_cfg, keys: tuple[str, ...] = ARCHITECT
 def describe(diffs: list[tuple[str, object, object]]) -> str:
     """`key=saved (this run: now), ...` for an error line."""
     return ", ".join(f"{k}={saved} (this run: {now})" for k, saved, now in diffs)
+
+
+def layer_windows(m: ModelConfig) -> list[int]:
+    """Each layer's attention window in tokens (0 = full causal), from `model.sliding_window` W
+    and `model.layer_types`: W for a `sliding_attention` layer, 0 for a `full_attention` one;
+    with `layer_types` empty every layer gets W (transformers' Mistral: one window for all
+    layers). Assumes a validated config (config/validate.py validate_window)."""
+    if not m.layer_types:
+        return [m.sliding_window] * m.n_layers
+    return [m.sliding_window if t == "sliding_attention" else 0 for t in m.layer_types]

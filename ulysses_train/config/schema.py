@@ -17,6 +17,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 AC_MODES = ("none", "full", "selective")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' config.json spelling
 
 
 @dataclass
@@ -49,6 +50,13 @@ class ModelConfig:
     qkv_bias: bool = False  # q/k/v projections with a bias (Qwen2); initialised to zero
     norm_eps: float = 1e-5  # RMSNorm epsilon
     init_std: float = 0.02  # N(0, init_std) init (output projections: / sqrt(2 n_layers))
+    # Sliding-window attention (docs/attention.md): query i sees key j when i - W < j <= i
+    # (transformers' sliding_window). 0 = no window. With empty layer_types every layer slides
+    # (Mistral); otherwise only the `sliding_attention` layers.
+    sliding_window: int = 0
+    # One entry per layer, full_attention | sliding_attention; [] = every layer the same
+    # (full without a window, sliding with one). sliding_attention needs sliding_window > 0.
+    layer_types: List[str] = field(default_factory=list)
     # A Hugging Face model dir or one of our run/step dirs: the architecture (model.*) comes
     # from it (hf/config.py), the weights too (hf/init_from.py), and its tokenizer files are
     # data.tokenizer_path's default (data/tokenizer_files.py). "" = train from scratch.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from .architecture import layer_windows
 from .errors import finite as _finite
 from .errors import one_of as _one_of
 from .errors import positive as _positive
@@ -18,6 +19,7 @@ from .parallel import validate_layout, validate_parallel
 from .schema import (
     AC_MODES,
     DATA_SOURCES,
+    LAYER_TYPES,
     PRECISIONS,
     ROPE_SCALINGS,
     SCHEDULES,
@@ -45,6 +47,35 @@ def validate_model(m: ModelConfig) -> None:
     _positive(m.norm_eps, "model.norm_eps")
     _positive(m.init_std, "model.init_std")
     validate_rope(m)
+    validate_window(m)
+
+
+def validate_window(m: ModelConfig) -> None:
+    """model.sliding_window and model.layer_types (transformers' names and meaning)."""
+    require(m.sliding_window >= 0, "model.sliding_window",
+            f"must be >= 0 tokens (0 = no window), got {m.sliding_window}")
+    types = list(m.layer_types)
+    if not types:
+        return
+    require(len(types) == m.n_layers, "model.layer_types",
+            f"has {len(types)} entries for model.n_layers={m.n_layers}: give one per layer "
+            "(full_attention | sliding_attention), or [] for every layer alike")
+    unknown = sorted({t for t in types if t not in LAYER_TYPES})
+    require(not unknown, "model.layer_types",
+            f"unknown entries {unknown}: each must be one of {', '.join(LAYER_TYPES)}")
+    require(m.sliding_window > 0 or "sliding_attention" not in types, "model.layer_types",
+            "has sliding_attention layers but model.sliding_window=0: set the window in tokens "
+            "(model.sliding_window=W) or make every layer full_attention")
+
+
+def validate_window_layout(cfg: Config) -> None:
+    """Sliding-window layers run under Ulysses (each rank holds whole sequences); the ring's
+    halo exchange is not implemented, and a ring that ignored the window would silently train
+    full attention, so it is refused."""
+    require(cfg.parallel.ring <= 1 or not any(layer_windows(cfg.model)), "model.layer_types",
+            f"sliding-window layers under parallel.ring>1 are not implemented yet; use "
+            f"parallel.ring=1 (Ulysses only; parallel.ring={cfg.parallel.ring} given), or "
+            "model.sliding_window=0")
 
 
 def validate_rope(m: ModelConfig) -> None:
@@ -140,6 +171,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     """Check every key's value; raise `ConfigError` naming the first bad one. Pure: no file is
     read and no process group is needed (cli/checks.py adds the file checks)."""
     validate_model(cfg.model)
+    validate_window_layout(cfg)  # before the world size: the layout itself is unsupported
     validate_parallel(cfg.parallel, world_size)
     validate_data(cfg.data)
     validate_train(cfg.train, validate_layout(cfg, world_size))

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.architecture import layer_windows
 from ..config.parallel import padded_vocab
 from ..config.schema import ModelConfig
 from .attention import document_mask_for, sdpa_attention
@@ -97,10 +98,16 @@ class _LowPrecisionRMSNorm(torch.autograd.Function):
 
 
 class Attention(nn.Module):
-    """Projections + RoPE around an injected attention kernel `attention_fn(q, k, v, causal=True)`."""
+    """Projections + RoPE around an injected attention kernel `attention_fn(q, k, v, causal=True)`.
 
-    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn):
+    `window` > 0 (a sliding-window layer, `layer_windows`) is passed as `window=` on every call;
+    0 passes nothing, so kernels without window support keep working for full layers and fail
+    loudly (TypeError) rather than attend to the whole past on a sliding one.
+    """
+
+    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn, window: int = 0):
         super().__init__()
+        self.window = window
         self.head_dim = cfg.d_model // cfg.n_heads
         bias = cfg.qkv_bias  # Qwen2: biases on q, k, v only (never on wo or the MLP)
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=bias)
@@ -120,6 +127,8 @@ class Attention(nn.Module):
         # `mask` (a document mask, see masking.py) is only passed when set, so kernels without
         # mask support keep working for the plain causal case.
         kwargs = {"causal": True} if mask is None else {"causal": True, "mask": mask}
+        if self.window:
+            kwargs["window"] = self.window
         out = self.attention_fn(q, k, v, **kwargs)  # (B, S, Hq, D)
         return self.wo(out.reshape(bsz, seq, -1))  # (B, S, Hq, D) -> (B, S, Hq*D) -> (B, S, d)
 
@@ -145,10 +154,11 @@ class Block(nn.Module):
     deciding only what is kept for backward. `mlp_chunk` > 0 tiles the MLP (tiling.py).
     """
 
-    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn, mlp_chunk: int = 0):
+    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn, mlp_chunk: int = 0,
+                 window: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = Attention(cfg, attention_fn)
+        self.attention = Attention(cfg, attention_fn, window)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.d_model, cfg.ffn_hidden)
         self.mlp_chunk = mlp_chunk
@@ -185,7 +195,10 @@ class GPT(nn.Module):
         self.head_dim = cfg.d_model // cfg.n_heads
         self.tok_embeddings = nn.Embedding(self.vocab_size, cfg.d_model)
         self.attention_fn = attention_fn  # every block's; `document_mask` builds for it
-        self.layers = nn.ModuleList(Block(cfg, attention_fn, mlp_chunk) for _ in range(cfg.n_layers))
+        # Each layer's window (0 = full causal): model.sliding_window x model.layer_types.
+        self.windows = layer_windows(cfg)
+        self.layers = nn.ModuleList(Block(cfg, attention_fn, mlp_chunk, window)
+                                    for window in self.windows)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # Tied: no separate module, the head reads tok_embeddings.weight directly. (Sharing one
         # Parameter between two modules breaks silently under `to_empty`, which re-creates each
@@ -202,7 +215,7 @@ class GPT(nn.Module):
     def document_mask(self, document_ids: torch.Tensor) -> DocumentMask:
         """The `attn_mask` for global document ids `(B, S)` (the whole padded rows, on the
         compute device), with what this model's attention kernel reads already built."""
-        return document_mask_for(document_ids, self.attention_fn)
+        return document_mask_for(document_ids, self.attention_fn, tuple(sorted(set(self.windows))))
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 labels: torch.Tensor | None = None, attn_mask=None):
@@ -210,7 +223,8 @@ class GPT(nn.Module):
 
         `attn_mask`: None (plain causal attention over the whole packed row) or a document mask
         built once per batch from the *global* document ids (`masking.py`); it is handed to
-        every layer's `attention_fn` as `mask=`, never looked into here.
+        every layer's `attention_fn` as `mask=`, never looked into here. A sliding-window layer
+        also passes its `window=` (the intersection is the kernel's business).
 
         Returns logits (B, S, Vpad) when `labels` is None — the padding columns >=
         `cfg.vocab_size` at -inf (vocab.py) — else `(loss_sum, n_valid)`: the fp32

@@ -9,11 +9,16 @@ sequence-parallel rank holds anyway, and handed unchanged to every layer and eve
 
 Each kernel wants a different description of the same mask; `DocumentMask` computes each one on
 first use and keeps it (every layer reuses it):
-- `block_mask()`: a FlexAttention `BlockMask` (the CUDA path), O(B * S^2 / 128^2) memory;
+- `block_mask(window)`: a FlexAttention `BlockMask` (the CUDA path), O(B * S^2 / 128^2) memory;
 - `varlen()`: `cu_seqlens` / `max_seqlen` over the flattened `(B*S)` token stream, for
   flash-attn's varlen kernel (rows are flattened, so it works for any B);
-- `dense()`: a boolean `(B, 1, S, S)` matrix for SDPA and the eager reference, B * S^2 bytes
-  (1 GiB per row at 32k tokens): the CPU fallback and tests, never long sequences.
+- `dense(window)`: a boolean `(B, 1, S, S)` matrix for SDPA and the eager reference, B * S^2
+  bytes (1 GiB per row at 32k tokens): the CPU fallback and tests, never long sequences.
+A sliding-window layer (`model.sliding_window` W > 0) sees the intersection: same document,
+causal, and i - W < j (token indices of the global row; within one document they differ exactly
+as the restarted positions do). `block_mask` and `dense` take the window and cache one form per
+window; varlen needs none (flash-attn takes `window_size` itself). Without documents a window
+alone is `window_dense` / `window_block_mask`, cached per (S, W, device).
 Document ids are per row and need only be equal within a document and different between
 neighbours (Batch.document_ids counts documents from 0 in each row; an EOS belongs to the
 document it ends).
@@ -35,6 +40,52 @@ def _document_causal(document_ids: torch.Tensor) -> Callable:
     def mask_mod(b, h, q_idx, kv_idx):
         return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (kv_idx <= q_idx)
     return mask_mod
+
+
+def _sliding_causal(window: int) -> Callable:
+    """FlexAttention mask_mod: kv visible from q iff q - window < kv <= q (transformers'
+    sliding_window_causal). Indices are positions in the global row."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+    return mask_mod
+
+
+def _document_sliding_causal(document_ids: torch.Tensor, window: int) -> Callable:
+    """FlexAttention mask_mod: same document, causal and within `window` (global indices)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((document_ids[b, q_idx] == document_ids[b, kv_idx]) & (kv_idx <= q_idx)
+                & (q_idx - kv_idx < window))
+    return mask_mod
+
+
+def sliding_dense(seq: int, window: int, device) -> torch.Tensor:
+    """(S, S) bool, True where key j is visible from query i: i - window < j <= i (window > 0)."""
+    i = torch.arange(seq, device=device)
+    dist = i[:, None] - i[None, :]  # (S, 1) - (1, S) -> (S, S): query index - key index
+    return (dist >= 0) & (dist < window)
+
+
+@functools.lru_cache(maxsize=8)
+def window_dense(seq: int, window: int, device: torch.device) -> torch.Tensor:
+    """`sliding_dense` built once per (S, W, device) and shared by every layer and step: the
+    SDPA / eager form of a sliding window without documents, S^2 bytes."""
+    return sliding_dense(seq, window, device)
+
+
+@functools.lru_cache(maxsize=8)
+def window_block_mask(seq: int, window: int, device: torch.device):
+    """The FlexAttention BlockMask of a sliding window without documents (batch and heads
+    broadcast), built once per (S, W, device): only the ~S/128 x (W/128 + 1) blocks near the
+    diagonal are computed, the rest are skipped."""
+    build = _block_mask_builder(device)
+    return build(_sliding_causal(window), None, None, seq, seq, device=device)
+
+
+def _block_mask_builder(device: torch.device) -> Callable:
+    """Compiled create_block_mask on CUDA (long sequences); eager for the short CPU ones."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
 
 
 @functools.cache
@@ -73,9 +124,9 @@ class DocumentMask:
             raise ValueError(f"document_ids must be an integer (B, S) tensor; got "
                              f"{document_ids.dtype} {tuple(document_ids.shape)}")
         self.document_ids = document_ids.contiguous()
-        self._block_mask = None
+        self._block_masks: dict[int, object] = {}  # by window (0 = none)
         self._varlen: tuple[torch.Tensor, int] | None = None
-        self._dense: torch.Tensor | None = None
+        self._dense: dict[int, torch.Tensor] = {}  # by window (0 = none)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -97,18 +148,17 @@ class DocumentMask:
         if q.device != self.document_ids.device:
             raise ValueError(f"DocumentMask is on {self.document_ids.device}, q on {q.device}")
 
-    def block_mask(self):
-        """The FlexAttention BlockMask (B, 1 head broadcast, S, S), built once."""
-        if self._block_mask is None:
-            from torch.nn.attention.flex_attention import create_block_mask
-
+    def block_mask(self, window: int = 0):
+        """The FlexAttention BlockMask (B, 1 head broadcast, S, S), built once per window;
+        `window` > 0 also bounds it to the last `window` tokens (sliding-window layers)."""
+        if window not in self._block_masks:
             b, s = self.shape
             device = self.document_ids.device
-            # Compiled on CUDA (long sequences); eager is fine for the short CPU ones of tests.
-            build = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
-            self._block_mask = build(_document_causal(self.document_ids), b, None, s, s,
-                                     device=device)
-        return self._block_mask
+            mask_mod = (_document_sliding_causal(self.document_ids, window) if window > 0
+                        else _document_causal(self.document_ids))
+            self._block_masks[window] = _block_mask_builder(device)(mask_mod, b, None, s, s,
+                                                                    device=device)
+        return self._block_masks[window]
 
     def varlen(self) -> tuple[torch.Tensor, int]:
         """(cu_seqlens int32 (n_docs + 1,), max_seqlen) of the flattened (B*S) token stream.
@@ -125,12 +175,16 @@ class DocumentMask:
             self._varlen = cu_seqlens, int(cu_seqlens.diff().max())
         return self._varlen
 
-    def dense(self) -> torch.Tensor:
-        """(B, 1, S, S) bool, True where key j is visible from query i; B * S^2 bytes."""
-        if self._dense is None:
+    def dense(self, window: int = 0) -> torch.Tensor:
+        """(B, 1, S, S) bool, True where key j is visible from query i; B * S^2 bytes.
+        `window` > 0 intersects it with the sliding window i - window < j (global indices)."""
+        if window not in self._dense:
             s = self.shape[1]
             ids = self.document_ids
             same = ids[:, :, None] == ids[:, None, :]  # (B, S, 1) vs (B, 1, S) -> (B, S, S)
-            past = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()  # key <= query
-            self._dense = (same & past).unsqueeze(1)  # (B, S, S) -> (B, 1, S, S): all heads
-        return self._dense
+            if window > 0:
+                seen = sliding_dense(s, window, ids.device)
+            else:  # key <= query
+                seen = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()
+            self._dense[window] = (same & seen).unsqueeze(1)  # (B, S, S) -> (B, 1, S, S)
+        return self._dense[window]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config.architecture import layer_windows
 from ..config.schema import Config
 from ..model import GPT, select_attention
 from ..model.precision import resolve_dtype
@@ -34,7 +35,8 @@ from .ulysses import UlyssesAttention
 def build_attention(cfg: Config, dims: ParallelDims):
     """The model's `attention_fn` for this layout (step 1 of the module docstring). Every one
     takes q/k/v of this rank's tokens and a DocumentMask of the padded global rows."""
-    local_attention = select_attention(dims.device, cfg.data.document_mask)
+    local_attention = select_attention(dims.device, cfg.data.document_mask,
+                                       sliding=any(layer_windows(cfg.model)))
     if dims.sp == 1:
         return local_attention
     if dims.ring == 1:

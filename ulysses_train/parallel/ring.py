@@ -222,7 +222,11 @@ class RingAttention(nn.Module):
         self.group, self.layout = ring_group, layout
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                mask: DocumentMask | None = None) -> torch.Tensor:
+                mask: DocumentMask | None = None, window: int = 0) -> torch.Tensor:
+        if window:  # the halo exchange is not implemented; never silently full attention
+            raise NotImplementedError(
+                "RingAttention: sliding-window layers under a ring are not implemented yet "
+                "(config/validate.py refuses parallel.ring>1 with a window)")
         return self.forward_with_lse(q, k, v, causal=causal, mask=mask)[0]
 
     def forward_with_lse(self, q, k, v, causal: bool = True, mask: DocumentMask | None = None):
