@@ -20,7 +20,14 @@ CURVES = {
     "causal": {"train": {"grad_clip": 0.0}},
     "documents": {"model": {"tie_embeddings": True}, "data": {"document_mask": True},
                   "train": {"grad_clip": 1.0}},
+    # Issue 20: local and global layers (sliding, sliding, full) with documents; the window (8)
+    # is shorter than the ~16-token synthetic documents, so it cuts inside them.
+    "sliding": {"model": {"n_layers": 3, "sliding_window": 8,
+                          "layer_types": ["sliding_attention", "sliding_attention",
+                                          "full_attention"]},
+                "data": {"document_mask": True}, "train": {"grad_clip": 0.0}},
 }
+BOTH = ("causal", "documents")  # what most layouts run; "sliding" only where it is asked for
 
 
 def curve_config(curve: str, parallel: dict, micro: int, train: dict | None = None, steps=STEPS):

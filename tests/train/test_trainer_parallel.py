@@ -34,6 +34,7 @@ from support.common import (
     small_config,
 )
 from support.curves import (
+    BOTH,
     CURVES,
     LOSS_RTOL,
     NORM_RTOL,
@@ -61,7 +62,6 @@ def reference(tmp_path_factory):
 SELECTIVE_TILED = {"activation_checkpointing": "selective", "loss_chunk": 8, "mlp_chunk": 8}
 FULL_OFFLOAD = {"activation_checkpointing": "full", "activation_offload": True,
                 "loss_chunk": 8, "mlp_chunk": 8}
-BOTH = tuple(CURVES)
 LAYOUTS = {  # id: (world, parallel overrides, micro-batch size, train overrides, curves)
     "sp4": (4, {"sp": 4}, 2, None, BOTH),
     "sp2xdp2": (4, {"sp": 2, "dp": 2}, 2, None, BOTH),
@@ -70,9 +70,13 @@ LAYOUTS = {  # id: (world, parallel overrides, micro-batch size, train overrides
     "tp2xdp2-zero2-micro1": (4, {"tp": 2, "dp": 2, "zero": 2}, 1, None, BOTH),
     # The memory-option layouts run one curve each (a spawn costs ~20 s here): tp2xsp2 the
     # document-masked one (the mask passes the TP input plan as a keyword; 1 local kv head per
-    # tp rank, replicated over sp), ZeRO-3 the unclipped one (FSDP's divide factor).
-    "tp2xsp2-selective-tiled": (4, {"tp": 2, "sp": 2}, 2, SELECTIVE_TILED, ("documents",)),
-    "sp2xdp2-zero3-full-offload": (4, {"sp": 2, "dp": 2, "zero": 3}, 2, FULL_OFFLOAD, ("causal",)),
+    # tp rank, replicated over sp), ZeRO-3 the unclipped one (FSDP's divide factor). Both also
+    # run the sliding-window curve (issue 20: the window reaches the kernel through TP,
+    # checkpointing and FSDP's wrapping alike).
+    "tp2xsp2-selective-tiled": (4, {"tp": 2, "sp": 2}, 2, SELECTIVE_TILED,
+                                ("documents", "sliding")),
+    "sp2xdp2-zero3-full-offload": (4, {"sp": 2, "dp": 2, "zero": 3}, 2, FULL_OFFLOAD,
+                                   ("causal", "sliding")),
     # Hybrid sharding (parallel.shard_group): replicate 2 x shard 2, each shard group one sp=2
     # group; micro-batches of 1 so accumulation without communication (zero=2) and with the
     # cross-group all-reduce deferred to the last micro-batch (zero=3) are both in the curve.
@@ -107,6 +111,16 @@ def test_loss_curve_equals_one_process(reference, tmp_path, world, parallel, mic
     # The curves differ (tied vs untied, masked vs not): neither setting is a no-op.
     assert reference["documents"][0]["loss"] != pytest.approx(reference["causal"][0]["loss"],
                                                              rel=1e-3)
+
+
+def test_sliding_window_changes_the_curve(reference, tmp_path):
+    """The sliding curve's window is no no-op: the same model with every layer full gives
+    another curve (so the layouts' agreement with the reference tests the window)."""
+    cfg = curve_config("sliding", {}, 2)
+    cfg.model.sliding_window, cfg.model.layer_types = 0, []
+    full = train_run(cfg, cpu_dims(), str(tmp_path))
+    assert [r["loss"] for r in full] != pytest.approx([r["loss"] for r in reference["sliding"]],
+                                                      rel=1e-3)
 
 
 

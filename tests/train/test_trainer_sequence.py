@@ -22,7 +22,7 @@ import pytest
 
 from support.common import UnevenLabels, cpu_dims, metrics_rows
 from support.curves import (
-    CURVES,
+    BOTH,
     LOSS_RTOL,
     NORM_RTOL,
     STEPS,
@@ -37,7 +37,6 @@ from ulysses_train.train.trainer import Trainer
 # The ring merges partial softmaxes through their log-sum-exp: other rounding than one kernel
 # call, so the bound; Ulysses alone keeps test_trainer_parallel's (~30x what it measures).
 RING_RTOL = 1e-4
-BOTH = tuple(CURVES)
 
 
 def _seq_config(curve, parallel, micro, seq_len, train=None, steps=STEPS):
