@@ -95,6 +95,36 @@ def test_padded_ids_take_no_probability_and_are_never_top1(loss_chunk):
     assert float(logits.softmax(-1)[..., 300:].sum()) == 0.0
 
 
+def test_eval_runs_on_a_mixed_sliding_window_model():
+    """Issue 20: loss by position and passkey on local/global layers (W=16 < SEQ=96) with
+    documents: the buckets add up to the windowed model's own loss, which is not the loss of
+    the same weights with every layer full (so the eval's forward applies the window)."""
+    model_keys = {"n_layers": 3, "sliding_window": 16,
+                  "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}
+    losses = {}
+    for name, keys in (("sliding", model_keys), ("full", {"n_layers": 3})):
+        cfg = _config("synthetic", model=dict(keys),
+                      eval={"buckets": [0, 16, SEQ], "passkey_trials": 0})
+        cfg.data.document_mask = True
+        model = build_model(cfg, cpu_dims())
+        data = build_data(cfg.data, seed=0, global_batch_size=4, model_vocab_size=256)
+        result = evaluate_model(model, cfg, cpu_dims(), data, torch.float32)
+        total = 0.0
+        for ids, pos, labels, mask in held_out_micro_batches(cfg, cpu_dims(), data, model):
+            with torch.no_grad():
+                total += float(model(ids, pos, labels, attn_mask=mask)[0])
+        rows = result["loss_by_position"]
+        assert sum(r["loss"] * r["tokens"] for r in rows) == pytest.approx(total, rel=1e-6)
+        losses[name] = [r["loss"] for r in rows]
+    assert losses["sliding"][0] == pytest.approx(losses["full"][0], rel=1e-6)  # < W: same
+    assert losses["sliding"][1] != pytest.approx(losses["full"][1], rel=1e-4)
+    cfg = _config(model=dict(model_keys))  # passkey prompts of 72 and 96 tokens, beyond W
+    model = build_model(cfg, cpu_dims())
+    data = build_data(cfg.data, seed=0, global_batch_size=4, model_vocab_size=256)
+    passkey = evaluate_model(model, cfg, cpu_dims(), data, torch.float32)["passkey"]
+    assert [r["length"] for r in passkey] == [72, 72, 72, 96, 96, 96]
+
+
 class _Copier(torch.nn.Module):
     """A stand-in model that retrieves the key perfectly: at each position it predicts the
     token that followed the same token the *first* time it occurred with the same predecessor
