@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from ..config.architecture import layer_windows
 from ..config.errors import ConfigError
 
 TORCH_DTYPE = {"bf16": "bfloat16", "fp32": "float32"}
@@ -68,12 +69,26 @@ def max_positions(m, seq_len: int, source: int | None) -> int:
     return max(context, seq_len, source or 0)
 
 
+def refuse_sliding_window(m) -> None:
+    """ConfigError when any layer of ModelConfig `m` has a sliding window: a Llama config.json
+    has no window, so transformers would load the weights as full attention and compute
+    another function. Writing Mistral / Qwen2 `sliding_window` and `layer_types` (checked
+    against transformers' logits) is a later piece of issue 20 (§5)."""
+    if any(layer_windows(m)):
+        raise ConfigError("model.sliding_window", f"this checkpoint has sliding-window layers "
+                          f"(sliding_window={m.sliding_window}, layer_types="
+                          f"{list(m.layer_types) or 'all'}): export to Hugging Face does not "
+                          "write the window yet, and a config without it would load as full "
+                          "attention; export is refused")
+
+
 def hf_config_json(m, max_position_embeddings: int, dtype: str, special_ids: dict) -> dict:
     """config.json for ModelConfig `m` serving `max_position_embeddings` positions
     (`max_positions`), weights written in `dtype` (bf16 | fp32), with `special_ids`
     ({bos,eos,pad}_token_id: ints, lists of ints or None; hf/source.py exported_ids). vocab_size
     is the model's unpadded one: only our padding rows are left out.
     """
+    refuse_sliding_window(m)
     qwen = m.qkv_bias  # Qwen2 is Llama plus q/k/v biases
     config = {
         "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
