@@ -11,9 +11,10 @@ the three lists below, or into none when it changes neither the tensors nor the 
 - FLAGS set which tensors exist (tied embeddings share the head with the embedding; qkv_bias
   adds q/k/v biases): the same model dimensions with another switch.
 - FUNCTION keys change what the same weights compute (RoPE type, base, scaling factor and
-  every RoPE parameter, the RMSNorm epsilon, the attention window and which layers slide). The weights fit, so `model.init_from` may change
-  them (the next stage of a context extension); resuming the same run may not — it would
-  train another function under the old run's name and rewrite its meta.json.
+  every RoPE parameter, the RMSNorm epsilon, the attention window and which layers slide).
+  The weights fit, so `model.init_from` may change them (the next stage of a context
+  extension); resuming the same run may not — it would train another function under the old
+  run's name and rewrite its meta.json.
   Every `rope_*` parameter is compared, also one the active `rope_scaling` does not read (say
   rope_beta_fast with rope_scaling=none): which method reads which parameter is model/rope.py's
   business, and a copy of that rule here could drift from it and let a real change through;

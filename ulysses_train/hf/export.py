@@ -23,9 +23,9 @@ verify), since DCP has no checksums and would export flipped bytes silently.
 
 Bad input is one line `error: <what>: ...` on stderr and exit code 2; an I/O error while reading
 or writing is one line and exit code 1, as is a pickle in the checkpoint that names anything
-outside checkpoint/safe_read.py's allow-list (RefusedPickle, naming the file; nothing run). Whatever fails after OUT_DIR was created removes the
-files and directories this export created (OUT_DIR was new or empty: nothing else is touched),
-so the same command can be rerun.
+outside checkpoint/safe_read.py's allow-list (RefusedPickle, naming the file; nothing run).
+Whatever fails after OUT_DIR was created removes the files and directories this export created
+(OUT_DIR was new or empty: nothing else is touched), so the same command can be rerun.
 """
 from __future__ import annotations
 

@@ -43,9 +43,9 @@ def rope_scaling_json(m) -> dict | None:
         return out
     if m.rope_scaling == "ntk":
         raise ConfigError("model.rope_scaling", "static ntk scaling is ours alone: transformers "
-                          "has no such rope_type, so this checkpoint cannot be exported faithfully; "
-                          "evaluate it here (scripts/eval.py), or train the extension with "
-                          "model.rope_scaling=yarn (or linear, llama3) to export it")
+                          "has no such rope_type, so this checkpoint cannot be exported "
+                          "faithfully; evaluate it here (scripts/eval.py), or train the "
+                          "extension with model.rope_scaling=yarn (or linear, llama3) to export it")
     raise ConfigError("model.rope_scaling", f"{m.rope_scaling!r} cannot be exported")
 
 
