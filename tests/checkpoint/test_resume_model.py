@@ -30,7 +30,8 @@ CHANGES = {"rope_scaling": "llama3", "rope_theta": 5e5, "rope_factor": 4.0,
            "rope_original_seq_len": 8, "rope_beta_fast": 16.0, "rope_beta_slow": 2.0,
            "rope_low_freq_factor": 2.0, "rope_high_freq_factor": 8.0,
            "rope_attention_factor": 1.2, "rope_mscale": 0.8, "rope_mscale_all_dim": 0.9,
-           "rope_truncate": False, "norm_eps": 1e-6}
+           "rope_truncate": False, "norm_eps": 1e-6, "sliding_window": 8,
+           "layer_types": ["full_attention", "full_attention"]}
 
 
 def _model(**changes):
@@ -65,7 +66,8 @@ def test_a_changed_function_key_is_refused_naming_it(tmp_path, key):
     assert info.value.key == f"model.{key}"
     assert f"{step} was trained with {key}={old} (this run: {CHANGES[key]})" in message
     restore = "null" if old is None else str(old).lower() if isinstance(old, bool) else str(old)
-    assert f"set model.{key}={restore} to resume it" in message
+    setting = f"'model.{key}=[]'" if old == [] else f"model.{key}={restore}"  # lists: quoted
+    assert f"set {setting} to resume it" in message
     assert f"new run: model.init_from={step} hydra.run.dir=NEW_DIR" in message
     assert "\n" not in message
     store.check_shape(step, _model())  # the same model resumes
