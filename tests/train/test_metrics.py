@@ -16,7 +16,7 @@ import torch
 
 from support.common import cpu_dims, metrics_rows, run_train, small_config
 from ulysses_train.model import flops_per_token, model_config, padded_vocab
-from ulysses_train.model.gpt import attention_flops, model_flops
+from ulysses_train.model.flops import attention_flops, model_flops
 from ulysses_train.train.metrics import (
     PEAK_FLOPS,
     MetricsFile,
@@ -99,6 +99,26 @@ def test_impossible_mfu_on_a_document_masked_run_is_logged_with_one_warning(tmp_
         flops = model_flops(cfg.model, n_tokens, _squared_lengths(ids))
         assert r["mfu"] == pytest.approx(flops / n_tokens * r["tokens_per_s"] / 1.0, rel=1e-9)
     assert capsys.readouterr().err.count("is impossible") == 1
+
+
+def test_a_sliding_window_step_counts_the_visible_pairs_of_each_layer():
+    """A mixed model (sliding, sliding, full) under data.document_mask: the step's FLOPs price
+    each layer's visible pairs, counted here by brute force from the kernels' dense masks
+    (same document x causal x window), not the full causal count of every layer."""
+    from ulysses_train.config.architecture import layer_windows
+    from ulysses_train.model.masking import DocumentMask
+
+    types_ = ["sliding_attention", "sliding_attention", "full_attention"]
+    cfg = small_config(model={"n_layers": 3, "sliding_window": 4, "layer_types": types_},
+                       data={"document_mask": True}, train={"steps": 1})
+    trainer = Trainer(cfg, "/nonexistent-run-dir", cpu_dims())
+    ids = trainer.data.global_batch(0, "train").document_ids  # (G, S): step 0, every row
+    masks = DocumentMask(ids)
+    pairs = [2 * int(masks.dense(w).sum()) - ids.numel() for w in layer_windows(cfg.model)]
+    assert pairs[0] < _squared_lengths(ids) == pairs[2]  # the window hides pairs here
+    n_tokens = ids.numel()
+    weights = model_flops(cfg.model, n_tokens, {0: 0, 4: 0})  # the 6 N part alone
+    assert trainer.train_step()["flops"] == weights + 6 * cfg.model.d_model * sum(pairs)
 
 
 class _FailingWandb(types.ModuleType):

@@ -21,7 +21,7 @@ import torch
 
 from support.common import cpu_dims, small_config
 from support.spawn import run_distributed
-from ulysses_train.model.gpt import model_flops
+from ulysses_train.model.flops import model_flops
 from ulysses_train.parallel import ParallelDims
 from ulysses_train.train.trainer import Trainer
 

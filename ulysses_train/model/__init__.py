@@ -11,7 +11,8 @@ from .attention import (
                         sdpa_attention,
                         select_attention,
 )
-from .gpt import GPT, flops_per_token, num_params, padded_vocab
+from .flops import flops_per_token
+from .gpt import GPT, num_params, padded_vocab
 from .masking import DocumentMask
 from .presets import PRESETS, model_config
 from .rope import apply_rope, rope_inv_freq

@@ -1,10 +1,13 @@
 """Step time of one layout: FLOPs at a sustained rate plus the collectives that do not hide.
 
-Compute: `model_flops` (model/gpt.py: 6·N per token + causal attention, Kaplan et al. 2020 /
-Chowdhery et al. 2022 app. B) of the global batch, divided evenly over the ranks (tp splits
-every matmul and the heads, sp the tokens, dp the rows), plus recomputation: full checkpointing
-repeats the forward (+1/3), selective repeats it except the attention kernel, a tiled MLP
-repeats the MLP forward, a tiled loss the head forward.
+Compute: `model_flops` (model/flops.py: 6·N per token + attention over the visible pairs,
+Kaplan et al. 2020 / Chowdhery et al. 2022 app. B) of the global batch, divided evenly over the
+ranks (tp splits every matmul and the heads, sp the tokens, dp the rows), plus recomputation:
+full checkpointing repeats the forward (+1/3), selective repeats it except the attention kernel,
+a tiled MLP repeats the MLP forward, a tiled loss the head forward. Attention is priced layer by
+layer over each row as one span (the planner does not know the documents; they only remove
+pairs): S² per full layer, span_count(S, W) ≈ 2·W·S per sliding-window layer (the kernels skip
+the blocks outside the window), so a sliding layer's kernel time is ∝ W, not S.
 
 Communication, bytes per rank per step, at the bandwidth of the link the group crosses (intra
 node when the group's ranks fit in one node: mesh order dp, sp, tp puts tp peers, then sp peers,
@@ -39,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config.schema import Config
-from ..model.gpt import model_flops
+from ..model.flops import attention_flops, model_flops, row_spans
 from .shapes import Shapes
 
 DEFAULT_TFLOPS = 360.0  # sustained bf16 TFLOP/s per GPU: our H200 runs (docs/benchmarks.md, 36 % MFU)
@@ -72,8 +75,9 @@ class StepTime:
 def step_time(cfg: Config, sh: Shapes, world: int, tflops: float, links: Links) -> StepTime:
     """Predicted seconds of one optimizer step of `cfg` laid out as `sh` on `world` ranks."""
     rows = cfg.train.global_batch_size
-    flops = model_flops(cfg.model, rows * sh.S, rows * sh.S**2) / world
-    attention = 6 * sh.L * sh.d * rows * sh.S**2 / world
+    spans = row_spans(cfg.model, sh.S, rows)  # window -> span count of the global batch
+    flops = model_flops(cfg.model, rows * sh.S, spans) / world
+    attention = attention_flops(cfg.model, spans) / world
     fwd = flops / 3
     extra = {"none": 0.0, "full": fwd, "selective": fwd - attention / 3}[sh.ac]
     tokens = rows * sh.S / world * sh.tp  # tokens this rank runs (tp ranks run the same ones)
@@ -135,4 +139,5 @@ def _data_parallel(sh: Shapes, world: int, links: Links, compute_s: float) -> di
 def mfu(cfg: Config, step_s: float, world: int) -> float:
     """Model FLOPs (no recompute) per second over the peak of all ranks."""
     rows, S = cfg.train.global_batch_size, cfg.data.seq_len
-    return model_flops(cfg.model, rows * S, rows * S**2) / step_s / (world * PEAK_TFLOPS * 1e12)
+    flops = model_flops(cfg.model, rows * S, row_spans(cfg.model, S, rows))
+    return flops / step_s / (world * PEAK_TFLOPS * 1e12)

@@ -48,16 +48,23 @@ def mfu_of(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
     return flops_per_token * tokens_per_s / peak
 
 
-def span_sq_sum(document_ids: torch.Tensor) -> torch.Tensor:
-    """Sum over the documents of `(B, S)` rows of their squared lengths: int64 scalar, on the
-    ids' device. Attention under `data.document_mask` costs this many (x 6 L d,
-    `model.gpt.attention_flops`); a row of one document gives S^2.
+def span_sq_sum(document_ids: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """The span count (`model.flops.span_count`: 2 * visible pairs - tokens) of `(B, S)` rows
+    for a layer whose queries see at most `window` keys (0 = full causal): int64 scalar, on the
+    ids' device. Documents are the runs of equal ids of a row (`data.batch.document_positions`;
+    none spans two rows); a full layer over a one-document row gives S^2, so for window 0 this
+    is the sum of the documents' squared lengths. Attention costs this many x 6 d per layer
+    (`model.flops.attention_flops`).
 
-    n^2 = sum_{k<n} (2k + 1), so summing 2 * (position in its document) + 1 over the tokens
-    gives it without a bincount or a host sync (documents are the runs of equal ids of a row,
-    as `data.batch.document_positions` reads them; none spans two rows).
+    The token at position k of its document sees min(k + 1, W) keys (causal x document x
+    window), and adds 2 min(k + 1, W) - 1 to the count: summed over a document of n tokens that
+    is n^2 without a window (the sum of the first n odd numbers) and span_count(n, W) with one,
+    without a bincount or a host sync.
     """
-    return (2 * document_positions(document_ids) + 1).sum()
+    seen = document_positions(document_ids) + 1  # (B, S): keys visible without a window
+    if window > 0:
+        seen = seen.clamp(max=window)
+    return (2 * seen - 1).sum()
 
 
 def peak_mem_gib(device: torch.device) -> float:
@@ -195,7 +202,7 @@ class Reporter:
         mfu = row.get("mfu")
         if isinstance(mfu, float) and mfu > 1.0:
             self.warn_once("mfu", f"step {row['step']}: MFU {mfu:.4g} > 1 is impossible: "
-                                  "the FLOPs formula (model.gpt.model_flops), the token count "
+                                  "the FLOPs formula (model.flops.model_flops), the token count "
                                   "or the peak FLOP/s (metrics.PEAK_FLOPS, debug.peak_flops) is "
                                   "wrong; logged as computed")
         if row.get("skipped"):  # the non-finite guard has said why already
@@ -214,7 +221,7 @@ class Reporter:
 
 class Throughput:
     """Tokens/s and model FLOPs per token over the interval since the last `interval()` call
-    (each token counted once; FLOPs as `model.gpt.model_flops` counts them)."""
+    (each token counted once; FLOPs as `model.flops.model_flops` counts them)."""
 
     def __init__(self):
         self.t0 = time.perf_counter()

@@ -21,6 +21,7 @@ import torch
 from ..checkpoint.identity import check_before_start, config_identity, lower_lr_fragment
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.store import read_meta, resume_source
+from ..config.architecture import layer_windows
 from ..config.schema import Config
 from ..config.validate import validate
 from ..data import build_data
@@ -31,7 +32,7 @@ from ..hf.init_from import load_initial_weights
 from ..hf.source import KEY as SOURCE_KEY
 from ..hf.source import source_record
 from ..model import num_params
-from ..model.gpt import model_flops
+from ..model.flops import model_flops, span_count
 from ..model.precision import autocast_to, resolve_dtype
 from ..parallel import ParallelDims
 from ..parallel.batching import step_micro_batches
@@ -179,21 +180,27 @@ class Trainer:
                                   t.global_batch_size, t.micro_batch_size, self.model,
                                   self.cfg.data.document_mask)
 
-    def _global_counts(self, micro) -> tuple[int, int]:
-        """(valid labels, sum of squared attention spans: documents under data.document_mask,
-        else rows) of the whole global batch, in one all-reduce over dp x sp. sp peers hold the
-        same rows, so only sp rank 0 adds its spans (tp peers are outside dp x sp). Padding
-        (the columns past seq_len) is neither a label nor a span: both count real tokens."""
+    def _global_counts(self, micro) -> tuple[int, dict[int, int]]:
+        """(valid labels, span counts by window) of the whole global batch, in one all-reduce
+        over dp x sp. The span count of a window (0 = full; one per distinct layer window) is
+        what model.flops.attention_flops prices: the squared span lengths (documents under
+        data.document_mask, else rows) for full layers, fewer pairs for sliding ones
+        (metrics.span_sq_sum). sp peers hold the same rows, so only sp rank 0 adds its spans
+        (tp peers are outside dp x sp). Padding (the columns past seq_len) is neither a label
+        nor a span: both count real tokens."""
+        windows = sorted(set(layer_windows(self.cfg.model)))
         labels_local = sum((labels != -100).sum() for _, _, labels, _ in micro)
-        spans_local = torch.zeros((), dtype=torch.int64, device=self.device)
+        spans_local = torch.zeros(len(windows), dtype=torch.int64, device=self.device)
         if self.dims.local_rank("sp") == 0:
+            seq = self.cfg.data.seq_len
             for _, _, labels, mask in micro:
-                seq = self.cfg.data.seq_len
-                spans_local += (labels.shape[0] * seq**2 if mask is None
-                                else span_sq_sum(mask.document_ids[:, :seq]))
-        counts = torch.stack([torch.as_tensor(labels_local, device=self.device), spans_local])
-        count, spans = all_reduce_(counts.to(torch.int64), self.dp_sp).tolist()  # (2,)
-        return int(count), int(spans)
+                for i, w in enumerate(windows):
+                    spans_local[i] += (labels.shape[0] * span_count(seq, w) if mask is None
+                                       else span_sq_sum(mask.document_ids[:, :seq], w))
+        labels_t = torch.as_tensor(labels_local, device=self.device).to(torch.int64).reshape(1)
+        counts = torch.cat([labels_t, spans_local])  # (1 + windows,)
+        count, *spans = all_reduce_(counts, self.dp_sp).tolist()
+        return int(count), {w: int(n) for w, n in zip(windows, spans)}
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch of `self.step`, with accumulation; skipped
@@ -201,7 +208,7 @@ class Trainer:
         micro = list(self._micro_batches(self.step, "train"))
         poison = self.faults.poison_loss(self.step + 1)  # fault injection (tests only)
         # Divide by the valid-token count of the whole global batch, exactly once.
-        n_valid, span_sq = self._global_counts(micro)
+        n_valid, spans = self._global_counts(micro)
         n_valid = max(n_valid, 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
@@ -230,7 +237,7 @@ class Trainer:
         n_tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len  # each token once
         self.tokens += n_tokens
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "n_tokens": n_tokens,
-                "flops": model_flops(self.cfg.model, n_tokens, span_sq), "skipped": skipped}
+                "flops": model_flops(self.cfg.model, n_tokens, spans), "skipped": skipped}
 
     @torch.no_grad()
     def evaluate(self) -> float:
