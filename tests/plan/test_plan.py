@@ -1,8 +1,9 @@
 """The planner: CLI contract, parallel.auto, and the memory model against measured peaks.
 
 The memory test measures live tensor bytes (torch's MemTracker, plan/measure.py) of the
-trainer's step in 12 configurations and holds the prediction (plan/memory.py) to +-10 %: one
-process (every checkpointing mode, offload, tiled MLP/loss) and 4 gloo ranks (sp=4, sp=2 x dp=2
+trainer's step in 14 configurations and holds the prediction (plan/memory.py) to +-10 %: one
+process (every checkpointing mode, offload, tiled MLP/loss, a mixed sliding-window model with
+and without documents) and 4 gloo ranks (sp=4, sp=2 x dp=2
 zero=3, the same with shard_group=2 (HSDP), tp=2 x dp=2, sp=2 x dp=2 selective, Ulysses x ring
 sp=4 ring=2, pure ring sp=4 ring=4 selective), all in one 4-rank spawn. Shapes are chosen so the
 blocks' activations, not the logits, are most of the peak.
@@ -26,6 +27,8 @@ TOLERANCE = 0.10
 MODEL = {"n_layers": 4, "d_model": 128, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 352,
          "vocab_size": 256}
 ONE = {"micro_batch_size": 1, "global_batch_size": 1}
+MIXED = {"n_layers": 3, "sliding_window": 64,
+         "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}
 SINGLE = {  # name -> config sections (one process)
     "none, untiled loss": dict(data={"seq_len": 1024}, train={**ONE, "loss_chunk": 0}),
     "none, tiled MLP + loss": dict(data={"seq_len": 1024},
@@ -35,6 +38,13 @@ SINGLE = {  # name -> config sections (one process)
                       train={**ONE, "activation_checkpointing": "selective"}),
     "full + offload": dict(data={"seq_len": 2048}, train={
         **ONE, "activation_checkpointing": "full", "activation_offload": True}),
+    # 3 layers sliding, sliding, full with W = 64 << S: on CPU SDPA keeps each masked layer's
+    # dense mask (as an additive S x S one), the S^2 term of plan/activations.py mask_saved.
+    "sliding, sliding, full (W 64)": dict(model=MIXED, data={"seq_len": 1024},
+                                          train={**ONE, "loss_chunk": 0}),
+    "sliding, sliding, full (W 64) + documents": dict(
+        model=MIXED, data={"seq_len": 1024, "document_mask": True},
+        train={**ONE, "loss_chunk": 0}),
 }
 TWO_ROWS = {"micro_batch_size": 1, "global_batch_size": 2}
 FOUR_RANKS = {
@@ -55,6 +65,20 @@ FOUR_RANKS = {
 }
 
 
+def _config(sections: dict):
+    """The measured configuration: MODEL with the row's model keys over it, and its sections."""
+    return small_config(**{**sections, "model": {**MODEL, **sections.get("model", {})}})
+
+
+def measure_single(name: str) -> int:
+    """The measured peak of one of the SINGLE rows, in this process."""
+    from ulysses_train.parallel import ParallelDims
+    from ulysses_train.plan.measure import measured_peak
+
+    dims = ParallelDims(tp=1, sp=1, dp=1, world_size=1, rank=0, device=torch.device("cpu"))
+    return measured_peak(_config(SINGLE[name]), dims)
+
+
 def _measure(rank, world):
     from ulysses_train.parallel import ParallelDims
     from ulysses_train.plan.measure import measured_peak
@@ -62,10 +86,9 @@ def _measure(rank, world):
     cpu = torch.device("cpu")
     out = {}
     for name in list(SINGLE)[rank::world]:  # the one-process cases, spread over the ranks
-        dims = ParallelDims(tp=1, sp=1, dp=1, world_size=1, rank=0, device=cpu)
-        out[name] = measured_peak(small_config(model=MODEL, **SINGLE[name]), dims)
+        out[name] = measure_single(name)
     for name, sections in FOUR_RANKS.items():
-        cfg = small_config(model=MODEL, **sections)
+        cfg = _config(sections)
         p = cfg.parallel
         dims = ParallelDims(tp=p.tp, sp=p.sp, dp=world // (p.tp * p.sp), world_size=world,
                             rank=rank, device=cpu, ring=p.ring, shard_group=p.shard_group)
@@ -88,7 +111,7 @@ def _predicted(sections, world) -> int:
     from ulysses_train.plan.memory import predict
     from ulysses_train.plan.shapes import shapes_of
 
-    return predict(shapes_of(small_config(model=MODEL, **sections), world, "cpu"), "cpu").total
+    return predict(shapes_of(_config(sections), world, "cpu"), "cpu").total
 
 
 @pytest.mark.parametrize("name", list(SINGLE) + list(FOUR_RANKS))
@@ -104,7 +127,7 @@ def test_the_blocks_dominate_the_measured_shapes():
     from ulysses_train.plan import activations as act
     from ulysses_train.plan.shapes import shapes_of
 
-    sh = shapes_of(small_config(model=MODEL, **SINGLE["none, untiled loss"]), 1, "cpu")
+    sh = shapes_of(_config(SINGLE["none, untiled loss"]), 1, "cpu")
     assert sh.L * act.block_saved(sh, "cpu") > 0.6 * _predicted(SINGLE["none, untiled loss"], 1)
 
 

@@ -42,22 +42,60 @@ def mlp_saved(sh: Shapes) -> int:
     return sh.d * sh.act_bytes + (0 if tiled else 4 * sh.F * sh.act_bytes)
 
 
-def block_saved(sh: Shapes, device: str) -> int:
-    """Bytes one block keeps with no checkpointing (the block input is the first norm's x)."""
+def mask_saved(sh: Shapes, device: str, window: int) -> int:
+    """Bytes one layer's attention kernel keeps for its mask (a layer with `window` W, 0 = full).
+
+    Only CPU has an S^2 term: SDPA gets the dense boolean mask there (model/attention.py
+    `_visible`: a sliding window, documents, or both) and its CPU flash kernel saves the mask
+    converted to an additive one in q's dtype for backward: (1 or B, 1, S', S') values, B with
+    documents (a per-row mask), 1 for a window alone. It does not depend on W: the dense mask
+    is S'^2 whatever the window. On CUDA the mask is FlexAttention's BlockMask, which the kernel
+    reads but nothing keeps per layer (`mask_tables`). A ring's blocks (ring > 1) are not
+    priced here: sliding layers are refused under a ring (config/validate.py).
+    """
+    if device != "cpu" or sh.ring > 1 or not (window or sh.documents):
+        return 0
+    return (sh.B if sh.documents else 1) * sh.S_pad**2 * sh.act_bytes
+
+
+def mask_tables(sh: Shapes, device: str) -> int:
+    """The masks built once and shared by every layer, alive through forward and backward.
+
+    CPU: the dense boolean (S', S') per distinct window (model/masking.py `window_dense`,
+    cached) or, with documents, (B, 1, S', S') per distinct window, full layers included
+    (`DocumentMask.dense`), one byte per entry. CUDA: FlexAttention's BlockMask per distinct
+    window (plus one for full layers under documents): kv_num_blocks / kv_indices and their
+    full-block and transposed (q_) twins, int32 (B or 1, 1, S'/128, S'/128) each, ~16 bytes
+    per 128 x 128 block: 16 MiB per row at 128k tokens. 0 without window and documents.
+    """
+    if sh.ring > 1:
+        return 0
+    masked = {w for w in (sh.windows or (0,)) if w or sh.documents}
+    rows = sh.B if sh.documents else 1
+    if device == "cpu":
+        return len(masked) * rows * sh.S_pad**2
+    blocks = -(-sh.S_pad // 128)
+    return len(masked) * rows * 16 * blocks**2
+
+
+def block_saved(sh: Shapes, device: str, window: int = 0) -> int:
+    """Bytes one block with attention window `window` (0 = full) keeps with no checkpointing
+    (the block input is the first norm's x), its mask included (`mask_saved`)."""
     per_token = 2 * norm_saved(sh, device) + attention_saved(sh) + mlp_saved(sh)
-    return sh.T * per_token
+    return sh.T * per_token + mask_saved(sh, device, window)
 
 
-def block_kept(sh: Shapes, device: str) -> int:
+def block_kept(sh: Shapes, device: str, window: int = 0) -> int:
     """Bytes one block keeps between its forward and its backward, by checkpointing mode.
 
     full: the block input. selective (parallel/activations.py): the input plus the outputs of
     the ops it must save: the attention kernel's out and LSE, and with U > 1 both all-to-all
-    results (q/k/v in the head layout, the output back in the sequence layout).
+    results (q/k/v in the head layout, the output back in the sequence layout); the kernel's
+    mask is an input, recomputed with the rest (`block_saved` - this, in backward).
     With offload on a GPU the block input moves to the host (`host_parked`)."""
     a, T = sh.act_bytes, sh.T
     if sh.ac == "none":
-        return block_saved(sh, device)
+        return block_saved(sh, device, window)
     x = 0 if (sh.offload and device == "cuda" and offloaded(sh)) else T * sh.d * a
     if sh.ac == "full":
         return x

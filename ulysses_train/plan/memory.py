@@ -106,18 +106,19 @@ def _phases(sh: Shapes, device: str):
     L, a, T = sh.L, sh.act_bytes, sh.T
     static = dict(optimizer=optimizer_bytes(sh))
     master = param_bytes(sh)
-    kept = act.block_kept(sh, device)
-    between = act.rope_tables(sh)
+    # Per layer (sliding-window and full layers may differ: their masks, activations.mask_saved)
+    kept = [act.block_kept(sh, device, sh.window(i)) for i in range(L)]
+    saved = [act.block_saved(sh, device, sh.window(i)) for i in range(L)]
+    between = act.rope_tables(sh) + act.mask_tables(sh, device)
     final_norm = T * act.norm_saved(sh, device) + T * sh.d * a  # its x, stats, and output
-    recompute = 0 if sh.ac == "none" else act.block_saved(sh, device) - kept
     flat = FP32 * sh.params() if (not sh.fsdp and sh.dp * sh.sp > 1) else 0
     # forward: the last block running, every block kept
     yield Breakdown(**static, phase="forward, last block",
                     params=master + gathered_bytes(sh, 2),
-                    activations=kept * (L - 1) + between,
-                    transient=act.block_saved(sh, device) + act.block_forward_transient(sh),
+                    activations=sum(kept[:-1]) + between,
+                    transient=saved[-1] + act.block_forward_transient(sh),
                     comm=act.ulysses_buffer(sh))
-    head = L * kept + between + final_norm
+    head = sum(kept) + between + final_norm
     yield Breakdown(**static, phase="forward, head + loss",
                     params=master + gathered_bytes(sh, 1), activations=head,
                     transient=max(act.head_working_set(sh, False), act.head_kept(sh)))
@@ -128,13 +129,14 @@ def _phases(sh: Shapes, device: str):
     # CPU offload: the "host" copies are in the same memory, and ActivationOffload holds every
     # parked tensor until the next forward (its _handles), so nothing parked shrinks in backward.
     parked_stay = sh.offload and device == "cpu" and act.offloaded(sh)
-    for done in (0, L - 1):  # grads grow and activations shrink linearly: the ends suffice
+    for done in range(L):  # each block's backward, the last first (layers may differ)
         left = L - done
         stays = (done * sh.T * sh.d * a + final_norm + act.head_kept(sh)) if parked_stay else 0
         unsharded = FP32 * sh.block_params() if sh.fsdp else 0
+        recompute = 0 if sh.ac == "none" else saved[left - 1] - kept[left - 1]
         yield Breakdown(**static, phase=f"backward, block {left - 1}",
                         params=master + gathered_bytes(sh, 2),
-                        activations=kept * left + between + stays,
+                        activations=sum(kept[:left]) + between + stays,
                         grads=grad_bytes(sh, done + 1, True) + unsharded,
                         transient=recompute + act.block_backward_transient(sh, device),
                         comm=act.ulysses_buffer(sh) if sh.U > 1 else 0)

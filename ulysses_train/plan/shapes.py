@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config.architecture import layer_windows
 from ..config.parallel import padded_vocab, shard_group_size
 from ..config.schema import Config
 
@@ -43,6 +44,18 @@ class Shapes:
     act_bytes: int  # 4 (fp32) or 2 (bf16 autocast)
     accum: int  # micro-batches per optimizer step
     shard_group: int  # ranks of dp * sp that ZeRO shards over, resolved (0 / -1 -> dp * sp)
+    windows: tuple[int, ...] = ()  # each layer's attention window (0 = full; layer_windows)
+    documents: bool = False  # data.document_mask: a per-row mask on top of causal
+
+    @property
+    def S_pad(self) -> int:
+        """Tokens per row the attention kernel sees whole (S' = s * sp): under Ulysses each
+        rank's kernel runs the whole padded row for its share of the heads."""
+        return self.s * self.sp
+
+    def window(self, layer: int) -> int:
+        """Layer `layer`'s attention window (0 = full causal)."""
+        return self.windows[layer] if self.windows else 0
 
     @property
     def T(self) -> int:
@@ -118,4 +131,5 @@ def shapes_of(cfg: Config, world_size: int, device: str = "cuda") -> Shapes:
                   ac=t.activation_checkpointing, offload=t.activation_offload,
                   mlp_chunk=t.mlp_chunk, loss_chunk=t.loss_chunk, tied=m.tie_embeddings,
                   qkv_bias=m.qkv_bias, act_bytes=2 if precision == "bf16" else 4, accum=accum,
-                  shard_group=shard_group_size(p.shard_group, dp * p.sp))
+                  shard_group=shard_group_size(p.shard_group, dp * p.sp),
+                  windows=tuple(layer_windows(m)), documents=cfg.data.document_mask)
