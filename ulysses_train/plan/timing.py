@@ -17,7 +17,8 @@ all-gather or reduce-scatter (n-1)/n, an all-to-all (n-1)/n (Thakur et al. 2005)
   (again in recompute under full checkpointing): exposed (attention waits for it).
 - ring (Liu et al. 2023): the K/V block R-1 times forward, K/V and fp32 dK/dV backward;
   overlapped with the attention kernel (parallel/ring.py posts step t+1 before step t's
-  kernel), so only what exceeds attention's time is exposed.
+  kernel), so only what exceeds attention's time is exposed. Full layers only: config/validate
+  refuses sliding-window layers under a ring, so no ring layout of such a model is priced.
 - tensor parallel (Shoeybi et al. 2019): 2 all-reduces of (T, d) per block forward, 2 backward
   (+2 in recompute): exposed.
 - data parallel: zero 0 all-reduces the fp32 gradients once after backward (exposed, the
