@@ -1,7 +1,7 @@
 """Session-scoped Hugging Face fixtures: built once (transformers' save_pretrained, ~1 s)."""
 import pytest
 
-from support.hf import save_llama
+from support.hf import save_llama, save_windowed
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +15,15 @@ def hf_untied(tmp_path_factory):
 def hf_tied(tmp_path_factory):
     """Tied Llama (no lm_head.weight on disk), bf16, one model.safetensors."""
     return save_llama(str(tmp_path_factory.mktemp("hf_tied")), tie=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def hf_windowed(tmp_path_factory):
+    """{tag: HF dir}, fp32, window 8 (support/hf.py WINDOWED): Mistral (every layer slides),
+    Qwen2 with transformers 5's layer_types, Qwen2 with max_window_layers only (config.json
+    files written before transformers 5). Both Qwen2: full, sliding, sliding."""
+    root = tmp_path_factory.mktemp("hf_windowed")
+    return {"mistral": save_windowed(str(root / "mistral"), "mistral"),
+            "qwen2": save_windowed(str(root / "qwen2"), "qwen2", seed=1),
+            "qwen2-mwl": save_windowed(str(root / "qwen2-mwl"), "qwen2", seed=2,
+                                       layer_types=False)}

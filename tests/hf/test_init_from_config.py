@@ -90,11 +90,13 @@ def test_rope_parameters_map_onto_our_keys(tmp_path, rope, expected):
     assert {k: getattr(m, k) for k in expected} == expected
 
 
-def test_qwen2_has_qkv_biases_and_mistral_window_at_least_seq_len_is_accepted(tmp_path):
+def test_qwen2_has_qkv_biases_and_mistral_keeps_its_window(tmp_path):
     m = precheck(f"model.init_from={hf_dir(tmp_path, 'q', 'qwen2', tie_word_embeddings=True)}").model
-    assert m.qkv_bias and m.tie_embeddings and m.name == "q"
+    assert m.qkv_bias and m.tie_embeddings and m.name == "q" and m.sliding_window == 0
     m = precheck(f"model.init_from={hf_dir(tmp_path, 'm', 'mistral', sliding_window=32)}").model
-    assert not m.qkv_bias and m.n_layers == 3  # window 32 == data.seq_len: nothing changes
+    # window 32 == data.seq_len: the same function as none, but stated, so the export keeps it
+    # (windows shorter than data.seq_len: tests/hf/test_init_from_window.py)
+    assert not m.qkv_bias and m.n_layers == 3 and (m.sliding_window, m.layer_types) == (32, [])
 
 
 def test_context_extension_keys_are_free_when_config_json_has_no_scaling(tmp_path):
@@ -139,9 +141,6 @@ REFUSED = [  # (config.json changes, words the one-line error must contain)
     (dict(head_dim=32), "head_dim=32"),
     (dict(attention_bias=True), "attention_bias=true"),
     (dict(mlp_bias=True), "mlp_bias=true"),
-    (dict(model_type="mistral", sliding_window=16), "sliding_window=16 is smaller than "
-                                                    "data.seq_len=32"),
-    (dict(model_type="qwen2", use_sliding_window=True), "use_sliding_window=true"),
     (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "inference-only"),
     (dict(rope_scaling={"rope_type": "longrope", "factor": 2.0}),
      "rope_type 'longrope' is not supported"),

@@ -10,6 +10,9 @@
 - Our checkpoints: a one-step run (trainer, `model.init_from` = the HF dir) saved by one process
   loads into a tp=2 model; one saved at dp=2 zero=3 loads into one process; both exactly. A
   bit-flipped copy is refused (manifest hashes) in one process and on both of 2 ranks.
+- A sliding-window Qwen2 (full, sliding, sliding; window 8 < data.seq_len 32): init_from at
+  sp=2 -> one trainer step at lr 1e-12 -> export computes transformers' logits of the source
+  (issue 20 §5; one process: tests/hf/test_init_from_window.py).
 - Memory: loading a 7M-parameter model into 4 ranks at zero=3 adds far less anonymous memory
   per rank than the model's fp32 size (a loader reading whole tensors would not).
 Each rank count is spawned once for all of its cases (process start dominates: ~10 s).
@@ -23,9 +26,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from support.common import cpu_dims, flip_byte, metrics_rows, small_config
-from support.hf import hf_logits, model_config, save_llama
+from support.common import SMALL, cpu_dims, flip_byte, metrics_rows, small_config
+from support.hf import export_round_trip, hf_logits, model_config, save_llama
 from support.spawn import run_distributed
+from ulysses_train.cli import compose as cli
 from ulysses_train.config.errors import ConfigError
 from ulysses_train.hf.init_from import load_initial_weights
 from ulysses_train.model.init import canonical_name
@@ -116,11 +120,26 @@ def _train_one_step(hf_dir: str, run_dir: str, parallel: dict, world: int, rank:
     return _full_params(trainer.model), loss
 
 
-def _rank2(rank, world, hf_dirs, hf_run, run_dir, flipped):
+def _sliding_sp2(source: str, run_dir: str, world: int, rank: int) -> float:
+    """The sp=2 loss sum of the sliding-window HF dir `source` loaded as `model.init_from`
+    composes it, on `_batch` (16 tokens, 2 windows); then a one-step trainer run at sp=2 from
+    it at lr ~0 into `run_dir`."""
+    args = [a for a in SMALL if not a.startswith(("model.", "data.seq_len"))]
+    cfg = cli.precheck([*args, f"model.init_from={source}", "data.seq_len=32", "parallel.sp=2",
+                        "train.steps=1", "optim.lr=1e-12",
+                        f"data.cache_dir={os.path.join(run_dir, 'cache')}"], world)
+    model, dims = _loaded(source, cfg, world, rank)
+    loss = _loss(model, dims, *_batch(cfg.model.vocab_size))
+    Trainer(cfg, run_dir, _dims(cfg, world, rank)).fit()
+    return loss
+
+
+def _rank2(rank, world, hf_dirs, hf_run, run_dir, flipped, sliding):
     out = {"layouts": _layouts(rank, world, hf_dirs, LAYOUTS_2)}
     cfg = _config(hf_dirs[0], {"tp": 2})  # our one-process checkpoint into tp=2
     out["ckpt_into_tp2"] = _full_params(_loaded(hf_run, cfg, world, rank)[0])
     out["zero3_run"] = _train_one_step(hf_dirs[0], run_dir, {"zero": 3}, world, rank)
+    out["sliding_loss"] = _sliding_sp2(*sliding, world, rank)
     try:  # last: a rank that missed the verdict would wait in DCP's load for the other
         _loaded(flipped, cfg, world, rank)
         out["flipped"] = None
@@ -176,10 +195,12 @@ def flipped(hf_run, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def spawn2(hf_dirs, hf_run, flipped, tmp_path_factory):
+def spawn2(hf_dirs, hf_run, flipped, hf_windowed, tmp_path_factory):
+    """(rank 0's results, the zero=3 run dir, the sliding-window sp=2 run dir)."""
     run_dir = str(tmp_path_factory.mktemp("zero3_run"))
+    sliding = str(tmp_path_factory.mktemp("sliding_sp2_run"))
     return run_distributed(_rank2, 2, hf_dirs, hf_run[0], run_dir, flipped,
-                           timeout=240)[0], run_dir
+                           (hf_windowed["qwen2-mwl"], sliding), timeout=240)[0], run_dir, sliding
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +282,23 @@ def test_load_memory_per_rank_is_a_fraction_of_the_model(spawn4):
     fp32_bytes = spawn4[0]["n_params"] * 4  # 28 MB
     added = [r["added"] for r in spawn4]
     assert max(added) < fp32_bytes / 4, (added, fp32_bytes)
+
+
+def test_sliding_window_qwen2_at_sp2_exports_transformers_logits(hf_windowed, spawn2, tmp_path):
+    """Catches a window lost between the source, the sp=2 model and the export: the sp=2 loss
+    or the exported logits at 32 tokens (4 windows) would differ from transformers' on the
+    source."""
+    import transformers
+
+    ids, _, _ = _batch(300)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_windowed["qwen2-mwl"],
+                                                           dtype=torch.float32)
+    with torch.no_grad():
+        want = hf.eval()(input_ids=ids, labels=ids).loss.item() * ids.shape[0] * (SEQ - 1)
+    print(f"sliding Qwen2 at sp=2: loss sum {spawn2[0]['sliding_loss']:.6f}, transformers' "
+          f"{want:.6f}")
+    assert spawn2[0]["sliding_loss"] == pytest.approx(want, rel=1e-5)
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(5))
+    config = export_round_trip(spawn2[2], tmp_path / "out", ids, hf_windowed["qwen2-mwl"])
+    assert (config["model_type"], config["sliding_window"], config["max_window_layers"]) == (
+        "qwen2", 8, 1)

@@ -39,6 +39,87 @@ def save_llama(path: str, tie: bool, max_shard_size: str | None = None, seed: in
     return path
 
 
+# Sliding-window sources (issue 20 §5): 3 layers, window 8 (shorter than data.seq_len=32).
+WINDOW = 8
+WINDOWED = {"mistral": dict(sliding_window=WINDOW),
+            # layer i slides when i >= max_window_layers: full, sliding, sliding
+            "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)}
+
+
+def save_windowed(path: str, model_type: str, seed: int = 0, layer_types: bool = True,
+                  **overrides) -> str:
+    """A tiny random fp32 `model_type` (mistral | qwen2) model with the WINDOWED window saved
+    by transformers into `path`; `layer_types=False` drops the list transformers 5 writes, as
+    in Qwen2 config.json files written before it (transformers then derives it from
+    max_window_layers). Returns `path`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**TINY, "num_hidden_layers": 3,
+                                                 **WINDOWED[model_type], **overrides})
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # as save_llama: every weight visibly matters
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    if not layer_types:
+        with open(os.path.join(path, "config.json")) as f:
+            c = json.load(f)
+        c.pop("layer_types", None)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(c, f)
+    return path
+
+
+def auto_logits(path: str, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' fp32 logits (B, S, V) of the model dir `path` (any model_type) for token
+    ids (B, S); it must load without a warning and with no missing or unexpected keys."""
+    from transformers import AutoModelForCausalLM
+
+    with TransformersWarnings() as said:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, output_loading_info=True, attn_implementation="eager")
+    assert not said.messages, said.messages
+    assert not any(info.values()), info
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def checkpoint_logits(step: str, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, S, V) of a plain GPT holding our checkpoint `step`'s model tensors (its
+    meta.json model; the real vocabulary only) for token ids (B, S) at positions 0..S-1."""
+    import torch.distributed.checkpoint as dcp
+
+    from ulysses_train.model import GPT
+
+    with open(os.path.join(step, "meta.json")) as f:
+        saved = json.load(f)["model"]
+    model = GPT(ModelConfig(**saved))
+    state = model.state_dict()
+    dcp.load({"model": state}, checkpoint_id=step)
+    with torch.no_grad():
+        return model(ids, torch.arange(ids.shape[1]).expand_as(ids))[..., :saved["vocab_size"]]
+
+
+def export_round_trip(run: str, out: str, ids: torch.Tensor, source: str | None = None) -> dict:
+    """Export our one-step `run` (fp32) to `out`: transformers' logits of it equal the
+    checkpoint's, and `source`'s (a run at lr ~0 from it), within 1e-4. Returns config.json."""
+    from ulysses_train.cli.export import main as export_main
+
+    assert export_main([str(run), str(out), "--dtype", "fp32"]) == 0
+    theirs = auto_logits(str(out), ids)
+    delta = (checkpoint_logits(os.path.join(run, "checkpoints", "step_00000001"), ids)
+             - theirs).abs().max()
+    print(f"export {run}: max|ours - transformers| = {delta:.2e}")  # pytest -s shows it
+    assert delta <= 1e-4
+    if source is not None:
+        delta = (auto_logits(source, ids) - theirs).abs().max()
+        print(f"export {run}: max|source - export| in transformers = {delta:.2e}")
+        assert delta <= 1e-4
+    with open(os.path.join(out, "config.json")) as f:
+        return json.load(f)
+
+
 def model_config(path: str) -> ModelConfig:
     """Our ModelConfig for the HF dir `path` (architecture keys only)."""
     with open(os.path.join(path, "config.json")) as f:

@@ -1,7 +1,7 @@
 """`model.init_from`, config side: the architecture (`model.*`) of an HF dir or of our checkpoint.
 
-A Hugging Face model dir's `config.json` (model_type llama, mistral or qwen2; transformers 4 or 5
-spelling) or one of our run / `checkpoints/step_*` dirs (its meta.json "model") decides the
+A Hugging Face model dir's `config.json` (model_type llama, mistral, ministral or qwen2;
+transformers 4 or 5 spelling; sliding windows as transformers reads them: hf/sliding.py) or one of our run / `checkpoints/step_*` dirs (its meta.json "model") decides the
 model's fields, overriding the preset. `apply_init_from` is the one place that does it; both the
 command-line pre-check (cli/compose.py) and train.py's main call it with the keys the user set
 explicitly, so they build the same config. Rules:
@@ -30,17 +30,15 @@ from typing import Iterable
 from ..checkpoint.store import resume_source
 from ..config.errors import ConfigError
 from ..utils.jsonfile import read_json_object
+from .sliding import window_fields
 from .source import hf_max_positions, source_record
 
 KEY = "model.init_from"
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "ministral", "qwen2")
 # transformers' defaults for keys a config.json may omit (LlamaConfig / MistralConfig /
-# Qwen2Config, transformers 5; max_position_embeddings's: hf/source.py MAX_POSITIONS).
-_DEFAULTS = {
-    "llama": dict(rms_norm_eps=1e-6, tie_word_embeddings=False),
-    "mistral": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, sliding_window=4096),
-    "qwen2": dict(rms_norm_eps=1e-6, tie_word_embeddings=False),
-}
+# MinistralConfig / Qwen2Config, transformers 5; max_position_embeddings's: hf/source.py
+# MAX_POSITIONS; sliding_window's: hf/sliding.py).
+_DEFAULTS = {kind: dict(rms_norm_eps=1e-6, tie_word_embeddings=False) for kind in SUPPORTED}
 # Our RoPE keys <- transformers' rope_parameters names, per rope_type.
 _ROPE_KEYS = {
     "linear": {},
@@ -56,11 +54,10 @@ _YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
 _NOT_FROM_CHECKPOINT = ("name", "init_std", "init_from")
 
 
-def model_fields_from(path: str, seq_len: int) -> tuple[dict, dict, str]:
+def model_fields_from(path: str) -> tuple[dict, dict, str]:
     """(stated, defaults, name) for `model.init_from=path`: the ModelConfig fields the source
     decides (conflict-checked against explicit overrides), fields it only suggests (applied
-    unless the user set them), and an honest `model.name`. `seq_len` is data.seq_len (a
-    sliding window shorter than it is refused). ConfigError for anything unusable.
+    unless the user set them), and an honest `model.name`. ConfigError for anything unusable.
     """
     from .init_from import HF, resolve  # the one PATH -> directory rule (imports hf/)
 
@@ -71,7 +68,7 @@ def model_fields_from(path: str, seq_len: int) -> tuple[dict, dict, str]:
             raise ConfigError(KEY, f"{where} has safetensors weights but no config.json; copy "
                                    "the model's config.json next to them")
         hf = _json(os.path.join(where, "config.json"))
-        stated, defaults = hf_model_fields(hf, seq_len, os.path.join(where, "config.json"))
+        stated, defaults = hf_model_fields(hf, os.path.join(where, "config.json"))
         # The RoPE the weights were trained with is where a context extension starts, not a
         # fixed property of them: a Llama 3.1 (llama3 x8) extended further needs a larger
         # factor, and adjusted base frequency (a larger rope_theta: Code Llama, Llama 3, Qwen)
@@ -111,10 +108,13 @@ def _refuse(where: str, what: str) -> ConfigError:
     return ConfigError(KEY, f"{where}: {what}")
 
 
-def hf_model_fields(hf: dict, seq_len: int, where: str = "config.json") -> tuple[dict, dict]:
-    """(stated, defaults) ModelConfig fields of a transformers config.json dict `hf`.
+def hf_model_fields(hf: dict, where: str = "config.json") -> tuple[dict, dict]:
+    """(stated, defaults) ModelConfig fields of a transformers config.json dict `hf`. The
+    window (`sliding_window`, `layer_types`: hf/sliding.py) is stated: the weights were
+    trained with it, so an explicit override that differs is an error.
 
-    Refuses (ConfigError naming `where`) what our model does not compute: see `_check_supported`.
+    Refuses (ConfigError naming `where`) what our model does not compute: see `_check_supported`
+    and hf/sliding.py `window_fields`.
     """
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
@@ -135,12 +135,13 @@ def hf_model_fields(hf: dict, seq_len: int, where: str = "config.json") -> tuple
         raise _refuse(where, f"missing {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
         raise _refuse(where, f"a size is not a number ({exc})") from None
-    _check_supported(hf, kind, seq_len, where)
+    _check_supported(hf, kind, where)
+    stated.update(window_fields(hf, kind, where))
     rope_stated, rope_defaults = _rope_fields(hf, hf_max_positions(hf), where)
     return {**stated, **rope_stated}, rope_defaults
 
 
-def _check_supported(hf: dict, kind: str, seq_len: int, where: str) -> None:
+def _check_supported(hf: dict, kind: str, where: str) -> None:
     """One line for each config.json setting our model would silently compute differently."""
     act = hf.get("hidden_act", "silu")
     if act != "silu":
@@ -158,14 +159,6 @@ def _check_supported(hf: dict, kind: str, seq_len: int, where: str) -> None:
         if kind == "llama" and hf.get(bias):
             raise _refuse(where, f"{bias}=true: our Llama has no such biases (only Qwen2's q/k/v "
                                  "biases are supported)")
-    window = hf.get("sliding_window", _DEFAULTS[kind].get("sliding_window"))
-    if kind == "mistral" and window is not None and int(window) < seq_len:
-        raise _refuse(where, f"sliding_window={window} is smaller than data.seq_len={seq_len}: "
-                             "sliding-window attention is not implemented, so this is refused; "
-                             f"train with data.seq_len <= {window}")
-    if kind == "qwen2" and hf.get("use_sliding_window"):
-        raise _refuse(where, "use_sliding_window=true: sliding-window attention is not "
-                             "implemented, so this is refused")
 
 
 def _rope_dict(hf: dict) -> dict:
@@ -239,7 +232,7 @@ def apply_init_from(cfg, explicit: Iterable[str], run_dir: str | None = None):
         return cfg
     explicit = set(explicit)
     resumed = resume_source(run_dir, cfg.checkpoint.resume) if run_dir else None
-    stated, defaults, name = model_fields_from(resumed or cfg.model.init_from, cfg.data.seq_len)
+    stated, defaults, name = model_fields_from(resumed or cfg.model.init_from)
     source = (f"the checkpoint this run resumes from ({resumed})" if resumed
               else f"model.init_from={os.path.expanduser(cfg.model.init_from)}")
     for key, value in stated.items():
@@ -285,7 +278,7 @@ def rope_notes(init_from: str, model) -> list[str]:
     `model.rope_theta: 500000 (the source was trained with 10000: adjusted base frequency)`,
     and one line for the scaling keys together (a context extension), plus a warning for static
     ntk, which the export cannot write (hf/export_config.py)."""
-    stated, defaults, _ = model_fields_from(init_from, 1 << 62)
+    stated, defaults, _ = model_fields_from(init_from)
     before = {**defaults, **stated}
     notes = []
     theta = before.get("rope_theta")
@@ -319,7 +312,7 @@ def run_name(name: str, init_from: str) -> str:
     if not init_from:
         return name
     try:
-        return model_fields_from(init_from, 1 << 62)[2]
+        return model_fields_from(init_from)[2]
     except ConfigError:
         return os.path.basename(os.path.abspath(os.path.expanduser(init_from))) or name
 

@@ -208,7 +208,8 @@ def _export(checkpoint: str, out_dir: str, dtype: str, max_shard_bytes: int, log
     tokenizer_dir = os.path.join(run_dir, "tokenizer")
     special_ids, generation = exported_ids(record, *special_token_ids(tokenizer_dir))
     served = max_positions(model, seq_len, (record or {}).get("max_position_embeddings"))
-    config = hf_config_json(model, served, dtype, special_ids)  # refuses ntk before any write
+    config = hf_config_json(model, served, dtype, special_ids,  # refuses ntk before any write
+                            (record or {}).get("model_type"))
     warning = verify_checkpoint(step, "CHECKPOINT")  # every hash: one read, before any write
     if warning:
         print(warning, file=sys.stderr)

@@ -1,15 +1,15 @@
 """The JSON files of an exported Hugging Face model dir: config.json, generation_config.json.
 
-The inverse of `hf/config.py`: our ModelConfig as transformers' `LlamaConfig` (or
-`Qwen2Config` when the q/k/v projections have biases) would write it. Plain dicts; no torch,
-no transformers.
+The inverse of `hf/config.py`: our ModelConfig as transformers' `LlamaConfig` would write it,
+or `Qwen2Config` when the q/k/v projections have biases, `MistralConfig` / `MinistralConfig`
+for sliding-window layers (hf/sliding.py chooses). Plain dicts; no torch, no transformers.
 """
 from __future__ import annotations
 
 import os
 
-from ..config.architecture import layer_windows
 from ..config.errors import ConfigError
+from .sliding import window_config_json
 
 TORCH_DTYPE = {"bf16": "bfloat16", "fp32": "float32"}
 
@@ -69,30 +69,19 @@ def max_positions(m, seq_len: int, source: int | None) -> int:
     return max(context, seq_len, source or 0)
 
 
-def refuse_sliding_window(m) -> None:
-    """ConfigError when any layer of ModelConfig `m` has a sliding window: a Llama config.json
-    has no window, so transformers would load the weights as full attention and compute
-    another function. Writing Mistral / Qwen2 `sliding_window` and `layer_types` (checked
-    against transformers' logits) is a later piece of issue 20 (§5)."""
-    if any(layer_windows(m)):
-        raise ConfigError("model.sliding_window", f"this checkpoint has sliding-window layers "
-                          f"(sliding_window={m.sliding_window}, layer_types="
-                          f"{list(m.layer_types) or 'all'}): export to Hugging Face does not "
-                          "write the window yet, and a config without it would load as full "
-                          "attention; export is refused")
-
-
-def hf_config_json(m, max_position_embeddings: int, dtype: str, special_ids: dict) -> dict:
+def hf_config_json(m, max_position_embeddings: int, dtype: str, special_ids: dict,
+                   source_type: str | None = None) -> dict:
     """config.json for ModelConfig `m` serving `max_position_embeddings` positions
     (`max_positions`), weights written in `dtype` (bf16 | fp32), with `special_ids`
     ({bos,eos,pad}_token_id: ints, lists of ints or None; hf/source.py exported_ids). vocab_size
-    is the model's unpadded one: only our padding rows are left out.
+    is the model's unpadded one: only our padding rows are left out. The model_type and its
+    window keys: hf/sliding.py `window_config_json` (`source_type`: model.init_from's
+    model_type, kept where it computes the same).
     """
-    refuse_sliding_window(m)
-    qwen = m.qkv_bias  # Qwen2 is Llama plus q/k/v biases
+    arch = window_config_json(m, source_type)
     config = {
-        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen else "llama",
+        "architectures": arch.pop("architectures"),
+        "model_type": arch.pop("model_type"),
         "hidden_size": m.d_model,
         "intermediate_size": m.ffn_hidden,
         "num_attention_heads": m.n_heads,
@@ -109,11 +98,8 @@ def hf_config_json(m, max_position_embeddings: int, dtype: str, special_ids: dic
         "torch_dtype": TORCH_DTYPE[dtype],
         **special_ids,
         "initializer_range": m.init_std,
+        **arch,
     }
-    if qwen:
-        config.update(use_sliding_window=False, sliding_window=None)
-    else:
-        config.update(attention_bias=False, mlp_bias=False)
     return config
 
 

@@ -11,7 +11,8 @@ scratch records nothing (its export names its tokenizer's ids and its trained le
 
 The record: {"max_position_embeddings": int, "special_tokens": {"bos_token_id": ..,
 "eos_token_id": .., "pad_token_id": ..} (the ones config.json states, ints or lists of ints),
-"generation_config": dict | None (generation_config.json verbatim)}.
+"generation_config": dict | None (generation_config.json verbatim), "model_type": str (the
+export keeps it where it computes the same model: hf/sliding.py)}.
 
 No torch, no transformers: the pre-check (hf/config.py) reads it too.
 """
@@ -28,8 +29,8 @@ KEY = "hf_source"  # meta.json's key
 SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
 GENERATION = "generation_config.json"
 # transformers 5's max_position_embeddings default per model_type (LlamaConfig, MistralConfig,
-# Qwen2Config), for a config.json that omits it.
-MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
+# MinistralConfig, Qwen2Config), for a config.json that omits it.
+MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "ministral": 131072, "qwen2": 32768}
 
 
 def hf_max_positions(hf: dict) -> int:
@@ -61,7 +62,8 @@ def source_record(init_from: str, resumed: str | None = None) -> dict | None:
     gen_path = os.path.join(where, GENERATION)
     return {"max_position_embeddings": hf_max_positions(config),
             "special_tokens": {k: config[k] for k in SPECIAL if _is_id(config.get(k))},
-            "generation_config": _read(gen_path) if os.path.isfile(gen_path) else None}
+            "generation_config": _read(gen_path) if os.path.isfile(gen_path) else None,
+            "model_type": config.get("model_type")}
 
 
 def recorded(step_dir: str) -> dict | None:
