@@ -8,8 +8,10 @@
   `AutoModelForCausalLM.from_pretrained` (no warning, no missing key) computes our logits
   (<= 1e-4) and the source's, as the same model_type. Under sp=2:
   tests/hf/test_init_from_layouts.py (its 2-rank spawn).
-- Export of a run from scratch: a mixed model goes out as Ministral, an all-sliding one as
-  Mistral; both load back through `model.init_from` with the same window.
+- Export of a run from scratch (large init: a dropped window moves the logits by 6 to 13): a
+  mix goes out as Ministral, an all-sliding model as Mistral, one with q/k/v biases as Qwen2
+  (sliding, sliding, full: `max_window_layers` cannot say it, `layer_types` does); each loads
+  back through `model.init_from` with the same window.
 - The config.json cases transformers ignores or cannot run are refused in one line.
 """
 from __future__ import annotations
@@ -98,17 +100,22 @@ def test_init_from_one_step_export_computes_transformers_logits(hf_windowed, tmp
         assert "layer_types" not in config  # MistralConfig warns about it
 
 
-@pytest.mark.parametrize("types,model_type", [(MIXED, "ministral"), ([], "mistral")],
-                         ids=["mixed", "all-sliding"])
-def test_export_of_a_windowed_run_from_scratch_loads_back(tmp_path, types, model_type):
+LOCAL_FIRST = ["sliding_attention", "sliding_attention", "full_attention"]
+
+
+@pytest.mark.parametrize("types,bias,model_type", [
+    (MIXED, False, "ministral"), ([], False, "mistral"), (LOCAL_FIRST, True, "qwen2")],
+    ids=["mixed", "all-sliding", "qwen2-local-first"])
+def test_export_of_a_windowed_run_from_scratch_loads_back(tmp_path, types, bias, model_type):
     layers = f"model.layer_types=[{','.join(types)}]"
     model = [a for a in SMALL if a.startswith("model.") and "n_layers" not in a]
     run = train_one_step(tmp_path, "run", *model, "model.n_layers=3", "model.vocab_size=300",
-                         f"model.sliding_window={WINDOW}", layers)
+                         f"model.sliding_window={WINDOW}", layers, f"++model.qkv_bias={bias}",
+                         "model.init_std=0.3")  # large weights: the window shows
     config = export_round_trip(run, tmp_path / "out", _ids(300))
     assert config["model_type"] == model_type and config["sliding_window"] == WINDOW
     m = cli.precheck([*ARGS, f"model.init_from={tmp_path / 'out'}"]).model
-    assert (m.sliding_window, list(m.layer_types)) == (WINDOW, types)
+    assert (m.sliding_window, list(m.layer_types), m.qkv_bias) == (WINDOW, types, bias)
 
 
 TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
