@@ -1,8 +1,9 @@
 """`model.init_from`, config side: the architecture (`model.*`) of an HF dir or of our checkpoint.
 
 A Hugging Face model dir's `config.json` (model_type llama, mistral, ministral or qwen2;
-transformers 4 or 5 spelling; sliding windows as transformers reads them: hf/sliding.py) or one of our run / `checkpoints/step_*` dirs (its meta.json "model") decides the
-model's fields, overriding the preset. `apply_init_from` is the one place that does it; both the
+transformers 4 or 5 spelling; sliding windows as transformers reads them: hf/sliding.py) or
+one of our run / `checkpoints/step_*` dirs (its meta.json "model") decides the model's fields,
+overriding the preset. `apply_init_from` is the one place that does it; both the
 command-line pre-check (cli/compose.py) and train.py's main call it with the keys the user set
 explicitly, so they build the same config. Rules:
 

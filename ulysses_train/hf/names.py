@@ -1,4 +1,4 @@
-"""Parameter names: ours (model/gpt.py) <-> Hugging Face Llama/Mistral/Qwen2 (`LlamaForCausalLM`).
+"""Parameter names: ours (model/gpt.py) <-> Hugging Face Llama/Mistral/Ministral/Qwen2.
 
 Both sides use the rotate-half RoPE convention (model/rope.py), so q/k weights need no row
 permutation: a tensor keeps its values and shape, only its name changes. The mapping is per
