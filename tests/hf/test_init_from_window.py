@@ -65,7 +65,8 @@ def test_import_maps_the_window_and_computes_transformers_loss(hf_windowed, tag)
     import transformers
 
     with torch.no_grad():
-        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_windowed[tag], dtype=torch.float32)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_windowed[tag],
+                                                               dtype=torch.float32)
         hf_loss = hf.eval()(input_ids=ids, labels=ids).loss.item()
     loss = (loss_sum / n).item()
     print(f"import {tag}: loss ours {loss:.6f} transformers {hf_loss:.6f}, "

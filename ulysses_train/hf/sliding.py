@@ -3,12 +3,13 @@
 transformers 5 spells a window differently per model_type, and what each *computes* is what
 counts (read from transformers 5.25's configuration_* / modeling_* files):
 
-| model_type | sliding_window (absent) | which layers slide |
-|---|---|---|
-| llama | (no such key: ignored) | none: LlamaForCausalLM has no window |
-| mistral | 4096 | every layer when sliding_window is not null; `layer_types` is ignored (with a warning) |
-| ministral | 4096 | `layer_types`; absent: every layer when sliding_window is not null |
-| qwen2 | 4096, but null unless `use_sliding_window` | `layer_types`; absent: layer i when i >= `max_window_layers` (default 28) and the window is not null |
+- llama: no window (LlamaForCausalLM ignores `sliding_window` and `layer_types`).
+- mistral: `sliding_window` (absent: 4096; null: none) on every layer; `layer_types` is ignored
+  (with a warning).
+- ministral: `sliding_window` (absent: 4096) on the `layer_types` sliding layers; without
+  `layer_types`, every layer when the window is not null.
+- qwen2: `sliding_window` (absent: 4096) only with `use_sliding_window`, else none; on the
+  `layer_types` sliding layers, or without them on layer i >= `max_window_layers` (default 28).
 
 The window means the same as ours (`masking_utils.sliding_window_causal`: query i sees key j
 when i - W < j <= i; docs/attention.md), so `model.sliding_window` is transformers' number.
