@@ -17,8 +17,11 @@ all-to-all and P2P calls, the own chunk of an all-to-all not counted) next to `m
 the communication model (`comm_model`): per rank, forward, per attention layer,
   Ulysses over U ranks: B * S/P * D * (2*Hq + 2*Hkv*rep) * (U-1)/U elements, rep = max(U/Hkv, 1)
     (q, k, v in, out back: 4*S*d/P for MHA, up to the own chunk's (U-1)/U);
-  ring over R ranks: the local K and V block, B * S/R * max(Hkv/U, 1) * D each, sent R-1 times.
-Backward: the same all-to-alls again; the ring sends K/V R-1 times and fp32 dK/dV R times.
+  ring over R ranks: the local K and V block, B * S/R * max(Hkv/U, 1) * D each, sent R-1 times;
+  a sliding-window layer (W < S) under a ring sends only its halo instead: K and V of at most
+  2 (W - 1) tokens (`ring_window.halo_tokens_sent`, docs/attention.md).
+Backward: the same all-to-alls again; the ring sends K/V R-1 times and fp32 dK/dV R times
+(the halo: its K/V again and the fp32 dK/dV of what it received, back to the owners).
 Repeats are interleaved (every round runs each implementation once, in a rotating order) so
 load drifts hit all of them alike; the median over rounds is reported. Every rank is timed
 between two barriers; rank 0 prints one JSON line per (configuration, implementation) with all
@@ -44,7 +47,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ulysses_train.model.attention import sdpa_attention  # noqa: E402
-from ulysses_train.parallel import ring
+from ulysses_train.parallel import ring, ring_window  # noqa: E402
 from ulysses_train.parallel.layout import SequenceLayout  # noqa: E402
 from ulysses_train.parallel.ring import UlyssesRingAttention  # noqa: E402
 from ulysses_train.parallel.ulysses import UlyssesAttention  # noqa: E402
@@ -129,12 +132,17 @@ def ring_rows(cfg, world: int) -> dict[str, int]:
     return {name: r for name, r in rows.items() if cfg["seq_len"] % (2 * world) == 0}
 
 
-def model_bytes(cfg, world: int, r: int, element_size: int) -> int:
-    """The communication model's forward bytes per rank (module docstring)."""
+def model_bytes(cfg, world: int, r: int, element_size: int, window: int = 0, ring_rank: int = 0) -> int:
+    """The communication model's forward bytes per rank (module docstring). With a sliding
+    `window` W < S under a ring, the ring part is ring rank `ring_rank`'s halo instead:
+    K and V of `ring_window.halo_tokens_sent` tokens each (docs/attention.md)."""
     b, s, hq, hkv, d = cfg["batch"], cfg["seq_len"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     u = world // r
     ulysses = b * s // world * d * (2 * hq + 2 * hkv * max(u // hkv, 1)) * (u - 1) // u
-    ring_part = 2 * b * s // r * max(hkv // u, 1) * d * (r - 1)
+    tokens = s // r * (r - 1)  # the full ring: R - 1 hops of the local block
+    if window and window < s and r > 1:
+        tokens = ring_window.halo_tokens_sent(ring_rank, r, s // (2 * r), window)
+    ring_part = 2 * b * tokens * max(hkv // u, 1) * d
     return (ulysses + ring_part) * element_size
 
 
@@ -144,8 +152,9 @@ def count_sent(totals: list[int]):
 
     The all-to-all is counted at `torch.ops._c10d_functional.all_to_all_single`, which our comm
     layer calls forward and its registered autograd formula calls backward (the own chunk is
-    not sent); the ring at each `ring.Transfer` (one send per hop)."""
-    ops, transfer = torch.ops._c10d_functional, ring.Transfer
+    not sent); the ring at each `ring.Transfer` (one send per hop); a sliding-window layer's
+    halo at each `ring_window.HaloExchange` (every slice it sends to every peer)."""
+    ops, transfer, halo = torch.ops._c10d_functional, ring.Transfer, ring_window.HaloExchange
     a2a = ops.all_to_all_single
 
     def counted_a2a(x, out_splits, in_splits, group_name):
@@ -158,18 +167,24 @@ def count_sent(totals: list[int]):
             totals[0] += send.numel() * send.element_size()
             super().__init__(send, group, tag)
 
-    ops.all_to_all_single, ring.Transfer = counted_a2a, Counted
+    class CountedHalo(halo):
+        def __init__(self, sends, recv_shapes, like, group, tag):
+            totals[0] += sum(t.numel() * t.element_size() for t in sends.values())
+            super().__init__(sends, recv_shapes, like, group, tag)
+
+    ops.all_to_all_single, ring.Transfer, ring_window.HaloExchange = counted_a2a, Counted, CountedHalo
     try:
         yield
     finally:
-        ops.all_to_all_single, ring.Transfer = a2a, transfer
+        ops.all_to_all_single, ring.Transfer, ring_window.HaloExchange = a2a, transfer, halo
 
 
-def sent_bytes(step, fn, local) -> tuple[int, int]:
-    """Bytes this rank sends in one forward, and in the backward of a whole step."""
+def sent_bytes(step, fn, local, **kw) -> tuple[int, int]:
+    """Bytes this rank sends in one forward, and in the backward of a whole step (`kw`: what
+    `step` passes the layer besides causal=True, e.g. window=W)."""
     fwd, total = [0], [0]
     with count_sent(fwd), torch.no_grad():
-        fn(*local[:3], causal=True)
+        fn(*local[:3], causal=True, **kw)
     with count_sent(total):
         step()
     return fwd[0], total[0] - fwd[0]

@@ -37,6 +37,7 @@ from ..model.masking import DocumentMask
 from . import ring_kernels as kernels
 from .comm import group_size, head_to_seq, seq_to_head_qkv
 from .layout import SequenceLayout
+from .ring_window import ring_window_attention_op
 from .ulysses import UlyssesAttention, check_ulysses_shapes
 
 KV_TAG, GRAD_TAG = 0, 1  # two transfers may be in flight between the same peers in backward
@@ -223,19 +224,24 @@ class RingAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                 mask: DocumentMask | None = None, window: int = 0) -> torch.Tensor:
-        if window:  # the halo exchange is not implemented; never silently full attention
-            raise NotImplementedError(
-                "RingAttention: sliding-window layers under a ring are not implemented yet "
-                "(config/validate.py refuses parallel.ring>1 with a window)")
-        return self.forward_with_lse(q, k, v, causal=causal, mask=mask)[0]
+        return self.forward_with_lse(q, k, v, causal=causal, mask=mask, window=window)[0]
 
-    def forward_with_lse(self, q, k, v, causal: bool = True, mask: DocumentMask | None = None):
-        """`(out, lse)`: the call's output and its LSE (B, Hq, S'/R) fp32."""
-        self._check(q, k, v, causal, mask)
+    def forward_with_lse(self, q, k, v, causal: bool = True, mask: DocumentMask | None = None,
+                         window: int = 0):
+        """`(out, lse)`: the call's output and its LSE (B, Hq, S'/R) fp32. A `window` W > 0
+        shorter than the true sequence runs the halo exchange (parallel/ring_window.py); W >= S
+        sees every real token's whole past, so it is the full causal ring."""
+        self._check(q, k, v, causal, mask, window)
         ids = None if mask is None else mask.document_ids
+        if window and window < self.layout.seq_len:
+            return ring_window_attention_op(q, k, v, ids, window, self.group.group_name)
         return ring_attention_op(q, k, v, ids, causal, self.group.group_name)
 
-    def _check(self, q, k, v, causal, mask) -> None:
+    def _check(self, q, k, v, causal, mask, window) -> None:
+        if not isinstance(window, int) or window < 0:
+            raise ValueError(f"RingAttention: window must be an int >= 0 tokens (0 = none), got {window!r}")
+        if window and not causal:
+            raise ValueError("a sliding window is causal (i - W < j <= i): pass causal=True")
         local = self.layout.padded_len // self.layout.ring
         if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
             raise ValueError(f"RingAttention expects q (B, S'/R, Hq, D) and k, v (B, S'/R, Hkv, D); "
