@@ -85,18 +85,3 @@ def test_cfg_job_with_a_bad_override_is_one_line(args, key, tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 2 and out.stderr.startswith(f"error: {key}: "), out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
-
-
-def test_sliding_window_under_a_ring_stops_before_any_process_group(tmp_path):
-    """The refusal is the validator's (issue 20: the ring's halo exchange is a later piece):
-    one line, exit 2, from the entry point, with no process group (a single process asking for
-    sp=4 ring=2 would otherwise stop at the world size check, which comes after it)."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "data=synthetic",
-                          "model.n_layers=3", "model.sliding_window=8", "parallel.sp=4",
-                          "parallel.ring=2", "model.layer_types=[sliding_attention,"
-                          "sliding_attention,full_attention]", f"hydra.run.dir={tmp_path}"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert out.returncode == 2, out.stderr
-    assert out.stderr.startswith("error: model.layer_types: sliding-window layers under "
-                                 "parallel.ring>1 are not implemented yet"), out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -73,14 +73,6 @@ def test_bad_value_names_its_key(section, key, value, expected_key):
     assert "\n" not in str(info.value)
 
 
-def test_sliding_window_under_a_ring_is_one_line_naming_the_way_out():
-    cfg = small_config(parallel={"sp": 4, "ring": 4}, model=SLIDING)
-    with pytest.raises(ConfigError) as info:
-        validate(cfg, world_size=4)
-    assert str(info.value).startswith("model.layer_types: sliding-window layers under "
-                                      "parallel.ring>1 are not implemented yet; use parallel.ring=1")
-
-
 def test_files_source_needs_paths():
     with pytest.raises(ConfigError, match="data.paths"):
         validate(small_config(data={"name": "files"}))
@@ -137,9 +129,6 @@ LAYOUTS_BAD = [  # (sections, world size, key)
     ({"parallel": {"tp": 2, "sp": 8, "ring": 2}}, 16, "parallel.ring"),  # tp x U = 8 > 4
     ({"parallel": {"sp": 6, "ring": 2}, "model": {"n_heads": 6, "n_kv_heads": 2,
                                                    "d_model": 96}}, 6, "parallel.ring"),  # kv 2 vs U 3
-    # sliding windows under a ring: the halo exchange is not implemented (issue 20 §3)
-    ({"parallel": {"sp": 4, "ring": 2}, "model": SLIDING}, 4, "model.layer_types"),
-    ({"parallel": {"sp": 2, "ring": 2}, "model": {"sliding_window": 8}}, 2, "model.layer_types"),
 ]
 
 
@@ -167,6 +156,8 @@ def test_layouts_that_do_not_fit(sections, world, key):
     ({"parallel": {"sp": 6, "ring": 3}, "model": {"n_heads": 6, "n_kv_heads": 2,
                                                    "d_model": 96}}, 6),  # kv 2 == U 2
     ({"parallel": {"sp": 4}, "model": SLIDING}, 4),  # sliding windows under Ulysses
+    ({"parallel": {"sp": 4, "ring": 2}, "model": SLIDING}, 4),  # and under a ring (the halo)
+    ({"parallel": {"sp": 2, "ring": 2}, "model": {"sliding_window": 8}}, 2),
     ({"parallel": {"sp": 4, "ring": 2}, "model": {"sliding_window": 8,  # a window, no layer slides
                                                   "layer_types": ["full_attention"] * 2}}, 4),
 ])

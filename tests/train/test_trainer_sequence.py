@@ -77,7 +77,10 @@ LAYOUTS = {  # id: (world, parallel, micro, seq_len, curves, loss rtol), marks
     "sp4-seq5": ((4, {"sp": 4}, 1, 5, BOTH, LOSS_RTOL), ()),  # < 2 sp: rank 3 holds padding only
     "sp8-ring4": ((8, {"sp": 8, "ring": 4}, 2, 64, BOTH, RING_RTOL), ()),
     "tp2xsp4-ring2": ((8, {"tp": 2, "sp": 4, "ring": 2}, 2, 64, ("documents",), RING_RTOL), ()),
-    "sp4-ring2-zero3": ((4, {"sp": 4, "ring": 2, "zero": 3}, 2, 64, ("causal",), RING_RTOL), ()),
+    # + the mixed sliding-window curve (sliding, sliding, full; documents; W = 8 < chunk 16):
+    # its sliding layers run the ring's halo exchange (issue 20 §3)
+    "sp4-ring2-zero3": ((4, {"sp": 4, "ring": 2, "zero": 3}, 2, 64, ("causal", "sliding"),
+                         RING_RTOL), ()),
     "sp3-ring3-seq250": ((3, {"sp": 3, "ring": 3}, 2, 250, BOTH, RING_RTOL), ()),
     # < 2 sp under a ring, with the document mask: Ulysses rank 1 of ring rank 0 holds padding only
     "sp4-ring2-seq5": ((4, {"sp": 4, "ring": 2}, 1, 5, ("documents",), RING_RTOL), ()),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-from .architecture import layer_windows
 from .errors import finite as _finite
 from .errors import one_of as _one_of
 from .errors import positive as _positive
@@ -66,16 +65,6 @@ def validate_window(m: ModelConfig) -> None:
     require(m.sliding_window > 0 or "sliding_attention" not in types, "model.layer_types",
             "has sliding_attention layers but model.sliding_window=0: set the window in tokens "
             "(model.sliding_window=W) or make every layer full_attention")
-
-
-def validate_window_layout(cfg: Config) -> None:
-    """Sliding-window layers run under Ulysses (each rank holds whole sequences); the ring's
-    halo exchange is not implemented, and a ring that ignored the window would silently train
-    full attention, so it is refused."""
-    require(cfg.parallel.ring <= 1 or not any(layer_windows(cfg.model)), "model.layer_types",
-            f"sliding-window layers under parallel.ring>1 are not implemented yet; use "
-            f"parallel.ring=1 (Ulysses only; parallel.ring={cfg.parallel.ring} given), or "
-            "model.sliding_window=0")
 
 
 def validate_rope(m: ModelConfig) -> None:
@@ -171,7 +160,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     """Check every key's value; raise `ConfigError` naming the first bad one. Pure: no file is
     read and no process group is needed (cli/checks.py adds the file checks)."""
     validate_model(cfg.model)
-    validate_window_layout(cfg)  # before the world size: the layout itself is unsupported
     validate_parallel(cfg.parallel, world_size)
     validate_data(cfg.data)
     validate_train(cfg.train, validate_layout(cfg, world_size))

@@ -10,7 +10,8 @@ parameter names (and therefore checkpoints) are the same whatever is chosen here
 - selective: recompute the cheap ops (norms, projections, RoPE, MLP) but keep what is expensive
   to redo: the attention kernel's outputs (at long context attention is most of the FLOPs) and
   the Ulysses all-to-all results (recomputing them would repeat the communication), and the
-  ring attention op's output and LSE (recomputing would re-run the whole ring). Uses
+  ring attention ops' output and LSE (recomputing would re-run the whole ring, or re-send a
+  sliding-window layer's halo). Uses
   torch's selective-checkpoint policy API (`create_selective_checkpoint_contexts`).
 
 `train.activation_offload` (with full/selective): the block inputs the checkpoints keep are
@@ -38,7 +39,8 @@ def _saved_ops() -> frozenset:
              "aten._scaled_dot_product_cudnn_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
              "aten._flash_attention_forward", "aten._efficient_attention_forward",
              "_c10d_functional.all_to_all_single", "_c10d_functional.wait_tensor",
-             "ulysses_train.ring_attention"]  # registered by the ring import above
+             "ulysses_train.ring_attention",  # registered by the ring import above
+             "ulysses_train.ring_window_attention"]  # the sliding-window ring (ring_window.py)
     ops = set()
     for name in names:
         namespace, op = name.split(".")
