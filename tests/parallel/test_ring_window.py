@@ -164,7 +164,25 @@ def _job(rank, world):
             res["ring_rank"] = ring_rank
             results[(sp, seq, window, docs)] = res
     results["bytes"] = _bytes(rank)
+    results["bad"] = _bad_windows(*hybrid_groups(4, 4)[:2])
     return results
+
+
+def _bad_windows(groups, sp_rank) -> dict[str, str]:
+    """ValueErrors for windows the ring cannot take, raised before anything is sent."""
+    layout = SequenceLayout(64, 4, 4)
+    q, k, v, _ = (t[:, layout.rank_positions(sp_rank)] for t in _inputs(B, 64))
+    attn = UlyssesRingAttention(*groups, layout)
+    messages = {}
+    with Events() as rec:
+        for name, kw in {"negative": {"window": -1}, "noncausal": {"window": 3, "causal": False}}.items():
+            try:
+                attn(q, k, v, **kw)
+                messages[name] = "no error"
+            except ValueError as exc:
+                messages[name] = str(exc)
+    messages["events"] = rec.events
+    return messages
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +258,10 @@ def test_sliding_layer_sends_its_halo_only(results, sp):
 def test_rows_seeing_no_key_in_a_sub_block_occur(results, sp, ring):
     # The LSE = -inf handling of such rows is only tested if some masked sub-block has one.
     assert sum(res[(sp, 64, window, True)]["empty_rows"] for res in results for window in (3, 21)) > 0
+
+
+def test_bad_windows_raise_before_any_transfer(results):
+    for res in results:
+        bad = res["bad"]
+        assert "window must be an int >= 0 tokens" in bad["negative"], bad
+        assert "a sliding window is causal" in bad["noncausal"] and bad["events"] == "", bad

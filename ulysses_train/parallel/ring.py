@@ -16,6 +16,9 @@ ring, the transfer for step t+1 posted (isend/irecv) before step t's kernels and
 them. Backward, K/V travel again the same way, and each block's dK/dV (fp32) travel with it,
 accumulating every rank's contribution, and make one more hop home to the block's owner.
 
+Sliding-window layers (`window=W`) take parallel/ring_window.py's halo exchange instead: only
+the K/V slices the window reaches travel (its own ops, `ring_window_attention`).
+
 Autograd: the ring forward is one custom op, `torch.ops.ulysses_train.ring_attention`,
 returning (out, LSE); its registered backward is a second op that uses the saved output and
 LSE (the ring forward is never recomputed). Being ops, they are what selective activation
@@ -198,7 +201,7 @@ class RingAttention(nn.Module):
         ring_group: the R ranks of one ring, in ring-rank order (None: the default group).
         layout: the SequenceLayout of the row; `layout.ring` must equal R.
 
-    Call `attn(q, k, v, causal=True, mask=None)` with q `(B, S'/R, Hq, D)` and k, v
+    Call `attn(q, k, v, causal=True, mask=None, window=0)` with q `(B, S'/R, Hq, D)` and k, v
     `(B, S'/R, Hkv, D)` (Hq % Hkv == 0, GQA in the repeat_interleave convention: query head h
     reads kv head h // (Hq/Hkv)) holding the tokens at `layout.ring_positions(ring_rank)`, in
     that order: chunks i and 2R-1-i of the padded row (one chunk, the whole row, when R = 1).
@@ -210,8 +213,11 @@ class RingAttention(nn.Module):
     Per ring step the K/V block of rank (i - t) mod R is here; fully masked sub-blocks are
     skipped (parallel/ring_kernels.py), the rest run a local kernel that returns its LSE, and
     results are merged in fp32. Sends per call: R-1 K/V hops forward; R-1 K/V hops and R dK/dV
-    hops backward (none when R = 1). Raises ValueError on shapes or a mask that do not match,
-    before anything is sent. Source: Liu et al. 2023, "Ring Attention with Blockwise
+    hops backward (none when R = 1). `window` W > 0 (a sliding-window layer, causal only):
+    W < seq_len runs the halo exchange instead (parallel/ring_window.py: only the K/V slices
+    the window reaches travel, at most 2 (W - 1) tokens per rank); W >= seq_len is this full
+    ring. Raises ValueError on shapes, a mask or a window that do not match, before anything
+    is sent. Source: Liu et al. 2023, "Ring Attention with Blockwise
     Transformers"; zig-zag balance as Megatron-LM context parallelism.
     """
 
@@ -270,7 +276,7 @@ class UlyssesRingAttention(nn.Module):
         local_attention: the kernel for a size-1 ring (then this layer is exactly
             `UlyssesAttention(local_attention, ulysses_group)`); default `sdpa_attention`.
 
-    Called like UlyssesAttention: `attn(q, k, v, causal=True, mask=None)` with q
+    Called like UlyssesAttention: `attn(q, k, v, causal=True, mask=None, window=0)` with q
     `(B, S'/P, Hq, D)`, k/v `(B, S'/P, Hkv, D)` holding this rank's `layout.rank_positions(r)`
     tokens (RoPE already applied at those global positions), `mask` a DocumentMask of the
     GLOBAL padded rows `(B, S')` or None. Returns `(B, S'/P, Hq, D)`.

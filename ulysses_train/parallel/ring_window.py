@@ -99,6 +99,7 @@ class WindowBlock:
 
 
 def _positional_kind(q0: int, cq: int, k0: int, ck: int, window: int) -> str:
+    """The kind of queries [q0, q0+cq) against keys [k0, k0+ck) from positions alone (k0 <= q0)."""
     if k0 == q0 and ck == cq:
         return kernels.CAUSAL if window >= cq else kernels.MASKED
     full = k0 + ck - 1 <= q0 and k0 > q0 + cq - 1 - window  # every key before, and in reach of, every query
@@ -124,7 +125,7 @@ def window_blocks(ring_rank: int, ring: int, c: int, window: int,
     Received buffers hold, per peer, its chunks' trailing slices in chunk order
     (`halo_needs`); a query chunk reading fewer tokens of a chunk takes the buffer's tail."""
     needs = halo_needs(ring_rank, ring, c, window)
-    offset, end = {}, {}  # chunk -> its slice's (start, end) in its peer's buffer
+    offset, end = {}, {}  # chunk -> where its slice starts in its owner's buffer; peer -> length
     for b in sorted(needs):
         p = owner(b, ring)
         offset[b] = end.get(p, 0)
