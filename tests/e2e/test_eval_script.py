@@ -55,7 +55,7 @@ def test_eval_script_writes_json_and_png_and_sp2_agrees(tmp_path):
     assert (tmp_path / "e1" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     two = run_eval(PASSKEY + EVAL + ["eval.checkpoint=run", "hydra.run.dir=e2",
                                      "parallel.sp=2"], tmp_path, nproc=2)
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[:4000]  # the ranks' own lines come before torchrun's summary
     other = json.loads((tmp_path / "e2" / "eval.json").read_text())
     for a, b in zip(result["loss_by_position"], other["loss_by_position"]):
         assert b["tokens"] == a["tokens"] and b["loss"] == pytest.approx(a["loss"], rel=1e-4)
