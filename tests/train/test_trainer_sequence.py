@@ -73,7 +73,8 @@ def reference(tmp_path_factory):
 
 
 LAYOUTS = {  # id: (world, parallel, micro, seq_len, curves, loss rtol), marks
-    "sp4-seq250": ((4, {"sp": 4}, 2, 250, BOTH, LOSS_RTOL), ()),
+    # + the sliding curve under Ulysses alone (issue 20: the window after the all-to-all)
+    "sp4-seq250": ((4, {"sp": 4}, 2, 250, (*BOTH, "sliding"), LOSS_RTOL), ()),
     "sp4-seq5": ((4, {"sp": 4}, 1, 5, BOTH, LOSS_RTOL), ()),  # < 2 sp: rank 3 holds padding only
     "sp8-ring4": ((8, {"sp": 8, "ring": 4}, 2, 64, BOTH, RING_RTOL), ()),
     "tp2xsp4-ring2": ((8, {"tp": 2, "sp": 4, "ring": 2}, 2, 64, ("documents",), RING_RTOL), ()),
@@ -118,8 +119,13 @@ def test_loss_curve_equals_one_process(reference, tmp_path, case):
 
 
 
+# The mixed sliding-window model (sliding, sliding, full; documents): its checkpoints reshard
+# between the halo exchange (sp=4 ring=2), Ulysses and one process like any other (issue 20).
+RESHARDED = "sliding"
+
+
 def train_until(rank, world, parallel, exit_after, run_dir):
-    cfg = _seq_config("causal", parallel, 2, 64, {"exit_after_steps": exit_after}, steps=12)
+    cfg = _seq_config(RESHARDED, parallel, 2, 64, {"exit_after_steps": exit_after}, steps=12)
     dims = ParallelDims.from_config(cfg.parallel, world, rank)
     dims.build_mesh()
     train_run(cfg, dims, run_dir)
@@ -131,13 +137,13 @@ def test_checkpoint_reshards_between_ring_ulysses_and_one_process(tmp_path):
     the trainer state is layout-free). Catches a checkpoint that records the ring's token
     layout, or a resume that reads the data at another position under a ring."""
     straight = tmp_path / "straight"
-    train_run(_seq_config("causal", {}, 2, 64, steps=12), cpu_dims(), str(straight))
+    train_run(_seq_config(RESHARDED, {}, 2, 64, steps=12), cpu_dims(), str(straight))
     run_dir = str(tmp_path / "moved")
-    train_run(_seq_config("causal", {}, 2, 64, {"exit_after_steps": 3}, steps=12), cpu_dims(),
-           run_dir)
+    train_run(_seq_config(RESHARDED, {}, 2, 64, {"exit_after_steps": 3}, steps=12), cpu_dims(),
+              run_dir)
     run_distributed(train_until, 4, {"sp": 4, "ring": 2}, 3, run_dir, timeout=300)
     run_distributed(train_until, 4, {"sp": 4}, 3, run_dir, timeout=300)
-    train_run(_seq_config("causal", {}, 2, 64, steps=12), cpu_dims(), run_dir)
+    train_run(_seq_config(RESHARDED, {}, 2, 64, steps=12), cpu_dims(), run_dir)
     ref, got = metrics_rows(straight), metrics_rows(run_dir)
     assert [r["step"] for r in got] == list(range(1, 13))
     for a, b in zip(ref, got):
