@@ -15,10 +15,12 @@ next to each other; parallel/mesh.py). A ring all-reduce moves 2·(n-1)/n of the
 all-gather or reduce-scatter (n-1)/n, an all-to-all (n-1)/n (Thakur et al. 2005):
 - Ulysses (Jacobs et al. 2023): per layer, q/k/v out and the output back, forward and backward
   (again in recompute under full checkpointing): exposed (attention waits for it).
-- ring (Liu et al. 2023): the K/V block R-1 times forward, K/V and fp32 dK/dV backward;
-  overlapped with the attention kernel (parallel/ring.py posts step t+1 before step t's
-  kernel), so only what exceeds attention's time is exposed. Full layers only: config/validate
-  refuses sliding-window layers under a ring, so no ring layout of such a model is priced.
+- ring (Liu et al. 2023): per full layer the K/V block R-1 times forward, K/V and fp32 dK/dV
+  backward; per sliding-window layer (0 < W < S) only the halo its window reaches
+  (parallel/ring_window.py: the K/V tokens the busiest rank sends, <= 2(W-1), forward and
+  again backward, plus fp32 dK/dV of the tokens it received; `ring_layer_bytes`). Overlapped
+  with the attention kernel (parallel/ring.py posts step t+1 before step t's kernel; the halo
+  is posted before the local blocks), so only what exceeds attention's time is exposed.
 - tensor parallel (Shoeybi et al. 2019): 2 all-reduces of (T, d) per block forward, 2 backward
   (+2 in recompute): exposed.
 - data parallel: zero 0 all-reduces the fp32 gradients once after backward (exposed, the
@@ -41,6 +43,7 @@ all-gather or reduce-scatter (n-1)/n, an all-to-all (n-1)/n (Thakur et al. 2005)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ..config.schema import Config
 from ..model.flops import attention_flops, model_flops, row_spans
@@ -102,9 +105,8 @@ def _collectives(sh: Shapes, world: int, links: Links, attn_s: float, compute_s:
         bw = links.bytes_per_s(sh.tp * sh.U)
         out["ulysses all-to-all"] = (per_layer * L * passes * micro / bw, "exposed")
     if sh.ring > 1:
-        block = 2 * T * sh.kv_attn * sh.D
-        sent = block * a * (sh.ring - 1) * 2 + block * 4 * sh.ring  # fwd + bwd K/V, bwd dK/dV
-        t = sent * L * micro / links.bytes_per_s(sh.tp * sh.sp)
+        sent = sum(sum(ring_layer_bytes(sh, layer)) for layer in range(L))
+        t = sent * micro / links.bytes_per_s(sh.tp * sh.sp)
         out["ring K/V"] = (max(0.0, t - attn_s), "exposed")
         out["ring K/V hidden"] = (min(t, attn_s), "overlapped")
     if sh.tp > 1:
@@ -113,6 +115,34 @@ def _collectives(sh: Shapes, world: int, links: Links, attn_s: float, compute_s:
     if sh.dp * sh.sp > 1:
         out.update(_data_parallel(sh, world, links, compute_s))
     return out
+
+
+def ring_layer_bytes(sh: Shapes, layer: int) -> tuple[int, int]:
+    """(forward, backward) bytes one rank sends in the ring of layer `layer`, per micro-batch.
+
+    Full layer: the (2, B, S'/R, kv, D) K/V block R-1 times forward; backward the K/V again and
+    fp32 dK/dV R times. Sliding-window layer with 0 < W < S (W >= S runs the full ring): the
+    halo exchange's K/V tokens of the busiest ring rank (`halo_tokens_sent`, <= 2(W-1)) forward
+    and again backward, plus fp32 dK/dV of the tokens it received (`halo_tokens_received`):
+    docs/attention.md's formula, which tests/parallel/test_ring_window.py checks against
+    counted bytes."""
+    a, kv = sh.act_bytes, sh.B * sh.kv_attn * sh.D  # elements per token of K (or of V)
+    window = sh.window(layer)
+    if 0 < window < sh.S:
+        sent, received = _halo_tokens(sh.ring, sh.S_pad // (2 * sh.ring), window)
+        forward = 2 * kv * sent * a
+        return forward, forward + 2 * kv * received * 4
+    block = 2 * sh.T * sh.kv_attn * sh.D
+    return block * a * (sh.ring - 1), block * a * (sh.ring - 1) + block * 4 * sh.ring
+
+
+@lru_cache(maxsize=256)
+def _halo_tokens(ring: int, chunk: int, window: int) -> tuple[int, int]:
+    """(sent, received) K tokens of the busiest ring rank per halo exchange."""
+    from ..parallel.ring_window import halo_tokens_received, halo_tokens_sent
+
+    return (max(halo_tokens_sent(r, ring, chunk, window) for r in range(ring)),
+            max(halo_tokens_received(r, ring, chunk, window) for r in range(ring)))
 
 
 def _data_parallel(sh: Shapes, world: int, links: Links, compute_s: float) -> dict:
