@@ -55,6 +55,9 @@ def test_yaml_presets_match_python_presets(name):
      "model.layer_types", "unknown entries ['global']"),
     (["model.layer_types=[sliding_attention]"], "model.layer_types",
      "has 1 entries for model.n_layers=4"),
+    # the example is the key's own (it was data.paths' a.jsonl for every list key)
+    (["model.layer_types=sliding_attention"], "model.layer_types",
+     "expects a list; write model.layer_types=[sliding_attention,full_attention]"),
 ])
 def test_hydra_errors_become_one_line(overrides, key, fragment):
     with pytest.raises(ConfigError) as info:

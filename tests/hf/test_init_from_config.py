@@ -13,7 +13,7 @@ import transformers  # noqa: E402  (a dev dependency: missing = a failure, not a
 from support.common import SMALL, run_train
 from ulysses_train.cli import compose as cli
 from ulysses_train.config.errors import ConfigError
-from ulysses_train.hf.config import apply_init_from, explicit_model_keys
+from ulysses_train.hf.config import apply_init_from, explicit_model_keys, rope_notes
 
 TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
             intermediate_size=96, vocab_size=300, rms_norm_eps=1e-5, max_position_embeddings=512)
@@ -187,6 +187,22 @@ def test_our_checkpoint_decides_the_architecture_rope_stays_free(tmp_path):
         precheck(f"model.init_from={tmp_path}")
     with pytest.raises(ConfigError, match="does not exist"):
         precheck(f"model.init_from={tmp_path / 'nope'}")
+
+
+def test_a_new_stage_from_our_checkpoint_may_change_the_window(tmp_path):
+    """Found by a fresh-user pass: resume refused a wider window and advised a new run with
+    model.init_from=<step>, which then refused it too ('the weights were trained with that
+    value'). The window only changes what the weights compute (a FUNCTION key): a new stage may
+    change it, and the trainer says so."""
+    types = "[sliding_attention,sliding_attention,full_attention]"
+    step = _our_step(tmp_path, n_layers=3, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96,
+                     sliding_window=8, layer_types=types)
+    m = precheck(f"model.init_from={step}", "model.sliding_window=16").model
+    assert (m.sliding_window, m.layer_types[2]) == (16, "full_attention")
+    m = precheck(f"model.init_from={step}", "model.sliding_window=16",
+                 f"model.layer_types={types.replace('full', 'sliding')}").model
+    assert m.layer_types == ["sliding_attention"] * 3
+    assert "model.sliding_window: 16 (the source was trained with 8)" in rope_notes(step, m)
 
 
 def test_explicit_keys_and_no_init_from_changes_nothing():

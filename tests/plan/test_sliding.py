@@ -88,3 +88,14 @@ def test_ring_bytes_of_a_layer_are_the_counted_ones(window):
     assert ring_layer_bytes(shapes_of(cfg, 4), 0) == COUNTED[window]
     if window == 64:
         assert sum(COUNTED[64]) <= sum(COUNTED[0]) / 4
+
+
+def test_the_planned_command_quotes_a_list_override(capsys):
+    """Found by a fresh-user pass: `model.layer_types=[...]` came back unquoted, which zsh
+    rejects ("no matches found"); the line must paste into a shell as it is."""
+    types = "model.layer_types=[sliding_attention,full_attention]"
+    assert plan_cli.main(["model.n_layers=2", "model.sliding_window=64", types,
+                          "data.seq_len=1024", "plan.gpus=2", "plan.gpu_mem_gib=80",
+                          "plan.format=json"]) == 0
+    command = json.loads(capsys.readouterr().out)["best"]["command"]
+    assert f"'{types}'" in command and " model.sliding_window=64 " in command

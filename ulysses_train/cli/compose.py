@@ -101,6 +101,15 @@ def _unparsable_value(exc: BaseException) -> ConfigError | None:
     return ConfigError(key, f"Hydra cannot parse the value {value!r} unquoted; quote it: {fixed}")
 
 
+# The example each list key's "expects a list" line shows (other list keys: [a,b]).
+_LIST_EXAMPLES = {
+    "data.paths": "a.jsonl,b.jsonl",
+    "model.layer_types": "sliding_attention,full_attention",
+    "eval.buckets": "0,1024,4096",
+    "eval.passkey_lengths": "1024,4096",
+    "eval.passkey_depths": "0.0,0.5,1.0",
+}
+
 def translate(exc: BaseException) -> ConfigError:
     """Turn a Hydra/OmegaConf composition failure into one `ConfigError` line."""
     unparsable_value = _unparsable_value(exc)
@@ -128,8 +137,9 @@ def translate(exc: BaseException) -> ConfigError:
         return ConfigError(key or "config", f"{value!r} is not a valid {kind.lower()}")
     if "is not a ListConfig, list or tuple" in text:  # e.g. data.paths=a.jsonl
         k = key or "config"
-        return ConfigError(k, f"expects a list; write {k}=[a.jsonl,b.jsonl] (quoted in the "
-                              f"shell: '{k}=[a.jsonl,b.jsonl]')")
+        items = _LIST_EXAMPLES.get(k, "a,b")
+        return ConfigError(k, f"expects a list; write {k}=[{items}] (quoted in the "
+                              f"shell: '{k}=[{items}]')")
     unparsable = re.search(r"Error parsing override '([^'=]+)", text)
     if unparsable:
         return ConfigError(unparsable.group(1).lstrip("+~"),

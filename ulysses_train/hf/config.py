@@ -94,15 +94,17 @@ ROPE_KEYS = ("rope_theta", *ROPE_SCALING_KEYS)
 
 def checkpoint_model_fields(saved: dict) -> tuple[dict, dict]:
     """(stated, defaults) of our meta.json "model" (the ModelConfig of the run that saved it):
-    the architecture is stated; rope_theta and the RoPE scaling keys are defaults, since a
-    later stage of a context extension changes them on purpose. Fields an older version did
-    not record keep their dataclass defaults."""
+    the architecture (shapes, flags) is stated; the keys that only change what the weights
+    compute (config/architecture.py FUNCTION: RoPE, norm epsilon, the attention window) are
+    defaults, since a later stage changes them on purpose (a context extension, a wider
+    window). Fields an older version did not record keep their dataclass defaults."""
+    from ..config.architecture import FUNCTION
     from ..config.schema import ModelConfig
 
     known = {f.name for f in dataclasses.fields(ModelConfig)} - set(_NOT_FROM_CHECKPOINT)
     fields = {k: v for k, v in saved.items() if k in known}
-    rope = {k: v for k, v in fields.items() if k.startswith("rope_")}
-    return {k: v for k, v in fields.items() if k not in rope}, rope
+    free = {k: v for k, v in fields.items() if k in FUNCTION}
+    return {k: v for k, v in fields.items() if k not in free}, free
 
 
 def _refuse(where: str, what: str) -> ConfigError:
@@ -278,7 +280,8 @@ def rope_notes(init_from: str, model) -> list[str]:
     `init_from` was trained with (the trainer logs them when it loads the weights):
     `model.rope_theta: 500000 (the source was trained with 10000: adjusted base frequency)`,
     and one line for the scaling keys together (a context extension), plus a warning for static
-    ntk, which the export cannot write (hf/export_config.py)."""
+    ntk, which the export cannot write (hf/export_config.py); one line per other changed
+    FUNCTION key (the window, `norm_eps`): what a new stage changed on purpose."""
     stated, defaults, _ = model_fields_from(init_from)
     before = {**defaults, **stated}
     notes = []
@@ -295,6 +298,10 @@ def rope_notes(init_from: str, model) -> list[str]:
             notes.append("model.rope_scaling: static ntk has no transformers rope_type, so "
                          "this run cannot be exported to Hugging Face; yarn, linear or llama3 "
                          "can be")
+    for key in ("sliding_window", "layer_types", "norm_eps"):  # the other FUNCTION keys
+        if key in before and before[key] != getattr(model, key):
+            notes.append(f"model.{key}: {getattr(model, key)} (the source was trained with "
+                         f"{before[key]})")
     return notes
 
 

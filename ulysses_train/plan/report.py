@@ -2,6 +2,7 @@
 others fail, the best layout's memory breakdown and step time, and its torchrun line."""
 from __future__ import annotations
 
+import shlex
 from typing import Sequence
 
 from ..config.overrides import hydra_value
@@ -93,8 +94,9 @@ def group_note(cfg: Config, best: Layout) -> list[str]:
 
 def command(layout: Layout, overrides: Sequence[str], gpus: int, per_node: int) -> str:
     """The torchrun line that runs `layout`: the user's overrides (less plan.* and the knobs the
-    plan sets) followed by the layout's knobs."""
-    keep = [o for o in overrides if not o.lstrip("+~").startswith("plan.")
+    plan sets) followed by the layout's knobs. Overrides with shell syntax in them (a list's
+    brackets, spaces) are quoted, so the line pastes into bash or zsh as it is."""
+    keep = [shlex.quote(o) for o in overrides if not o.lstrip("+~").startswith("plan.")
             and o.split("=", 1)[0].lstrip("+~") not in KNOBS]
     knobs = [f"{k}={hydra_value(v)}" for k, v in layout.overrides.items() if k != "parallel.dp"]
     nodes, local = (1, gpus) if gpus <= per_node else (gpus // per_node, per_node)
