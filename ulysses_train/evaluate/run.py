@@ -93,4 +93,9 @@ def _evaluate(cfg: Config, run_dir: str, dims: ParallelDims) -> int:
     if dims.is_main:
         json_path, png_path = write_results(result, run_dir)
         say(f"eval: wrote {json_path} and {png_path}")
+    if dims.distributed:
+        # Every rank leaves together: a rank that tore its process group down while rank 0 was
+        # still drawing eval.png aborted in gloo's teardown ("terminate called without an active
+        # exception", SIGABRT, seen on a loaded 2-core machine), failing a finished evaluation.
+        torch.distributed.barrier()
     return 0
