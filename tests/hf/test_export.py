@@ -17,7 +17,7 @@ import torch.distributed.checkpoint as dcp
 import transformers  # noqa: E402  (a dev dependency: missing = a failure, not a skip)
 
 from support.common import SMALL, cpu_dims, flip_byte, run_torchrun, small_config
-from support.hf import TransformersWarnings
+from support.hf import TransformersWarnings, checkpoint_logits
 from ulysses_train.checkpoint.manifest import write_manifest
 from ulysses_train.cli import compose as cli
 from ulysses_train.cli.export import main as export_main
@@ -47,17 +47,6 @@ def latest_step(run_dir) -> str:
         return os.path.join(ckpts, f.read().strip())
 
 
-def our_logits(step, ids, pos) -> torch.Tensor:
-    """Logits (B, S, VOCAB) of a plain GPT holding the checkpoint's model tensors."""
-    with open(os.path.join(step, "meta.json")) as f:
-        saved = json.load(f)["model"]
-    model = GPT(ModelConfig(**saved))
-    state = model.state_dict()
-    dcp.load({"model": state}, checkpoint_id=step)
-    with torch.no_grad():
-        return model(ids, pos)[..., :saved["vocab_size"]]
-
-
 def hf_logits(out_dir, ids, pos) -> torch.Tensor:
     """transformers' logits of the exported dir, which must load without a warning (a config it
     warns about, e.g. a yarn factor max_position_embeddings contradicts, is a failure)."""
@@ -79,7 +68,7 @@ def check_logits(run_dir, out_dir, tag) -> float:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (2, 32), generator=g)
     pos = (torch.arange(32) * 3).expand(2, 32)  # to 93: past the original 16 of the scalings
-    diff = (our_logits(latest_step(run_dir), ids, pos) - hf_logits(out_dir, ids, pos)).abs().max()
+    diff = (checkpoint_logits(latest_step(run_dir), ids, pos) - hf_logits(out_dir, ids, pos)).abs().max()
     print(f"export {tag}: max|ours - transformers| = {diff:.2e}")  # pytest -s shows it
     assert diff <= 1e-4
     return diff.item()

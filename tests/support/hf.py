@@ -85,9 +85,11 @@ def auto_logits(path: str, ids: torch.Tensor) -> torch.Tensor:
         return model.eval()(input_ids=ids).logits
 
 
-def checkpoint_logits(step: str, ids: torch.Tensor) -> torch.Tensor:
+def checkpoint_logits(step: str, ids: torch.Tensor, pos: torch.Tensor | None = None
+                      ) -> torch.Tensor:
     """Logits (B, S, V) of a plain GPT holding our checkpoint `step`'s model tensors (its
-    meta.json model; the real vocabulary only) for token ids (B, S) at positions 0..S-1."""
+    meta.json model; the real vocabulary only) for token ids (B, S) at positions `pos` (B, S),
+    by default 0..S-1."""
     import torch.distributed.checkpoint as dcp
 
     from ulysses_train.model import GPT
@@ -98,7 +100,8 @@ def checkpoint_logits(step: str, ids: torch.Tensor) -> torch.Tensor:
     state = model.state_dict()
     dcp.load({"model": state}, checkpoint_id=step)
     with torch.no_grad():
-        return model(ids, torch.arange(ids.shape[1]).expand_as(ids))[..., :saved["vocab_size"]]
+        pos = torch.arange(ids.shape[1]).expand_as(ids) if pos is None else pos
+        return model(ids, pos)[..., :saved["vocab_size"]]
 
 
 def export_round_trip(run: str, out: str, ids: torch.Tensor, source: str | None = None) -> dict:
