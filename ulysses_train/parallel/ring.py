@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.distributed.distributed_c10d import _resolve_process_group
 
 from ..model.attention import sdpa_attention
 from ..model.masking import DocumentMask
@@ -64,12 +63,6 @@ class Transfer:
             work.wait()
         self.send = None
         return self.recv
-
-
-def _group(name: str) -> ProcessGroup:
-    # Ops take no ProcessGroup objects, only names; this is how torch's own functional
-    # collectives turn a name back into its group (private, stable since 2.3).
-    return _resolve_process_group(name)
 
 
 def _bias(document_ids, blk, c, dtype):
@@ -112,7 +105,7 @@ def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       document_ids: torch.Tensor | None, causal: bool, group_name: str
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """`ring_forward` as an op (the group by name: ops take no ProcessGroup objects)."""
-    return ring_forward(q, k, v, document_ids, causal, _group(group_name))
+    return ring_forward(q, k, v, document_ids, causal, kernels.group_by_name(group_name))
 
 
 @ring_attention_op.register_fake
@@ -162,7 +155,8 @@ def ring_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch
                                document_ids: torch.Tensor | None, causal: bool, group_name: str
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """`ring_backward` as an op."""
-    return ring_backward(grad_out, q, k, v, out, lse, document_ids, causal, _group(group_name))
+    return ring_backward(grad_out, q, k, v, out, lse, document_ids, causal,
+                         kernels.group_by_name(group_name))
 
 
 @ring_attention_backward_op.register_fake

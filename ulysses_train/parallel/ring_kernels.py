@@ -23,6 +23,8 @@ import functools
 from dataclasses import dataclass
 
 import torch
+from torch.distributed import ProcessGroup
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 FULL, CAUSAL, MASKED = "full", "causal", "masked"
 
@@ -196,3 +198,10 @@ def merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_l
     safe = torch.where(total > 0, total, torch.ones_like(total))
     new_out = (out * w_old.unsqueeze(-1) + block_out.float() * w_new.unsqueeze(-1)) / safe.unsqueeze(-1)
     return new_out, top + torch.log(total)  # log(0) = -inf where no key was seen at all
+
+
+def group_by_name(name: str) -> ProcessGroup:
+    """The process group named `name`: the ring ops (ring.py, ring_window.py) take no
+    ProcessGroup objects, only names, and this is how torch's own functional collectives turn a
+    name back into its group (private, stable since 2.3; one place to change if it moves)."""
+    return _resolve_process_group(name)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
-from torch.distributed.distributed_c10d import _resolve_process_group
 
 from . import ring_kernels as kernels
 
@@ -293,7 +292,7 @@ def ring_window_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              document_ids: torch.Tensor | None, window: int, group_name: str
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """`window_forward` as an op (the group by name, as parallel/ring.py's ops)."""
-    return window_forward(q, k, v, document_ids, window, _resolve_process_group(group_name))
+    return window_forward(q, k, v, document_ids, window, kernels.group_by_name(group_name))
 
 
 @ring_window_attention_op.register_fake
@@ -308,7 +307,7 @@ def ring_window_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k
                                       group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`window_backward` as an op."""
     return window_backward(grad_out, q, k, v, out, lse, document_ids, window,
-                           _resolve_process_group(group_name))
+                           kernels.group_by_name(group_name))
 
 
 @ring_window_attention_backward_op.register_fake
