@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from support.common import fwd_bwd, rel_err
-from support.ring import hybrid_groups
+from support.ring import doc_ids, hybrid_groups
 from support.spawn import run_distributed
 from ulysses_train.model.attention import sdpa_attention
 from ulysses_train.model.masking import DocumentMask
@@ -51,12 +51,7 @@ def _inputs(batch, seq, seed=0):
 def long_doc_ids(seq_len: int, padded_len: int, seed: int = 5) -> torch.Tensor:
     """(B, S') ids of documents 3..40 tokens long (across chunk boundaries, some longer than a
     chunk, so window and documents both cut); padding gets id -1."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.full((B, padded_len), -1, dtype=torch.long)
-    for b in range(B):
-        lengths = torch.randint(3, 41, (seq_len,), generator=g)
-        ids[b, :seq_len] = torch.repeat_interleave(torch.arange(seq_len), lengths)[:seq_len]
-    return ids
+    return doc_ids(B, seq_len, padded_len, seed, lengths=(3, 40))
 
 
 class Events:

@@ -35,14 +35,16 @@ def hybrid_groups(sp: int, ring: int):
     return tuple(mine), sp_rank, sp_rank // u
 
 
-def doc_ids(batch: int, seq_len: int, padded_len: int, seed: int = 3) -> torch.Tensor:
-    """(B, S') document ids: random document lengths 1..9 (boundaries fall inside chunks, so
-    some rows see no key in some ring steps); padded positions get id -1."""
+def doc_ids(batch: int, seq_len: int, padded_len: int, seed: int = 3,
+            lengths: tuple[int, int] = (1, 9)) -> torch.Tensor:
+    """(B, S') document ids: random document lengths in `lengths` (inclusive; by default 1..9:
+    boundaries fall inside chunks, so some rows see no key in some ring steps); padded
+    positions get id -1."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.full((batch, padded_len), -1, dtype=torch.long)
     for b in range(batch):
-        lengths = torch.randint(1, 10, (seq_len,), generator=g)
-        ids[b, :seq_len] = torch.repeat_interleave(torch.arange(seq_len), lengths)[:seq_len]
+        lengths_b = torch.randint(lengths[0], lengths[1] + 1, (seq_len,), generator=g)
+        ids[b, :seq_len] = torch.repeat_interleave(torch.arange(seq_len), lengths_b)[:seq_len]
     return ids
 
 
