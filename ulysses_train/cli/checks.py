@@ -1,18 +1,20 @@
 """The input checks that read files, run by the entry points after config/validate.py's pure rules
 and before any heavy work (no torch.distributed, no tensor data): `data.paths` exist and have a
 known type, `model.init_from` is a usable source (files, safetensors headers, our manifest's
-sizes), and an explicit `checkpoint.resume=PATH` is a complete checkpoint of this model's
-architecture (its meta.json). Each failure is one `ConfigError` naming its key.
+sizes, and no pickle of our checkpoint outside checkpoint/safe_read.py's allow-list), and an
+explicit `checkpoint.resume=PATH` is a complete checkpoint of this model's architecture (its
+meta.json). Each failure is one `ConfigError` naming its key (a planted pickle: its file).
 """
 from __future__ import annotations
 
 import os
 
+from ..checkpoint.safe_read import check_pickles
 from ..checkpoint.store import check_resume_path, resume_source
 from ..config.errors import require
 from ..config.schema import Config
 from ..data.paths import resolve_paths
-from ..hf.init_from import check_initial_weights
+from ..hf.init_from import OURS, check_initial_weights
 
 
 def check_inputs(cfg: Config, run_dir: str | None = None) -> None:
@@ -22,7 +24,9 @@ def check_inputs(cfg: Config, run_dir: str | None = None) -> None:
     if cfg.data.name == "files":  # missing files, directories, unknown types
         resolve_paths(list(cfg.data.paths))
     if cfg.model.init_from and not (run_dir and resume_source(run_dir, cfg.checkpoint.resume)):
-        check_initial_weights(cfg.model.init_from, cfg.model)
+        kind, where = check_initial_weights(cfg.model.init_from, cfg.model)
+        if kind == OURS:  # a planted pickle: refused before Hydra writes .hydra/ (exit 1)
+            check_pickles(where)
     resume = cfg.checkpoint.resume
     if resume in ("auto", "never"):
         return

@@ -23,7 +23,6 @@ import time
 
 from ..checkpoint import manifest
 from ..checkpoint import store as files
-from ..checkpoint.safe_read import check_pickles
 from ..config.architecture import architecture_diffs, describe
 from ..config.errors import ConfigError, InputUnreadable
 from . import weights_dir
@@ -80,9 +79,9 @@ def _complete_step(step_dir: str, named_by: str, key: str) -> str:
 
 def check_checkpoint(step_dir: str, model_cfg) -> None:
     """Our checkpoint must hold this model's architecture (meta.json "model",
-    config/architecture.py's keys), be intact in size (manifest.json; the hashes are verified
-    when it is loaded: `verify_checkpoint`) and hold no pickle outside safe_read's allow-list
-    (RefusedPickle, exit 1)."""
+    config/architecture.py's keys) and be intact in size (manifest.json; the hashes are verified
+    when it is loaded: `verify_checkpoint`). Its pickles are checked by the entry points'
+    pre-check (cli/checks.py) and read restricted by the load itself (checkpoint/safe_read.py)."""
     try:
         saved = files.read_meta(step_dir)["model"]
     except ConfigError as exc:
@@ -92,7 +91,6 @@ def check_checkpoint(step_dir: str, model_cfg) -> None:
         raise fail(f"{step_dir} holds another architecture: {describe(diffs)}; set model.* "
                    "(or the model= preset) to the checkpoint's")
     verify_checkpoint(step_dir, KEY, hashes=False)
-    check_pickles(step_dir)  # a planted pickle is refused before anything is written
 
 
 def verify_checkpoint(step_dir: str, key: str = KEY, distributed: bool = False,
