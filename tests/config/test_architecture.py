@@ -11,7 +11,7 @@ from ulysses_train.config.architecture import (
     RESUME_KEYS,
     architecture_diffs,
 )
-from ulysses_train.config.schema import ROPE_SCALINGS, ModelConfig
+from ulysses_train.config.schema import MLP_ACTIVATIONS, ROPE_SCALINGS, ModelConfig
 from ulysses_train.hf.config import checkpoint_model_fields
 from ulysses_train.model import GPT
 
@@ -21,11 +21,16 @@ def _shapes(cfg: ModelConfig) -> dict:
         return {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
 
 
-def _changed(value):
+# A field whose default is 0 ("derive it") is changed to this valid value instead of 0 * 2.
+NONZERO = {"head_dim": 24, "sliding_window": 4, "query_pre_attn_scalar": 8.0,
+           "rope_local_theta": 500.0, "norm_weight_offset": 1.0}
+
+
+def _changed(value, name=""):
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
-        return value * 2
+        return value * 2 or NONZERO.get(name, 0)
     return None  # floats and strings: values, never shapes
 
 
@@ -36,7 +41,7 @@ def test_every_key_that_changes_the_tensors_is_an_architecture_key():
                        vocab_size=256)
     reference, shaping = _shapes(base), set()
     for field in dataclasses.fields(ModelConfig):
-        value = _changed(getattr(base, field.name))
+        value = _changed(getattr(base, field.name), field.name)
         if value is None:
             continue
         if _shapes(dataclasses.replace(base, **{field.name: value})) != reference:
@@ -81,8 +86,10 @@ def _other(name: str, value):
         return next(m for m in ROPE_SCALINGS if m != value)
     if isinstance(value, bool):
         return not value
+    if name == "mlp_activation":
+        return next(a for a in MLP_ACTIVATIONS if a != value)
     if isinstance(value, (int, float)):
-        return value * 2
+        return value * 2 or NONZERO[name]
     if value is None:  # an optional float (yarn's attention factor, mscale pair)
         return 1.5
     if name == "layer_types":  # each layer flipped; [] (all alike) -> an explicit all-full list

@@ -7,7 +7,7 @@ import torch
 
 from ulysses_train.config.schema import ModelConfig
 from ulysses_train.model import GPT
-from ulysses_train.model.gpt import FeedForward
+from ulysses_train.model.block import FeedForward
 from ulysses_train.model.tiling import tiled_head_loss, tiled_mlp
 
 CFG = ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=300)

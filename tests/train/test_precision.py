@@ -213,7 +213,7 @@ def test_bf16_rmsnorm_is_torchs_fp32_norm_rounded_once_and_keeps_no_fp32_copy():
     keeps three)."""
     import torch.nn.functional as F
 
-    from ulysses_train.model.gpt import RMSNorm
+    from ulysses_train.model.norm import RMSNorm
 
     norm = RMSNorm(64, 1e-5)
     with torch.no_grad():

@@ -9,9 +9,11 @@ the three lists below, or into none when it changes neither the tensors nor the 
 
 - DIMENSIONS set tensor shapes: a checkpoint that differs in one is another model.
 - FLAGS set which tensors exist (tied embeddings share the head with the embedding; qkv_bias
-  adds q/k/v biases): the same model dimensions with another switch.
+  adds q/k/v biases, qk_norm the per-head q/k norms, sandwich_norm the norms after attention
+  and the MLP): the same model dimensions with another switch.
 - FUNCTION keys change what the same weights compute (RoPE type, base, scaling factor and
-  every RoPE parameter, the RMSNorm epsilon, the attention window and which layers slide).
+  every RoPE parameter, the RMSNorm epsilon and weight offset, the attention window and which
+  layers slide, the MLP activation, the embedding and attention scales).
   The weights fit, so `model.init_from` may change them (the next stage of a context
   extension); resuming the same run may not — it would train another function under the old
   run's name and rewrite its meta.json.
@@ -31,12 +33,14 @@ import dataclasses
 
 from .schema import ModelConfig
 
-DIMENSIONS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size")
-FLAGS = ("tie_embeddings", "qkv_bias")
+DIMENSIONS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden",
+              "vocab_size")
+FLAGS = ("tie_embeddings", "qkv_bias", "qk_norm", "sandwich_norm")
 FUNCTION = ("rope_scaling", "rope_theta", "rope_factor", "rope_original_seq_len",
             "rope_beta_fast", "rope_beta_slow", "rope_low_freq_factor", "rope_high_freq_factor",
             "rope_attention_factor", "rope_mscale", "rope_mscale_all_dim", "rope_truncate",
-            "norm_eps", "sliding_window", "layer_types")
+            "rope_local_theta", "norm_eps", "norm_weight_offset", "sliding_window",
+            "layer_types", "mlp_activation", "scale_embeddings", "query_pre_attn_scalar")
 # What the weights must fit: `model.init_from` from our checkpoint compares these.
 ARCHITECTURE_KEYS = DIMENSIONS + FLAGS
 # What resuming the same run compares: the weights fit *and* compute the same function.
@@ -49,13 +53,27 @@ def architecture_diffs(saved: dict, model_cfg, keys: tuple[str, ...] = ARCHITECT
     """[(key, the checkpoint's value, this run's value)] for every key of `keys`
     (ARCHITECTURE_KEYS, or RESUME_KEYS for a resume) on which `saved` (a recorded ModelConfig
     as a dict) and `model_cfg` (a ModelConfig) differ, in `keys` order; [] when they agree."""
-    return [(k, saved.get(k, _DEFAULTS[k]), getattr(model_cfg, k)) for k in keys
-            if saved.get(k, _DEFAULTS[k]) != getattr(model_cfg, k)]
+    mine = {k: getattr(model_cfg, k) for k in _DEFAULTS}
+    ours, theirs = _resolved(saved), _resolved(mine)
+    return [(k, saved.get(k, _DEFAULTS[k]), mine[k]) for k in keys if ours[k] != theirs[k]]
+
+
+def _resolved(fields: dict) -> dict:
+    """A recorded model's fields with the defaults filled in and `head_dim` 0 read as
+    d_model / n_heads (the same tensors either way)."""
+    out = {**_DEFAULTS, **fields}
+    out["head_dim"] = out["head_dim"] or out["d_model"] // out["n_heads"]
+    return out
 
 
 def describe(diffs: list[tuple[str, object, object]]) -> str:
     """`key=saved (this run: now), ...` for an error line."""
     return ", ".join(f"{k}={saved} (this run: {now})" for k, saved, now in diffs)
+
+
+def head_dim(m: ModelConfig) -> int:
+    """Width of one attention head: `model.head_dim`, or d_model / n_heads when it is 0."""
+    return m.head_dim or m.d_model // m.n_heads
 
 
 def layer_windows(m: ModelConfig) -> list[int]:

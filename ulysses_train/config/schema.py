@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-MODEL_PRESETS = ("tiny", "llama_125m", "tinyllama_1b", "llama3_8b")
+MODEL_PRESETS = ("tiny", "llama_125m", "tinyllama_1b", "llama3_8b", "qwen3_4b", "gemma3_4b")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
 DATA_SOURCES = ("stdlib", "files", "hf", "synthetic", "passkey")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -18,6 +18,7 @@ AC_MODES = ("none", "full", "selective")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' config.json spelling
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama, Qwen) | GeGLU with tanh GELU (Gemma)
 
 
 @dataclass
@@ -26,9 +27,12 @@ class ModelConfig:
     name: str = "tiny"
     n_layers: int = 4  # transformer blocks
     d_model: int = 256  # hidden size (the residual stream)
-    n_heads: int = 8  # query heads (head dim = d_model / n_heads)
+    n_heads: int = 8  # query heads
     n_kv_heads: int = 4  # key/value heads (GQA: n_heads is a multiple of it)
-    ffn_hidden: int = 688  # SwiGLU hidden size
+    # Width of each attention head; 0 = d_model / n_heads. Qwen3 and Gemma 3 set their own
+    # (Qwen3-4B: 32 heads of 128 on d_model 2560), so q/k/v/o are (n_heads * head_dim, d_model).
+    head_dim: int = 0
+    ffn_hidden: int = 688  # the gated MLP's hidden size (SwiGLU / GeGLU)
     vocab_size: int = 8192  # embedding rows; rounded up to a multiple of 128 by the model
     rope_theta: float = 10000.0  # RoPE base
     # Context extension (model/rope.py): none | linear | ntk | yarn | llama3. Each key below is
@@ -48,6 +52,24 @@ class ModelConfig:
     rope_truncate: bool = True  # yarn: floor/ceil the correction range (transformers' truncate)
     tie_embeddings: bool = False  # the output head reads the embedding matrix
     qkv_bias: bool = False  # q/k/v projections with a bias (Qwen2); initialised to zero
+    # Model-family options (docs/models.md has which preset and which config.json sets which):
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3)
+    # The gated MLP's activation: silu (SwiGLU: Llama, Mistral, Qwen) | gelu_tanh (GeGLU with
+    # the tanh approximation of GELU: Gemma)
+    mlp_activation: str = "silu"
+    # RMSNorm computes x_hat * (norm_weight_offset + w) and initialises w to 1 - offset:
+    # 0 = Llama's x_hat * w (w = 1), 1 = Gemma's x_hat * (1 + w) (w = 0). Every norm, QK-norm too.
+    norm_weight_offset: float = 0.0
+    # Norms after attention and after the MLP too, on each sublayer's output before the
+    # residual add ("sandwich" norm: Gemma 2 / 3's post_attention / post_feedforward_layernorm)
+    sandwich_norm: bool = False
+    scale_embeddings: bool = False  # embeddings x sqrt(d_model), rounded to the compute dtype (Gemma)
+    # Attention scale query_pre_attn_scalar^-0.5 (Gemma's name); 0 = head_dim^-0.5 (the default)
+    query_pre_attn_scalar: float = 0.0
+    # RoPE base of the sliding-window layers, which then rotate without any rope_scaling
+    # (Gemma 3: local 10,000 unscaled, global rope_theta 1,000,000 with e.g. linear x8);
+    # 0 = every layer uses rope_theta and rope_scaling.
+    rope_local_theta: float = 0.0
     norm_eps: float = 1e-5  # RMSNorm epsilon
     init_std: float = 0.02  # N(0, init_std) init (output projections: / sqrt(2 n_layers))
     # Sliding-window attention (docs/attention.md): query i sees key j when i - W < j <= i

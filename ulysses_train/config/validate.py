@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from .architecture import head_dim
 from .errors import finite as _finite
 from .errors import one_of as _one_of
 from .errors import positive as _positive
@@ -19,6 +20,7 @@ from .schema import (
     AC_MODES,
     DATA_SOURCES,
     LAYER_TYPES,
+    MLP_ACTIVATIONS,
     PRECISIONS,
     ROPE_SCALINGS,
     SCHEDULES,
@@ -36,15 +38,28 @@ from .schema import (
 def validate_model(m: ModelConfig) -> None:
     for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
         _positive(getattr(m, key), f"model.{key}")
-    require(m.d_model % m.n_heads == 0, "model.d_model",
-            f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
-    require((m.d_model // m.n_heads) % 2 == 0, "model.d_model",
-            f"head dim {m.d_model // m.n_heads} must be even for rotary embeddings")
+    require(m.head_dim >= 0, "model.head_dim",
+            f"must be >= 0 (0 = d_model / n_heads), got {m.head_dim}")
+    if m.head_dim:
+        require(m.head_dim % 2 == 0, "model.head_dim",
+                f"{m.head_dim} must be even for rotary embeddings")
+    else:
+        require(m.d_model % m.n_heads == 0, "model.d_model",
+                f"{m.d_model} is not divisible by model.n_heads={m.n_heads}; set "
+                "model.head_dim for heads of another width")
+        require((m.d_model // m.n_heads) % 2 == 0, "model.d_model",
+                f"head dim {m.d_model // m.n_heads} must be even for rotary embeddings")
     require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
             f"model.n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}")
     _positive(m.rope_theta, "model.rope_theta")
     _positive(m.norm_eps, "model.norm_eps")
     _positive(m.init_std, "model.init_std")
+    _one_of(m.mlp_activation, MLP_ACTIVATIONS, "model.mlp_activation")
+    _finite(m.norm_weight_offset, "model.norm_weight_offset")
+    for key in ("query_pre_attn_scalar", "rope_local_theta"):
+        value = getattr(m, key)
+        require(math.isfinite(value) and value >= 0, f"model.{key}",
+                f"must be a number >= 0 (0 = the default), got {value}")
     validate_rope(m)
     validate_window(m)
 
@@ -75,7 +90,7 @@ def validate_rope(m: ModelConfig) -> None:
             "inference-only (its frequencies change with each input's length, so no one table "
             "can be trained); use yarn, llama3, linear or ntk")
     _one_of(m.rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
-    require(m.rope_scaling != "ntk" or m.d_model // m.n_heads > 2, "model.rope_scaling",
+    require(m.rope_scaling != "ntk" or head_dim(m) > 2, "model.rope_scaling",
             "ntk needs a head dim > 2 (its base change divides by head_dim - 2)")
     _finite(m.rope_factor, "model.rope_factor")
     require(m.rope_factor >= 1, "model.rope_factor",

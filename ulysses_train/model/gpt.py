@@ -1,7 +1,11 @@
 """The single-device Llama-style GPT.
 
 Architecture (Llama 2/3): token embedding -> n_layers x [x + Attn(RMSNorm(x)), x + SwiGLU(RMSNorm(x))]
--> RMSNorm -> linear head. Attention uses RoPE on q and k and grouped-query attention.
+-> RMSNorm -> linear head. Attention uses RoPE on q and k and grouped-query attention. The
+Mistral, Qwen2/3 and Gemma 3 text families are the same skeleton with named switches
+(block.py; docs/models.md): sliding-window layers, q/k/v biases, any head_dim, QK-norm,
+sandwich norms, GeGLU, Gemma's norm offset and embedding scale, a RoPE base of their own for
+the sliding layers.
 
 Ownership and invariants:
 - This module contains no distributed code. Sequence parallelism enters only through the injected
@@ -9,7 +13,9 @@ Ownership and invariants:
   is applied from outside by a plan that refers to the attribute names below, which are therefore
   part of the contract: `tok_embeddings`, `layers[i].{attention_norm, attention.{wq, wk, wv, wo},
   ffn_norm, feed_forward.{w1, w2, w3}}`, `norm`, `output` (None when embeddings are tied);
-  `wq`/`wk`/`wv` carry a `bias` only with `model.qkv_bias`.
+  `wq`/`wk`/`wv` carry a `bias` only with `model.qkv_bias`; `attention.{q_norm, k_norm}` exist
+  only with `model.qk_norm`, `layers[i].{post_attention_norm, post_ffn_norm}` only with
+  `model.sandwich_norm`.
 - Head counts are never baked into reshapes (`view(B, S, -1, D)`), so the same code runs on the
   local heads of a tensor-parallel shard.
 - Every token's computation sees only its own row of `input_ids`/`position_ids`, except inside
@@ -22,159 +28,25 @@ Ownership and invariants:
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config.architecture import layer_windows
+from ..config.architecture import head_dim, layer_windows
 from ..config.parallel import padded_vocab
 from ..config.schema import ModelConfig
 from .attention import document_mask_for, sdpa_attention
+from .block import AttentionFn, Block
 from .init import _is_dtensor, init_param_
 from .masking import DocumentMask
+from .norm import RMSNorm
 from .precision import compute_dtype
-from .rope import apply_rotary, rope_cos_sin, rope_frequencies
-from .tiling import tiled_head_loss, tiled_mlp
+from .rope import rope_cos_sin, rope_frequencies, rope_inv_freq
+from .tiling import tiled_head_loss
 from .vocab import mask_padded_vocab_
 
-AttentionFn = Callable[..., torch.Tensor]
 IGNORE_INDEX = -100
-
-
-class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim of x (..., d).
-
-    Statistics and the product in fp32, the result in the compute dtype (`precision.py`: the
-    autocast dtype, else x's dtype). The weight is first rounded to the compute dtype: that is
-    the value FSDP2's bf16 parameter copy holds, so a fp32 master weight under autocast (zero=0)
-    and the FSDP2-gathered bf16 weight (zero>0) compute exactly the same norm. In fp32 this is
-    `F.rms_norm` unchanged; in a lower dtype `_LowPrecisionRMSNorm`, which keeps x as it is for
-    backward (torch's CPU `rms_norm` keeps fp32 copies of a bf16 input: twice the bytes).
-    """
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(x)
-        if dtype == torch.float32:
-            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
-        # fp32 statistics: in bf16 the mean of squares of a 4096-wide row loses ~3 digits.
-        return _LowPrecisionRMSNorm.apply(x.to(dtype), self.weight.to(dtype), self.eps)
-
-
-class _LowPrecisionRMSNorm(torch.autograd.Function):
-    """RMSNorm of a low-precision x (..., d) with weight (d,) in x's dtype, computed in fp32.
-
-    Forward: rstd = 1 / sqrt(mean(x^2) + eps) (..., 1) fp32; y = round(x * rstd * w). Saves x
-    (its own dtype), w and rstd, not a fp32 copy of x. Backward (fp32, with xh = x * rstd,
-    gw = g * w): dx = rstd * (gw - xh * mean(gw * xh)), dw = sum over tokens of g * xh — the
-    standard RMSNorm gradient (Zhang & Sennrich 2019). Both directions run with autocast off.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        ctx.device_type = x.device.type
-        with torch.autocast(ctx.device_type, enabled=False):
-            xf = x.float()
-            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-            ctx.save_for_backward(x, weight, rstd)
-            return (xf * rstd * weight.float()).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight, rstd = ctx.saved_tensors
-        with torch.autocast(ctx.device_type, enabled=False):
-            xh = x.float() * rstd  # (..., d)
-            g = grad.float()
-            gw = g * weight.float()
-            dx = rstd * (gw - xh * (gw * xh).mean(-1, keepdim=True))
-            dw = (g * xh).reshape(-1, x.shape[-1]).sum(0)  # (..., d) -> (N, d) -> (d,)
-        return dx.to(x.dtype), dw.to(weight.dtype), None
-
-
-class Attention(nn.Module):
-    """Projections + RoPE around an injected attention kernel `attention_fn(q, k, v, causal=True)`.
-
-    `window` > 0 (a sliding-window layer, `layer_windows`) is passed as `window=` on every call;
-    0 passes nothing, so kernels without window support keep working for full layers and fail
-    loudly (TypeError) rather than attend to the whole past on a sliding one.
-    """
-
-    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn, window: int = 0):
-        super().__init__()
-        self.window = window
-        self.head_dim = cfg.d_model // cfg.n_heads
-        bias = cfg.qkv_bias  # Qwen2: biases on q, k, v only (never on wo or the MLP)
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=bias)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=bias)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=bias)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
-        self.attention_fn = attention_fn
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask=None) -> torch.Tensor:
-        bsz, seq, _ = x.shape
-        # -1 heads: the local head count, which is smaller under a tensor-parallel plan.
-        q = self.wq(x).view(bsz, seq, -1, self.head_dim)  # (B, S, Hq*D) -> (B, S, Hq, D)
-        k = self.wk(x).view(bsz, seq, -1, self.head_dim)  # (B, S, Hkv*D) -> (B, S, Hkv, D)
-        v = self.wv(x).view(bsz, seq, -1, self.head_dim)  # (B, S, Hkv*D) -> (B, S, Hkv, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # `mask` (a document mask, see masking.py) is only passed when set, so kernels without
-        # mask support keep working for the plain causal case.
-        kwargs = {"causal": True} if mask is None else {"causal": True, "mask": mask}
-        if self.window:
-            kwargs["window"] = self.window
-        out = self.attention_fn(q, k, v, **kwargs)  # (B, S, Hq, D)
-        return self.wo(out.reshape(bsz, seq, -1))  # (B, S, Hq, D) -> (B, S, Hq*D) -> (B, S, d)
-
-
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up projection, w2 the down."""
-
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(d_model, hidden, bias=False)
-        self.w3 = nn.Linear(d_model, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block; the unit of activation checkpointing and FSDP wrapping.
-
-    `checkpoint_fn` (None = plain autograd) is injected by the activation-checkpointing pass:
-    `checkpoint_fn(run, x, cos, sin, mask=...)` must return `run(x, cos, sin, mask=...)`,
-    deciding only what is kept for backward. `mlp_chunk` > 0 tiles the MLP (tiling.py).
-    """
-
-    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn, mlp_chunk: int = 0,
-                 window: int = 0):
-        super().__init__()
-        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = Attention(cfg, attention_fn, window)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.d_model, cfg.ffn_hidden)
-        self.mlp_chunk = mlp_chunk
-        self.checkpoint_fn: Callable | None = None
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask=None) -> torch.Tensor:
-        if self.checkpoint_fn is None:
-            return self._run(x, cos, sin, mask=mask)
-        return self.checkpoint_fn(self._run, x, cos, sin, mask=mask)
-
-    def _run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             mask=None) -> torch.Tensor:
-        # mask by keyword: a tensor-parallel input plan lays out the positional inputs only.
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask=mask)
-        return x + tiled_mlp(self.feed_forward, self.ffn_norm(x), self.mlp_chunk)
 
 
 class GPT(nn.Module):
@@ -192,14 +64,14 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.loss_chunk = loss_chunk
         self.vocab_size = padded_vocab(cfg.vocab_size)
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = head_dim(cfg)
         self.tok_embeddings = nn.Embedding(self.vocab_size, cfg.d_model)
         self.attention_fn = attention_fn  # every block's; `document_mask` builds for it
         # Each layer's window (0 = full causal): model.sliding_window x model.layer_types.
         self.windows = layer_windows(cfg)
         self.layers = nn.ModuleList(Block(cfg, attention_fn, mlp_chunk, window)
                                     for window in self.windows)
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_weight_offset)
         # Tied: no separate module, the head reads tok_embeddings.weight directly. (Sharing one
         # Parameter between two modules breaks silently under `to_empty`, which re-creates each
         # module's parameters separately.)
@@ -208,6 +80,8 @@ class GPT(nn.Module):
         # attention_scaling: yarn's factor on cos/sin (1.0 for the other scalings), a float.
         inv_freq, self.attention_scaling = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # The sliding layers' own RoPE (model.rope_local_theta > 0: Gemma 3), unscaled.
+        self.register_buffer("inv_freq_local", self._local_inv_freq(), persistent=False)
         # (logits, labels) -> (loss_sum, n_valid). Injected, like attention_fn: a tensor-parallel
         # plan replaces it with a vocab-parallel loss for its vocab-sharded logits.
         self.loss_fn = token_loss_sum
@@ -238,8 +112,13 @@ class GPT(nn.Module):
         # The residual stream is in the compute dtype in every layout: autocast leaves the
         # lookup of a fp32 table in fp32, while FSDP2's bf16 parameter copy already yields bf16.
         h = h.to(compute_dtype(h))
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.attention_scaling)  # 2 x (B, S, 1, D)
-        for layer in self.layers:
+        if self.cfg.scale_embeddings:  # x sqrt(d) rounded to h's dtype first, as transformers
+            h = h * torch.tensor(math.sqrt(self.cfg.d_model), dtype=h.dtype)  # Gemma does
+        rope = rope_cos_sin(position_ids, self.inv_freq, self.attention_scaling)  # 2 x (B, S, 1, D)
+        local = rope if self.inv_freq_local is None else rope_cos_sin(position_ids,
+                                                                     self.inv_freq_local)
+        for layer, window in zip(self.layers, self.windows):
+            cos, sin = local if window else rope
             h = layer(h, cos, sin, mask=attn_mask)
         h = self.norm(h)
         if labels is None:
@@ -263,7 +142,8 @@ class GPT(nn.Module):
     def init_weights(self, seed: int) -> None:
         """Initialise every parameter and non-persistent buffer deterministically from `seed`.
 
-        Scheme: norm weights 1; q/k/v biases (`qkv_bias`) 0, as Qwen2 initialises them; every
+        Scheme: norm weights 1 - model.norm_weight_offset (so every norm starts as the
+        identity: 1, or Gemma's 0 under its offset 1); q/k/v biases (`qkv_bias`) 0, as Qwen2 initialises them; every
         other weight (embedding, projections, head) N(0, init_std), except the
         residual-stream output projections `wo` and `w2`, drawn with
         init_std / sqrt(2 * n_layers) so that the residual stream's variance does not grow with
@@ -273,8 +153,9 @@ class GPT(nn.Module):
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):  # attention_norm, ffn_norm and the final norm
-                init_param_(param, name, seed, lambda t, g: t.fill_(1.0))
+            if name.endswith("norm.weight"):  # every RMSNorm: blocks, QK-norms, the final one
+                one = 1.0 - self.cfg.norm_weight_offset
+                init_param_(param, name, seed, lambda t, g, one=one: t.fill_(one))
                 continue
             if name.endswith((".wq.bias", ".wk.bias", ".wv.bias")):
                 init_param_(param, name, seed, lambda t, g: t.zero_())
@@ -290,6 +171,16 @@ class GPT(nn.Module):
         # Reassign instead of copy_: restores fp32 even if the module was cast to a lower dtype.
         inv_freq, self.attention_scaling = rope_frequencies(self.cfg)
         self.inv_freq = inv_freq.to(device)
+        local = self._local_inv_freq()
+        self.inv_freq_local = None if local is None else local.to(device)
+
+    def _local_inv_freq(self) -> torch.Tensor | None:
+        """fp32 (D/2,) frequencies of the sliding layers' unscaled RoPE with base
+        `model.rope_local_theta` (transformers' Gemma 3 `rope_parameters["sliding_attention"]`),
+        or None when every layer shares `inv_freq` (rope_local_theta 0, or no sliding layer)."""
+        if not self.cfg.rope_local_theta or not any(self.windows):
+            return None
+        return rope_inv_freq(self.head_dim, self.cfg.rope_local_theta)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

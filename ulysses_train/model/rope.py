@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from ..config.architecture import head_dim
 from ..config.schema import ModelConfig
 
 
@@ -157,7 +158,7 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     for yarn, else 1.0).
     """
     inv_freq = rope_scaled_inv_freq(
-        cfg.d_model // cfg.n_heads, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
+        head_dim(cfg), cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
         cfg.rope_original_seq_len, cfg.rope_beta_fast, cfg.rope_beta_slow,
         cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_truncate)
     if cfg.rope_scaling != "yarn":

@@ -6,8 +6,9 @@ Every way a layout changes the model is applied here, in this order (torchtitan'
    over the sp group (ring = 1), or the Ulysses x ring layer, which reads the token layout the
    data path shards by (parallel/batching.py);
 2. construction on the meta device (no memory spent on a throwaway init);
-3. tensor parallelism (parallel/tensor.py: a DTensor plan, and the vocab-parallel loss as the
-   model's `loss_fn`), first, because its plan names the unwrapped modules;
+3. tensor parallelism (parallel/tensor.py: a DTensor plan, the vocab-parallel loss as the
+   model's `loss_fn`, and the QK-norms' `weight_fn` that sums their gradient over tp), first,
+   because its plan names the unwrapped modules;
 4. activation checkpointing and compile, per block (names unchanged);
 5. FSDP2 (zero 2/3, HSDP), which wraps whatever layout TP left;
 6. `to_empty` and `init_weights(seed)`: parameters are materialised and initialised by name,

@@ -14,7 +14,10 @@ block the head-split and hidden-split projections are sharded:
 - head column-parallel with the logits *kept* sharded on the vocab dim (a DTensor, Shard(-1)),
   so no rank ever holds full-vocab logits; the model's injected `loss_fn` becomes
   `vocab_parallel_loss_sum` below.
-- norms replicated (plain parameters; their gradients are identical on every tp rank).
+- norms replicated (plain parameters; their gradients are identical on every tp rank). A
+  QK-norm (`model.qk_norm`) sees only this rank's heads, so its gradient is a partial sum:
+  its injected `weight_fn` (`sum_grad_over`) all-reduces it over tp in backward (what
+  transformers' plan calls "replicated_with_grad_allreduce"), one small all-reduce per norm.
 
 Collectives per block: forward 2 all-reduces (wo, w2), backward 2 (one per block input that
 fans out to several column-parallel projections: q/k/v share one, gate/up share one, because
@@ -104,6 +107,32 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
     parallelize_module(model, tp_mesh, tp_plan(model))
     model.loss_fn = vocab_parallel_loss_sum  # the head's logits are now vocab-sharded DTensors
     model.tok_embeddings.register_forward_pre_hook(_GradResharder())
+    group = tp_mesh.get_group()
+    for layer in model.layers:
+        for norm in (layer.attention.q_norm, layer.attention.k_norm):
+            if norm is not None:
+                norm.weight_fn = lambda w, group=group: sum_grad_over(w, group)
+
+
+class _SumGrad(torch.autograd.Function):
+    """Identity forward; backward all-reduces (sums) the gradient over `group`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_reduce(grad, "sum", ctx.group), None
+
+
+def sum_grad_over(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """x unchanged, its gradient summed over `group` in backward: for a replicated weight
+    (plain, or FSDP2's unsharded copy) that each rank applies to its own heads, so that every
+    rank's gradient is the whole one (Megatron's all-reduce of sequence-parallel norm
+    gradients). Shapes unchanged."""
+    return _SumGrad.apply(x, group)
 
 
 class _GradResharder:
