@@ -13,7 +13,8 @@ from ulysses_train.config.schema import ModelConfig
 from ulysses_train.config.validate import validate_model
 from ulysses_train.model import GPT, PRESETS, model_config, num_params
 
-PUBLISHED = {"tinyllama_1b": 1.10e9, "llama3_8b": 8.03e9}
+# Qwen3-4B: 4.0B (its model card); Gemma 3 4B: 4.3B with a 417M SigLIP vision tower.
+PUBLISHED = {"tinyllama_1b": 1.10e9, "llama3_8b": 8.03e9, "qwen3_4b": 4.02e9, "gemma3_4b": 3.88e9}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
