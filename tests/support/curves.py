@@ -37,8 +37,9 @@ def curve_config(curve: str, parallel: dict, micro: int, train: dict | None = No
     return small_config(parallel=parallel, checkpoint={"every": 0}, **sections)
 
 
-def train_run(cfg, dims, run_dir, uneven=True):
-    trainer = Trainer(cfg, run_dir, dims)
+def train_run(cfg, dims, run_dir, uneven=True, trainer=None):
+    """The metrics rows of `cfg` trained in `run_dir` (`trainer`: one already built for them)."""
+    trainer = trainer or Trainer(cfg, run_dir, dims)
     if uneven:
         trainer.data = UnevenLabels(trainer.data)
     trainer.fit()
