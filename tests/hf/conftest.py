@@ -1,7 +1,7 @@
 """Session-scoped Hugging Face fixtures: built once (transformers' save_pretrained, ~1 s)."""
 import pytest
 
-from support.hf import save_llama, save_windowed
+from support.hf import save_family, save_llama, save_windowed
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +27,15 @@ def hf_windowed(tmp_path_factory):
             "qwen2": save_windowed(str(root / "qwen2"), "qwen2", seed=1),
             "qwen2-mwl": save_windowed(str(root / "qwen2-mwl"), "qwen2", seed=2,
                                        layer_types=False)}
+
+
+@pytest.fixture(scope="session")
+def hf_families(tmp_path_factory):
+    """{tag: HF dir}, fp32 (support/hf.py save_family): "qwen3" (Qwen3ForCausalLM),
+    "gemma3" (Gemma3ForCausalLM), "gemma3-vision" (Gemma3ForConditionalGeneration: the same
+    kind of language model next to a tiny vision tower)."""
+    root = tmp_path_factory.mktemp("hf_families")
+    return {"qwen3": save_family(str(root / "qwen3"), "qwen3"),
+            "gemma3": save_family(str(root / "gemma3"), "gemma3", seed=1),
+            "gemma3-vision": save_family(str(root / "gemma3-vision"), "gemma3", seed=2,
+                                         vision=True)}

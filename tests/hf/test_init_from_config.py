@@ -138,7 +138,6 @@ REFUSED = [  # (config.json changes, words the one-line error must contain)
     (dict(model_type="gpt2"), "model_type 'gpt2' is not supported"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
-    (dict(head_dim=32), "head_dim=32"),
     (dict(attention_bias=True), "attention_bias=true"),
     (dict(mlp_bias=True), "mlp_bias=true"),
     (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "inference-only"),

@@ -75,7 +75,7 @@ def _tiny_pair(cfg: ModelConfig, hf_cfg: LlamaConfig) -> tuple[GPT, LlamaForCaus
     ours = GPT(cfg)
     ours.init_weights(0)
     theirs = LlamaForCausalLM(hf_cfg).eval()
-    names = hf_names(cfg.n_layers, cfg.tie_embeddings)
+    names = hf_names(cfg)
     state = {hf: ours.state_dict()[mine] for mine, hf in names.items()}
     for key in ("model.embed_tokens.weight", "lm_head.weight"):  # drop our 128-padding rows
         if key in state:

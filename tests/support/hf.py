@@ -71,6 +71,74 @@ def save_windowed(path: str, model_type: str, seed: int = 0, layer_types: bool =
     return path
 
 
+# Qwen3 and Gemma 3 sources (issue 21): head_dim 16 != 48 / 4 heads, GQA (2 kv heads), four
+# layers mixing sliding (window 8 < data.seq_len 32) and full attention, fp32 on disk.
+FAMILY_BASE = dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   intermediate_size=90, num_hidden_layers=4, vocab_size=300,
+                   max_position_embeddings=256, rms_norm_eps=1e-6, sliding_window=WINDOW)
+FAMILIES = {
+    # transformers derives layer_types from max_window_layers: full, sliding, sliding, sliding
+    "qwen3": dict(use_sliding_window=True, max_window_layers=1,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    # local : global as Gemma 3 mixes them; the global layers with their own base and linear x2,
+    # the local ones unscaled with another base; an attention scalar != head_dim
+    "gemma3": dict(layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                "sliding_attention"], query_pre_attn_scalar=24,
+                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                       "rope_theta": 1e5},
+                                    "sliding_attention": {"rope_type": "default",
+                                                          "rope_theta": 1e4}}),
+}
+# A tiny SigLIP tower for a Gemma3ForConditionalGeneration (2 x 2 patches = mm_tokens_per_image).
+TINY_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                   num_attention_heads=2, image_size=28, patch_size=14)
+
+
+def family_config(family: str, vision: bool = False, **overrides):
+    """transformers' config of a tiny `family` ("qwen3" | "gemma3") model: FAMILY_BASE +
+    FAMILIES[family] + `overrides`; with `vision` (gemma3 only) a Gemma3Config whose
+    text_config that is, with the TINY_VISION tower."""
+    import transformers
+
+    text = {**FAMILY_BASE, **FAMILIES[family], **overrides}
+    if family == "qwen3":
+        assert not vision, "only Gemma 3 has a vision tower"
+        return transformers.Qwen3Config(**text)
+    if not vision:
+        return transformers.Gemma3TextConfig(**text)
+    return transformers.Gemma3Config(text_config=text, vision_config=TINY_VISION,
+                                     mm_tokens_per_image=4)
+
+
+def randomize_(model: torch.nn.Module, norm_center: float = 1.0) -> None:
+    """Weights large enough that every one visibly matters: matrices N(0, 0.2), vectors (norm
+    weights, biases) U(norm_center - 0.5, norm_center + 0.5); norm_center 0 for Gemma's
+    x_hat * (1 + w) norms, whose zero init would hide the offset."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(norm_center - 0.5,
+                                                                norm_center + 0.5)
+
+
+def save_family(path: str, family: str, seed: int = 0, vision: bool = False,
+                **overrides) -> str:
+    """A tiny random fp32 model of `family` saved by transformers' save_pretrained into
+    `path`; returns `path`. family "qwen3": Qwen3ForCausalLM; "gemma3": Gemma3ForCausalLM
+    (model_type gemma3_text), or with `vision` a Gemma3ForConditionalGeneration (model_type
+    gemma3: the language model under `language_model.model.*` next to a vision tower).
+    Shapes and windows: FAMILY_BASE / FAMILIES; `overrides` go to the (text) config."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = family_config(family, vision, **overrides)
+    cls = (transformers.Gemma3ForConditionalGeneration if vision
+           else transformers.AutoModelForCausalLM.from_config)
+    model = cls(config)
+    randomize_(model, norm_center=0.0 if family == "gemma3" else 1.0)
+    model.save_pretrained(path)
+    return path
+
+
 def auto_logits(path: str, ids: torch.Tensor) -> torch.Tensor:
     """transformers' fp32 logits (B, S, V) of the model dir `path` (any model_type) for token
     ids (B, S); it must load without a warning and with no missing or unexpected keys."""

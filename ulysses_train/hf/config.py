@@ -1,7 +1,8 @@
 """`model.init_from`, config side: the architecture (`model.*`) of an HF dir or of our checkpoint.
 
-A Hugging Face model dir's `config.json` (model_type llama, mistral, ministral or qwen2;
-transformers 4 or 5 spelling; sliding windows as transformers reads them: hf/sliding.py) or
+A Hugging Face model dir's `config.json` (model_type llama, mistral, ministral, qwen2, qwen3,
+gemma3_text or gemma3; transformers 4 or 5 spelling; sliding windows as transformers reads
+them: hf/sliding.py; each family's switches: hf/family.py) or
 one of our run / `checkpoints/step_*` dirs (its meta.json "model") decides the model's fields,
 overriding the preset. `apply_init_from` is the one place that does it; both the
 command-line pre-check (cli/compose.py) and train.py's main call it with the keys the user set
@@ -12,7 +13,8 @@ explicitly, so they build the same config. Rules:
 - Keys the source does not state keep the user's value. The RoPE keys (`rope_theta` and the
   scaling keys) are only defaults, for an HF dir as for our checkpoints: changing them is a
   context extension (`model.rope_scaling=yarn ...`, a larger factor, adjusted base frequency
-  `model.rope_theta=500000`), logged by the trainer (`rope_notes`). Without `rope_scaling` in
+  `model.rope_theta=500000`), logged by the trainer (`rope_notes`); so is Gemma 3's
+  `rope_local_theta`. Without `rope_scaling` in
   config.json, `model.rope_original_seq_len` defaults to the model's `max_position_embeddings`
   (its pretraining context) unless set.
 - A yarn context (factor x original) shorter than the source's `max_position_embeddings` is
@@ -31,15 +33,16 @@ from typing import Iterable
 from ..checkpoint.store import resume_source
 from ..config.errors import ConfigError
 from ..utils.jsonfile import read_json_object
+from .family import GEMMA, SUPPORTED, check_family, family_fields, gemma_rope, text_config
 from .sliding import window_fields
 from .source import hf_max_positions, source_record
 
 KEY = "model.init_from"
-SUPPORTED = ("llama", "mistral", "ministral", "qwen2")
 # transformers' defaults for keys a config.json may omit (LlamaConfig / MistralConfig /
-# MinistralConfig / Qwen2Config, transformers 5; max_position_embeddings's: hf/source.py
-# MAX_POSITIONS; sliding_window's: hf/sliding.py).
-_DEFAULTS = {kind: dict(rms_norm_eps=1e-6, tie_word_embeddings=False) for kind in SUPPORTED}
+# MinistralConfig / Qwen2Config / Qwen3Config, transformers 5; Gemma 3's: hf/family.py
+# text_config; max_position_embeddings's: hf/source.py MAX_POSITIONS; sliding_window's:
+# hf/sliding.py).
+_DEFAULTS = dict(rms_norm_eps=1e-6, tie_word_embeddings=False)
 # Our RoPE keys <- transformers' rope_parameters names, per rope_type.
 _ROPE_KEYS = {
     "linear": {},
@@ -75,7 +78,7 @@ def model_fields_from(path: str) -> tuple[dict, dict, str]:
         # factor, and adjusted base frequency (a larger rope_theta: Code Llama, Llama 3, Qwen)
         # is an extension too. So the RoPE keys are defaults, overridable as our checkpoints'
         # are; the trainer logs each change (`rope_notes`).
-        rope = {k: v for k, v in stated.items() if k in ROPE_KEYS}
+        rope = {k: v for k, v in stated.items() if k in (*ROPE_KEYS, "rope_local_theta")}
         stated = {k: v for k, v in stated.items() if k not in rope}
         return stated, {**defaults, **rope}, os.path.basename(path)
     saved = _json(os.path.join(where, "meta.json")).get("model")
@@ -112,52 +115,61 @@ def _refuse(where: str, what: str) -> ConfigError:
 
 
 def hf_model_fields(hf: dict, where: str = "config.json") -> tuple[dict, dict]:
-    """(stated, defaults) ModelConfig fields of a transformers config.json dict `hf`. The
-    window (`sliding_window`, `layer_types`: hf/sliding.py) is stated: the weights were
-    trained with it, so an explicit override that differs is an error.
+    """(stated, defaults) ModelConfig fields of a transformers config.json dict `hf` (for a
+    gemma3 checkpoint, its language model: hf/family.py text_config). The window
+    (`sliding_window`, `layer_types`: hf/sliding.py) and every family switch (hf/family.py
+    family_fields) are stated: the weights were trained with them, so an explicit override
+    that differs is an error.
 
-    Refuses (ConfigError naming `where`) what our model does not compute: see `_check_supported`
-    and hf/sliding.py `window_fields`.
+    Refuses (ConfigError naming `where` and the config.json field) what our model does not
+    compute: see `_check_supported`, hf/family.py `check_family` and hf/sliding.py
+    `window_fields`.
     """
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
         raise _refuse(where, f"model_type {kind!r} is not supported; supported: "
                              f"{', '.join(SUPPORTED)}")
-    defaults = _DEFAULTS[kind]
+    hf, field = text_config(hf)
     try:
         d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         stated = dict(n_layers=int(hf["num_hidden_layers"]), d_model=d, n_heads=heads,
                       n_kv_heads=int(hf.get("num_key_value_heads") or heads),
                       ffn_hidden=int(hf["intermediate_size"]),
                       vocab_size=int(hf["vocab_size"]),
-                      norm_eps=float(hf.get("rms_norm_eps", defaults["rms_norm_eps"])),
+                      norm_eps=float(hf.get("rms_norm_eps", _DEFAULTS["rms_norm_eps"])),
                       tie_embeddings=bool(hf.get("tie_word_embeddings",
-                                                 defaults["tie_word_embeddings"])),
-                      qkv_bias=kind == "qwen2")
+                                                 _DEFAULTS["tie_word_embeddings"])),
+                      qkv_bias=kind == "qwen2", **family_fields(hf, kind))
     except KeyError as exc:
-        raise _refuse(where, f"missing {exc.args[0]!r}") from None
+        raise _refuse(where, f"missing {field + exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
         raise _refuse(where, f"a size is not a number ({exc})") from None
+    check_family(hf, kind, where, field)
     _check_supported(hf, kind, where)
-    stated.update(window_fields(hf, kind, where))
-    rope_stated, rope_defaults = _rope_fields(hf, hf_max_positions(hf), where)
+    window_kind = "gemma3_text" if kind in GEMMA else kind
+    stated.update(window_fields(hf, window_kind, f"{where} {field[:-1]}".strip()))
+    max_pos = hf_max_positions(hf)
+    if kind in GEMMA:
+        full, local_theta = gemma_rope(hf, where, field)
+        rope_stated, rope_defaults = _rope_fields(full, max_pos, where)
+        rope_stated["rope_local_theta"] = local_theta
+    else:
+        rope = _rope_dict(hf)
+        rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_stated, rope_defaults = _rope_fields(rope, max_pos, where)
+        rope_stated["rope_local_theta"] = 0.0
     return {**stated, **rope_stated}, rope_defaults
 
 
 def _check_supported(hf: dict, kind: str, where: str) -> None:
-    """One line for each config.json setting our model would silently compute differently."""
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise _refuse(where, f"hidden_act {act!r} is not supported (our MLP is SwiGLU: silu)")
-    rope = _rope_dict(hf)
-    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
-    if partial is not None and float(partial) != 1.0:
-        raise _refuse(where, f"partial_rotary_factor={partial}: partial rotary embeddings are "
-                             "not supported (we rotate the whole head)")
-    head_dim, d, heads = hf.get("head_dim"), hf["hidden_size"], hf["num_attention_heads"]
-    if head_dim is not None and int(head_dim) * int(heads) != int(d):
-        raise _refuse(where, f"head_dim={head_dim} != hidden_size / num_attention_heads = "
-                             f"{d} / {heads}; only head_dim = hidden_size / heads is supported")
+    """One line for each config.json setting our model would silently compute differently
+    (beyond the family's own: hf/family.py check_family)."""
+    ropes = gemma_rope(hf, where, "")[:1] if kind in GEMMA else [_rope_dict(hf)]
+    for rope in ropes:
+        partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+        if partial is not None and float(partial) != 1.0:
+            raise _refuse(where, f"partial_rotary_factor={partial}: partial rotary embeddings "
+                                 "are not supported (we rotate the whole head)")
     for bias in ("attention_bias", "mlp_bias"):
         if kind == "llama" and hf.get(bias):
             raise _refuse(where, f"{bias}=true: our Llama has no such biases (only Qwen2's q/k/v "
@@ -171,10 +183,10 @@ def _rope_dict(hf: dict) -> dict:
     return dict(rope) if isinstance(rope, dict) else {}
 
 
-def _rope_fields(hf: dict, max_pos: int, where: str) -> tuple[dict, dict]:
-    """(stated, defaults) RoPE fields. rope_type default/absent states only rope_theta."""
-    rope = _rope_dict(hf)
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+def _rope_fields(rope: dict, max_pos: int, where: str) -> tuple[dict, dict]:
+    """(stated, defaults) RoPE fields of one RoPE dict (transformers 5's `rope_parameters`
+    spelling, rope_theta inside). rope_type default/absent states only rope_theta."""
+    theta = float(rope["rope_theta"])
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         return {"rope_theta": theta}, {"rope_scaling": "none", "rope_original_seq_len": max_pos}
@@ -281,7 +293,10 @@ def rope_notes(init_from: str, model) -> list[str]:
     `model.rope_theta: 500000 (the source was trained with 10000: adjusted base frequency)`,
     and one line for the scaling keys together (a context extension), plus a warning for static
     ntk, which the export cannot write (hf/export_config.py); one line per other changed
-    FUNCTION key (the window, `norm_eps`): what a new stage changed on purpose."""
+    FUNCTION key (config/architecture.py: the window, `norm_eps`, `rope_local_theta`, ...):
+    what a new stage changed on purpose."""
+    from ..config.architecture import FUNCTION
+
     stated, defaults, _ = model_fields_from(init_from)
     before = {**defaults, **stated}
     notes = []
@@ -298,8 +313,10 @@ def rope_notes(init_from: str, model) -> list[str]:
             notes.append("model.rope_scaling: static ntk has no transformers rope_type, so "
                          "this run cannot be exported to Hugging Face; yarn, linear or llama3 "
                          "can be")
-    for key in ("sliding_window", "layer_types", "norm_eps"):  # the other FUNCTION keys
-        if key in before and before[key] != getattr(model, key):
+    for key in FUNCTION:  # the others: window, norms, activation, scales, local RoPE base
+        if key in ROPE_KEYS:
+            continue
+        if key in before and not _same(before[key], getattr(model, key)):
             notes.append(f"model.{key}: {getattr(model, key)} (the source was trained with "
                          f"{before[key]})")
     return notes

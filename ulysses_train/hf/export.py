@@ -98,7 +98,7 @@ def read_model(step: str) -> tuple[ModelConfig, int, dict | None]:
 def plan_tensors(m: ModelConfig, metadata, dtype: torch.dtype) -> list[tuple[str, str, list]]:
     """[(HF name, DCP key, exported shape)] in HF order; ConfigError if a tensor is missing."""
     out = []
-    for ours, theirs in hf_names(m.n_layers, m.tie_embeddings, m.qkv_bias).items():
+    for ours, theirs in hf_names(m).items():
         key = "model." + ours
         entry = metadata.get(key)
         if entry is None or not hasattr(entry, "size"):

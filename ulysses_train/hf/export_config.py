@@ -2,12 +2,15 @@
 
 The inverse of `hf/config.py`: our ModelConfig as transformers' `LlamaConfig` would write it,
 or `Qwen2Config` when the q/k/v projections have biases, `MistralConfig` / `MinistralConfig`
-for sliding-window layers (hf/sliding.py chooses). Plain dicts; no torch, no transformers.
+for sliding-window layers, `Qwen3Config` with QK-norm, `Gemma3TextConfig` for the Gemma
+switches (hf/sliding.py and hf/family.py choose; a mix no class computes is refused there,
+before anything is written). Plain dicts; no torch, no transformers.
 """
 from __future__ import annotations
 
 import os
 
+from ..config.architecture import head_dim
 from ..config.errors import ConfigError
 from .sliding import window_config_json
 
@@ -79,21 +82,23 @@ def hf_config_json(m, max_position_embeddings: int, dtype: str, special_ids: dic
     model_type, kept where it computes the same).
     """
     arch = window_config_json(m, source_type)
+    kind = arch.pop("model_type")
     config = {
         "architectures": arch.pop("architectures"),
-        "model_type": arch.pop("model_type"),
+        "model_type": kind,
         "hidden_size": m.d_model,
         "intermediate_size": m.ffn_hidden,
         "num_attention_heads": m.n_heads,
         "num_key_value_heads": m.n_kv_heads,
         "num_hidden_layers": m.n_layers,
-        "head_dim": m.d_model // m.n_heads,
-        "hidden_act": "silu",
+        "head_dim": head_dim(m),
+        **(_gemma3_keys(m) if kind == "gemma3_text" else {
+            "hidden_act": "silu", **({"attention_bias": False} if kind == "qwen3" else {})}),
         "rms_norm_eps": m.norm_eps,
         "vocab_size": m.vocab_size,
         "max_position_embeddings": max_position_embeddings,
-        "rope_theta": m.rope_theta,
-        "rope_scaling": rope_scaling_json(m),
+        **(_gemma3_rope(m) if kind == "gemma3_text" else {
+            "rope_theta": m.rope_theta, "rope_scaling": rope_scaling_json(m)}),
         "tie_word_embeddings": m.tie_embeddings,
         "torch_dtype": TORCH_DTYPE[dtype],
         **special_ids,
@@ -101,6 +106,26 @@ def hf_config_json(m, max_position_embeddings: int, dtype: str, special_ids: dic
         **arch,
     }
     return config
+
+
+def _gemma3_keys(m) -> dict:
+    """Gemma3TextConfig's keys for what our Gemma switches compute (hf/family.py): GeGLU with
+    the tanh GELU, the attention scalar (0 = head_dim), and no softcapping, biases or
+    bidirectional attention (Gemma3TextConfig's defaults, stated so the file says it)."""
+    return {"hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": int(m.query_pre_attn_scalar or head_dim(m)),
+            "attention_bias": False, "attn_logit_softcapping": None,
+            "final_logit_softcapping": None, "use_bidirectional_attention": False}
+
+
+def _gemma3_rope(m) -> dict:
+    """transformers 5's per-layer-type `rope_parameters` of a Gemma 3: the global layers'
+    rope_theta and scaling; the sliding layers' unscaled `model.rope_local_theta`, or without
+    one (0) the global layers' RoPE, which is what our sliding layers then compute."""
+    full = {"rope_type": "default", **(rope_scaling_json(m) or {}), "rope_theta": m.rope_theta}
+    local = ({"rope_type": "default", "rope_theta": m.rope_local_theta} if m.rope_local_theta
+             else dict(full))
+    return {"rope_parameters": {"full_attention": full, "sliding_attention": local}}
 
 
 def special_token_ids(tokenizer_dir: str) -> tuple[int | None, int | None]:

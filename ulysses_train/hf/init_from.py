@@ -161,6 +161,10 @@ def load_initial_weights(model, path: str, model_cfg, dims) -> str:
         n = load_hf_weights(model, where, mapping, table, dims.distributed)
         dtypes = sorted({table[t].dtype for t in mapping.values()})
         what = f"{n / 1e6:.2f}M parameters ({'/'.join(dtypes).lower()} -> fp32)"
+        ignored = weights_dir.language_model_layout(table)[2]
+        if ignored:  # a Gemma3ForConditionalGeneration: its language model only
+            what += (f" of the language model, ignoring the {len(ignored)} vision tower / "
+                     "projector tensors")
     else:
         warning = verify_checkpoint(where, KEY, dims.distributed)  # before any tensor is read
         n = _load_our_weights(model, where, dims.distributed)

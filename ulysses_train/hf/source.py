@@ -24,18 +24,24 @@ import os
 from ..checkpoint.store import read_meta
 from ..config.errors import ConfigError
 from ..utils.jsonfile import read_json_object
+from .family import text_config
 
 KEY = "hf_source"  # meta.json's key
 SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
 GENERATION = "generation_config.json"
 # transformers 5's max_position_embeddings default per model_type (LlamaConfig, MistralConfig,
-# MinistralConfig, Qwen2Config), for a config.json that omits it.
-MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "ministral": 131072, "qwen2": 32768}
+# MinistralConfig, Qwen2Config, Qwen3Config, Gemma3TextConfig: also a gemma3 text_config's),
+# for a config.json that omits it.
+MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "ministral": 131072, "qwen2": 32768,
+                 "qwen3": 32768, "gemma3_text": 131072, "gemma3": 131072}
 
 
 def hf_max_positions(hf: dict) -> int:
-    """config.json's (`hf`) `max_position_embeddings`: the context the model serves; the
-    transformers default of its model_type when absent. ConfigError if it is not a number."""
+    """config.json's (`hf`) `max_position_embeddings`: the context the model serves (a gemma3
+    checkpoint's: its text_config's); the transformers default of its model_type when absent.
+    ConfigError if it is not a number."""
+    if hf.get("model_type") == "gemma3":
+        hf = text_config(hf)[0]
     value = hf.get("max_position_embeddings") or MAX_POSITIONS.get(hf.get("model_type"), 2048)
     try:
         return int(value)
@@ -59,6 +65,8 @@ def source_record(init_from: str, resumed: str | None = None) -> dict | None:
     if kind != HF:
         return _forwarded(where)
     config = _read(os.path.join(where, "config.json"))
+    if config.get("model_type") == "gemma3":  # the ids may be in text_config or at the top
+        config = {**config, **{k: v for k, v in text_config(config)[0].items() if k in SPECIAL}}
     gen_path = os.path.join(where, GENERATION)
     return {"max_position_embeddings": hf_max_positions(config),
             "special_tokens": {k: config[k] for k in SPECIAL if _is_id(config.get(k))},

@@ -32,8 +32,9 @@ import os
 import struct
 from dataclasses import dataclass
 
+from ..config.architecture import head_dim
 from ..config.errors import ConfigError
-from .names import hf_names
+from .names import HEAD, hf_names
 
 KEY = "model.init_from"
 SINGLE = "model.safetensors"
@@ -48,6 +49,13 @@ DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0"
 # Non-weights some older Llama conversions saved: transformers ignores them on load, and so do we.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 MAX_NAMED = 3  # tensors named in one error line before "and N more"
+# Gemma3ForConditionalGeneration checkpoints: (decoder prefix, untied head) of the language
+# model, as transformers 5 saves it (and the hub has it: `language_model.model.*`) or holds
+# it in memory (`model.language_model.*`); the vision tower and projector are not ours.
+MULTIMODAL = (("language_model.model.", "language_model.lm_head.weight"),
+              ("model.language_model.", HEAD))
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                   "model.multi_modal_projector.")
 
 
 @dataclass(frozen=True)
@@ -225,12 +233,15 @@ def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """{our parameter name: shape} of model/gpt.py's GPT for ModelConfig `cfg`, with the
     *unpadded* vocabulary (`cfg.vocab_size` rows: what an HF checkpoint holds).
 
-    Linear weights are (out_features, in_features); head_dim = d_model / n_heads.
-    tests/hf/test_init_from_checks.py holds this to the shapes of a GPT built on meta.
+    Linear weights are (out_features, in_features); head_dim: config/architecture.py
+    head_dim (`model.head_dim`, or d_model / n_heads). tests/hf/test_init_from_checks.py holds
+    this to the shapes of a GPT built on meta.
     """
-    d, hd, f = cfg.d_model, cfg.d_model // cfg.n_heads, cfg.ffn_hidden
+    d, hd, f = cfg.d_model, head_dim(cfg), cfg.ffn_hidden
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
     layer = {"attention_norm.weight": (d,), "ffn_norm.weight": (d,),
+             "post_attention_norm.weight": (d,), "post_ffn_norm.weight": (d,),
+             "attention.q_norm.weight": (hd,), "attention.k_norm.weight": (hd,),
              "attention.wq.weight": (q, d), "attention.wk.weight": (kv, d),
              "attention.wv.weight": (kv, d), "attention.wo.weight": (d, q),
              "feed_forward.w1.weight": (f, d), "feed_forward.w3.weight": (f, d),
@@ -243,34 +254,46 @@ def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def language_model_layout(table: dict[str, TensorInfo]) -> tuple[str, str, list[str]]:
+    """(decoder prefix, untied head name, tensors to ignore) of a checkpoint's tensor names:
+    ("model.", "lm_head.weight", []) for a *ForCausalLM; for a Gemma3ForConditionalGeneration
+    the language model's prefix and head (MULTIMODAL) and its vision tower / projector tensors
+    (VISION_PREFIXES), which `model.init_from` leaves out."""
+    for prefix, head in MULTIMODAL:
+        if any(t.startswith(prefix) for t in table):
+            return prefix, head, sorted(t for t in table if t.startswith(VISION_PREFIXES))
+    return "model.", HEAD, []
+
+
 def check_tensors(table: dict[str, TensorInfo], cfg) -> dict[str, str]:
     """Refuse a checkpoint whose tensors do not fit ModelConfig `cfg`; return {ours: HF name}.
 
     In this order: lm_head vs `model.tie_embeddings` (transformers ties the head to the
     embedding when config.json's tie_word_embeddings is true, so a tied model must not bring a
     head of its own, an untied one must), q/k/v biases vs `model.qkv_bias`, missing tensors,
-    other unexpected tensors, shapes, dtypes.
+    other unexpected tensors, shapes, dtypes. A Gemma3ForConditionalGeneration checkpoint is
+    read as its language model (`language_model_layout`).
     """
-    qkv_bias = bool(getattr(cfg, "qkv_bias", False))
-    mapping = hf_names(cfg.n_layers, cfg.tie_embeddings, qkv_bias)
-    present = {t for t in table if not t.endswith(IGNORED_SUFFIXES)}
+    prefix, head, ignored = language_model_layout(table)
+    mapping = hf_names(cfg, prefix, head)
+    present = {t for t in table if not t.endswith(IGNORED_SUFFIXES)} - set(ignored)
     expected = set(mapping.values())
-    if cfg.tie_embeddings and "lm_head.weight" in present:
-        raise fail("lm_head.weight is present but model.tie_embeddings=true (config.json "
+    if cfg.tie_embeddings and head in present:
+        raise fail(f"{head} is present but model.tie_embeddings=true (config.json "
                    "tie_word_embeddings): a tied model uses the embedding as its head; set "
                    "tie_word_embeddings=false if the head is meant to be separate")
-    if not cfg.tie_embeddings and "lm_head.weight" not in present:
-        raise fail("lm_head.weight is missing but model.tie_embeddings=false: an untied model "
+    if not cfg.tie_embeddings and head not in present:
+        raise fail(f"{head} is missing but model.tie_embeddings=false: an untied model "
                    "needs its own head; set tie_word_embeddings=true if it shares the embedding")
     biases = sorted(t for t in present - expected if t.endswith("_proj.bias"))
     if biases:
-        hint = ("q/k/v biases (model.qkv_bias=false)" if not qkv_bias
+        hint = ("q/k/v biases (model.qkv_bias=false)" if not cfg.qkv_bias
                 else "those biases (only q/k/v have them)")
         raise fail(f"the checkpoint has biases {listing(biases)} but the model has no {hint}")
     missing = expected - present
     if missing:
         raise fail(f"{len(missing)} tensor(s) missing from the checkpoint: {listing(missing)}; "
-                   "is it a complete Llama/Mistral/Qwen2 checkpoint of this config.json?")
+                   "is it a complete checkpoint of this config.json?")
     unexpected = present - expected
     if unexpected:
         raise fail(f"{len(unexpected)} tensor(s) the model has no place for: "
