@@ -152,10 +152,12 @@ def _given_tokenizer(cfg: DataConfig, init_from: str, limit: int, log) -> Tokeni
     if not path:
         return None
     tok = open_tokenizer(path)
-    if tok.vocab_size > limit:
-        raise ConfigError(TOKENIZER_KEY, f"{path} has {tok.vocab_size} ids but model.vocab_size "
-                          f"is {limit}, so some token ids would have no embedding row; raise "
-                          "model.vocab_size or use another tokenizer")
+    if tok.stream_ids > limit:  # ids only a special token has never reach the model
+        used = "" if tok.stream_ids == tok.vocab_size else \
+            f" (text and BOS/EOS give ids up to {tok.stream_ids - 1})"
+        raise ConfigError(TOKENIZER_KEY, f"{path} has {tok.vocab_size} ids{used} but "
+                          f"model.vocab_size is {limit}, so some token ids would have no "
+                          "embedding row; raise model.vocab_size or use another tokenizer")
     log(f"data: tokenizer {path}: {tok.describe()}")
     return tok
 

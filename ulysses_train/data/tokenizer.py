@@ -1,5 +1,5 @@
 """One tokenizer interface, two implementations: a sentencepiece `.model` and a Hugging Face
-`tokenizer.json` (loaded with the `tokenizers` library: Llama 3's byte-level BPE, Qwen2's, ...).
+`tokenizer.json` (loaded with the `tokenizers` library: Llama 3's, Qwen3's or Gemma 3's, ...).
 
 A tokenizer is its model file plus, beside it, the files that name its special tokens:
 `tokenizer_config.json` (`bos_token`, `eos_token`, `add_bos_token`) and `special_tokens_map.json`.
@@ -46,9 +46,11 @@ _loaded: dict[str, "Tokenizer"] = {}  # per process: the datasets.map batches re
 
 
 class Tokenizer:
-    """A loaded tokenizer: `encode_batch`, `vocab_size` (ids are in [0, vocab_size)), `bos_id`
-    (None: it has none), `eos_id`, `add_bos`, and `files` (canonical name -> path of every file
-    that defines it). Raises ConfigError(data.tokenizer_path) for a file it cannot use."""
+    """A loaded tokenizer: `encode_batch`, `vocab_size` (ids are in [0, vocab_size)),
+    `stream_ids` (ids of a packed stream are in [0, stream_ids): what the model's embedding
+    must cover), `bos_id` (None: it has none), `eos_id`, `add_bos`, and `files` (canonical name
+    -> path of every file that defines it). Raises ConfigError(data.tokenizer_path) for a file
+    it cannot use."""
 
     kind = ""
     model_name = ""  # the model file's canonical name
@@ -65,6 +67,7 @@ class Tokenizer:
         self.vocab_size = self._vocab_size()
         self.bos_id, self.eos_id, self.add_bos = special_ids(self)
         self._specials_as_text(special_names(self.configs))
+        self.stream_ids = self._stream_ids()
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
         """Token ids of each text, without special tokens, special-token strings in it
@@ -90,6 +93,10 @@ class Tokenizer:
 
     def _vocab_size(self) -> int:
         raise NotImplementedError
+
+    def _stream_ids(self) -> int:
+        """1 + the largest id a packed stream can hold (see `stream_ids`)."""
+        return self.vocab_size
 
     def identity(self) -> str:
         """sha256 of what defines this tokenizer: of the model file when it is the only file
@@ -190,6 +197,14 @@ class HFTokenizer(Tokenizer):
         # What the post-processor does to an empty text: Llama 3's adds <|begin_of_text|>.
         ids = self.tok.encode("", add_special_tokens=True).ids
         return bool(ids) and self.bos_id is not None and ids[0] == self.bos_id
+
+    def _stream_ids(self):
+        # Text gives model-vocabulary ids and unspecial added tokens (special ones are split as
+        # text), the packer BOS/EOS. Gemma 3 1B's <image_soft_token> is id 262144, past the
+        # 262144 rows of its embedding: a model needs no row for an id it never reads.
+        plain = [i for i, t in self.tok.get_added_tokens_decoder().items() if not t.special]
+        packer = [self.eos_id] + ([self.bos_id] if self.add_bos else [])
+        return 1 + max([*self.tok.get_vocab(with_added_tokens=False).values(), *plain, *packer])
 
     def _vocab_size(self):
         # Added tokens included (Llama 3: 128000 BPE ids + 256 special); max id + 1 in case a
