@@ -19,7 +19,7 @@ is reported in `attempts` and costs only its partial forward).
 Memory: CUDA = allocator peak of the measured steps. CPU = peak RSS of the process, so every
 sequence length runs in a fresh subprocess (RSS never shrinks); `setup_mem_gib` is the RSS
 after the model and optimizer exist, so peak - setup is what the step itself needed.
-FLOPs: `model.flops_per_token` (6 N + 6 L d S per token, causal attention counted once,
+FLOPs: `model.flops_per_token` (6 N + 6 L Hq D S per token, causal attention counted once,
 recompute not counted). An MFU above 1 means a wrong formula or peak table; it is printed as
 computed.
 

@@ -1,7 +1,9 @@
-"""Attention FLOPs count the visible pairs only: causal x document x sliding window, per layer.
+"""Attention FLOPs count the visible pairs only: causal x document x sliding window, per layer;
+the weights count follows the modules' shapes (any head_dim, QK-norm, sandwich norms).
 
 Every count is checked against a brute-force count of the dense boolean mask the CPU kernels
-use (model/masking.py), never against the closed form it is derived from.
+use (model/masking.py), or against torch's own FLOP counter on a real forward + backward, never
+against the closed form it is derived from.
 """
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ulysses_train.config.schema import ModelConfig
+from ulysses_train.model.attention import eager_attention
 from ulysses_train.model.flops import (
     attention_flops,
     flops_per_token,
@@ -18,6 +22,7 @@ from ulysses_train.model.flops import (
     row_spans,
     span_count,
 )
+from ulysses_train.model.gpt import GPT
 from ulysses_train.model.masking import DocumentMask, sliding_dense
 from ulysses_train.train.metrics import span_sq_sum
 
@@ -91,3 +96,34 @@ def test_a_single_count_is_refused_for_a_sliding_model():
         attention_flops(MIXED, 64**2)
     with pytest.raises(ValueError, match=r"window\(s\) \[5\]"):
         attention_flops(MIXED, {0: 64**2})
+
+
+# Qwen3 / Gemma 3 shapes at toy size: heads of 48 on d 64 (Hq D = 192 != d), GQA, QK-norm,
+# sandwich norms, GeGLU, tied embeddings, sliding and full layers.
+ANY_HEAD_DIM = replace(MIXED, head_dim=48, qk_norm=True, sandwich_norm=True,
+                       mlp_activation="gelu_tanh", tie_embeddings=True)
+
+
+@pytest.mark.parametrize("cfg", [ANY_HEAD_DIM, replace(CFG, head_dim=24)], ids=["gemma-like",
+                                                                                "plain"])
+def test_flops_follow_the_module_shapes_with_any_head_dim(cfg):
+    """torch's FlopCounterMode on a forward + backward of the model: its matmuls (aten.mm: the
+    projections, MLP and head, 2 + 4 FLOPs per weight and token) are 6 x (N - the norm weights
+    the model holds) x tokens, and its attention matmuls (aten.bmm of the eager kernel, which
+    computes the whole S x S square in every layer: 12 Hq D per pair) are twice
+    attention_flops of a full span S^2 per layer: both follow Hq x head_dim, not d_model."""
+    rows, seq = 2, 16
+    model = GPT(cfg, attention_fn=eager_attention)
+    model.init_weights(0)
+    ids = torch.randint(0, cfg.vocab_size, (rows, seq))
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = model(ids, torch.arange(seq).expand(rows, seq), labels=ids)
+        loss.backward()
+    counted = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert set(counted) == {"aten.mm", "aten.bmm"}, counted
+    tokens = rows * seq
+    squares = {w: rows * seq**2 for w in row_spans(cfg, seq)}  # every layer's window: S^2
+    weights = (model_flops(cfg, tokens, squares) - attention_flops(cfg, squares)) // (6 * tokens)
+    norms = sum(p.numel() for name, p in model.named_parameters() if name.endswith("norm.weight"))
+    assert counted["aten.mm"] == 6 * tokens * (weights - norms)
+    assert counted["aten.bmm"] == 2 * attention_flops(cfg, squares)

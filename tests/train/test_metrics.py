@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from support.common import cpu_dims, metrics_rows, run_train, small_config
+from ulysses_train.config.architecture import head_dim
 from ulysses_train.model import flops_per_token, model_config, padded_vocab
 from ulysses_train.model.flops import attention_flops, model_flops
 from ulysses_train.train.metrics import (
@@ -48,12 +49,13 @@ def test_peak_table_prefers_the_specific_name(monkeypatch):
 
 
 def test_flops_per_token_is_the_documented_formula():
-    """6 N (every matmul weight incl. the head, not the embedding lookup) + 6 L d S."""
+    """6 N (every matmul weight incl. the head, not the embedding lookup) + 6 L Hq D S
+    (Hq D = d for this Llama shape)."""
     cfg = model_config("tinyllama_1b")
-    d, f, layers, hd = cfg.d_model, cfg.ffn_hidden, cfg.n_layers, cfg.d_model // cfg.n_heads
-    per_layer = 2 * d * d + 2 * d * cfg.n_kv_heads * hd + 3 * d * f + 2 * d
+    d, f, layers, hd = cfg.d_model, cfg.ffn_hidden, cfg.n_layers, head_dim(cfg)
+    per_layer = 2 * d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd + 3 * d * f + 2 * d
     n = layers * per_layer + d + d * padded_vocab(cfg.vocab_size)
-    assert flops_per_token(cfg, 8192) == 6 * n + 6 * layers * d * 8192
+    assert flops_per_token(cfg, 8192) == 6 * n + 6 * layers * cfg.n_heads * hd * 8192
     # attention grows linearly with S per token (causal triangle counted once)
     grow = flops_per_token(cfg, 16384) - flops_per_token(cfg, 8192)
     assert grow == 6 * layers * d * 8192

@@ -53,7 +53,7 @@ def span_sq_sum(document_ids: torch.Tensor, window: int = 0) -> torch.Tensor:
     for a layer whose queries see at most `window` keys (0 = full causal): int64 scalar, on the
     ids' device. Documents are the runs of equal ids of a row (`data.batch.document_positions`;
     none spans two rows); a full layer over a one-document row gives S^2, so for window 0 this
-    is the sum of the documents' squared lengths. Attention costs this many x 6 d per layer
+    is the sum of the documents' squared lengths. Attention costs this many x 6 Hq D per layer
     (`model.flops.attention_flops`).
 
     The token at position k of its document sees min(k + 1, W) keys (causal x document x
