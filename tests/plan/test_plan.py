@@ -1,9 +1,9 @@
 """The planner: CLI contract, parallel.auto, and the memory model against measured peaks.
 
 The memory test measures live tensor bytes (torch's MemTracker, plan/measure.py) of the
-trainer's step in 14 configurations and holds the prediction (plan/memory.py) to +-10 %: one
+trainer's step in 15 configurations and holds the prediction (plan/memory.py) to +-10 %: one
 process (every checkpointing mode, offload, tiled MLP/loss, a mixed sliding-window model with
-and without documents) and 4 gloo ranks (sp=4, sp=2 x dp=2
+and without documents, a Gemma-3-shaped model) and 4 gloo ranks (sp=4, sp=2 x dp=2
 zero=3, the same with shard_group=2 (HSDP), tp=2 x dp=2, sp=2 x dp=2 selective, Ulysses x ring
 sp=4 ring=2, pure ring sp=4 ring=4 selective), all in one 4-rank spawn. Shapes are chosen so the
 blocks' activations, not the logits, are most of the peak.
@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from support.common import SMALL, metrics_rows, run_torchrun, small_config
+from support.families import GEMMA3_4B, QWEN3_4B, model_overrides
 from support.spawn import run_distributed
 from ulysses_train.cli import plan as plan_cli
 from ulysses_train.config.validate import validate
@@ -29,6 +30,13 @@ MODEL = {"n_layers": 4, "d_model": 128, "n_heads": 4, "n_kv_heads": 2, "ffn_hidd
 ONE = {"micro_batch_size": 1, "global_batch_size": 1}
 MIXED = {"n_layers": 3, "sliding_window": 64,
          "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}
+# Gemma 3's block at tiny size: heads of 64 on d 128 (Hq D = 256 != d), QK-norm, sandwich norms,
+# GeGLU, Gemma's norm offset and embedding scale, 5 sliding : 1 full with W 128 < S, the
+# sliding layers' own RoPE base (a second cos/sin table), tied embeddings.
+GEMMA = {"n_layers": 6, "head_dim": 64, "qk_norm": True, "sandwich_norm": True,
+         "mlp_activation": "gelu_tanh", "norm_weight_offset": 1.0, "scale_embeddings": True,
+         "sliding_window": 128, "rope_local_theta": 10000.0, "tie_embeddings": True,
+         "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}
 SINGLE = {  # name -> config sections (one process)
     "none, untiled loss": dict(data={"seq_len": 1024}, train={**ONE, "loss_chunk": 0}),
     "none, tiled MLP + loss": dict(data={"seq_len": 1024},
@@ -45,6 +53,8 @@ SINGLE = {  # name -> config sections (one process)
     "sliding, sliding, full (W 64) + documents": dict(
         model=MIXED, data={"seq_len": 1024, "document_mask": True},
         train={**ONE, "loss_chunk": 0}),
+    "Gemma 3 block, 5 sliding : 1 full (W 128)": dict(model=GEMMA, data={"seq_len": 512},
+                                                      train={**ONE, "loss_chunk": 0}),
 }
 TWO_ROWS = {"micro_batch_size": 1, "global_batch_size": 2}
 FOUR_RANKS = {
@@ -152,6 +162,25 @@ def test_plan_json_best_is_valid_fits_and_is_fastest(capsys):
         for k in keys}
     validate(apply(cfg, knobs), 8)  # what train.py runs on 8 ranks: accepted
     assert all(f"{k}={str(v).lower()}" in best["command"] for k, v in knobs.items())
+
+
+def test_plan_knows_qwen3_and_gemma3(capsys):
+    """`python -m ulysses_train.plan model=gemma3_4b plan.gpus=8 plan.gpu_mem_gib=80` at 128k
+    (the preset's fields as model.* overrides): a fitting best layout whose torchrun line
+    carries the model, and a header with the heads, head_dim and the local/global mix."""
+    from ulysses_train.config.schema import ModelConfig
+    from ulysses_train.plan.report import model_line
+
+    assert model_line(ModelConfig(**QWEN3_4B)) == "qwen3_4b (36 layers, d 2560, 32 / 8 kv heads of 128)"
+    gemma = "gemma3_4b (34 layers: 29 sliding (W 1024) + 5 full, d 2560, 8 / 4 kv heads of 256)"
+    assert model_line(ModelConfig(**GEMMA3_4B)) == gemma
+    args = model_overrides(GEMMA3_4B) + PLAN[1:]
+    assert plan_cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"plan: {gemma}, 131,072 tokens")
+    assert plan_cli.main(args + ["plan.format=json"]) == 0
+    best = json.loads(capsys.readouterr().out)["best"]
+    assert best["fits"] and best["peak_gib"] <= 80 and "model.head_dim=256" in best["command"]
 
 
 def test_ring_layout_needs_a_clear_margin_to_be_best(capsys):

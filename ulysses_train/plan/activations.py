@@ -2,10 +2,13 @@
 
 Method: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
 Models", sec. 4) count, op by op, the tensors a layer saves for backward. We redo that count for
-*this* block (model/gpt.py: RMSNorm, q/k/v/o projections, RoPE, SDPA/Flash attention, SwiGLU; no
-dropout, so none of their mask bytes; FlashAttention, so none of their 5·a·s/h score bytes) and for
-each layout; the functions below list every tensor they count. All results are bytes for the T = B·s local tokens
-of one rank (shapes.py), a = activation bytes (4 fp32, 2 bf16 autocast), statistics fp32.
+*this* block (model/block.py: RMSNorm, q/k/v/o projections, QK-norm, RoPE, SDPA/Flash attention,
+the post-attention and post-MLP norms of `model.sandwich_norm`, a gated MLP; no dropout, so none
+of their mask bytes; FlashAttention, so none of their 5·a·s/h score bytes) and for each layout;
+the functions below list every tensor they count. All results are bytes for the T = B·s local
+tokens of one rank (shapes.py), a = activation bytes (4 fp32, 2 bf16 autocast), statistics fp32.
+Heads are hq, hkv of width D = model.head_dim, which need not be d / Hq (Qwen3, Gemma 3): every
+per-head tensor below is hq·D or hkv·D wide, only the residual stream and the norms on it d.
 """
 from __future__ import annotations
 
@@ -14,30 +17,44 @@ from .shapes import Shapes
 FP32 = 4
 
 
-def norm_saved(sh: Shapes, device: str) -> int:
-    """Bytes one RMSNorm keeps per token. fp32: `F.rms_norm`, which on CPU is torch's composite
-    (keeps x, the normalised x·rstd and rstd: 2d + 1 values) and on CUDA the fused kernel (x and
-    rstd). Lower precision: `_LowPrecisionRMSNorm` keeps x (a bytes) and fp32 rstd."""
+def norm_saved(sh: Shapes, device: str, width: int = 0) -> int:
+    """Bytes one RMSNorm keeps per normalised row of `width` values (0 = d, a norm on the
+    residual stream). fp32: `F.rms_norm`, which on CPU is torch's composite (keeps x, the
+    normalised x·rstd and rstd: 2w + 1 values) and on CUDA the fused kernel (x and rstd). Lower
+    precision: `_LowPrecisionRMSNorm` keeps x (a bytes) and fp32 rstd: w·a + 4."""
+    w = width or sh.d
     if sh.act_bytes == FP32 and device == "cpu":
-        return 2 * sh.d * FP32 + FP32
-    return sh.d * sh.act_bytes + FP32
+        return 2 * w * FP32 + FP32
+    return w * sh.act_bytes + FP32
 
 
-def attention_saved(sh: Shapes) -> int:
-    """Bytes the attention half keeps per token besides its norm: the kernel's q, k, v, out and
-    fp32 LSE (k/v in the attention layout, kv_attn heads), the projection input n1 (wq/wk/wv
-    share one), and, when the output came through the Ulysses all-to-all (U > 1), wo's input.
-    With U = 1 the kernel returns out in (B, S, H, D) memory order, so wo's input is the same
-    storage (model/attention.py's `.contiguous()` is a no-op)."""
+def qk_norm_saved(sh: Shapes, device: str) -> int:
+    """Bytes QK-norm (`model.qk_norm`) keeps per token: its inputs, the wq and wk outputs, which
+    nothing else keeps (RoPE saves only cos and sin), normalised per head over D:
+    (hq + hkv) · norm_saved(D) (hkv, not kv_attn: the norm runs before the all-to-all)."""
+    return (sh.hq + sh.hkv) * norm_saved(sh, device, sh.D) if sh.qk_norm else 0
+
+
+def attention_saved(sh: Shapes, device: str) -> int:
+    """Bytes the attention half keeps per token besides its pre-norm: the kernel's q, k, v,
+    out and fp32 LSE (k/v in the attention layout, kv_attn heads), the projection input n1
+    (wq/wk/wv share one), when the output came through the Ulysses all-to-all (U > 1) wo's
+    input, and the QK-norms' inputs (`qk_norm_saved`). With U = 1 the kernel returns out in
+    (B, S, H, D) memory order, so wo's input is the same storage (model/attention.py's
+    `.contiguous()` is a no-op). Gemma's q scale (query_pre_attn_scalar != D) is a multiply by a
+    Python float, which saves nothing.
+        (2 hq + 2 kv_attn) D a + 4 hq + [U > 1] hq D a + d a + qk_norm_saved"""
     a, D = sh.act_bytes, sh.D
     kernel = (2 * sh.hq + 2 * sh.kv_attn) * D * a + FP32 * sh.hq
     wo_in = sh.hq * D * a if sh.U > 1 else 0
-    return kernel + wo_in + sh.d * a
+    return kernel + wo_in + sh.d * a + qk_norm_saved(sh, device)
 
 
 def mlp_saved(sh: Shapes) -> int:
-    """SwiGLU keeps n2 (w1/w3 input) and, untiled, w1 x, silu(w1 x), w3 x and their product
-    (4 F values); tiled (model/tiling.py) only n2."""
+    """The gated MLP keeps n2 (w1/w3 input) and, untiled, w1 x, act(w1 x), w3 x and their
+    product (4 F values); tiled (model/tiling.py) only n2. The same for SwiGLU and GeGLU: torch's
+    silu and tanh-GELU each save only their input (SiluBackward / GeluBackward, in the input's
+    dtype under autocast too: neither is on autocast's fp32 list)."""
     tiled = 0 < sh.mlp_chunk < sh.s
     return sh.d * sh.act_bytes + (0 if tiled else 4 * sh.F * sh.act_bytes)
 
@@ -80,8 +97,12 @@ def mask_tables(sh: Shapes, device: str) -> int:
 
 def block_saved(sh: Shapes, device: str, window: int = 0) -> int:
     """Bytes one block with attention window `window` (0 = full) keeps with no checkpointing
-    (the block input is the first norm's x), its mask included (`mask_saved`)."""
-    per_token = 2 * norm_saved(sh, device) + attention_saved(sh) + mlp_saved(sh)
+    (the block input is the first norm's x), its mask included (`mask_saved`):
+        T · (n · norm_saved(d) + attention_saved + mlp_saved) + mask_saved,
+    n = 2 pre-norms, 4 with `sandwich_norm` (the post-attention norm keeps wo's output, the
+    post-MLP norm w2's output, each (B, s, d), which nothing else keeps)."""
+    norms = 4 if sh.sandwich else 2
+    per_token = norms * norm_saved(sh, device) + attention_saved(sh, device) + mlp_saved(sh)
     return sh.T * per_token + mask_saved(sh, device, window)
 
 
@@ -116,8 +137,9 @@ def host_parked(sh: Shapes) -> int:
 
 
 def rope_tables(sh: Shapes) -> int:
-    """cos and sin, fp32 (B, s, 1, D), built once per forward and shared by every layer."""
-    return 2 * sh.T * sh.D * FP32
+    """cos and sin, fp32 (B, s, 1, D), built once per forward and shared by every layer; twice
+    when the sliding layers have their own base (`model.rope_local_theta`, Gemma 3)."""
+    return 2 * sh.T * sh.D * FP32 * (2 if sh.local_rope else 1)
 
 
 def rope_transient(sh: Shapes) -> int:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import shlex
 from typing import Sequence
 
+from ..config.architecture import head_dim, layer_windows
 from ..config.overrides import hydra_value
-from ..config.schema import Config
+from ..config.schema import Config, ModelConfig
 from .advice import KNOBS
 from .memory import GIB
 from .search import RING_MARGIN, Layout, ring_of
@@ -50,12 +51,26 @@ def _group(cfg: Config) -> str:
     return "" if n in (0, -1) else f", ZeRO sharded within groups of {n} (parallel.shard_group)"
 
 
+def model_line(m: ModelConfig) -> str:
+    """The model's shape as the plan prices it: layers (with the local/global mix of a
+    sliding-window model), d, query / kv heads and their width `model.head_dim`, e.g.
+    'gemma3_4b (34 layers: 29 sliding (W 1024) + 5 full, d 2560, 8 / 4 kv heads of 256)'."""
+    windows = layer_windows(m)
+    layers = f"{m.n_layers} layers"
+    if any(windows):
+        counts = {w: windows.count(w) for w in sorted(set(windows), reverse=True)}
+        mix = " + ".join(f"{n} sliding (W {w})" if w else f"{n} full" for w, n in counts.items())
+        layers += f": {mix}"
+    return (f"{m.name} ({layers}, d {m.d_model}, {m.n_heads} / {m.n_kv_heads} kv heads of "
+            f"{head_dim(m)})")
+
+
 def table(cfg: Config, best: Layout, layouts: list, command: str) -> str:
     p, m = cfg.plan, cfg.model
     n_fit = sum(x.fits for x in layouts)
     head = (" tp   sp ring   dp zero        ac off   mlp  loss  mb  peakGiB    step_s      tok/s   MFU  "
             "fits / why not")
-    out = [f"plan: {m.name} ({m.n_layers} layers, d {m.d_model}), {cfg.data.seq_len:,} tokens x "
+    out = [f"plan: {model_line(m)}, {cfg.data.seq_len:,} tokens x "
            f"{cfg.train.global_batch_size} rows per step on {p.gpus} GPUs of {p.gpu_mem_gib:g} GiB "
            f"({p.gpus_per_node} per node){_group(cfg)}; {len(layouts)} layouts, {n_fit} fit", "",
            head]

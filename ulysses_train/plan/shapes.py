@@ -2,7 +2,8 @@
 
 Notation (per rank): B micro-batch rows, s = S'/P local tokens (S' = seq_len padded by
 parallel/layout.py), T = B * s, tp tensor-parallel degree, P = sp, R = ring, U = P / R
-Ulysses degree, hq = Hq / tp and hkv = Hkv / tp local heads of D = d / Hq, F = ffn_hidden / tp,
+Ulysses degree, hq = Hq / tp and hkv = Hkv / tp local heads of D = model.head_dim (d / Hq when
+0; config/architecture.py head_dim: Qwen3 and Gemma 3 have Hq * D != d), F = ffn_hidden / tp,
 V = padded vocabulary, n = the ZeRO sharding group: dp * sp, or parallel.shard_group ranks of it
 under hybrid sharding (HSDP), whose dp * sp / n replicas each hold a full copy of the shards
 (parallel/sharding.py, parallel/mesh.py ParallelDims.replicas).
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config.architecture import layer_windows
+from ..config.architecture import head_dim, layer_windows
 from ..config.parallel import padded_vocab, shard_group_size
 from ..config.schema import Config
 
@@ -46,6 +47,9 @@ class Shapes:
     shard_group: int  # ranks of dp * sp that ZeRO shards over, resolved (0 / -1 -> dp * sp)
     windows: tuple[int, ...] = ()  # each layer's attention window (0 = full; layer_windows)
     documents: bool = False  # data.document_mask: a per-row mask on top of causal
+    qk_norm: bool = False  # model.qk_norm: an RMSNorm over each head's q and k (Qwen3, Gemma 3)
+    sandwich: bool = False  # model.sandwich_norm: norms after attention and the MLP (Gemma 3)
+    local_rope: bool = False  # sliding layers have their own RoPE tables (model.rope_local_theta)
 
     @property
     def S_pad(self) -> int:
@@ -96,9 +100,12 @@ class Shapes:
         return 2 * d * self.hq * D + 2 * d * self.hkv * D + 3 * d * self.F
 
     def block_params(self) -> int:
-        """All parameters of one block on this rank: matrices, q/k/v biases, the two norms."""
+        """All parameters of one block on this rank: matrices, q/k/v biases, the two pre-norms
+        (2 d), with `qk_norm` the q and k norms (2 D, one weight shared by every head, whole on
+        every tp rank), with `sandwich` the post-attention and post-MLP norms (2 d)."""
         bias = (self.hq + 2 * self.hkv) * self.D if self.qkv_bias else 0
-        return self.block_matrix_params() + bias + 2 * self.d
+        norms = 2 * self.d * (2 if self.sandwich else 1) + (2 * self.D if self.qk_norm else 0)
+        return self.block_matrix_params() + bias + norms
 
     def root_params(self) -> int:
         """Embedding (V x d, vocab-parallel over tp), head (unless tied), final norm."""
@@ -124,12 +131,15 @@ def shapes_of(cfg: Config, world_size: int, device: str = "cuda") -> Shapes:
     precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
     s = padded_seq(cfg.data.seq_len, p.sp, ring) // p.sp
     accum = max(1, t.global_batch_size // (t.micro_batch_size * dp))
+    windows = tuple(layer_windows(m))
     return Shapes(L=m.n_layers, d=m.d_model, hq=m.n_heads // p.tp, hkv=m.n_kv_heads // p.tp,
-                  D=m.d_model // m.n_heads, F=m.ffn_hidden // p.tp,
+                  D=head_dim(m), F=m.ffn_hidden // p.tp,
                   V=padded_vocab(m.vocab_size), B=t.micro_batch_size, S=cfg.data.seq_len, s=s,
                   tp=p.tp, sp=p.sp, ring=ring, dp=dp, zero=p.zero,
                   ac=t.activation_checkpointing, offload=t.activation_offload,
                   mlp_chunk=t.mlp_chunk, loss_chunk=t.loss_chunk, tied=m.tie_embeddings,
                   qkv_bias=m.qkv_bias, act_bytes=2 if precision == "bf16" else 4, accum=accum,
                   shard_group=shard_group_size(p.shard_group, dp * p.sp),
-                  windows=tuple(layer_windows(m)), documents=cfg.data.document_mask)
+                  windows=windows, documents=cfg.data.document_mask, qk_norm=m.qk_norm,
+                  sandwich=m.sandwich_norm,
+                  local_rope=bool(m.rope_local_theta) and any(windows))
