@@ -18,7 +18,6 @@ import torch
 import yaml
 
 from support.common import SMALL, metrics_rows, run_torchrun, small_config
-from support.families import GEMMA3_4B, QWEN3_4B, model_overrides
 from support.spawn import run_distributed
 from ulysses_train.cli import plan as plan_cli
 from ulysses_train.config.validate import validate
@@ -165,22 +164,23 @@ def test_plan_json_best_is_valid_fits_and_is_fastest(capsys):
 
 
 def test_plan_knows_qwen3_and_gemma3(capsys):
-    """`python -m ulysses_train.plan model=gemma3_4b plan.gpus=8 plan.gpu_mem_gib=80` at 128k
-    (the preset's fields as model.* overrides): a fitting best layout whose torchrun line
-    carries the model, and a header with the heads, head_dim and the local/global mix."""
-    from ulysses_train.config.schema import ModelConfig
+    """`python -m ulysses_train.plan model=gemma3_4b plan.gpus=8 plan.gpu_mem_gib=80` at 128k:
+    a fitting best layout whose torchrun line carries the preset, and a header with the heads,
+    head_dim and the local/global mix."""
+    from ulysses_train.model import model_config
     from ulysses_train.plan.report import model_line
 
-    assert model_line(ModelConfig(**QWEN3_4B)) == "qwen3_4b (36 layers, d 2560, 32 / 8 kv heads of 128)"
+    assert model_line(model_config("qwen3_4b")) == \
+        "qwen3_4b (36 layers, d 2560, 32 / 8 kv heads of 128)"
     gemma = "gemma3_4b (34 layers: 29 sliding (W 1024) + 5 full, d 2560, 8 / 4 kv heads of 256)"
-    assert model_line(ModelConfig(**GEMMA3_4B)) == gemma
-    args = model_overrides(GEMMA3_4B) + PLAN[1:]
+    assert model_line(model_config("gemma3_4b")) == gemma
+    args = ["model=gemma3_4b"] + PLAN[1:]
     assert plan_cli.main(args) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"plan: {gemma}, 131,072 tokens")
     assert plan_cli.main(args + ["plan.format=json"]) == 0
     best = json.loads(capsys.readouterr().out)["best"]
-    assert best["fits"] and best["peak_gib"] <= 80 and "model.head_dim=256" in best["command"]
+    assert best["fits"] and best["peak_gib"] <= 80 and "model=gemma3_4b" in best["command"]
 
 
 def test_ring_layout_needs_a_clear_margin_to_be_best(capsys):

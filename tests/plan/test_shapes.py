@@ -4,20 +4,16 @@ import pytest
 import torch
 
 from support.common import small_config
-from support.families import GEMMA3_4B, QWEN3_4B
+from ulysses_train.model import PRESETS
 from ulysses_train.model.gpt import GPT
 from ulysses_train.plan.shapes import shapes_of
 
-LLAMA3_8B = dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, ffn_hidden=14336,
-                 vocab_size=128256, tie_embeddings=False)
 
-
-@pytest.mark.parametrize("fields", [LLAMA3_8B, QWEN3_4B, GEMMA3_4B],
-                         ids=["llama3_8b", "qwen3_4b", "gemma3_4b"])
-def test_params_and_head_dim_are_the_models(fields):
+@pytest.mark.parametrize("name", ["llama3_8b", "qwen3_4b", "gemma3_4b"])
+def test_params_and_head_dim_are_the_models(name):
     """Shapes.params() (tp 1) is the model's parameter count: QK-norm's 2 D and the sandwich
     norms' 2 d per block included; D is model.head_dim (Qwen3 128, Gemma 3 256 on d 2560)."""
-    cfg = small_config(model=fields, data={"seq_len": 4096})
+    cfg = small_config(model=PRESETS[name], data={"seq_len": 4096})
     sh = shapes_of(cfg, 1)
     with torch.device("meta"):
         model = GPT(cfg.model)
