@@ -203,6 +203,12 @@ def _rope_fields(rope: dict, max_pos: int, where: str) -> tuple[dict, dict]:
         factor = max_pos / original
     if factor is None or not math.isfinite(float(factor)):
         raise _refuse(where, f"rope_type {kind!r} needs a numeric 'factor', got {factor!r}")
+    if kind == "linear" and not rope.get("original_max_position_embeddings"):
+        # transformers' linear reads no original context; max_position_embeddings already
+        # counts the factor (Gemma 3 4B: 131072 = 8 x 16384), so the context before it is
+        # max / factor, and the export's factor x original (export_config.max_positions)
+        # gives the source's own max_position_embeddings back, not factor x it.
+        original = max(1, round(max_pos / float(factor)))
     stated = {"rope_theta": theta, "rope_scaling": kind, "rope_factor": float(factor),
               "rope_original_seq_len": original}
     for ours, theirs in _ROPE_KEYS[kind].items():
