@@ -31,7 +31,9 @@ CHANGES = {"rope_scaling": "llama3", "rope_theta": 5e5, "rope_factor": 4.0,
            "rope_low_freq_factor": 2.0, "rope_high_freq_factor": 8.0,
            "rope_attention_factor": 1.2, "rope_mscale": 0.8, "rope_mscale_all_dim": 0.9,
            "rope_truncate": False, "norm_eps": 1e-6, "sliding_window": 8,
-           "layer_types": ["full_attention", "full_attention"]}
+           "layer_types": ["full_attention", "full_attention"], "rope_local_theta": 1e4,
+           "norm_weight_offset": 1.0, "mlp_activation": "gelu_tanh", "scale_embeddings": True,
+           "query_pre_attn_scalar": 8.0}
 
 
 def _model(**changes):

@@ -141,3 +141,14 @@ def test_init_from_compares_the_weights_resume_also_the_function():
     older = {k: v for k, v in saved.items() if k != "rope_truncate"}  # not recorded: default
     assert architecture_diffs(older, dataclasses.replace(cfg, rope_truncate=False),
                               RESUME_KEYS)[-1] == ("rope_truncate", True, False)
+
+
+def test_head_dim_zero_is_the_derived_width():
+    """head_dim 0 and d_model / n_heads are the same tensors: no difference; an explicit other
+    width is one; under another d_model, 0 on both sides is d_model's difference alone."""
+    saved = dataclasses.asdict(ModelConfig(d_model=256, n_heads=8))
+    assert architecture_diffs(saved, ModelConfig(d_model=256, n_heads=8, head_dim=32)) == []
+    assert architecture_diffs(saved, ModelConfig(d_model=256, n_heads=8, head_dim=16)) == [
+        ("head_dim", 0, 16)]
+    assert architecture_diffs(saved, ModelConfig(d_model=512, n_heads=8)) == [
+        ("d_model", 256, 512)]

@@ -167,6 +167,9 @@ REFUSED = [  # (config.json, the field the one line names)
     (dict(model_type="gemma3_text", rope_scaling={"type": "linear", "factor": 8.0}),
      "rename the key to rope_type"),
     (dict(model_type="gemma2"), "supported: " + ", ".join(SUPPORTED)),
+    # found by the fresh-user pass: transformers would scale by 0^-1/2 / refuses a null width
+    (dict(model_type="gemma3_text", query_pre_attn_scalar=0), "query_pre_attn_scalar=0"),
+    (dict(model_type="qwen3", head_dim=None), "head_dim=null"),
 ]
 
 

@@ -90,6 +90,10 @@ def layouts(request, sources, tmp_path_factory):
                                           LAYOUTS[request.param], root, timeout=300)[0]
 
 
+def _worst(got: list, rows: list, key: str) -> float:
+    return max(abs(a - r[key]) / abs(r[key]) for a, r in zip(got, rows))
+
+
 def test_every_layout_loads_equal_weights_and_trains_the_same_curve(reference, layouts):
     world, results = layouts
     assert set(results) == {(f, name) for f in FAMILIES for name in LAYOUTS[world]}
@@ -102,6 +106,8 @@ def test_every_layout_loads_equal_weights_and_trains_the_same_curve(reference, l
         losses = [r["loss"] for r in got["rows"]]
         norms = [r["grad_norm"] for r in got["rows"]]
         assert len(losses) == STEPS
+        print(f"{family} {name}: loss {_worst(losses, want['rows'], 'loss'):.2e}, grad_norm "
+              f"{_worst(norms, want['rows'], 'grad_norm'):.2e} relative to one process")
         assert losses == pytest.approx([r["loss"] for r in want["rows"]], rel=LOSS_RTOL), \
             (family, name)
         assert norms == pytest.approx([r["grad_norm"] for r in want["rows"]], rel=NORM_RTOL), \

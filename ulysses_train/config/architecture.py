@@ -55,12 +55,15 @@ def architecture_diffs(saved: dict, model_cfg, keys: tuple[str, ...] = ARCHITECT
     as a dict) and `model_cfg` (a ModelConfig) differ, in `keys` order; [] when they agree."""
     mine = {k: getattr(model_cfg, k) for k in _DEFAULTS}
     ours, theirs = _resolved(saved), _resolved(mine)
-    return [(k, saved.get(k, _DEFAULTS[k]), mine[k]) for k in keys if ours[k] != theirs[k]]
+    return [(k, saved.get(k, _DEFAULTS[k]), mine[k]) for k in keys
+            if ours[k] != theirs[k] and saved.get(k, _DEFAULTS[k]) != mine[k]]
 
 
 def _resolved(fields: dict) -> dict:
     """A recorded model's fields with the defaults filled in and `head_dim` 0 read as
-    d_model / n_heads (the same tensors either way)."""
+    d_model / n_heads (the same tensors either way). A difference counts when the resolved
+    and the recorded values both differ: head_dim 0 on both sides under another d_model is
+    that d_model's difference, already named."""
     out = {**_DEFAULTS, **fields}
     out["head_dim"] = out["head_dim"] or out["d_model"] // out["n_heads"]
     return out

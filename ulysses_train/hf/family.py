@@ -76,11 +76,17 @@ def family_fields(hf: dict, kind: str) -> dict:
     were read (KeyError/ValueError otherwise, reported by the caller)."""
     d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     hd = hf.get("head_dim")
+    if hd is None and "head_dim" in hf and kind in ("qwen3", *GEMMA):
+        raise ConfigError(KEY, f"config.json: head_dim=null: transformers' {kind} config needs "
+                               "the width of a head; give it (e.g. 128)")
     if hd is None:  # transformers: the family's default, else hidden_size // heads
         hd = QWEN3_HEAD_DIM if kind == "qwen3" else d // heads
     hd = int(hd)
     gemma = kind in GEMMA
     scalar = float(hf["query_pre_attn_scalar"]) if gemma else 0.0
+    if gemma and not scalar > 0:  # transformers would scale the logits by scalar^-0.5
+        raise ConfigError(KEY, f"config.json: query_pre_attn_scalar={scalar:g} must be > 0 "
+                               "(the attention scale is its -1/2 power; Gemma 3 uses head_dim)")
     switches = GEMMA_SWITCHES if gemma else {**LLAMA_NORMS, "qk_norm": kind == "qwen3"}
     out = {k: v for k, v in switches.items() if k != "qkv_bias"}
     return dict(out, head_dim=0 if hd * heads == d else hd,
@@ -172,12 +178,12 @@ def export_family(m) -> str | None:
         off.append(f"model.query_pre_attn_scalar={m.query_pre_attn_scalar:g}")
     if _local_rope_differs(m):
         off.append(f"model.rope_local_theta={m.rope_local_theta:g}")
+    why = "only Gemma 3 has an attention scalar and a local RoPE base"
     if m.qk_norm and m.qkv_bias:
         off.append("model.qk_norm=true with model.qkv_bias=true")
+        why = "Qwen3's QK-norm comes without q/k/v biases"
     if off:
         raise ConfigError(off[0].split("=")[0], f"{', '.join(off)} with Llama's block "
                           "(sandwich_norm=false, norm_weight_offset=0): no transformers class "
-                          "computes this mix (only Gemma 3 has an attention scalar and a "
-                          "local RoPE base; Qwen3's QK-norm comes without biases); it cannot "
-                          "be exported")
+                          f"computes this mix ({why}); it cannot be exported")
     return "qwen3" if m.qk_norm else None

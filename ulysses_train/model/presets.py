@@ -33,10 +33,12 @@ PRESETS: dict[str, dict] = {
                      ffn_hidden=9728, vocab_size=151936, rope_theta=1000000.0,
                      tie_embeddings=True, qk_norm=True, norm_eps=1e-6),
     # google/gemma-3-4b-pt's text_config with Gemma3TextConfig's defaults filled in: 8 heads
-    # of 256, 5 sliding (window 1024, RoPE base 10,000) : 1 global (base 1e6, linear x8).
+    # of 256, 5 sliding (window 1024, RoPE base 10,000) : 1 global (base 1e6, linear x8 over
+    # 16384: its 131072 positions, as model.init_from reads a linear source).
     "gemma3_4b": dict(n_layers=34, d_model=2560, n_heads=8, n_kv_heads=4, head_dim=256,
                       ffn_hidden=10240, vocab_size=262208, rope_theta=1000000.0,
-                      rope_scaling="linear", rope_factor=8.0, rope_local_theta=10000.0,
+                      rope_scaling="linear", rope_factor=8.0, rope_original_seq_len=16384,
+                      rope_local_theta=10000.0,
                       tie_embeddings=True, qk_norm=True, sandwich_norm=True,
                       norm_weight_offset=1.0, scale_embeddings=True, mlp_activation="gelu_tanh",
                       query_pre_attn_scalar=256.0, norm_eps=1e-6, sliding_window=1024,
