@@ -36,12 +36,8 @@ from ulysses_train.model.gpt import GPT, token_loss_sum
 from ulysses_train.model.init import copy_full_
 from ulysses_train.model.rope import rope_cos_sin
 from ulysses_train.parallel import ParallelDims, UlyssesAttention
-from ulysses_train.parallel.tensor import (
-    apply_tensor_parallel,
-    clip_grad_norm_,
-    grad_norm,
-    vocab_parallel_loss_sum,
-)
+from ulysses_train.parallel.grad_norm import clip_grad_norm_, grad_norm
+from ulysses_train.parallel.tensor import apply_tensor_parallel, vocab_parallel_loss_sum
 
 OPTIMIZERS = ("default", "foreach", "fused")
 # model.vocab_size 130, padded to 256 rows: at tp=2 rank 1's 128 columns hold 2 real ids, at

@@ -31,8 +31,6 @@ so every `full_tensor()` equals the single-process init).
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -124,7 +122,7 @@ class _SumGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _all_reduce(grad, "sum", ctx.group), None
+        return all_reduce(grad, "sum", ctx.group), None
 
 
 def sum_grad_over(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -172,7 +170,7 @@ class _GradResharder:
         self.handle = weight.register_hook(reshard)
 
 
-def _all_reduce(t: torch.Tensor, op: str, group: dist.ProcessGroup | None) -> torch.Tensor:
+def all_reduce(t: torch.Tensor, op: str, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Out-of-place all-reduce through torch's functional collective op (the op DTensor, the
     Ulysses all-to-alls and torch.compile use), waited at once: the next op needs the result.
     `group` None (the vocabulary is not sharded): `t` itself."""
@@ -202,11 +200,11 @@ def vocab_parallel_terms(logits: torch.Tensor, labels: torch.Tensor, start: int,
     valid = labels != IGNORE_INDEX
     owned = valid & (labels >= start) & (labels < start + logits.shape[-1])
     local_target = torch.where(owned, labels - start, 0)  # (N,) index into this shard
-    max_z = _all_reduce(logits.max(dim=-1).values, "max", group)  # (N,)
+    max_z = all_reduce(logits.max(dim=-1).values, "max", group)  # (N,)
     picked = torch.gather(logits, 1, local_target[:, None])[:, 0]  # (N, V/tp) -> (N,)
     target_z = torch.where(owned, picked - max_z, 0.0)
     exp = logits.sub_(max_z.unsqueeze(-1)).exp_()  # in place: z is not needed again
-    sums = _all_reduce(torch.stack([exp.sum(dim=-1), target_z]), "sum", group)  # (2, N)
+    sums = all_reduce(torch.stack([exp.sum(dim=-1), target_z]), "sum", group)  # (2, N)
     return exp, sums[0], sums[1], valid, owned, local_target
 
 
@@ -284,86 +282,3 @@ def vocab_parallel_loss_sum(logits: DTensor, labels: torch.Tensor
     flat_labels = labels.reshape(-1)  # (B, S) -> (B*S,)
     loss_sum = _VocabParallelCrossEntropy.apply(flat, flat_labels, start, mesh.get_group())
     return loss_sum, (flat_labels != IGNORE_INDEX).sum()
-
-
-def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """The global gradient norm over a mix of plain and DTensor parameters; same on every rank.
-
-    `torch.nn.utils.clip_grad_norm_` cannot mix them (its foreach norm refuses plain tensors
-    next to DTensors, and DTensors on different meshes). Here every gradient contributes its
-    *local* |g|^p sum (max for inf), reduced over exactly the mesh dims on which it is sharded:
-    a sharded dim (Shard, or the _StridedShard FSDP2 uses on top of TP) holds distinct pieces
-    (summed), a Replicate dim holds copies (counted once), and plain tensors are taken as
-    replicated (the trainer has already reduced them over dp_sp).
-    Every |g|^p sum is accumulated in float64 (`_local_power_sum`) and reduced in float64:
-    torch's fp32 `vector_norm` drifts by ~1e-5..1e-3 relative on multi-million-element CPU
-    tensors, and by a different amount per layout, since each shard rounds on its own.
-    Returns a float64 scalar tensor (torch returns the gradients' dtype), the same on every rank.
-    A Partial gradient (not yet reduced) is an error. Collective: every rank must call it with
-    the same parameters, in the same order.
-    """
-    inf = norm_type == float("inf")
-    totals: dict[tuple[str, ...], list[torch.Tensor]] = {}  # shard groups -> local sums
-    groups: dict[str, dist.ProcessGroup] = {}
-    for p in params:
-        grad = p.grad
-        if grad is None:
-            continue
-        key: tuple[str, ...] = ()
-        if isinstance(grad, DTensor):
-            if any(pl.is_partial() for pl in grad.placements):
-                raise ValueError(f"grad_norm: a gradient is still Partial {grad.placements}; "
-                                 "reduce it first")
-            for dim, pl in enumerate(grad.placements):
-                if not pl.is_replicate():  # Shard, or FSDP2's _StridedShard (not a Shard)
-                    group = grad.device_mesh.get_group(dim)
-                    groups[group.group_name] = group
-                    key += (group.group_name,)
-            grad = grad.to_local()
-        totals.setdefault(key, []).append(_local_power_sum(grad, norm_type))
-    device = next((t[0].device for t in totals.values()), torch.device("cpu"))
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for key, parts in totals.items():  # same keys, same order on every rank
-        part = torch.stack(parts).max() if inf else torch.stack(parts).sum()
-        for name in key:
-            part = _all_reduce(part, "max" if inf else "sum", groups[name])
-        total = torch.maximum(total, part) if inf else total + part
-    return total if inf else total.pow(1.0 / norm_type)
-
-
-# Elements cast to float64 at a time: a 32 MiB temporary, never an fp64 copy of a whole
-# gradient (a 128k x 4096 embedding gradient would need 4 GiB).
-_FP64_CHUNK = 1 << 22
-
-
-def _local_power_sum(grad: torch.Tensor, norm_type: float) -> torch.Tensor:
-    """sum(|g|^p) of a local tensor as a float64 scalar (max |g| for p = inf).
-
-    Chunks of `_FP64_CHUNK` elements are upcast before squaring: an fp32 (or bf16) value
-    squared is exact in float64 (48 of 53 mantissa bits), so the only rounding left is the
-    float64 sum (relative error ~1e-16 * log2(numel)). A max needs no upcast: it is exact.
-    """
-    if norm_type == float("inf"):
-        return torch.linalg.vector_norm(grad, norm_type).double()
-    total = torch.zeros((), dtype=torch.float64, device=grad.device)
-    for chunk in grad.reshape(-1).split(_FP64_CHUNK):  # (numel,) -> chunks of <= 4M elements
-        total += torch.linalg.vector_norm(chunk, norm_type, dtype=torch.float64).pow(norm_type)
-    return total
-
-
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float,
-                    norm_type: float = 2.0) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` for mixed plain/DTensor gradients (see `grad_norm`).
-
-    Scales every gradient by min(1, max_norm / (norm + 1e-6)), torch's formula, on the local
-    tensors (no communication beyond the norm). Returns the global norm before clipping, a
-    float64 scalar tensor accumulated in float64 (`grad_norm`); the scale is applied in each
-    gradient's own dtype.
-    """
-    params = [p for p in params if p.grad is not None]
-    total = grad_norm(params, norm_type)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for p in params:
-        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-        grad.mul_(coef.to(grad.dtype))
-    return total

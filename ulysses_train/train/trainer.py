@@ -36,9 +36,9 @@ from ..model.flops import model_flops, span_count
 from ..model.precision import autocast_to, resolve_dtype
 from ..parallel import ParallelDims
 from ..parallel.batching import step_micro_batches
+from ..parallel.grad_norm import clip_grad_norm_
 from ..parallel.grad_sync import all_reduce_
 from ..parallel.parallelize import parallelize
-from ..parallel.tensor import clip_grad_norm_
 from . import optim
 from .faults import Faults
 from .guards import NonFiniteGuard, set_deterministic
