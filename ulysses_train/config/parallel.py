@@ -141,6 +141,33 @@ def check_ulysses_heads(m: "ModelConfig", p: "ParallelConfig") -> None:
             "replicated when fewer); choose a ring for which they do")
 
 
+def valid_ulysses_chunks(hq: int, hkv: int, u: int) -> list[int]:
+    """The head-group counts G a Ulysses rank can pipeline (parallel/ulysses_pipeline.py), for
+    `hq`/`hkv` query/kv heads per tp rank over `u` Ulysses ranks: G divides the hq/u query
+    heads of a rank and divides, or is a multiple of, its max(hkv/u, 1) kv heads (so every
+    group reads whole kv heads). Ascending; [1] at least."""
+    hq_l, hkv_l = hq // u, max(hkv // u, 1)
+    return [g for g in range(1, hq_l + 1) if hq_l % g == 0 and (hkv_l % g == 0 or g % hkv_l == 0)]
+
+
+def check_ulysses_chunks(m: "ModelConfig", p: "ParallelConfig") -> None:
+    """`parallel.ulysses_chunks` against the heads each Ulysses rank holds (after tp)."""
+    g, u = p.ulysses_chunks, p.sp // p.ring
+    require(isinstance(g, int) and not isinstance(g, bool) and g >= 1, "parallel.ulysses_chunks",
+            f"must be a positive number of head groups (1 = no pipeline), got {g!r}")
+    if g == 1:
+        return
+    require(u > 1, "parallel.ulysses_chunks",
+            f"{g} head groups but no Ulysses all-to-all to pipeline (sp/ring = {p.sp}/{p.ring} "
+            "= 1); set it to 1, or use parallel.sp > parallel.ring")
+    hq, hkv = m.n_heads // p.tp, m.n_kv_heads // p.tp
+    valid = valid_ulysses_chunks(hq, hkv, u)
+    require(g in valid, "parallel.ulysses_chunks",
+            f"{g} head groups do not split the {hq // u} query heads and {max(hkv // u, 1)} kv "
+            f"heads of a Ulysses rank (tp={p.tp}, sp/ring={u}) into groups of whole kv heads; "
+            f"choose one of {valid}")
+
+
 def validate_layout(cfg: "Config", world_size: int) -> int:
     """Checks that need both the model and the layout; returns the resolved dp degree.
 
@@ -150,4 +177,5 @@ def validate_layout(cfg: "Config", world_size: int) -> int:
     dp = p.dp if p.dp > 0 else world_size // (p.tp * p.sp)
     check_tp(cfg.model, p.tp)
     check_ulysses_heads(cfg.model, p)
+    check_ulysses_chunks(cfg.model, p)
     return dp

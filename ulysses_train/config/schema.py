@@ -93,6 +93,10 @@ class ParallelConfig:
     # Ring degree inside the sequence-parallel group: sp = ring x Ulysses (sp/ring ranks per
     # all-to-all). 1 = Ulysses only. Changes the layout, not the math (checkpoints reshard).
     ring: int = 1
+    # Ulysses head groups G: each rank's heads are exchanged and attended in G pipelined groups,
+    # the all-to-all of one group overlapping another's attention (parallel/ulysses_pipeline.py);
+    # about 2/G of the all-to-all buffers alive. 1 = one exchange of all heads. Layout, not math.
+    ulysses_chunks: int = 1
     zero: int = 0  # 0: replicated (DDP) | 2: gradients + optimizer sharded | 3: parameters too
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     # Seconds a collective may wait for its peers before it fails: a rank that dies or stalls

@@ -4,7 +4,8 @@ Every way a layout changes the model is applied here, in this order (torchtitan'
 `parallelize.py` order; docs/architecture.md, "Where parallelism enters"):
 1. the attention function (`build_attention`): the local kernel alone (sp = 1), Ulysses around it
    over the sp group (ring = 1), or the Ulysses x ring layer, which reads the token layout the
-   data path shards by (parallel/batching.py);
+   data path shards by (parallel/batching.py); with `parallel.ulysses_chunks` G > 1 the
+   Ulysses exchange runs in G pipelined head groups (parallel/ulysses_pipeline.py);
 2. construction on the meta device (no memory spent on a throwaway init);
 3. tensor parallelism (parallel/tensor.py: a DTensor plan, the vocab-parallel loss as the
    model's `loss_fn`, and the QK-norms' `weight_fn` that sums their gradient over tp), first,
@@ -31,6 +32,7 @@ from .mesh import ParallelDims
 from .sharding import apply_sharding
 from .tensor import apply_tensor_parallel
 from .ulysses import UlyssesAttention
+from .ulysses_pipeline import PipelinedUlyssesAttention
 
 
 def build_attention(cfg: Config, dims: ParallelDims):
@@ -38,14 +40,17 @@ def build_attention(cfg: Config, dims: ParallelDims):
     takes q/k/v of this rank's tokens and a DocumentMask of the padded global rows."""
     local_attention = select_attention(dims.device, cfg.data.document_mask,
                                        sliding=any(layer_windows(cfg.model)))
+    chunks = cfg.parallel.ulysses_chunks
     if dims.sp == 1:
         return local_attention
     if dims.ring == 1:
+        if chunks > 1:
+            return PipelinedUlyssesAttention(local_attention, dims.group("sp"), chunks)
         return UlyssesAttention(local_attention, dims.group("sp"))
     from .ring import UlyssesRingAttention  # only where a ring is asked for
 
     return UlyssesRingAttention(dims.group("ulysses"), dims.group("ring"),
-                                dims.sequence_layout(cfg.data.seq_len))
+                                dims.sequence_layout(cfg.data.seq_len), chunks=chunks)
 
 
 def build_model(cfg: Config, dims: ParallelDims) -> GPT:

@@ -269,6 +269,8 @@ class UlyssesRingAttention(nn.Module):
         layout: SequenceLayout(seq_len, sp=U*R, ring=R).
         local_attention: the kernel for a size-1 ring (then this layer is exactly
             `UlyssesAttention(local_attention, ulysses_group)`); default `sdpa_attention`.
+        chunks: G > 1 exchanges and attends the heads in G pipelined groups
+            (`PipelinedUlyssesAttention` around the ring, or the kernel); 1 = one exchange.
 
     Called like UlyssesAttention: `attn(q, k, v, causal=True, mask=None, window=0)` with q
     `(B, S'/P, Hq, D)`, k/v `(B, S'/P, Hkv, D)` holding this rank's `layout.rank_positions(r)`
@@ -282,19 +284,28 @@ class UlyssesRingAttention(nn.Module):
     """
 
     def __init__(self, ulysses_group: ProcessGroup | None, ring_group: ProcessGroup | None,
-                 layout: SequenceLayout, local_attention=sdpa_attention):
+                 layout: SequenceLayout, local_attention=sdpa_attention, chunks: int = 1):
         super().__init__()
         _check_layout("UlyssesRingAttention", ulysses_group, layout.ulysses, "Ulysses")
         _check_layout("UlyssesRingAttention", ring_group, layout.ring, "ring")
         self.ulysses_group, self.layout = ulysses_group, layout
+        self.pipeline = None
         if layout.ring == 1:  # exactly today's layer: no ring, no LSE merge
             self.ulysses = UlyssesAttention(local_attention, ulysses_group)
             # what model.attention.document_mask_for looks for to prebuild the mask's form
             self.local_attention = local_attention
+            kernel = local_attention
         else:
             self.ring = RingAttention(ring_group, layout)
+            kernel = self.ring
+        if chunks > 1 and layout.ulysses > 1:  # head groups around the kernel (or the ring)
+            from .ulysses_pipeline import PipelinedUlyssesAttention
+
+            self.pipeline = PipelinedUlyssesAttention(kernel, ulysses_group, chunks)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.pipeline is not None:
+            return self.pipeline(q, k, v, **kwargs)
         if self.layout.ring == 1:
             return self.ulysses(q, k, v, **kwargs)
         u = self.layout.ulysses
