@@ -129,6 +129,15 @@ LAYOUTS_BAD = [  # (sections, world size, key)
     ({"parallel": {"tp": 2, "sp": 8, "ring": 2}}, 16, "parallel.ring"),  # tp x U = 8 > 4
     ({"parallel": {"sp": 6, "ring": 2}, "model": {"n_heads": 6, "n_kv_heads": 2,
                                                    "d_model": 96}}, 6, "parallel.ring"),  # kv 2 vs U 3
+    # parallel.ulysses_chunks (issue 22): small_config has 4 heads, 2 kv heads
+    ({"parallel": {"sp": 2, "ulysses_chunks": 0}}, 2, "parallel.ulysses_chunks"),
+    ({"parallel": {"sp": 2, "ulysses_chunks": 3}}, 2, "parallel.ulysses_chunks"),  # 2 heads/rank
+    ({"parallel": {"sp": 2, "ulysses_chunks": 4}}, 2, "parallel.ulysses_chunks"),  # > 2 heads/rank
+    ({"parallel": {"sp": 1, "ulysses_chunks": 2}}, 1, "parallel.ulysses_chunks"),  # no all-to-all
+    ({"parallel": {"sp": 2, "ring": 2, "ulysses_chunks": 2}}, 2, "parallel.ulysses_chunks"),
+    # 12 q / 3 kv heads per rank: G=2 would split a kv head's queries over two groups
+    ({"parallel": {"sp": 2, "ulysses_chunks": 2}, "model": {"n_heads": 24, "n_kv_heads": 6,
+                                                           "d_model": 96}}, 2, "parallel.ulysses_chunks"),
 ]
 
 
@@ -181,3 +190,18 @@ def test_check_tp_rejects_uneven_splits(model, tp, key):
 def test_check_tp_accepts_even_splits():
     for model, tp in (({}, 1), ({}, 2), ({"n_kv_heads": 4}, 4)):
         check_tp(small_config(model=model).model, tp)
+
+
+def test_ulysses_chunks_that_fit_and_the_valid_list():
+    from ulysses_train.config.parallel import valid_ulysses_chunks
+
+    # sp=4, 32 heads, 2 kv heads (replicated: one per rank): any divisor of the 8 q heads
+    assert valid_ulysses_chunks(32, 2, 4) == [1, 2, 4, 8]
+    # 2 kv heads per rank: G must divide 2 or be a multiple of it
+    assert valid_ulysses_chunks(32, 8, 4) == [1, 2, 4, 8]
+    assert valid_ulysses_chunks(12, 12, 2) == [1, 2, 3, 6]  # MHA: divisors of 6
+    assert valid_ulysses_chunks(24, 6, 2) == [1, 3, 6, 12]  # 3 kv heads/rank: 2 and 4 split one
+    validate(small_config(parallel={"sp": 2, "ulysses_chunks": 2}), world_size=2)
+    with pytest.raises(ConfigError) as info:
+        validate(small_config(parallel={"sp": 2, "ulysses_chunks": 3}), world_size=2)
+    assert "choose one of [1, 2]" in str(info.value)
