@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed import ProcessGroup
 from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.utils._python_dispatch import _disable_current_modes
 
 FULL, CAUSAL, MASKED = "full", "causal", "masked"
 
@@ -118,10 +119,14 @@ def document_bias(document_ids: torch.Tensor, blk: SubBlock, c: int, dtype: torc
 def _cpu_native_gqa() -> bool:
     """Whether this torch's CPU flash op takes fewer kv heads than query heads (2.13 does)."""
     x = torch.zeros(1, 2, 1, 8)
-    try:
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(x, x[:, :1], x[:, :1], 0.0, False)
-    except RuntimeError:
-        return False
+    # Outside any dispatch mode: the first call may happen under selective checkpointing, whose
+    # op cache would count this probe as the first attention call and replay its (1, 2, 1, 8)
+    # output for the real one on recompute (the cached answer makes the recompute skip it).
+    with _disable_current_modes():
+        try:
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(x, x[:, :1], x[:, :1], 0.0, False)
+        except RuntimeError:
+            return False
     return True
 
 

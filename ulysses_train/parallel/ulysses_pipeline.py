@@ -24,8 +24,10 @@ refused (`check_head_groups`).
 
 The layer is one autograd Function that owns forward and backward (the order above cannot be
 left to autograd's scheduler); the kernels are called through `group_kernels` as explicit
-forward/backward pairs. Under activation checkpointing, selective included, the layer is
-recomputed whole in backward (its exchanges too), like the rest of a `full` block.
+forward/backward pairs. Under selective activation checkpointing its collectives and fused
+kernels are ops the policy keeps (parallel/activations.py): recomputation replays their
+outputs (each group's received q/k/v, the kernel's output and LSE) and repeats only the
+packing copies, never the communication.
 """
 from __future__ import annotations
 
@@ -35,7 +37,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.utils._python_dispatch import _disable_current_modes
 
 from ..config.parallel import valid_ulysses_chunks
 from .comm import group_size, kv_replication
@@ -206,15 +207,6 @@ class _HeadGroupPipeline(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, hg: HeadGroups, group: ProcessGroup, kernel):
-        # Selective checkpointing's dispatch mode caches op outputs by call order and replays
-        # them on recompute; it does not survive this interleaving of posts, waits and kernels
-        # (measured: replayed outputs land on the wrong calls). So the pipeline runs outside
-        # it: under selective checkpointing it is recomputed whole, as under full.
-        with _disable_current_modes():
-            return _HeadGroupPipeline._forward(ctx, q, k, v, hg, group, kernel)
-
-    @staticmethod
-    def _forward(ctx, q, k, v, hg: HeadGroups, group: ProcessGroup, kernel):
         bsz, s_local, _, dim = q.shape
         out = q.new_empty(bsz, s_local, hg.p, hg.chunks, hg.hq_g, dim)  # (B, S/P, P, G, h, D)
         saved, kv = [], None
