@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
@@ -321,13 +322,12 @@ class PipelinedUlyssesAttention(nn.Module):
     gradients as `UlyssesAttention` (to rounding: the kernels run per head group); on a size-1
     group it is `local_attention(q, k, v, **kw)`.
     Collectives: forward G + G all-to-alls, backward G + G, carrying the same bytes in total as
-    `UlyssesAttention`'s 2 + 2.
+    `UlyssesAttention`'s 2 + 2. Raises ValueError before anything is sent for shapes Ulysses
+    cannot split, a G the heads do not allow, or a mask or window the kernel refuses.
     """
 
     def __init__(self, local_attention, group: ProcessGroup | None, chunks: int):
         super().__init__()
-        import torch.distributed as dist
-
         self.local_attention = local_attention
         self.group = dist.group.WORLD if group is None else group
         self.world_size = group_size(group)
