@@ -12,8 +12,9 @@ given; every kernel this project has is covered:
   memory-efficient), the backward from the saved output and LSE (FlashAttention-2's backward,
   Dao 2023). A document mask or window is a dense additive bias `(B, 1, S, S)`, as in
   `sdpa_attention` on CPU.
-- `RingAttention` (Ulysses x ring): the ring's own forward and backward ops (parallel/ring.py,
-  ring_window.py), whose backward also starts from the saved output and LSE.
+- a layer with a `split(q, causal=, mask=, window=)` method that returns its own pair: the
+  ring (`RingAttention.split`, parallel/ring.py), whose ops' backward also starts from the saved
+  output and LSE.
 - anything else (FlexAttention on CUDA, flash-attn, the eager reference, a user's kernel):
   `Recompute`, which keeps the group's q/k/v and re-runs the kernel's forward in backward under
   autograd: exact for any kernel, at one extra attention forward per group.
@@ -81,35 +82,6 @@ class DenseSDPA:
         return tuple(g.transpose(1, 2) for g in grads)  # (B, H, S, D) -> (B, S, H, D) views
 
 
-class RingGroup:
-    """A `RingAttention` layer's forward and backward ops, called directly (not through autograd)."""
-
-    def __init__(self, ring, causal: bool, mask: DocumentMask | None, window: int):
-        self.ring, self.causal, self.mask, self.window = ring, causal, mask, window
-        self.ids = None if mask is None else mask.document_ids
-        self.halo = bool(window) and window < ring.layout.seq_len  # ring.py forward_with_lse's rule
-
-    def forward(self, q, k, v) -> tuple[torch.Tensor, tuple]:
-        with torch.no_grad():
-            out, lse = self.ring.forward_with_lse(q, k, v, causal=self.causal, mask=self.mask,
-                                                  window=self.window)
-        return out, (out, lse)
-
-    def backward(self, dout, q, k, v, saved) -> tuple[torch.Tensor, ...]:
-        from .ring import ring_attention_backward_op
-        from .ring_window import ring_window_attention_backward_op
-
-        out, lse = saved
-        name = self.ring.group.group_name
-        if self.halo:
-            dq, dkv = ring_window_attention_backward_op(dout.contiguous(), q, k, v, out, lse,
-                                                        self.ids, self.window, name)
-        else:
-            dq, dkv = ring_attention_backward_op(dout.contiguous(), q, k, v, out, lse, self.ids,
-                                                 self.causal, name)
-        return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)
-
-
 def _dense_bias(q: torch.Tensor, mask: DocumentMask | None, window: int) -> torch.Tensor | None:
     """Additive `(B, 1, S, S)` bias in q's dtype (0 visible, -inf hidden), or None (plain causal)."""
     if mask is not None:
@@ -133,15 +105,14 @@ def group_kernel(local_attention, q: torch.Tensor, *, causal: bool = True,
                  mask: DocumentMask | None = None, window: int = 0):
     """The forward/backward pair for `local_attention` called with these keyword arguments.
 
-    `q` is any group's query `(B, S, Hq_g, D)` (for its device, dtype and length). Raises what
-    the kernel would raise for a mask or window it cannot take (checked here, before any group
-    is sent).
+    `q` is any group's query `(B, S, Hq_g, D)` (for its device, dtype and length). A pair has
+    `forward(q, k, v) -> (out, saved)` and `backward(dout, q, k, v, saved) -> (dq, dk, dv)`.
+    Raises what the kernel would raise for a mask or window it cannot take (checked here,
+    before any group is sent).
     """
-    from .ring import RingAttention  # the ring imports this module's neighbours, not this one
-
-    if isinstance(local_attention, RingAttention):
-        local_attention._check(q, q[:, :, :1], q[:, :, :1], causal, mask, window)
-        return RingGroup(local_attention, causal, mask, window)
+    split = getattr(local_attention, "split", None)
+    if split is not None:  # a layer that brings its own pair (RingAttention.split)
+        return split(q, causal=causal, mask=mask, window=window)
     dense_ok = q.device.type == "cpu" or (mask is None and not window)
     if local_attention is sdpa_attention and dense_ok:
         if mask is not None:

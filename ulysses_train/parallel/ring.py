@@ -39,7 +39,7 @@ from ..model.masking import DocumentMask
 from . import ring_kernels as kernels
 from .comm import group_size, head_to_seq, seq_to_head_qkv
 from .layout import SequenceLayout
-from .ring_window import ring_window_attention_op
+from .ring_window import ring_window_attention_backward_op, ring_window_attention_op
 from .ulysses import UlyssesAttention, check_ulysses_shapes
 
 KV_TAG, GRAD_TAG = 0, 1  # two transfers may be in flight between the same peers in backward
@@ -237,6 +237,13 @@ class RingAttention(nn.Module):
             return ring_window_attention_op(q, k, v, ids, window, self.group.group_name)
         return ring_attention_op(q, k, v, ids, causal, self.group.group_name)
 
+    def split(self, q, causal: bool = True, mask: DocumentMask | None = None, window: int = 0):
+        """This layer as a forward/backward pair for the head-group pipeline
+        (parallel/group_kernels.py): its ops called directly, the backward from the saved output
+        and LSE. `q` is any group's query (for the checks). Raises as `forward` would."""
+        self._check(q, q[:, :, :1], q[:, :, :1], causal, mask, window)
+        return _RingPair(self, causal, mask, window)
+
     def _check(self, q, k, v, causal, mask, window) -> None:
         if not isinstance(window, int) or window < 0:
             raise ValueError(f"RingAttention: window must be an int >= 0 tokens (0 = none), got {window!r}")
@@ -258,6 +265,32 @@ class RingAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ring={self.layout.ring}, padded_len={self.layout.padded_len}"
+
+
+class _RingPair:
+    """`RingAttention.split`'s pair: forward -> (out, (out, lse)); backward from them."""
+
+    def __init__(self, ring: RingAttention, causal: bool, mask: DocumentMask | None, window: int):
+        self.ring, self.causal, self.mask, self.window = ring, causal, mask, window
+        self.ids = None if mask is None else mask.document_ids
+        self.halo = bool(window) and window < ring.layout.seq_len  # forward_with_lse's rule
+
+    def forward(self, q, k, v):
+        with torch.no_grad():
+            out, lse = self.ring.forward_with_lse(q, k, v, causal=self.causal, mask=self.mask,
+                                                  window=self.window)
+        return out, (out, lse)
+
+    def backward(self, dout, q, k, v, saved):
+        out, lse = saved
+        name = self.ring.group.group_name
+        if self.halo:
+            dq, dkv = ring_window_attention_backward_op(dout.contiguous(), q, k, v, out, lse,
+                                                        self.ids, self.window, name)
+        else:
+            dq, dkv = ring_attention_backward_op(dout.contiguous(), q, k, v, out, lse, self.ids,
+                                                 self.causal, name)
+        return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
 class UlyssesRingAttention(nn.Module):
