@@ -246,6 +246,8 @@ class _HeadGroupPipeline(torch.autograd.Function):
             (dout_g,) = _to_seq_major(pending.wait(), [hg.hq_g])  # (B, S, h, D)
             if g + 1 < hg.chunks:  # (B, S/P, P, h, D) -> (P, B, S/P, h, D), in flight now
                 pending = post(dout[:, :, :, g + 1].permute(2, 0, 1, 3, 4).contiguous(), group)
+                if g + 2 == hg.chunks:  # every group's share is on its way: let it go
+                    dout = None
             q_g, k_g, v_g, *keep = ctx.saved.take(ctx, g)
             dq_g, dk_g, dv_g = ctx.kernel.backward(dout_g, q_g, k_g, v_g, tuple(keep))
             del dout_g, q_g, k_g, v_g, keep  # this group's saved tensors go now
@@ -254,7 +256,7 @@ class _HeadGroupPipeline(torch.autograd.Function):
             grad_pending = post(grads.send(dq_g, dk_g, dv_g, g), group)
             del dq_g, dk_g, dv_g
         grads.received(grad_pending.wait())
-        dq, dk, dv = grads.assemble(dout.shape)
+        dq, dk, dv = grads.assemble((bsz, s_local, hg.p, hg.chunks, hg.hq_g, dim))
         return dq.view(bsz, s_local, hg.hq, dim), dk, dv, None, None, None
 
 
@@ -292,17 +294,19 @@ class _Grads:
         hg, h = self.hg, self.hg.hq_g
         dq = self.pieces[0].new_empty(dq_shape)  # (B, S/P, P, G, h, D)
         dk, dv = (self.pieces[0].new_empty(self.kv_shape) for _ in range(2))
-        for g, piece in enumerate(self.pieces):
+        for g in range(len(self.pieces)):
+            piece = self.pieces[g]
             _place(dq, piece[:, :, :, :h], hg, g)
             if not hg.resident:
                 w = hg.hkv_g
                 for full, part in ((dk, piece[:, :, :, h:h + w]), (dv, piece[:, :, :, h + w:])):
                     _place(full.view(*full.shape[:2], hg.p, hg.chunks, w, full.shape[3]), part, hg, g)
-        if hg.resident:  # (P, B, S/P, Hkv', D) -> (P/rep, rep, ...) summed over the replicas
-            last, w = self.pieces[-1], hg.hkv_l
-            for full, part in ((dk, last[:, :, :, h:h + w]), (dv, last[:, :, :, h + w:])):
-                summed = part.unflatten(0, (hg.p // hg.rep, hg.rep)).sum(1)
-                full.copy_(summed.permute(1, 2, 0, 3, 4).reshape(full.shape))  # -> (B, S/P, Hkv, D)
+            elif g == hg.chunks - 1:  # (P, B, S/P, Hkv', D) -> (P/rep, rep, ...) summed over replicas
+                w = hg.hkv_l
+                for full, part in ((dk, piece[:, :, :, h:h + w]), (dv, piece[:, :, :, h + w:])):
+                    summed = part.unflatten(0, (hg.p // hg.rep, hg.rep)).sum(1)
+                    full.copy_(summed.permute(1, 2, 0, 3, 4).reshape(full.shape))  # -> (B, S/P, Hkv, D)
+            self.pieces[g] = piece = None  # placed: free it before the next is read
         self.pieces = []
         return dq, dk, dv
 
