@@ -2,9 +2,15 @@
 
     python scripts/bench_ulysses.py                      # 4 gloo ranks on CPU, default configs
     python scripts/bench_ulysses.py --world 1 --configs 256x8x8x32x1 --repeats 3   # smoke check
+    python scripts/bench_ulysses.py --chunks 2,4 --skip ring,hybrid,full_1proc   # head groups only
 
 Implementations, timed on the same inputs (each rank's sequence slice of one global q/k/v):
 - `ulysses`: our `UlyssesAttention(sdpa_attention, group)`;
+- `ulysses_g{G}` for each G of `--chunks` (default 2,4) that the head counts allow
+  (`valid_ulysses_chunks`; others get a `skipped` line): `PipelinedUlyssesAttention(sdpa_attention,
+  group, G)`, the same exchange over G pipelined head groups (parallel/ulysses_pipeline.py), with
+  a `chunks` field. Its bytes sent must equal the `ulysses` row's, forward and backward (each
+  head travels once each way): the script raises AssertionError otherwise;
 - `deepspeed`: `deepspeed.sequence.layer.DistributedAttention` with the same local kernel, when
   deepspeed is importable and supports the head counts (it needs kv_heads >= world);
 - `local_shard`: every rank runs the local kernel on `(B, S, H/P, D)` with no communication —
@@ -12,8 +18,9 @@ Implementations, timed on the same inputs (each rank's sequence slice of one glo
 - `full_1proc`: rank 0 alone runs full attention on the whole `(B, S, H, D)` (the others wait);
 - `ring`: `UlyssesRingAttention` with ring = P (pure ring attention, zig-zag layout);
 - `hybrid`: `UlyssesRingAttention` with ring = 2 and Ulysses = P/2 (USP), when P >= 4.
-Ring and hybrid rows also report `sent_bytes_fwd` / `sent_bytes_bwd` per rank (counted at the
-all-to-all and P2P calls, the own chunk of an all-to-all not counted) next to `model_bytes_fwd`,
+Ulysses, head-group, ring and hybrid rows also report `sent_bytes_fwd` / `sent_bytes_bwd` per
+rank (counted at the all-to-all and P2P calls, the own chunk of an all-to-all not counted: with
+equal splits over P ranks, (P-1)/P of every all-to-all buffer) next to `model_bytes_fwd`,
 the communication model (`comm_model`): per rank, forward, per attention layer,
   Ulysses over U ranks: B * S/P * D * (2*Hq + 2*Hkv*rep) * (U-1)/U elements, rep = max(U/Hkv, 1)
     (q, k, v in, out back: 4*S*d/P for MHA, up to the own chunk's (U-1)/U);
@@ -27,6 +34,19 @@ load drifts hit all of them alike; the median over rounds is reported. Every ran
 between two barriers; rank 0 prints one JSON line per (configuration, implementation) with all
 samples and, for the distributed ones, the fp32 relative error of the output and of the q/k/v
 gradients against full attention on the whole sequence (`rel_err_vs_full`, worst of the four).
+Memory: `peak_bytes` is the peak of one extra, untimed forward + backward of each row under
+torch's `MemTracker` (torch.distributed._tools.mem_tracker), per rank, max over ranks (the
+`full_1proc` row: rank 0's). Counted: the storages of every tensor an op creates inside the
+step (all-to-all send/receive buffers, attention outputs and LSE, tensors saved for backward,
+gradients, the loss product `out * grad` and the output gradient it hands the layer), and the
+row's own inputs q, k, v and output gradient, registered with `track_external` so every row
+counts them alike (for `local_shard` and `full_1proc`: its head-sharded or whole inputs). Not counted: scratch inside
+one op (SDPA's internal buffers), gloo's internal copies, autograd metadata, allocator caching
+and fragmentation (on a GPU the reserved memory is larger), anything alive before the step.
+Head-group rows add `peak_ratio_vs_ulysses`.
+Times here are CPU times of gloo ranks sharing the cores: they are not evidence of overlap
+(the script prints a note saying so). The overlap the head groups are for shows only on a GPU,
+as exposed all-to-all time in a profiler trace; this script does not measure it.
 Needs only torch and this package (deepspeed optional). Ranks are spawned here, with
 OMP_NUM_THREADS=1 by default (the 2-core CI machines would otherwise be oversubscribed).
 """
@@ -46,12 +66,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_ulysses_counters
+from bench_ulysses_counters import max_over_ranks, model_bytes, peak_bytes, sent_bytes  # noqa: E402
+
+from ulysses_train.config.parallel import valid_ulysses_chunks  # noqa: E402
 from ulysses_train.model.attention import sdpa_attention  # noqa: E402
-from ulysses_train.parallel import ring, ring_window  # noqa: E402
 from ulysses_train.parallel.layout import SequenceLayout  # noqa: E402
 from ulysses_train.parallel.ring import UlyssesRingAttention  # noqa: E402
 from ulysses_train.parallel.ulysses import UlyssesAttention  # noqa: E402
+from ulysses_train.parallel.ulysses_pipeline import PipelinedUlyssesAttention  # noqa: E402
 
+NOT_EVIDENCE = ("note: times are CPU times of gloo ranks sharing this machine's cores; they are not "
+                "evidence of all-to-all/compute overlap (that needs a GPU profiler trace)")
+SKIPPABLE = ("deepspeed", "ring", "hybrid", "local_shard", "full_1proc")  # --skip; G rows: --chunks
 DEFAULT_CONFIGS = ["1024x16x16x64x1", "512x32x32x64x2", "2048x32x8x64x1", "2048x16x4x64x1", "1024x16x2x64x1"]
 
 
@@ -59,6 +86,14 @@ def parse_config(text: str) -> dict[str, int]:
     """'SEQxHQxHKVxDxB' -> dict, e.g. '2048x16x4x64x1'."""
     seq, hq, hkv, dim, batch = (int(x) for x in text.split("x"))
     return {"seq_len": seq, "heads": hq, "kv_heads": hkv, "head_dim": dim, "batch": batch}
+
+
+def parse_chunks(text: str) -> list[int]:
+    """'2,4' -> [2, 4]; '' -> []. argparse turns the ValueError into a usage error."""
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if any(g < 1 for g in values):
+        raise ValueError(f"head-group counts must be positive: {text!r}")
+    return values
 
 
 def global_inputs(cfg: dict[str, int], seed: int = 0) -> list[torch.Tensor]:
@@ -71,7 +106,8 @@ def global_inputs(cfg: dict[str, int], seed: int = 0) -> list[torch.Tensor]:
 
 
 def make_step(fn, inputs: list[torch.Tensor], **kw):
-    """A closure running fn forward + backward on leaf copies of q/k/v; returns out, dq, dk, dv."""
+    """A closure running fn forward + backward on leaf copies of q/k/v; returns out, dq, dk, dv.
+    `step.inputs`: its q, k, v leaves and output gradient (for `peak_bytes`)."""
     q, k, v, grad_out = inputs
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
 
@@ -82,6 +118,7 @@ def make_step(fn, inputs: list[torch.Tensor], **kw):
         (out * grad_out).sum().backward()  # scalar loss: same gradients as out.backward(grad_out)
         return [out.detach()] + [t.grad for t in leaves]
 
+    step.inputs = [*leaves, grad_out]
     return step
 
 
@@ -132,86 +169,55 @@ def ring_rows(cfg, world: int) -> dict[str, int]:
     return {name: r for name, r in rows.items() if cfg["seq_len"] % (2 * world) == 0}
 
 
-def model_bytes(cfg, world: int, r: int, element_size: int, window: int = 0, ring_rank: int = 0) -> int:
-    """The communication model's forward bytes per rank (module docstring). With a sliding
-    `window` W < S under a ring, the ring part is ring rank `ring_rank`'s halo instead:
-    K and V of `ring_window.halo_tokens_sent` tokens each (docs/attention.md)."""
-    b, s, hq, hkv, d = cfg["batch"], cfg["seq_len"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
-    u = world // r
-    ulysses = b * s // world * d * (2 * hq + 2 * hkv * max(u // hkv, 1)) * (u - 1) // u
-    tokens = s // r * (r - 1)  # the full ring: R - 1 hops of the local block
-    if window and window < s and r > 1:
-        tokens = ring_window.halo_tokens_sent(ring_rank, r, s // (2 * r), window)
-    ring_part = 2 * b * tokens * max(hkv // u, 1) * d
-    return (ulysses + ring_part) * element_size
+def group_chunks(cfg, world: int, chunks) -> tuple[list[int], list[int]]:
+    """(G values > 1 of `chunks` the head counts allow at P = world, the others > 1)."""
+    valid = valid_ulysses_chunks(cfg["heads"], cfg["kv_heads"], world)
+    wanted = [g for g in chunks if g > 1]
+    return [g for g in wanted if g in valid], [g for g in wanted if g not in valid]
 
 
-@contextlib.contextmanager
-def count_sent(totals: list[int]):
-    """Adds to totals[0] the bytes this rank sends through all-to-alls and ring P2P hops.
-
-    The all-to-all is counted at `torch.ops._c10d_functional.all_to_all_single`, which our comm
-    layer calls forward and its registered autograd formula calls backward (the own chunk is
-    not sent); the ring at each `ring.Transfer` (one send per hop); a sliding-window layer's
-    halo at each `ring_window.HaloExchange` (every slice it sends to every peer)."""
-    ops, transfer, halo = torch.ops._c10d_functional, ring.Transfer, ring_window.HaloExchange
-    a2a = ops.all_to_all_single
-
-    def counted_a2a(x, out_splits, in_splits, group_name):
-        p = len(in_splits)
-        totals[0] += x.numel() * x.element_size() * (p - 1) // p
-        return a2a(x, out_splits, in_splits, group_name)
-
-    class Counted(transfer):
-        def __init__(self, send, group, tag):
-            totals[0] += send.numel() * send.element_size()
-            super().__init__(send, group, tag)
-
-    class CountedHalo(halo):
-        def __init__(self, sends, recv_shapes, like, group, tag):
-            totals[0] += sum(t.numel() * t.element_size() for t in sends.values())
-            super().__init__(sends, recv_shapes, like, group, tag)
-
-    ops.all_to_all_single, ring.Transfer, ring_window.HaloExchange = counted_a2a, Counted, CountedHalo
-    try:
-        yield
-    finally:
-        ops.all_to_all_single, ring.Transfer, ring_window.HaloExchange = a2a, transfer, halo
+def ulysses_rows(cfg, local, world: int, chunks) -> tuple[dict, dict]:
+    """The `ulysses` row and a `ulysses_g{G}` row per allowed G of `chunks` on this rank's
+    tokens `local`: (name -> step, name -> (sent fwd, sent bwd, model fwd) bytes).
+    Raises AssertionError when a head-group row sends other bytes than the `ulysses` row."""
+    layers = {"ulysses": UlyssesAttention(sdpa_attention, dist.group.WORLD)}
+    for g in group_chunks(cfg, world, chunks)[0]:
+        layers[f"ulysses_g{g}"] = PipelinedUlyssesAttention(sdpa_attention, dist.group.WORLD, g)
+    steps, sent = {}, {}
+    for name, layer in layers.items():
+        steps[name] = make_step(layer, local, causal=True)
+        sent[name] = sent_bytes(steps[name], layer, local) + (model_bytes(cfg, world, 1, 4),)
+        if sent[name][:2] != sent["ulysses"][:2]:  # not `assert`: must hold under python -O too
+            raise AssertionError(f"{name} sent {sent[name][:2]} bytes (fwd, bwd), the one-exchange "
+                                 f"layer {sent['ulysses'][:2]}: head groups must not change them")
+    return steps, sent
 
 
-def sent_bytes(step, fn, local, **kw) -> tuple[int, int]:
-    """Bytes this rank sends in one forward, and in the backward of a whole step (`kw`: what
-    `step` passes the layer besides causal=True, e.g. window=W)."""
-    fwd, total = [0], [0]
-    with count_sent(fwd), torch.no_grad():
-        fn(*local[:3], causal=True, **kw)
-    with count_sent(total):
-        step()
-    return fwd[0], total[0] - fwd[0]
-
-
-def implementations(cfg, inputs, rank: int, world: int):
+def implementations(cfg, inputs, rank: int, world: int, chunks=(), skip=()):
     """name -> step closure (None where this rank takes no part), this rank's token positions per
-    implementation, and the ring rows' sent bytes."""
+    implementation, and the Ulysses, head-group and ring rows' sent bytes. Rows named in `skip`
+    are not built (`ulysses`, the reference of the others, always is)."""
     group = dist.group.WORLD
     mine = torch.arange(rank * cfg["seq_len"] // world, (rank + 1) * cfg["seq_len"] // world)
     local = [t[:, mine].contiguous() for t in inputs]  # this rank's tokens: (B, S/P, H, D)
-    ulysses = UlyssesAttention(sdpa_attention, group)
-    steps = {"ulysses": make_step(ulysses, local, causal=True)}
-    positions = {"ulysses": mine, "deepspeed": mine}
-    sent = {"ulysses": sent_bytes(steps["ulysses"], ulysses, local) + (model_bytes(cfg, world, 1, 4),)}
+    steps, sent = ulysses_rows(cfg, local, world, chunks)
+    positions = {name: mine for name in [*steps, "deepspeed"]}
     for name, r in ring_rows(cfg, world).items():
+        if name in skip:
+            continue
         layout = SequenceLayout(cfg["seq_len"], world, r)
         attn = UlyssesRingAttention(*hybrid_groups(world, r), layout)
         positions[name] = layout.rank_positions(rank)
         zig = [t[:, positions[name]].contiguous() for t in inputs]  # the zig-zag tokens
         steps[name] = make_step(attn, zig, causal=True)
         sent[name] = sent_bytes(steps[name], attn, zig) + (model_bytes(cfg, world, r, 4),)
-    ds = deepspeed_attention(group) if cfg["kv_heads"] >= world else None
+    ds = deepspeed_attention(group) if cfg["kv_heads"] >= world and "deepspeed" not in skip else None
     if ds is not None:
         steps["deepspeed"] = make_step(ds, local, causal=True)
-    steps["local_shard"] = make_step(sdpa_attention, head_shard(inputs, cfg, rank, world), causal=True)
-    steps["full_1proc"] = make_step(sdpa_attention, inputs, causal=True) if rank == 0 else None
+    if "local_shard" not in skip:
+        steps["local_shard"] = make_step(sdpa_attention, head_shard(inputs, cfg, rank, world), causal=True)
+    if "full_1proc" not in skip:
+        steps["full_1proc"] = make_step(sdpa_attention, inputs, causal=True) if rank == 0 else None
     return steps, positions, sent
 
 
@@ -237,12 +243,14 @@ def time_round(steps: dict, order: list[str]) -> dict[str, float]:
     return times
 
 
-def bench_config(cfg: dict[str, int], rank: int, world: int, repeats: int, warmup: int) -> None:
+def bench_config(cfg: dict[str, int], rank: int, world: int, repeats: int, warmup: int,
+                 chunks=(), skip=()) -> None:
     inputs = global_inputs(cfg)
-    steps, positions, sent = implementations(cfg, inputs, rank, world)
+    steps, positions, sent = implementations(cfg, inputs, rank, world, chunks, skip)
     reference = make_step(sdpa_attention, inputs, causal=True)()  # out, dq, dk, dv; every rank, once
     errors = {name: rel_error(steps[name], positions[name], reference)
-              for name in ("ulysses", "deepspeed", "ring", "hybrid") if name in steps}
+              for name in steps if name not in ("local_shard", "full_1proc")}
+    peaks = {name: max_over_ranks(peak_bytes(steps[name])) for name in steps}  # same order everywhere
     names = list(steps)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for i in range(warmup + repeats):
@@ -266,8 +274,16 @@ def bench_config(cfg: dict[str, int], rank: int, world: int, repeats: int, warmu
         if name in sent and name != "ulysses":
             ratios = [a / b for a, b in zip(samples[name], samples["ulysses"])]
             row["median_ratio_vs_ulysses"] = round(statistics.median(ratios), 4)
+        row["peak_bytes"] = peaks[name]
+        if name.startswith("ulysses_g"):
+            row["chunks"] = int(name.removeprefix("ulysses_g"))
+            row["peak_ratio_vs_ulysses"] = round(peaks[name] / peaks["ulysses"], 4)
         print(json.dumps(row), flush=True)
-    if "deepspeed" not in steps:
+    for g in group_chunks(cfg, world, chunks)[1]:
+        print(json.dumps({"impl": f"ulysses_g{g}", **cfg, "world": world, "chunks": g, "skipped":
+                          f"G must be one of {valid_ulysses_chunks(cfg['heads'], cfg['kv_heads'], world)}"}),
+              flush=True)
+    if "deepspeed" not in steps and "deepspeed" not in skip:
         print(json.dumps({"impl": "deepspeed", **cfg, "world": world, "skipped":
                           "not importable" if cfg["kv_heads"] >= world else "needs kv_heads >= world"}),
               flush=True)
@@ -279,7 +295,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         for text in args.configs:
-            bench_config(parse_config(text), rank, world, args.repeats, args.warmup)
+            bench_config(parse_config(text), rank, world, args.repeats, args.warmup, args.chunks,
+                         args.skip)
     finally:
         dist.destroy_process_group()
 
@@ -291,7 +308,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds (>= 5)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="OMP/intra-op threads per rank")
+    parser.add_argument("--chunks", type=parse_chunks, default=[2, 4],
+                        help="head-group counts G for the ulysses_g{G} rows, e.g. 2,4 ('' for none)")
+    parser.add_argument("--skip", type=lambda text: set(text.split(",")), default=set(),
+                        help="rows not to run, e.g. ring,hybrid,full_1proc (ulysses always runs)")
     args = parser.parse_args()
+    if args.skip - set(SKIPPABLE):
+        parser.error(f"--skip: unknown rows {sorted(args.skip - set(SKIPPABLE))}; choose from {SKIPPABLE}")
+    print(NOT_EVIDENCE, file=sys.stderr, flush=True)  # stdout stays one JSON object per line
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the spawned ranks
     # The parent hosts the rendezvous store on a free port; the ranks connect to it.
     store = dist.TCPStore("127.0.0.1", 0, args.world, is_master=True, wait_for_workers=False,
