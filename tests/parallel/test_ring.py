@@ -7,7 +7,9 @@ the output and of the q/k/v gradients on those positions. One 8-rank spawn cover
 (past the 4 query heads), sp=8 ring=2, sp=4 ring=4 (pure ring; two sp groups), sp=4 ring=1
 (must be exactly UlyssesAttention), causal and document-masked, batch 1 and 2, padded layouts;
 it also records the structure (kernel calls, post/wait order). A 4-rank spawn measures memory
-(MemTracker) and selective checkpointing; both import torch._dynamo, hence their own spawn.
+(MemTracker), selective checkpointing and scripts/bench_ulysses.py's counters (bytes of the
+ring and head-group rows, their MemTracker peaks): these import torch._dynamo, hence a spawn
+of their own.
 """
 from __future__ import annotations
 
@@ -265,8 +267,7 @@ def _selective(groups, sp_rank, mode) -> dict[str, object]:
             "error": rel_err(grads[1], grads[0])}
 
 
-def _bench_bytes(rank, world) -> dict[str, tuple]:
-    """scripts/bench_ulysses.py's bytes-sent counter vs its communication model (forward)."""
+def _bench_module():
     import importlib.util
     import os
 
@@ -274,6 +275,12 @@ def _bench_bytes(rank, world) -> dict[str, tuple]:
     spec = importlib.util.spec_from_file_location("bench_ulysses", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def _bench_bytes(rank, world) -> dict[str, tuple]:
+    """scripts/bench_ulysses.py's bytes-sent counter vs its communication model (forward)."""
+    bench = _bench_module()
     out = {}
     for hkv in (HKV, HQ):  # kv replicated by the Ulysses all-to-all, and not
         cfg = {"seq_len": 64, "heads": HQ, "kv_heads": hkv, "head_dim": D, "batch": 1}
@@ -288,8 +295,24 @@ def _bench_bytes(rank, world) -> dict[str, tuple]:
     return out
 
 
+def _bench_groups(rank, world) -> dict[int, dict[str, tuple]]:
+    """scripts/bench_ulysses.py's Ulysses and head-group rows in miniature (16 query heads: 4
+    per rank, G in 2, 4): per kv head count, row -> (sent fwd, sent bwd, peak, input bytes)."""
+    bench = _bench_module()
+    out = {}
+    for hkv in (2, 8):  # kv replicated (travels with group 0), and split over the groups at G = 2
+        cfg = {"seq_len": 32, "heads": 16, "kv_heads": hkv, "head_dim": D, "batch": 1}
+        mine = slice(rank * 32 // world, (rank + 1) * 32 // world)
+        local = [t[:, mine].contiguous() for t in bench.global_inputs(cfg)]
+        steps, sent = bench.ulysses_rows(cfg, local, world, (2, 4))
+        out[hkv] = {name: (*sent[name][:2], bench.peak_bytes(step), sum(t.nbytes for t in step.inputs))
+                    for name, step in steps.items()}
+    return out
+
+
 def _tools_job(rank, world):
-    results = {"memory": _memory(rank), "bench": _bench_bytes(rank, world)}
+    results = {"memory": _memory(rank), "bench": _bench_bytes(rank, world),
+               "groups": _bench_groups(rank, world)}
     groups, sp_rank, _ = hybrid_groups(4, 2)
     for mode in ("selective", "full"):
         results[mode] = _selective(groups, sp_rank, mode)
@@ -318,6 +341,17 @@ def test_bench_communication_model_matches_bytes_sent(tools_results):
     for res in tools_results:
         for key, (measured, model) in res["bench"].items():
             assert measured == model > 0, (key, measured, model)
+
+
+def test_bench_head_group_rows_send_the_ulysses_bytes(tools_results):
+    for res in tools_results:
+        for hkv, rows in res["groups"].items():
+            assert sorted(rows) == ["ulysses", "ulysses_g2", "ulysses_g4"], (hkv, rows)
+            for name, (fwd, bwd, peak, inputs) in rows.items():
+                assert (fwd, bwd) == rows["ulysses"][:2] and fwd > 0 and bwd > 0, (hkv, name, rows)
+                # At the step's end its inputs, out and dq/dk/dv (as large again) are all alive:
+                # a peak below that would mean the inputs (track_external) went uncounted.
+                assert peak >= 2 * inputs, (hkv, name, peak, inputs)
 
 
 def test_selective_checkpointing_keeps_the_ring_output(tools_results):
