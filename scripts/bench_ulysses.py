@@ -67,7 +67,13 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_ulysses_counters
-from bench_ulysses_counters import max_over_ranks, model_bytes, peak_bytes, sent_bytes  # noqa: E402
+from bench_ulysses_counters import (  # noqa: E402
+    max_over_ranks,
+    model_bytes,
+    peak_bytes,
+    peak_snapshot,  # noqa: F401 (tests call it through this module)
+    sent_bytes,
+)
 
 from ulysses_train.config.parallel import valid_ulysses_chunks  # noqa: E402
 from ulysses_train.model.attention import sdpa_attention  # noqa: E402
@@ -110,6 +116,7 @@ def make_step(fn, inputs: list[torch.Tensor], **kw):
     `step.inputs`: its q, k, v leaves and output gradient (for `peak_bytes`)."""
     q, k, v, grad_out = inputs
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    grad_out = grad_out.clone()  # own storage: a view would make `peak_bytes` count its base
 
     def step() -> list[torch.Tensor]:
         for t in leaves:

@@ -20,19 +20,31 @@ import torch.distributed as dist
 from ulysses_train.parallel import ring, ring_window
 
 
-def peak_bytes(step) -> int:
-    """Peak tracked bytes of one `step()` on this rank under torch's MemTracker, the step's
-    inputs included (bench_ulysses' docstring: what is and is not counted); 0 for None (this
-    rank takes no part). Runs the step once more: collectives inside, so all ranks call it."""
+def peak_snapshot(step) -> dict[str, int]:
+    """MemTracker's peak of one `step()` on this rank, bytes per category summed over devices:
+    'Total', 'Other' (the step's inputs, registered with `track_external`), 'Activation'
+    (created in forward), 'Temp' (created in backward). Empty for None (this rank takes no part).
+    Runs the step once more (collectives inside: all ranks call it); what is and is not
+    counted: bench_ulysses' docstring."""
     if step is None:
-        return 0
+        return {}
     from torch.distributed._tools.mem_tracker import MemTracker  # imports torch._dynamo: ~1 s
 
     tracker = MemTracker()
     tracker.track_external(*step.inputs)
     with tracker:
         step()
-    return sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
+    total: dict[str, int] = {}
+    for snap in tracker.get_tracker_snapshot("peak").values():
+        for kind, nbytes in snap.items():  # keys: "Total" and _MemRefType members (str enums)
+            name = str(getattr(kind, "value", kind))
+            total[name] = total.get(name, 0) + nbytes
+    return total
+
+
+def peak_bytes(step) -> int:
+    """Peak tracked bytes of one `step()` on this rank, its inputs included (`peak_snapshot`)."""
+    return peak_snapshot(step).get("Total", 0)
 
 
 def model_bytes(cfg, world: int, r: int, element_size: int, window: int = 0, ring_rank: int = 0) -> int:
