@@ -180,7 +180,62 @@ def block_backward_transient(sh: Shapes, device: str) -> int:
     mlp = (4 * rows * sh.F + (T * sh.d if tiled else 0)) * a if tiled else 2 * rows * sh.F * a
     grads_qkv = T * (sh.hq + 2 * sh.kv_attn) * sh.D * a
     attn = grads_qkv + (2 * grads_qkv if sh.U > 1 else 0) + T * sh.d * a
-    return max(mlp, attn) + ring_buffers(sh)
+    return max(mlp, attn - head_groups_relief(sh, mlp)) + ring_buffers(sh)
+
+
+def head_groups_relief(sh: Shapes, mlp: int) -> int:
+    """What G > 1 head groups take off the attention term above, given the MLP's `mlp`: the
+    block's backward peak is the larger of the two, so only the part of the pipeline's
+    saving (`head_groups_saving`) that lowers max(mlp, attention) counts, with the attention's
+    working set at G = 1 counted as the layer's X + Q (measured), its incoming gradient Q and
+    the residual stream's gradient T d. 0 at G = 1, so today's terms stay exact."""
+    saving = head_groups_saving(sh)
+    if saving == 0:
+        return 0
+    q = sh.T * sh.hq * sh.D * sh.act_bytes
+    single = ulysses_buffer(sh) + 2 * q + sh.T * sh.d * sh.act_bytes
+    return max(mlp, single) - max(mlp, single - saving)
+
+
+def head_groups_saving(sh: Shapes) -> int:
+    """Bytes by which G = parallel.ulysses_chunks > 1 pipelined head groups
+    (parallel/ulysses_pipeline.py) change the attention backward's peak beyond what the block
+    keeps, against UlyssesAttention's: positive = lower, negative = higher (G = 2 can be).
+    0 at G = 1 (the terms above are today's, unchanged) and under a ring (not measured there).
+
+    Counted from the layer's code, per rank: Q = q bytes (T hq D a), X = `ulysses_buffer`
+    (q, k, v: Q + KV). UlyssesAttention's backward peaks in the kernel's backward: dq, dk, dv
+    and the received output gradient, X + Q. The pipeline's (each group's buffers are 1/G):
+    - kv split over the groups: in group 1's backward, group 0's saved q/k/v/out gone
+      (-(X + Q)/G), its gradients in flight (send + receive, 2X/G), group 1's output gradient
+      and its contiguous copy, dq/dk/dv, group 2's output gradient in flight (2Q/G, none when
+      G = 2): (2X + 3Q)/G; in group 0's: (X + 4Q)/G;
+    - kv resident (`Shapes.kv_resident`: all kv heads travel with group 0, in its receive
+      buffer, which lives until the last group): the fp32 sums of the kv gradients (KV·4/a)
+      through the backward, plus in group 1's backward 6Q/G (5Q/G in group 0's) and one
+      group's kv gradients (KV/hkv', the group reads one of the hkv' kv heads);
+    - at the end, the received pieces (X) assembled into dq, dk, dv (X) once every saved
+      tensor (X + Q) is gone: X - Q, plus Q/G measured beyond that count.
+        change = X + Q - max(pipeline peaks above)
+    Measured (MemTracker, the layer alone, sp=4 gloo, B=1 S=2048 D=64 Hq=32 fp32; peak beyond
+    what it keeps, in Q; docs/planner.md): Hkv=32: G=1 4.00, G=2 3.50, G=4 2.25, G=8 2.11
+    (model 4.00, 3.50, 2.25, 2.12); Hkv=8 (G=4, 8 resident): 2.50, 2.75, 2.25, 1.37 (model
+    2.50, 2.75, 2.25, 1.50); Hkv=4 (resident): 2.25, 3.00, 2.00, 1.12 (model 2.25, 3.00, 2.00,
+    1.25). The forward's peak does not fall with G (Hkv=32: 1.0, 1.5, 1.0, 0.5 Q beyond what it
+    keeps): no forward term changes.
+    """
+    g = sh.G
+    if g == 1 or sh.ring > 1:
+        return 0
+    q = sh.T * sh.hq * sh.D * sh.act_bytes
+    x = ulysses_buffer(sh)
+    kv = x - q
+    if sh.kv_resident:
+        kv_heads = max(sh.hkv // sh.U, 1)
+        piped = kv * FP32 // sh.act_bytes + (6 if g > 2 else 5) * q // g + kv // kv_heads
+    else:
+        piped = max((2 * x + (3 if g > 2 else 1) * q) // g, (x + 4 * q) // g)
+    return x + q - max(piped, x - q + q // g)
 
 
 def block_forward_transient(sh: Shapes) -> int:

@@ -6,7 +6,8 @@ Ulysses degree, hq = Hq / tp and hkv = Hkv / tp local heads of D = model.head_di
 0; config/architecture.py head_dim: Qwen3 and Gemma 3 have Hq * D != d), F = ffn_hidden / tp,
 V = padded vocabulary, n = the ZeRO sharding group: dp * sp, or parallel.shard_group ranks of it
 under hybrid sharding (HSDP), whose dp * sp / n replicas each hold a full copy of the shards
-(parallel/sharding.py, parallel/mesh.py ParallelDims.replicas).
+(parallel/sharding.py, parallel/mesh.py ParallelDims.replicas), G = parallel.ulysses_chunks
+head groups of the Ulysses exchange.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class Shapes:
     qk_norm: bool = False  # model.qk_norm: an RMSNorm over each head's q and k (Qwen3, Gemma 3)
     sandwich: bool = False  # model.sandwich_norm: norms after attention and the MLP (Gemma 3)
     local_rope: bool = False  # sliding layers have their own RoPE tables (model.rope_local_theta)
+    chunks: int = 1  # parallel.ulysses_chunks: G pipelined head groups of the Ulysses exchange
 
     @property
     def S_pad(self) -> int:
@@ -86,6 +88,18 @@ class Shapes:
         """Copies of each shard (dp * sp / shard_group; 1 = plain ZeRO): HSDP all-reduces the
         reduce-scattered gradients across them."""
         return self.dp * self.sp // self.shard_group
+
+    @property
+    def G(self) -> int:
+        """Head groups the Ulysses exchange is pipelined in (parallel/ulysses_pipeline.py); 1
+        without Ulysses (U = 1), where parallel.ulysses_chunks must be 1."""
+        return self.chunks if self.U > 1 else 1
+
+    @property
+    def kv_resident(self) -> bool:
+        """Whether the pipeline's kv heads travel once, with group 0, and stay (HeadGroups.resident:
+        G does not divide the max(hkv / U, 1) kv heads a rank attends with)."""
+        return max(self.hkv // self.U, 1) % self.G != 0
 
     @property
     def kv_attn(self) -> int:
@@ -142,4 +156,5 @@ def shapes_of(cfg: Config, world_size: int, device: str = "cuda") -> Shapes:
                   shard_group=shard_group_size(p.shard_group, dp * p.sp),
                   windows=windows, documents=cfg.data.document_mask, qk_norm=m.qk_norm,
                   sandwich=m.sandwich_norm,
-                  local_rope=bool(m.rope_local_theta) and any(windows))
+                  local_rope=bool(m.rope_local_theta) and any(windows),
+                  chunks=getattr(p, "ulysses_chunks", 1))
