@@ -119,7 +119,7 @@ def evaluate(cfg: Config, o: dict, gpus: int, mem_gib: float, device: str, links
         return layout
     sh = shapes_of(planned, gpus, device)
     layout.memory = predict(sh, device)
-    layout.time = step_time(planned, sh, gpus, tflops, links)
+    layout.time = step_time(planned, sh, gpus, tflops, links, device)
     need = layout.memory.total / GIB
     layout.fits = need <= mem_gib
     if not layout.fits:

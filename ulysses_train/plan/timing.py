@@ -14,7 +14,12 @@ node when the group's ranks fit in one node: mesh order dp, sp, tp puts tp peers
 next to each other; parallel/mesh.py). A ring all-reduce moves 2·(n-1)/n of the buffer, an
 all-gather or reduce-scatter (n-1)/n, an all-to-all (n-1)/n (Thakur et al. 2005):
 - Ulysses (Jacobs et al. 2023): per layer, q/k/v out and the output back, forward and backward
-  (again in recompute under full checkpointing): exposed (attention waits for it).
+  (again in recompute under full checkpointing): exposed (attention waits for it). With
+  parallel.ulysses_chunks = G > 1 head groups (parallel/ulysses_pipeline.py) each exchange is
+  hidden up to one group's kernel time, the first group's inbound and the last group's outbound
+  exchange exposed (`pipelined_exposed`); on CUDA with FlexAttention (documents or sliding
+  layers) the pipeline recomputes each group's forward in backward (group_kernels.Recompute):
+  one more attention forward, counted in compute.
 - ring (Liu et al. 2023): per full layer the K/V block R-1 times forward, K/V and fp32 dK/dV
   backward; per sliding-window layer (0 < W < S) only the halo its window reaches
   (parallel/ring_window.py: the K/V tokens the busiest rank sends, <= 2(W-1), forward and
@@ -45,6 +50,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ..config.architecture import head_dim, layer_windows
 from ..config.schema import Config
 from ..model.flops import attention_flops, model_flops, row_spans
 from .shapes import Shapes
@@ -76,8 +82,10 @@ class StepTime:
         return self.compute_s + self.exposed_comm_s
 
 
-def step_time(cfg: Config, sh: Shapes, world: int, tflops: float, links: Links) -> StepTime:
-    """Predicted seconds of one optimizer step of `cfg` laid out as `sh` on `world` ranks."""
+def step_time(cfg: Config, sh: Shapes, world: int, tflops: float, links: Links,
+              device: str = "cuda") -> StepTime:
+    """Predicted seconds of one optimizer step of `cfg` laid out as `sh` on `world` ranks
+    (`device`: cpu | cuda, which decides the head-group pipeline's kernel, `regroup_recompute`)."""
     rows = cfg.train.global_batch_size
     spans = row_spans(cfg.model, sh.S, rows)  # window -> span count of the global batch
     flops = model_flops(cfg.model, rows * sh.S, spans) / world
@@ -89,9 +97,16 @@ def step_time(cfg: Config, sh: Shapes, world: int, tflops: float, links: Links) 
         extra += 2 * 3 * sh.d * sh.F * tokens
     if 0 < sh.loss_chunk < sh.s:
         extra += 2 * sh.d * (sh.V // sh.tp) * tokens
+    recompute = regroup_recompute(cfg, sh, device)
+    if recompute:
+        extra += attention / 3
     compute = (flops + extra) / (tflops * 1e12)
     attn_s = attention * (4 / 3 if sh.ac == "full" else 1) / (tflops * 1e12)
     comm = _collectives(sh, world, links, attn_s, compute)
+    if sh.G > 1:  # the head-group pipeline hides its all-to-alls behind the kernels
+        kernels = [2 * cfg.model.n_heads * head_dim(cfg.model) * spans[w] / world / sh.accum
+                   / (tflops * 1e12) for w in layer_windows(cfg.model)]  # one forward, per layer
+        comm.update(_pipelined(sh, links, kernels, 3 if recompute else 2))
     exposed = sum(t for t, how in comm.values() if how == "exposed")
     return StepTime(compute, exposed, comm)
 
@@ -115,6 +130,52 @@ def _collectives(sh: Shapes, world: int, links: Links, attn_s: float, compute_s:
     if sh.dp * sh.sp > 1:
         out.update(_data_parallel(sh, world, links, compute_s))
     return out
+
+
+def regroup_recompute(cfg: Config, sh: Shapes, device: str) -> bool:
+    """Whether the head-group pipeline (G > 1, no ring) runs its kernel as `Recompute`
+    (parallel/group_kernels.py): on CUDA the model's kernel is FlexAttention when there are
+    documents or sliding layers (model.select_attention), which has no split forward/backward,
+    so each group's forward runs again in backward."""
+    masked = cfg.data.document_mask or any(layer_windows(cfg.model))
+    return sh.G > 1 and sh.ring == 1 and device == "cuda" and masked
+
+
+def pipelined_exposed(first: float, last: float, kernel: float, groups: int) -> float:
+    """Exposed seconds of one pass of one layer's Ulysses exchanges over G = `groups` head
+    groups (parallel/ulysses_pipeline.py). `first`: the whole inbound exchange (forward q/k/v,
+    backward the output gradient), `last`: the whole outbound one (forward the output, backward
+    dq/dk/dv), `kernel`: the attention kernel's seconds for all heads in this pass. Each group
+    carries 1/G of either and its kernel takes k = kernel/G. The first group's inbound and the
+    last group's outbound exchange wait for nothing to hide behind; group g+1's inbound runs
+    during kernel g, and with it group g-1's outbound (one link: they add up), so
+        exposed = (first + last)/G + max(0, first/G - k) + (G - 2) max(0, (first + last)/G - k)
+                  + max(0, last/G - k),
+    and G = 1 (nothing overlaps) is first + last exactly."""
+    if groups == 1:
+        return first + last
+    g, k = groups, kernel / groups
+    return ((first + last) / g + max(0.0, first / g - k) + max(0.0, last / g - k)
+            + (g - 2) * max(0.0, (first + last) / g - k))
+
+
+def _pipelined(sh: Shapes, links: Links, kernels: list, backward_kernels: int) -> dict:
+    """The Ulysses entries of the step under G > 1 head groups: exposed and hidden seconds,
+    summed over layers (`kernels`: each layer's attention forward seconds per micro-batch) and
+    passes (forward, backward with `backward_kernels` forwards' worth of kernel time, and the
+    recomputed forward under full checkpointing)."""
+    frac = (sh.U - 1) / sh.U / links.bytes_per_s(sh.tp * sh.U)
+    qkv = sh.T * (sh.hq + 2 * sh.kv_attn) * sh.D * sh.act_bytes * frac  # q/k/v (dq/dk/dv)
+    out = sh.T * sh.hq * sh.D * sh.act_bytes * frac  # the output (its gradient)
+    exposed = 0.0
+    for fwd in kernels:
+        forward = pipelined_exposed(qkv, out, fwd, sh.G)
+        exposed += forward * (2 if sh.ac == "full" else 1)
+        exposed += pipelined_exposed(out, qkv, backward_kernels * fwd, sh.G)
+    passes = 3 if sh.ac == "full" else 2
+    total = (qkv + out) * len(kernels) * passes * sh.accum
+    return {"ulysses all-to-all": (exposed * sh.accum, "exposed"),
+            "ulysses all-to-all hidden": (total - exposed * sh.accum, "overlapped")}
 
 
 def ring_layer_bytes(sh: Shapes, layer: int) -> tuple[int, int]:
