@@ -20,7 +20,8 @@ from .timing import DEFAULT_TFLOPS, Links
 
 KNOBS = ("parallel.tp", "parallel.sp", "parallel.ring", "parallel.dp", "parallel.zero",
          "train.activation_checkpointing", "train.activation_offload", "train.mlp_chunk",
-         "train.loss_chunk", "train.micro_batch_size", "parallel.shard_group")
+         "train.loss_chunk", "train.micro_batch_size", "parallel.shard_group",
+         "parallel.ulysses_chunks")
 
 
 def explicit_knobs(overrides: Sequence[str], cfg: Config) -> dict:

@@ -19,6 +19,7 @@ def _knobs(x: Layout) -> str:
     o = x.overrides
     off = "yes" if o["train.activation_offload"] else "no"
     return (f"{o['parallel.tp']:>3} {o['parallel.sp']:>4} {o.get('parallel.ring', 1):>4} "
+            f"{o.get('parallel.ulysses_chunks', 1):>3} "
             f"{o['parallel.dp']:>4} {o['parallel.zero']:>4} {o['train.activation_checkpointing']:>9} "
             f"{off:>3} {o['train.mlp_chunk']:>5} {o['train.loss_chunk']:>5} "
             f"{o['train.micro_batch_size']:>3}")
@@ -68,7 +69,7 @@ def model_line(m: ModelConfig) -> str:
 def table(cfg: Config, best: Layout, layouts: list, command: str) -> str:
     p, m = cfg.plan, cfg.model
     n_fit = sum(x.fits for x in layouts)
-    head = (" tp   sp ring   dp zero        ac off   mlp  loss  mb  peakGiB    step_s      tok/s   MFU  "
+    head = (" tp   sp ring   G   dp zero        ac off   mlp  loss  mb  peakGiB    step_s      tok/s   MFU  "
             "fits / why not")
     out = [f"plan: {model_line(m)}, {cfg.data.seq_len:,} tokens x "
            f"{cfg.train.global_batch_size} rows per step on {p.gpus} GPUs of {p.gpu_mem_gib:g} GiB "
@@ -125,6 +126,7 @@ def row(layout: Layout) -> dict:
     """One layout as JSON: its knobs (short names), fits/why, and the predictions."""
     out = {k.split(".")[1]: v for k, v in layout.overrides.items()}
     out.setdefault("ring", 1)
+    out.setdefault("ulysses_chunks", 1)
     out["fits"] = layout.fits
     if layout.why:
         out["why"] = layout.why

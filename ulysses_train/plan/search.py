@@ -5,6 +5,11 @@ a key another branch adds to the validation (a ring degree, a shard group) is re
 as it exists: the plan never proposes what train.py refuses. A dimension whose config key does
 not exist yet (`parallel.ring` before the ring branch) is skipped.
 
+`parallel.ulysses_chunks` (G head groups of the Ulysses exchange) is searched per layout over
+`config.parallel.valid_ulysses_chunks` of its heads per tp rank and Ulysses degree sp / ring
+(1 alone without Ulysses); a G the user set is kept, and refused by `config.validate` where it
+does not suit the layout.
+
 `parallel.shard_group` (hybrid sharding) is not searched: the group is chosen by the cluster (one
 node's GPUs), not by the model. A value the user set is kept fixed in every candidate (and shown
 among its knobs); candidates where it is invalid (it must divide dp x sp, be a multiple of sp,
@@ -18,6 +23,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from ..config.errors import ConfigError
+from ..config.parallel import valid_ulysses_chunks
 from ..config.schema import Config, ParallelConfig
 from ..config.validate import validate
 from .memory import GIB, Breakdown, predict
@@ -107,6 +113,26 @@ def candidates(dims: dict, gpus: int):
         yield o
 
 
+def head_group_choices(cfg: Config, o: dict, fixed: dict) -> list[int]:
+    """The parallel.ulysses_chunks values tried for layout `o`: the user's, else every G the
+    layout's Ulysses ranks can pipeline (`valid_ulysses_chunks` of the heads per tp rank over
+    U = sp / ring), else 1 (U = 1, or heads that do not split: validation refuses those)."""
+    if "parallel.ulysses_chunks" in fixed:
+        return [fixed["parallel.ulysses_chunks"]]
+    m, tp = cfg.model, o["parallel.tp"]
+    u = o["parallel.sp"] // o.get("parallel.ring", 1)
+    if u == 1 or m.n_heads % tp or m.n_kv_heads % tp:
+        return [1]
+    return valid_ulysses_chunks(m.n_heads // tp, m.n_kv_heads // tp, u) or [1]
+
+
+def with_head_groups(cfg: Config, layouts, fixed: dict):
+    """Each override dict of `layouts` once per G of `head_group_choices`."""
+    for o in layouts:
+        for g in head_group_choices(cfg, o, fixed):
+            yield {**o, "parallel.ulysses_chunks": g}
+
+
 def evaluate(cfg: Config, o: dict, gpus: int, mem_gib: float, device: str, links: Links,
              tflops: float) -> Layout:
     """Validate the layout as train.py would, then predict its memory and step time."""
@@ -156,7 +182,7 @@ def search(cfg: Config, gpus: int, mem_gib: float, fixed: dict, device: str = "c
     links = links or Links(8, 7200.0, 400.0)
     dims = dimensions(cfg, gpus, links.gpus_per_node, fixed)
     layouts = [evaluate(cfg, o, gpus, mem_gib, device, links, tflops)
-               for o in candidates(dims, gpus)]
+               for o in with_head_groups(cfg, candidates(dims, gpus), fixed)]
     layouts.sort(key=lambda x: (not x.fits, x.memory is None,
                                 x.time.step_s if x.time else 0.0,
                                 x.memory.total if x.memory else 0))
