@@ -41,17 +41,16 @@ def _todays_ulysses_seconds(sh) -> float:
 @pytest.mark.parametrize("ac", ["none", "selective", "full"])
 @pytest.mark.parametrize("sp,ring", [(4, 1), (4, 2)])
 def test_g1_is_todays_model(ac, sp, ring):
-    """At G = 1 the time is the closed G = 1 formula and the memory is that of the same layout
-    with the pipeline's terms at zero: what G > 1 changes never leaks into G = 1."""
+    """At G = 1 the time is the closed G = 1 formula and the pipeline's memory terms are zero
+    (so every term is today's): what G > 1 changes never leaks into G = 1."""
     cfg = _config(1, sp, ring, activation_checkpointing=ac)
     sh = shapes_of(cfg, sp)
     comm = step_time(cfg, sh, sp, 360.0, LINKS).comm
     assert comm["ulysses all-to-all"] == (_todays_ulysses_seconds(sh), "exposed")
     assert "ulysses all-to-all hidden" not in comm
-    assert act.head_groups_saving(sh) == 0
+    assert act.head_groups_saving(sh) == 0 and act.head_groups_relief(sh, 0) == 0
     piped = dataclasses.replace(sh, chunks=max(valid_ulysses_chunks(sh.hq, sh.hkv, sh.U)))
-    assert act.head_groups_saving(piped) != 0 or ring > 1
-    assert predict(sh, "cuda") == predict(dataclasses.replace(piped, chunks=1), "cuda")
+    assert act.head_groups_saving(piped) != 0 or ring > 1  # (not measured under a ring)
 
 
 def test_g4_lowers_the_backward_peak_by_the_modelled_saving():
