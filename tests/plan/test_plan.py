@@ -285,6 +285,9 @@ def test_explicit_parallel_keys_are_constraints(capsys):
     (["plan.gpus=8", "plan.gpu_mem_gib=80", "parallel.sp=4", "parallel.ring=3"],
      "parallel.ring", "3 does not divide parallel.sp=4"),
     (["plan.gpus=8", "plan.gpu_mem_gib=80", "parallel.ring=0"], "parallel.ring", "positive"),
+    # a G no layout's heads split: why, for a layout with an all-to-all (not "no all-to-all")
+    (["plan.gpus=4", "plan.gpu_mem_gib=80", "parallel.ulysses_chunks=3"],
+     "parallel.ulysses_chunks", "3 head groups do not split the 4 query heads"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, args, key, text):
     with pytest.raises(SystemExit) as exit_info:

@@ -72,9 +72,11 @@ def invalid_error(cfg: Config, layouts: list, fixed: dict) -> ConfigError:
     degree; then whether the
     smallest world size the user's fixed parallel degrees need (tp x sp x dp, sp defaulting to
     the ring) divides plan.gpus; then those degrees validated on their own at that world size
-    (parallel.shard_group aside: it depends on dp, which the plan chooses); then
+    (parallel.shard_group and parallel.ulysses_chunks aside: they depend on dp and sp, which
+    the plan chooses); then
     parallel.shard_group, if it alone refuses some layouts (shard_group_error); then the
-    commonest error train.py's validation gave a candidate."""
+    commonest error train.py's validation gave a candidate (for parallel.ulysses_chunks, one
+    with sp / ring > 1, whose heads it does not split)."""
     gpus = cfg.plan.gpus
     ring = fixed.get("parallel.ring", 1)
     degrees = {"parallel.tp": fixed.get("parallel.tp", 1), "parallel.ring": ring,
@@ -93,13 +95,19 @@ def invalid_error(cfg: Config, layouts: list, fixed: dict) -> ConfigError:
                            f"{dp} = {need} GPUs (the ring divides sp), but there are {gpus}; "
                            f"choose degrees whose product divides {gpus}")
     try:
-        validate(apply(cfg, {**degrees, "parallel.shard_group": 0}), need)
+        validate(apply(cfg, {**degrees, "parallel.shard_group": 0,
+                             "parallel.ulysses_chunks": 1}), need)
     except ConfigError as error:
         return error
     group_error = shard_group_error(cfg, layouts)
     if group_error is not None:
         return group_error
-    errors = Counter((x.error.key, x.error.message) for x in layouts if x.error)
+    refused = [x for x in layouts if x.error]
+    # a G no layout takes: the reason of layouts with a Ulysses exchange to pipeline, not the
+    # (commoner) "no all-to-all" of every sp/ring = 1 layout
+    piped = [x for x in refused if x.error.key == "parallel.ulysses_chunks"
+             and x.get("parallel.sp") > x.overrides.get("parallel.ring", 1)]
+    errors = Counter((x.error.key, x.error.message) for x in piped or refused)
     if errors:
         return ConfigError(*errors.most_common(1)[0][0])
     return ConfigError("parallel", f"no layout of {gpus} GPUs passes train.py's validation")
