@@ -60,10 +60,14 @@ def divisors(n: int) -> list[int]:
 
 
 def apply(cfg: Config, overrides: dict) -> Config:
-    """A copy of `cfg` with dotted `overrides` set (e.g. {"parallel.tp": 2})."""
-    out = copy.deepcopy(cfg)
+    """A copy of `cfg` with dotted `overrides` set (e.g. {"parallel.tp": 2}): the config and
+    each section named are copied (shallow), the other sections are `cfg`'s own objects (the
+    search builds one per layout, thousands: a deep copy was most of its time)."""
+    out = copy.copy(cfg)
     for key, value in overrides.items():
         section, name = key.split(".")
+        if getattr(out, section) is getattr(cfg, section):
+            setattr(out, section, copy.copy(getattr(cfg, section)))
         setattr(getattr(out, section), name, value)
     return out
 
