@@ -37,6 +37,11 @@ TILE = 4096  # tokens per tile tried for train.mlp_chunk (ALST's TiledMLP defaul
 # block, and the ring's CUDA path has not yet run on a GPU; a prediction a few % faster is inside
 # that unmodelled cost, so the simpler, tested Ulysses-only layout is the safer recommendation.
 RING_MARGIN = 0.05
+# Likewise a larger parallel.ulysses_chunks is chosen over a smaller one of the same layout only
+# when its step is more than this fraction shorter: the model prices the hidden all-to-all time
+# but not a group's kernel launches or the lower efficiency of G times smaller kernels, and the
+# pipeline has not yet run on a GPU.
+GROUP_MARGIN = 0.01
 
 
 @dataclass
@@ -167,15 +172,26 @@ def ring_of(layout: Layout) -> int:
 def choose(layouts: list) -> Layout | None:
     """The best of `layouts` (sorted fastest fitting first): the fastest fitting ring=1 layout,
     unless the fastest fitting layout is a ring whose step is more than RING_MARGIN shorter, or
-    no ring=1 layout fits (then the fastest ring). None when nothing fits."""
+    no ring=1 layout fits (then the fastest ring); then its fewest head groups within
+    GROUP_MARGIN (`fewest_groups`). None when nothing fits."""
     fitting = [x for x in layouts if x.fits]
     if not fitting:
         return None
     plain = next((x for x in fitting if ring_of(x) == 1), None)
     fastest = fitting[0]
     if plain is None or fastest.time.step_s < (1 - RING_MARGIN) * plain.time.step_s:
-        return fastest
-    return plain
+        return fewest_groups(fastest, fitting)
+    return fewest_groups(plain, fitting)
+
+
+def fewest_groups(best: Layout, fitting: list) -> Layout:
+    """The fitting layout equal to `best` but for the smallest parallel.ulysses_chunks whose step
+    is within GROUP_MARGIN of `best`'s (`best` itself when none is)."""
+    key = "parallel.ulysses_chunks"
+    same = {k: v for k, v in best.overrides.items() if k != key}
+    twins = [x for x in fitting if {k: v for k, v in x.overrides.items() if k != key} == same
+             and x.time.step_s <= best.time.step_s / (1 - GROUP_MARGIN)]
+    return min(twins, key=lambda x: (x.overrides.get(key, 1), x.time.step_s), default=best)
 
 
 def search(cfg: Config, gpus: int, mem_gib: float, fixed: dict, device: str = "cuda",
