@@ -282,6 +282,16 @@ def _checkpointed(group) -> dict[str, object]:
     return out
 
 
+def _compiled(group) -> dict[str, float]:
+    """G = 2 inside torch.compile (aot_eager, as apply_compile's tests): the layer is excluded
+    from tracing (one graph break) and must give G = 1's values and gradients."""
+    q, k, v, grad = (t[:, :S // 4] for t in _inputs(2, 16, 4, S))
+    want = fwd_bwd(UlyssesAttention(sdpa_attention, group), q, k, v, grad)
+    attn = PipelinedUlyssesAttention(sdpa_attention, group, 2)
+    compiled = torch.compile(lambda a, b, c: attn(a * 1, b * 1, c * 1), backend="aot_eager")
+    return _errors(fwd_bwd(compiled, q, k, v, grad), want)
+
+
 def _job(rank, world):
     world_group = dist.group.WORLD
     results = {name: _vs_one_group(world_group, hq, hkv, b, gs) for name, (hq, hkv, b, gs) in CASES.items()}
@@ -295,6 +305,7 @@ def _job(rank, world):
     results["order"] = _order(world_group)
     results["memory"] = _memory(world_group)
     results["checkpointed"] = _checkpointed(world_group)
+    results["compiled"] = {2: _compiled(world_group)}
     groups, sp_rank, _ = hybrid_groups(4, 2)
     results["ring"] = _ring(groups, sp_rank, masked=False)
     results["ring_masked"] = _ring(groups, sp_rank, masked=True)
@@ -308,7 +319,7 @@ def results():
 
 
 NAMES = [*CASES, "eager", "noncausal", "masked", "window", "masked_window", "ring", "ring_masked",
-         "ring_window"]
+         "ring_window", "compiled"]
 
 
 @pytest.mark.parametrize("name", NAMES)

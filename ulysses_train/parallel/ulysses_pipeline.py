@@ -337,6 +337,10 @@ class PipelinedUlyssesAttention(nn.Module):
         self.world_size = group_size(group)
         self.chunks = chunks
 
+    # Not traced by torch.compile (train.compile): the pipeline's order of posts and waits is
+    # its point, and it calls private torch queries dynamo cannot trace; the rest of the block
+    # still compiles, around one graph break here.
+    @torch.compiler.disable
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if self.world_size == 1:
             return self.local_attention(q, k, v, **kwargs)
