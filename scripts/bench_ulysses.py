@@ -312,7 +312,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", type=int, default=4, help="ranks to spawn (gloo, CPU)")
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="SEQxHQxHKVxDxB ...")
-    parser.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds (>= 5)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds; the median is reported (5+ for a stable figure)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="OMP/intra-op threads per rank")
     parser.add_argument("--chunks", type=parse_chunks, default=[2, 4],

@@ -237,3 +237,9 @@ def test_nccl_without_a_gpu_is_one_config_error():
         ParallelDims.from_config(ParallelConfig(backend="nccl"), 1, 0)
     assert info.value.key == "parallel.backend" and "gloo" in info.value.message
     assert ParallelDims.from_config(ParallelConfig(backend="auto"), 1, 0).backend == "gloo"
+
+
+def test_layout_line_names_ring_head_groups_and_shard_group_only_when_used():
+    dims = ParallelDims(tp=1, sp=4, dp=2, world_size=8, rank=0, device=torch.device("cpu"), ring=2)
+    assert dims.describe(3, 4).startswith("dp=2 sp=4 ring=2 ulysses_chunks=4 tp=1 zero=3")
+    assert "ulysses_chunks" not in dims.describe(3)  # G = 1: the line as before

@@ -366,7 +366,7 @@ def test_head_groups_hold_fewer_exchange_buffers_and_lower_the_peak(results):
     # Two groups' q/k/v (or one's plus an output) at a time: 2/G of the packed buffers.
     assert in_flight <= 0.6
     # The peak also holds what the kernels keep for backward (q/k/v/out of every head, the same
-    # at any G): measured 0.865 on this shape (docs/attention.md), so the gain is bounded.
+    # at any G): measured 0.865 on this shape (docs/parallelism.md), so the gain is bounded.
     assert peak <= 0.9
 
 

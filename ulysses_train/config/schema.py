@@ -95,7 +95,7 @@ class ParallelConfig:
     ring: int = 1
     # Ulysses head groups G: each rank's heads are exchanged and attended in G pipelined groups,
     # the all-to-all of one group overlapping another's attention (parallel/ulysses_pipeline.py);
-    # about 2/G of the all-to-all buffers alive. 1 = one exchange of all heads. Layout, not math.
+    # one group's exchange buffers in flight instead of all heads'. 1 = one exchange of all heads.
     ulysses_chunks: int = 1
     zero: int = 0  # 0: replicated (DDP) | 2: gradients + optimizer sharded | 3: parameters too
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo

@@ -200,12 +200,13 @@ class ParallelDims:
         """Hybrid sharding: shard within groups of `shard_group` ranks, replicate across them."""
         return self.replicas > 1
 
-    def describe(self, zero: int) -> str:
-        """The layout as the log shows it, e.g. `dp=2 sp=4 ring=2 tp=1 zero=3 shard_group=4
-        (8 ranks, nccl)`: ring and shard_group only when in use."""
+    def describe(self, zero: int, ulysses_chunks: int = 1) -> str:
+        """The layout as the log shows it, e.g. `dp=2 sp=4 ring=2 ulysses_chunks=2 tp=1 zero=3
+        shard_group=4 (8 ranks, nccl)`: ring, ulysses_chunks and shard_group only when in use."""
         ring = f" ring={self.ring}" if self.ring > 1 else ""
+        chunks = f" ulysses_chunks={ulysses_chunks}" if ulysses_chunks > 1 else ""
         group = f" shard_group={self.shard_group}" if self.hsdp else ""
-        return (f"dp={self.dp} sp={self.sp}{ring} tp={self.tp} zero={zero}{group} "
+        return (f"dp={self.dp} sp={self.sp}{ring}{chunks} tp={self.tp} zero={zero}{group} "
                 f"({self.world_size} ranks, {self.backend})")
 
 

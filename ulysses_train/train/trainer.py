@@ -256,7 +256,8 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def _banner(self) -> None:
         n = num_params(self.model)
-        layout = (f" | layout: {self.dims.describe(self.cfg.parallel.zero)}"
+        p = self.cfg.parallel
+        layout = (f" | layout: {self.dims.describe(p.zero, p.ulysses_chunks)}"
                   if self.dims.distributed else "")
         self._say(f"model: {self.cfg.model.name}, {n / 1e6:.2f}M parameters | device: "
                   f"{self.device} | precision: {str(self.dtype).replace('torch.', '')}{layout}")
