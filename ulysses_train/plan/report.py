@@ -10,7 +10,7 @@ from ..config.overrides import hydra_value
 from ..config.schema import Config, ModelConfig
 from .advice import KNOBS
 from .memory import GIB
-from .search import RING_MARGIN, Layout, ring_of
+from .search import GROUP_MARGIN, RING_MARGIN, Layout, ring_of
 
 SHOWN = 12
 
@@ -44,6 +44,23 @@ def ring_note(best: Layout, layouts: list) -> list[str]:
             f"{100 * gain:.1f} % faster, not the > {100 * RING_MARGIN:g} % a ring layout needs "
             "(its per-block LSE merge and kernel launches are not modelled; its CUDA path is "
             "untested)"]
+
+
+def chunks_note(best: Layout, layouts: list) -> list[str]:
+    """Why more head groups of the best layout were passed over (search.fewest_groups), or
+    nothing."""
+    key, g = "parallel.ulysses_chunks", best.overrides.get("parallel.ulysses_chunks", 1)
+    same = {k: v for k, v in best.overrides.items() if k != key}
+    faster = [x for x in layouts if x.fits and x.time.step_s < best.time.step_s
+              and x.overrides.get(key, 1) > g
+              and {k: v for k, v in x.overrides.items() if k != key} == same]
+    if not faster:
+        return []
+    top = min(faster, key=lambda x: x.time.step_s)
+    gain = 1 - top.time.step_s / best.time.step_s
+    return [f"  passed over: ulysses_chunks={top.overrides[key]} at {top.time.step_s:.3f} s is "
+            f"{100 * gain:.1f} % faster, not the > {100 * GROUP_MARGIN:g} % more head groups "
+            "need (their kernel launches and smaller kernels are not modelled)"]
 
 
 def _group(cfg: Config) -> str:
@@ -93,7 +110,7 @@ def table(cfg: Config, best: Layout, layouts: list, command: str) -> str:
     for name, (t, how) in best.time.comm.items():
         out.append(f"    {name}: {t:.3f} s {how}")
     out.append(f"  {best.extra['tokens_per_s']:,.0f} tokens/s, MFU {100 * best.extra['mfu']:.1f} %")
-    out += ring_note(best, layouts) + group_note(cfg, best) + ["", command]
+    out += ring_note(best, layouts) + chunks_note(best, layouts) + group_note(cfg, best) + ["", command]
     return "\n".join(out)
 
 
