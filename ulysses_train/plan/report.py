@@ -10,7 +10,7 @@ from ..config.overrides import hydra_value
 from ..config.schema import Config, ModelConfig
 from .advice import KNOBS
 from .memory import GIB
-from .search import GROUP_MARGIN, RING_MARGIN, Layout, ring_of
+from .search import GROUP_MARGIN, RING_MARGIN, Layout, chunks_of, group_twins, ring_of
 
 SHOWN = 12
 
@@ -49,16 +49,13 @@ def ring_note(best: Layout, layouts: list) -> list[str]:
 def chunks_note(best: Layout, layouts: list) -> list[str]:
     """Why more head groups of the best layout were passed over (search.fewest_groups), or
     nothing."""
-    key, g = "parallel.ulysses_chunks", best.overrides.get("parallel.ulysses_chunks", 1)
-    same = {k: v for k, v in best.overrides.items() if k != key}
-    faster = [x for x in layouts if x.fits and x.time.step_s < best.time.step_s
-              and x.overrides.get(key, 1) > g
-              and {k: v for k, v in x.overrides.items() if k != key} == same]
+    faster = [x for x in group_twins(best, layouts) if x.fits and x.time.step_s < best.time.step_s
+              and chunks_of(x) > chunks_of(best)]
     if not faster:
         return []
     top = min(faster, key=lambda x: x.time.step_s)
     gain = 1 - top.time.step_s / best.time.step_s
-    return [f"  passed over: ulysses_chunks={top.overrides[key]} at {top.time.step_s:.3f} s is "
+    return [f"  passed over: ulysses_chunks={chunks_of(top)} at {top.time.step_s:.3f} s is "
             f"{100 * gain:.1f} % faster, not the > {100 * GROUP_MARGIN:g} % more head groups "
             "need (their kernel launches and smaller kernels are not modelled)"]
 

@@ -187,11 +187,21 @@ def choose(layouts: list) -> Layout | None:
 def fewest_groups(best: Layout, fitting: list) -> Layout:
     """The fitting layout equal to `best` but for the smallest parallel.ulysses_chunks whose step
     is within GROUP_MARGIN of `best`'s (`best` itself when none is)."""
-    key = "parallel.ulysses_chunks"
-    same = {k: v for k, v in best.overrides.items() if k != key}
-    twins = [x for x in fitting if {k: v for k, v in x.overrides.items() if k != key} == same
-             and x.time.step_s <= best.time.step_s / (1 - GROUP_MARGIN)]
-    return min(twins, key=lambda x: (x.overrides.get(key, 1), x.time.step_s), default=best)
+    twins = [x for x in group_twins(best, fitting) if x.time.step_s <= best.time.step_s / (1 - GROUP_MARGIN)]
+    return min(twins, key=lambda x: (chunks_of(x), x.time.step_s), default=best)
+
+
+def chunks_of(layout: Layout) -> int:
+    return layout.overrides.get("parallel.ulysses_chunks", 1)
+
+
+def group_twins(layout: Layout, layouts: list) -> list:
+    """The layouts of `layouts` equal to `layout` in every override but parallel.ulysses_chunks
+    (`layout` itself included when it is among them)."""
+    def rest(x: Layout) -> dict:
+        return {k: v for k, v in x.overrides.items() if k != "parallel.ulysses_chunks"}
+    mine = rest(layout)
+    return [x for x in layouts if rest(x) == mine]
 
 
 def search(cfg: Config, gpus: int, mem_gib: float, fixed: dict, device: str = "cuda",
