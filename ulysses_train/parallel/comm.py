@@ -68,6 +68,26 @@ def all_to_all(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     return torch.ops._c10d_functional.wait_tensor(out)
 
 
+class _Posted:
+    """One posted all-to-all (the functional op, not yet waited): the head-group pipeline
+    (parallel/ulysses_pipeline.py) posts one group's exchange before another group's kernel.
+    No autograd: the pipeline owns its backward. `wait()` hands the buffer over and drops it."""
+
+    def __init__(self, send: torch.Tensor, group: ProcessGroup):
+        splits = [send.shape[0] // group.size()] * group.size()
+        self.out = torch.ops._c10d_functional.all_to_all_single(send, splits, splits, group.group_name)
+
+    def wait(self) -> torch.Tensor:
+        out, self.out = self.out, None  # the caller owns the buffer from here
+        return torch.ops._c10d_functional.wait_tensor(out)
+
+
+def post(send: torch.Tensor, group: ProcessGroup) -> _Posted:
+    """Post an equal-split all-to-all of contiguous `send` `(P*n, ...)` over `group` (the
+    exchange of `all_to_all`, asynchronous and without autograd); `.wait()` returns it."""
+    return _Posted(send, group)
+
+
 def seq_to_head(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """`(B, S/P, H, D) -> (B, S, H/P, D)`: gather the sequence, scatter the heads.
 

@@ -40,7 +40,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from ..config.parallel import valid_ulysses_chunks
-from .comm import group_size, kv_replication
+from .comm import group_size, kv_replication, post
 from .group_kernels import group_kernel
 from .ulysses import check_ulysses_shapes
 
@@ -93,23 +93,6 @@ def check_head_groups(hq: int, hkv: int, p: int, chunks: int) -> HeadGroups:
                          f"Ulysses rank and divide or be a multiple of its {max(hkv // p, 1)} kv "
                          f"heads, so that every group reads whole kv heads; valid: {valid}")
     return HeadGroups(hq, hkv, p, chunks)
-
-
-class _Posted:
-    """One posted all-to-all (torch's functional op, waited later)."""
-
-    def __init__(self, send: torch.Tensor, group: ProcessGroup):
-        splits = [send.shape[0] // group.size()] * group.size()
-        self.out = torch.ops._c10d_functional.all_to_all_single(send, splits, splits, group.group_name)
-
-    def wait(self) -> torch.Tensor:
-        out, self.out = self.out, None  # the caller owns the buffer from here
-        return torch.ops._c10d_functional.wait_tensor(out)
-
-
-def post(send: torch.Tensor, group: ProcessGroup) -> _Posted:
-    """Post an equal-split all-to-all of `send` `(P*n, ...)` over `group`; `.wait()` returns it."""
-    return _Posted(send, group)
 
 
 def _by_rank(t: torch.Tensor, hg: HeadGroups, heads: slice | None) -> torch.Tensor:
