@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from support.common import fwd_bwd, rel_err
+from support.pipeline import Executed, InFlight, Recorder, overlapped
 from support.ring import doc_ids, hybrid_groups
 from support.spawn import CollectiveCounter, run_distributed
 from ulysses_train.model.attention import eager_attention, sdpa_attention
@@ -104,77 +104,9 @@ def _count(group) -> dict[str, int]:
     return counts
 
 
-class _Recorder:
-    """Logs the pipeline's posts, waits and kernel calls as (event, kind) in call order.
-
-    kind: "in" (q/k/v, or output gradients, travelling to heads), "out" (outputs, or q/k/v
-    gradients, travelling home), told apart by width (the split-kv case: in 4, out 2 heads
-    forward; dout 2, grads 4 backward). `serial=True` waits at once when posting: the
-    unpipelined schedule the order test must reject."""
-
-    active = None
-
-    def __init__(self, monkeypatch_target, serial=False):
-        self.events, self.serial, self.mod = [], serial, monkeypatch_target
-
-    def __enter__(self):
-        mod, self.saved = self.mod, (self.mod.post, self.mod.group_kernel)
-        real_post, real_kernel = self.saved
-        rec = self
-
-        def post(send, group):
-            label = len([e for e in rec.events if e[0] == "post"])
-            rec.events.append(("post", label, send.shape[3]))
-            handle = real_post(send, group)
-            if rec.serial:  # wait now; the layer's own wait() later is then a no-op
-                rec.events.append(("wait", label, send.shape[3]))
-                done = handle.wait()
-                return type("Done", (), {"wait": lambda self: done})()
-
-            class Handle:
-                def wait(self):
-                    rec.events.append(("wait", label, send.shape[3]))
-                    return handle.wait()
-            return Handle()
-
-        def kernel(*args, **kw):
-            inner = real_kernel(*args, **kw)
-
-            class Logged:  # logs into whichever recorder is active when it runs
-                def forward(self, *a):
-                    _Recorder.active.events.append(("kernel", None, None))
-                    return inner.forward(*a)
-
-                def backward(self, *a):
-                    _Recorder.active.events.append(("kernel", None, None))
-                    return inner.backward(*a)
-            return Logged()
-        mod.post, mod.group_kernel = post, kernel
-        _Recorder.active = self
-        return self
-
-    def __exit__(self, *exc):
-        self.mod.post, self.mod.group_kernel = self.saved
-
-
-def _overlapped(events, width_in, width_out) -> bool:
-    """Every in-exchange but the first is posted before the previous group's kernel and waited
-    after it; every out-exchange is waited after the next group's kernel (none exposed but the
-    first in and the last out)."""
-    kernels = [i for i, e in enumerate(events) if e[0] == "kernel"]
-    where = {(e[0], e[1]): i for i, e in enumerate(events) if e[0] != "kernel"}
-    ins = [e[1] for e in events if e[0] == "post" and e[2] == width_in]
-    outs = [e[1] for e in events if e[0] == "post" and e[2] == width_out]
-    if len(ins) != len(kernels) or len(outs) != len(kernels):
-        return False
-    ok = all(where["post", ins[g + 1]] < kernels[g] < where["wait", ins[g + 1]] for g in range(len(ins) - 1))
-    return ok and all(where["post", outs[g]] < kernels[g + 1] < where["wait", outs[g]]
-                      for g in range(len(outs) - 1))
-
-
 def _order(group) -> dict[str, object]:
     """The event logs of one forward and one backward at G = 2 (split kv), pipelined and
-    with a serial schedule forced, and whether each passes `_overlapped`."""
+    with a serial schedule forced, and whether each passes `overlapped`."""
     from ulysses_train.parallel import ulysses_pipeline
 
     q, k, v, grad = (t[:, :S // 4] for t in _inputs(1, 16, 8, S))
@@ -182,38 +114,14 @@ def _order(group) -> dict[str, object]:
     for serial in (False, True):
         q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))
         attn = PipelinedUlyssesAttention(sdpa_attention, group, 2)
-        with _Recorder(ulysses_pipeline, serial) as fwd:
+        with Recorder(ulysses_pipeline, serial) as fwd:
             o = attn(q_, k_, v_)
-        with _Recorder(ulysses_pipeline, serial) as bwd:
+        with Recorder(ulysses_pipeline, serial) as bwd:
             o.backward(grad)
         out[serial] = {"forward": fwd.events, "backward": bwd.events,
-                       "forward_ok": _overlapped(fwd.events, 4, 2),
-                       "backward_ok": _overlapped(bwd.events, 2, 4)}
+                       "forward_ok": overlapped(fwd.events, 4, 2),
+                       "backward_ok": overlapped(bwd.events, 2, 4)}
     return out
-
-
-class _InFlight:
-    """Wraps the pipeline's `post`: bytes of send + receive buffers of exchanges posted and not
-    yet waited, and their high-water mark. (No class or closure per call: a cycle would keep
-    the buffers alive until the garbage collector runs, and the peak would count them.)"""
-
-    def __init__(self, real_post):
-        self.real_post, self.live, self.high = real_post, 0, 0
-
-    def post(self, send, group):
-        return _Counted(self, self.real_post(send, group), 2 * send.nbytes)
-
-
-class _Counted:
-    def __init__(self, counter: _InFlight, handle, size: int):
-        self.counter, self.handle, self.size = counter, handle, size
-        counter.live += size
-        counter.high = max(counter.high, counter.live)
-
-    def wait(self):
-        self.counter.live -= self.size
-        handle, self.handle = self.handle, None
-        return handle.wait()
 
 
 def _memory(group) -> dict[str, dict[int, int]]:
@@ -234,7 +142,7 @@ def _memory(group) -> dict[str, dict[int, int]]:
             else UlyssesAttention(sdpa_attention, group)
         tracker = MemTracker()
         tracker.track_external(q_, k_, v_, grad)
-        counter = _InFlight(ulysses_pipeline.post)
+        counter = InFlight(ulysses_pipeline.post)
         ulysses_pipeline.post = counter.post
         try:
             with tracker:
@@ -245,19 +153,6 @@ def _memory(group) -> dict[str, dict[int, int]]:
         # G = 1 sends q/k/v packed and the output back (comm.py): its largest exchange is q/k/v
         in_flight[chunks] = counter.high if chunks > 1 else 2 * (q.nbytes + k.nbytes + v.nbytes)
     return {"peak": peaks, "in_flight": in_flight}
-
-
-class _Executed(TorchDispatchMode):
-    """Counts all-to-alls that really run. Pushed before backward, it sits under the mode
-    checkpointing pushes for its recomputation, so an exchange that mode replays from its
-    cache never reaches it (CollectiveCounter counts Python calls, replayed or not)."""
-
-    count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops._c10d_functional.all_to_all_single.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _checkpointed(group) -> dict[str, object]:
@@ -275,7 +170,7 @@ def _checkpointed(group) -> dict[str, object]:
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         # * 1: the checkpointed region computes from its inputs, as a block does
         o = wrap(lambda a, b, c: attn(a * 1, b * 1, c * 1), *leaves)
-        with _Executed() as backward:
+        with Executed() as backward:
             o.backward(grad)
         got = (o.detach(), *(t.grad for t in leaves))
         out[mode] = {"errors": _errors(got, want), "backward_a2a": backward.count}

@@ -6,6 +6,7 @@ trainer-level row "sp=4 ulysses_chunks=4", share test_plan.py's 4-rank spawn. Ti
 plan/timing.py pipelined_exposed.
 """
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,7 +15,7 @@ from ulysses_train.config.parallel import valid_ulysses_chunks
 from ulysses_train.config.validate import validate
 from ulysses_train.plan import activations as act
 from ulysses_train.plan.memory import predict
-from ulysses_train.plan.search import search
+from ulysses_train.plan.search import Layout, choose, search
 from ulysses_train.plan.shapes import shapes_of
 from ulysses_train.plan.timing import Links, pipelined_exposed, step_time
 
@@ -107,3 +108,15 @@ def test_parallel_auto_sets_ulysses_chunks():
     cfg = cli.apply_auto(cli.compose(args), args, 4)
     assert cfg.parallel.ulysses_chunks == max(valid_ulysses_chunks(16, 16, 4))
     validate(cfg, 4)
+
+
+def test_choose_takes_more_head_groups_only_when_clearly_faster():
+    def timed(g: int, step_s: float) -> Layout:
+        return Layout({"parallel.ring": 1, "parallel.ulysses_chunks": g}, fits=True,
+                      time=SimpleNamespace(step_s=step_s))
+    g1, g4_close, g8_clear = timed(1, 10.0), timed(4, 9.95), timed(8, 9.8)
+    assert choose([g4_close, g1]) is g1  # 0.5 % faster: within GROUP_MARGIN
+    assert choose([g8_clear, g4_close, g1]) is g8_clear  # 2 % faster than G=1
+    other = Layout({"parallel.ring": 1, "parallel.ulysses_chunks": 1, "parallel.tp": 2},
+                   fits=True, time=SimpleNamespace(step_s=9.9))
+    assert choose([other, g4_close, g1]) is other  # (sorted fastest first) not a twin of G=1

@@ -272,18 +272,6 @@ def _timed(ring: int, step_s: float) -> Layout:
     return Layout({"parallel.ring": ring}, fits=True, time=SimpleNamespace(step_s=step_s))
 
 
-def test_choose_takes_more_head_groups_only_when_clearly_faster():
-    def timed(g: int, step_s: float) -> Layout:
-        return Layout({"parallel.ring": 1, "parallel.ulysses_chunks": g}, fits=True,
-                      time=SimpleNamespace(step_s=step_s))
-    g1, g4_close, g8_clear = timed(1, 10.0), timed(4, 9.95), timed(8, 9.8)
-    assert choose([g4_close, g1]) is g1  # 0.5 % faster: within GROUP_MARGIN
-    assert choose([g8_clear, g4_close, g1]) is g8_clear  # 2 % faster than G=1
-    other = Layout({"parallel.ring": 1, "parallel.ulysses_chunks": 1, "parallel.tp": 2},
-                   fits=True, time=SimpleNamespace(step_s=9.9))
-    assert choose([other, g4_close, g1]) is other  # (sorted fastest first) not a twin of G=1
-
-
 def test_choose_takes_a_ring_only_when_clearly_faster_or_alone():
     plain = _timed(1, 10.0)
     edge = 10.0 * (1 - RING_MARGIN)  # a ring step this long is exactly RING_MARGIN faster
