@@ -15,6 +15,7 @@ from .schema import (
                      OptimConfig,
                      ParallelConfig,
                      PlanConfig,
+                     SourceConfig,
                      TrainConfig,
                      WandbConfig,
 )
@@ -22,4 +23,4 @@ from .validate import validate
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "DebugConfig", "EvalConfig",
            "InputUnreadable", "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
-           "PlanConfig", "RunStopped", "TrainConfig", "WandbConfig", "validate"]
+           "PlanConfig", "RunStopped", "SourceConfig", "TrainConfig", "WandbConfig", "validate"]

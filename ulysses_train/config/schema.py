@@ -13,6 +13,8 @@ from typing import List, Optional
 MODEL_PRESETS = ("tiny", "llama_125m", "tinyllama_1b", "llama3_8b", "qwen3_4b", "gemma3_4b")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
 DATA_SOURCES = ("stdlib", "files", "hf", "synthetic", "passkey")
+SOURCE_KINDS = ("stdlib", "files", "hf", "megatron", "tokens")  # kinds of one data.sources entry
+TOKEN_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64")  # flat token .bin
 PRECISIONS = ("auto", "fp32", "bf16")
 AC_MODES = ("none", "full", "selective")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -128,6 +130,34 @@ class PlanConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One entry of `data.sources` (docs/data.md): where its documents come from, its share of
+    the training tokens, and which of its documents are used how often."""
+
+    name: str = ""  # names its metrics (tokens/<name>, val_loss/<name>); "" = <kind><index>
+    kind: str = "files"  # stdlib | files | hf | megatron | tokens
+    # files: .txt/.jsonl/.parquet; megatron: dataset prefixes (PREFIX.bin + PREFIX.idx);
+    # tokens: flat token files (.bin/.npy), or .parquet/.arrow files / saved HF dataset dirs
+    # with an ids_field column
+    paths: List[str] = field(default_factory=list)
+    weight: float = 1.0  # its share of the training tokens (weights are normalised to sum 1)
+    text_field: str = "text"  # files/hf: the column holding the text
+    ids_field: str = "input_ids"  # tokens: the column holding token ids (parquet/arrow/HF)
+    hf_name: str = ""  # hf: a hub dataset name or a local dataset script/dir
+    hf_config: str = ""  # hf: the dataset config name
+    hf_split: str = "train"  # hf: the split read
+    max_docs: int = 0  # 0 = every document; caps what is read
+    dtype: str = ""  # tokens .bin: uint8 ... int64 (TOKEN_DTYPES); "" for .npy/parquet
+    eos_id: int = -1  # tokens .bin/.npy: the id ending each document (-1 = the tokenizer's EOS)
+    min_tokens: int = 0  # keep only documents of at least this many tokens (0 = all)
+    max_tokens: int = 0  # keep only documents of at most this many tokens (0 = no limit)
+    # Long documents (>= long_tokens tokens) appear length_upsample times in expectation
+    # (floor, plus one more with the fractional part's probability, per document): docs/data.md
+    length_upsample: float = 1.0
+    long_tokens: int = 0  # what length_upsample counts as long (0 = data.seq_len)
+
+
+@dataclass
 class DataConfig:
     name: str = "stdlib"  # the source: stdlib | files | hf | synthetic | passkey (data=...)
     seq_len: int = 256  # tokens per training sequence (any length at any sp)
@@ -145,6 +175,9 @@ class DataConfig:
     # tokenizer files of model.init_from, else train a sentencepiece model on the corpus.
     tokenizer_path: str = ""
     tokenizer_sample_bytes: int = 8_000_000  # bytes of text a new sentencepiece model trains on
+    # A weighted mixture (docs/data.md): a non-empty list replaces the one source that
+    # name/paths/hf_name describe; the tokenizer, seq_len and val_fraction stay shared.
+    sources: List[SourceConfig] = field(default_factory=list)
 
 
 @dataclass
