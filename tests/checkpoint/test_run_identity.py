@@ -139,7 +139,8 @@ def test_meta_json_records_the_data_identity(tmp_path):
     _stop_at_2(tmp_path)
     meta = store.read_meta(str(tmp_path / "checkpoints" / "step_00000002"))
     data = meta["identity"]["data"]
-    assert {k: data[k] for k in run_identity.STREAM_KEYS} == {
+    assert "data.mixture" not in data  # recorded only for data.sources (tests/data/test_mixture*)
+    assert {k: data[k] for k in run_identity.STREAM_KEYS if k != "data.mixture"} == {
         "data.name": "synthetic", "data.seq_len": 32, "train.global_batch_size": 4,
         "train.seed": 0, "data.document_mask": False, "data.val_fraction": 0.02}
     assert meta["identity"]["optim"]["optim.lr"] == 1e-3

@@ -12,7 +12,8 @@ import pytest
 
 from support.data import build, files_cfg
 from support.tokenizers import BOS, EOS, copy_tree, stdlib_texts
-from ulysses_train.data import cache, source
+from ulysses_train.data import cache
+from ulysses_train.data import text_source as source
 from ulysses_train.data.cache import load_split, read_complete
 from ulysses_train.data.tokenizer import HFTokenizer, open_tokenizer
 

@@ -7,14 +7,15 @@ if every input of that stream is the same, so each checkpoint's `meta.json` reco
 
 - the stream's shape, checked from the config alone (in the pre-check, before data is built):
   `data.name`, `data.seq_len`, `train.global_batch_size`, `train.seed`, `data.document_mask`,
-  `data.val_fraction` (`STREAM_KEYS`);
+  `data.val_fraction`, and for a mixture `data.mixture` (names, normalised weights, shaping)
+  (`STREAM_KEYS`);
 - the content, known once the data is built: `data.tokenizer` (sha256 of the files defining
   the tokenizer, sentencepiece or Hugging Face: data/tokenizer.py) and `data.tokens` (per
   split: documents, tokens, sha256 of the document offsets), plus `data.cache` (the token
   cache's name: kind and cache key), for the message only (`CONTENT_KEYS`);
 - where the text comes from (`SOURCE_KEYS`: paths, hf_*, text_field, max_docs, tokenizer path
   and sample size; `model.init_from` when its tokenizer is the default; for the stdlib the
-  Python version). Their effect *is* the content, so they
+  Python version; for a mixture `data.sources`, what each source reads). Their effect *is* the content, so they
   only decide which key an error names: a corpus moved or touched (a new cache key, the same
   tokens) resumes with a note, a corpus with appended documents or a Python upgrade that
   retrains the tokenizer is refused.
@@ -40,10 +41,10 @@ from .safe_read import check_pickles
 from .store import check_shape, read_meta, resume_source
 
 STREAM_KEYS = ("data.name", "data.seq_len", "train.global_batch_size", "train.seed",
-               "data.document_mask", "data.val_fraction")
+               "data.document_mask", "data.val_fraction", "data.mixture")
 SOURCE_KEYS = ("data.paths", "data.hf_name", "data.hf_config", "data.hf_split",
                "data.text_field", "data.max_docs", "data.tokenizer_path",
-               "data.tokenizer_sample_bytes", "data.python", "model.init_from")
+               "data.tokenizer_sample_bytes", "data.python", "model.init_from", "data.sources")
 CONTENT_KEYS = ("data.tokenizer", "data.tokens")
 _WHAT = {"data.tokenizer": "the tokenizer", "data.tokens": "the tokenized corpus"}
 
@@ -55,6 +56,8 @@ def config_identity(cfg) -> dict:
     out = {"data.name": d.name, "data.seq_len": d.seq_len,
            "train.global_batch_size": t.global_batch_size, "train.seed": t.seed,
            "data.document_mask": d.document_mask, "data.val_fraction": d.val_fraction}
+    if d.sources:  # a mixture: its weights and shaping fix the stream, its inputs the tokens
+        return {**out, **_mixture_identity(cfg)}
     if d.name == "synthetic":  # a pure function of the keys above and the model's vocab
         return out
     if d.name == "files":
@@ -71,6 +74,32 @@ def config_identity(cfg) -> dict:
     out.update({"data.max_docs": d.max_docs, "data.tokenizer_path": d.tokenizer_path,
                 "data.tokenizer_sample_bytes": d.tokenizer_sample_bytes})
     if not d.tokenizer_path and cfg.model.init_from:  # its tokenizer files are the default
+        out["model.init_from"] = cfg.model.init_from
+    return out
+
+
+def _mixture_identity(cfg) -> dict:
+    """`data.mixture` (a stream key: names, normalised weights, shaping) and `data.sources`
+    (a source key: what each source reads) of a mixture config; `data.name` becomes
+    "mixture" whatever data= group the sources replaced."""
+    from ..data.paths import resolve_paths
+
+    d = cfg.data
+    total = sum(s.weight for s in d.sources)
+    mixture, inputs = [], []
+    for i, s in enumerate(d.sources):
+        mixture.append({"name": s.name or f"{s.kind}{i}", "weight": s.weight / total,
+                        "min_tokens": s.min_tokens, "max_tokens": s.max_tokens,
+                        "length_upsample": s.length_upsample, "long_tokens": s.long_tokens})
+        inputs.append({"kind": s.kind, "paths": resolve_paths(list(s.paths))
+                       if s.kind == "files" else list(s.paths), "hf_name": s.hf_name,
+                       "hf_config": s.hf_config, "hf_split": s.hf_split,
+                       "text_field": s.text_field, "ids_field": s.ids_field, "dtype": s.dtype,
+                       "eos_id": s.eos_id, "max_docs": s.max_docs})
+    out = {"data.name": "mixture", "data.mixture": mixture, "data.sources": inputs,
+           "data.tokenizer_path": d.tokenizer_path,
+           "data.tokenizer_sample_bytes": d.tokenizer_sample_bytes}
+    if not d.tokenizer_path and cfg.model.init_from:
         out["model.init_from"] = cfg.model.init_from
     return out
 

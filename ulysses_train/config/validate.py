@@ -33,6 +33,7 @@ from .schema import (
     OptimConfig,
     TrainConfig,
 )
+from .sources import validate_sources
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -112,9 +113,10 @@ def validate_rope(m: ModelConfig) -> None:
 def validate_data(d: DataConfig) -> None:
     _one_of(d.name, DATA_SOURCES, "data.name")
     _positive(d.seq_len, "data.seq_len")
-    require(d.name != "files" or len(d.paths) > 0, "data.paths",
+    validate_sources(d)  # a mixture replaces the one source data.name/paths/hf_name describe
+    require(d.name != "files" or len(d.paths) > 0 or bool(d.sources), "data.paths",
             "data=files needs at least one path, e.g. data.paths=[corpus.jsonl]")
-    require(d.name != "hf" or bool(d.hf_name), "data.hf_name",
+    require(d.name != "hf" or bool(d.hf_name) or bool(d.sources), "data.hf_name",
             "data=hf needs a dataset name, e.g. data.hf_name=wikitext")
     require(d.max_docs >= 0, "data.max_docs", f"must be >= 0 (0 = all), got {d.max_docs}")
     _finite(d.val_fraction, "data.val_fraction", 0.0, 0.5)

@@ -10,7 +10,8 @@ Global batches are a pure function of (seed, step, split) — see source.py. Hea
 importing this package costs little more than torch and numpy.
 """
 from .batch import IGNORE_INDEX, Batch
+from .datasource import DataSource
 from .packing import PackedTokens
-from .source import DataSource, build_data
+from .source import build_data
 
 __all__ = ["Batch", "DataSource", "IGNORE_INDEX", "PackedTokens", "build_data"]

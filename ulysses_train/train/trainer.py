@@ -39,7 +39,7 @@ from ..parallel.batching import step_micro_batches
 from ..parallel.grad_norm import clip_grad_norm_
 from ..parallel.grad_sync import all_reduce_
 from ..parallel.parallelize import parallelize
-from . import optim
+from . import mixture_report, optim
 from .faults import Faults
 from .guards import NonFiniteGuard, set_deterministic
 from .metrics import Reporter, Throughput, peak_flops, span_sq_sum
@@ -171,12 +171,12 @@ class Trainer:
         return self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
 
     # ---- one step -----------------------------------------------------------------------
-    def _micro_batches(self, step: int, split: str):
+    def _micro_batches(self, step: int, split: str, data=None):
         """Yield this rank's (input_ids, position_ids, labels, mask) micro-batches of global
-        batch `step` of `split` (parallel/batching.py, which evaluation and the planner's
-        measurement share)."""
+        batch `step` of `split` of `data` (default: the run's; parallel/batching.py, which
+        evaluation and the planner's measurement share)."""
         t = self.cfg.train
-        return step_micro_batches(self.data, step, split, self.dims, self.layout,
+        return step_micro_batches(data or self.data, step, split, self.dims, self.layout,
                                   t.global_batch_size, t.micro_batch_size, self.model,
                                   self.cfg.data.document_mask)
 
@@ -240,12 +240,13 @@ class Trainer:
                 "flops": model_flops(self.cfg.model, n_tokens, spans), "skipped": skipped}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Token-weighted loss over `train.val_batches` fixed validation batches."""
+    def evaluate(self, data=None) -> float:
+        """Token-weighted loss over `train.val_batches` fixed validation batches of `data`
+        (default: the run's; a mixture's source alone: `DataSource.for_source`)."""
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, count)
         for i in range(self.cfg.train.val_batches):
-            for input_ids, position_ids, labels, mask in self._micro_batches(i, "val"):
+            for input_ids, position_ids, labels, mask in self._micro_batches(i, "val", data):
                 with autocast_to(self.dtype, self.device):
                     part, n = self.model(input_ids, position_ids, labels, attn_mask=mask)
                 sums += torch.stack([part.double(), n.double()])
@@ -262,6 +263,11 @@ class Trainer:
         self._say(f"model: {self.cfg.model.name}, {n / 1e6:.2f}M parameters | device: "
                   f"{self.device} | precision: {str(self.dtype).replace('torch.', '')}{layout}")
         self._say(f"data: {self.data.describe()}")
+        for line in mixture_report.epoch_warnings(self.data, self.cfg.train.steps):
+            self._say(line)
+        if self.dims.is_main and mixture_report.write_length_report(
+                self.data, self.cfg.train.steps, self.run_dir):
+            self._say("data: tokens by document length per source: tokens_by_length.png")
         if self.resumed_from:
             self._say(f"resumed from {self.resumed_from} at step {self.step}")
 
@@ -315,8 +321,11 @@ class Trainer:
         row = {"step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
                "lr": out["lr"], "tokens": self.tokens, "skipped": out["skipped"],
                "skipped_steps": self.guard.total, **meter.fields(self.device, self.dims, peak)}
+        row.update(mixture_report.token_fields(self.data, self.step, cfg.data.seq_len))
         if val_due:
             row["val_loss"] = self.evaluate()
+            for name in self.data.sources:  # a mixture: each source's own validation loss
+                row[f"val_loss/{name}"] = self.evaluate(self.data.for_source(name))
         if eval_due:  # held-out loss per position bucket (evaluate/training.py)
             row.update(eval_in_training.row_of(self.model, cfg, self.dims, self.data,
                                                   self.dtype))

@@ -1,0 +1,214 @@
+"""`build_mixture`: a `DataSource` over several weighted sources (`data.sources`, docs/data.md).
+
+Each source is made on its own (so changing one weight rebuilds nothing):
+- text (`stdlib | files | hf`): its own token cache (text_source.py), train/val split by
+  document content as for one corpus;
+- pre-tokenized (`megatron | tokens`): its files read in place (pretokenized.py), split into
+  train/val by a hash of the document index (shaping.unit_hash).
+Then each split is shaped (shaping.py: length filters, long-document upsampling on train),
+packed into windows (`PackedTokens`, over `DocumentSpans` unless the split is a cache file used
+whole), and the splits of all sources are mixed by weight (mixture.py). The tokenizer is shared:
+the given one (data.tokenizer_path / model.init_from), else one trained on the first text
+source; pre-tokenized ids must come from the tokenizer the text sources use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config.errors import ConfigError
+from ..config.schema import DataConfig, SourceConfig
+from .build import SPLITS, assign_val
+from .cache import tokenizer_files
+from .datasource import DataSource
+from .mixture import BLOCK, MixtureStream, block_counts
+from .packing import PackedTokens
+from .shaping import copies, keep_by_length, occurrences, unit_hash
+from .spans import DocumentSpans
+from .text_source import (
+    cache_root,
+    cache_tokenizer_identity,
+    count_str,
+    load_text_splits,
+    offsets_digest,
+    text_cache,
+)
+from .tokenizer import MODEL_FILES, Tokenizer, open_tokenizer
+
+TEXT_KINDS = ("stdlib", "files", "hf")
+
+
+@dataclass
+class SourceSplits:
+    """One source's documents per split before shaping: token arrays (`parts`), and per
+    document its start in their concatenation and its length (int64 `(n,)` each)."""
+
+    parts: dict[str, list] = field(default_factory=dict)
+    starts: dict[str, np.ndarray] = field(default_factory=dict)
+    lengths: dict[str, np.ndarray] = field(default_factory=dict)
+    label: str = ""
+    cache: str = ""  # the text cache's directory name, "" for pre-tokenized files
+
+
+def source_name(src: SourceConfig, index: int) -> str:
+    """The name metrics use for `data.sources[index]`: its own, else kind + index."""
+    return src.name or f"{src.kind}{index}"
+
+
+def salt_of(name: str) -> int:
+    """A stable 64-bit number for a source name (the hashes of shaping.py fold it in)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+
+
+def _text_config(cfg: DataConfig, src: SourceConfig) -> DataConfig:
+    """The one-corpus DataConfig a text source is cached as (shared keys from `cfg`)."""
+    return dataclasses.replace(cfg, name=src.kind, paths=list(src.paths),
+                               text_field=src.text_field, hf_name=src.hf_name,
+                               hf_config=src.hf_config, hf_split=src.hf_split,
+                               max_docs=src.max_docs, sources=[])
+
+
+def _text_splits(cfg: DataConfig, src: SourceConfig, tok: Tokenizer | None, limit: int,
+                 log, is_main: bool) -> tuple[SourceSplits, Path, dict]:
+    one = _text_config(cfg, src)
+    path, meta = text_cache(one, tok, limit, log=log, is_main=is_main)
+    out = SourceSplits(label=meta["label"], cache=path.name)  # label: e.g. "files"
+    for split, ids, offsets in load_text_splits(path, meta, one):
+        out.parts[split] = [ids]
+        out.starts[split] = offsets[:-1].astype(np.int64)
+        out.lengths[split] = np.diff(offsets).astype(np.int64)
+    return out, path, meta
+
+
+def _token_splits(cfg: DataConfig, i: int, src: SourceConfig, name: str, eos: int | None,
+                  limit: int, log, is_main: bool) -> SourceSplits:
+    from .pretokenized import open_token_documents
+
+    docs = open_token_documents(src, where=f"data.sources[{i}]", vocab_limit=limit,
+                                eos_id=eos, cache_root=cache_root(cfg), log=log, is_main=is_main)
+    sizes = np.array([len(t) for t, _ in docs.parts], dtype=np.int64)
+    base = np.concatenate([[0], np.cumsum(sizes)])[:-1]  # where each part starts in the whole
+    starts = np.concatenate([b + o[:-1] for b, (_, o) in zip(base, docs.parts)]).astype(np.int64)
+    lengths = np.concatenate([np.diff(o) for _, o in docs.parts]).astype(np.int64)
+    is_val = assign_val(unit_hash(np.arange(len(starts)), salt_of(name)), lengths > 0,
+                        cfg.val_fraction)
+    out = SourceSplits(label=docs.label)
+    for split, mask in (("train", ~is_val & (lengths > 0)), ("val", is_val)):
+        if split == "val" and cfg.val_fraction == 0:
+            continue
+        out.parts[split] = [t for t, _ in docs.parts]
+        out.starts[split], out.lengths[split] = starts[mask], lengths[mask]
+    return out
+
+
+def _stream(splits: SourceSplits, split: str, src: SourceConfig, name: str, where: str,
+            cfg: DataConfig, seed: int) -> tuple[PackedTokens, np.ndarray]:
+    """(windows, document lengths in stream order) of one split of one source, shaped."""
+    starts, lengths = splits.starts[split], splits.lengths[split]
+    keep = keep_by_length(lengths, src.min_tokens, src.max_tokens)
+    counts = np.ones(int(keep.sum()), dtype=np.int64)
+    if split == "train":
+        long_tokens = src.long_tokens or cfg.seq_len
+        counts = copies(lengths[keep], src.length_upsample, long_tokens, salt_of(name) ^ seed)
+    order = occurrences(np.flatnonzero(keep), counts)
+    if len(order) == 0 or lengths[order].sum() <= cfg.seq_len:
+        raise ConfigError(f"{where}.min_tokens" if src.min_tokens or src.max_tokens
+                          else f"{where}.paths",
+                          f"source {name!r} leaves {int(lengths[order].sum())} {split} tokens "
+                          f"in {len(order)} documents, fewer than one window of data.seq_len="
+                          f"{cfg.seq_len}; loosen its min_tokens/max_tokens, add documents"
+                          + (" or lower data.val_fraction" if split == "val" else ""))
+    whole = len(splits.parts[split]) == 1 and len(order) == len(starts) and \
+        bool(np.all(order == np.arange(len(starts)))) and \
+        int(starts[0]) == 0 and int(lengths.sum()) == len(splits.parts[split][0])
+    if whole:  # the cache's split file as it is: exactly the one-corpus windows
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        tokens = splits.parts[split][0]
+    else:
+        tokens = DocumentSpans(splits.parts[split], starts[order], lengths[order])
+        offsets = tokens.offsets
+    # seeded like one corpus: a one-source mixture serves exactly that corpus's windows
+    return PackedTokens(tokens, offsets, cfg.seq_len, seed=seed, split=split), lengths[order]
+
+
+def _tokenizer(cfg: DataConfig, given: Tokenizer | None, limit: int, log,
+               is_main: bool) -> tuple[Tokenizer | None, dict]:
+    """The mixture's shared tokenizer and its identity record: the given one, else the one
+    trained for the first text source's cache (None when every source is pre-tokenized)."""
+    kinds = [s.kind for s in cfg.sources]
+    first_text = next((i for i, k in enumerate(kinds) if k in TEXT_KINDS), None)
+    if given is None and first_text is not None and len(set(kinds) - set(TEXT_KINDS)):
+        raise ConfigError("data.tokenizer_path", "a mixture of text and pre-tokenized sources "
+                          "needs the tokenizer the pre-tokenized ids were made with; set "
+                          "data.tokenizer_path to it")
+    if given is not None or first_text is None:
+        return given, {}
+    _, path, meta = _text_splits(cfg, cfg.sources[first_text], None, limit, log, is_main)
+    model = next(n for n in tokenizer_files(meta) if n in MODEL_FILES)
+    return open_tokenizer(str(path / model)), {"trained_for": first_text}
+
+
+def _check_weights(sources) -> None:
+    """ConfigError for a weight too small to get a sample in a mixture block (mixture.py)."""
+    counts = block_counts([s.weight for s in sources])
+    for i, n in enumerate(counts):
+        if n == 0:
+            raise ConfigError(f"data.sources[{i}].weight", f"{sources[i].weight:g} is below "
+                              f"1/{BLOCK} of the total weight, so the source would get no "
+                              "sample; raise it or drop the source")
+
+
+def build_mixture(cfg: DataConfig, *, seed: int, global_batch_size: int,
+                  given: Tokenizer | None, limit: int, log, is_main: bool) -> DataSource:
+    """The DataSource of `cfg.sources` (see the module docstring). `given`: the tokenizer of
+    data.tokenizer_path / model.init_from, or None; `limit`: ids must be below it. Raises
+    ConfigError (exit 2) for bad input, before anything is built where it can tell."""
+    _check_weights(cfg.sources)
+    tok, trained = _tokenizer(cfg, given, limit, log, is_main)
+    names = [source_name(s, i) for i, s in enumerate(cfg.sources)]
+    per_split: dict[str, list] = {s: [] for s in SPLITS}
+    lengths, identity_tokens, caches, labels = {}, {}, [], []
+    first_meta = None
+    for i, (src, name) in enumerate(zip(cfg.sources, names)):
+        if src.kind in TEXT_KINDS:
+            use = None if trained.get("trained_for") == i else tok
+            splits, path, meta = _text_splits(cfg, src, use, limit, log, is_main)
+            first_meta = first_meta or (path, meta)
+        else:
+            eos = src.eos_id if src.eos_id >= 0 else (tok.eos_id if tok else None)
+            splits = _token_splits(cfg, i, src, name, eos, limit, log, is_main)
+        caches.append(splits.cache)
+        for split in splits.parts:
+            stream, order_lengths = _stream(splits, split, src, name, f"data.sources[{i}]",
+                                            cfg, seed)
+            per_split[split].append(stream)
+            identity_tokens[f"{name}/{split}"] = [len(order_lengths), int(order_lengths.sum()),
+                                                  offsets_digest(stream.doc_offsets)]
+            if split == "train":
+                lengths[name] = order_lengths
+        docs = lengths[name]
+        labels.append(f"{name} (weight {src.weight:g}, {splits.label}): {count_str(docs.sum())} "
+                      f"train tokens in {len(docs)} documents")
+    weights = [s.weight for s in cfg.sources]
+    streams = {split: MixtureStream(got, weights, seed=seed, split=split)
+               for split, got in per_split.items() if got}
+    identity = {"data.tokens": identity_tokens, "data.cache": caches}
+    if tok is not None:
+        identity["data.tokenizer"] = tok.identity()
+    elif first_meta is not None:
+        identity["data.tokenizer"] = cache_tokenizer_identity(*first_meta)
+    source = DataSource(streams, vocab_size=tok.vocab_size if tok else limit,
+                        eos_id=tok.eos_id if tok else -1, global_batch_size=global_batch_size,
+                        summary=f"mixture of {len(names)}: " + "; ".join(labels),
+                        cache_path=first_meta[0] if first_meta else None,
+                        document_positions=cfg.document_mask, identity=identity,
+                        bos_id=tok.bos_id if tok and tok.add_bos else None,
+                        tokenizer_files=tokenizer_files(first_meta[1]) if first_meta else ())
+    source.sources = {name: {split: per_split[split][i] for split in per_split
+                             if len(per_split[split]) > i} for i, name in enumerate(names)}
+    source.train_lengths = lengths
+    return source
