@@ -124,3 +124,26 @@ def test_the_cli_trains_a_mixture_and_draws_its_lengths(tmp_path):
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip().splitlines()[-1]]
     assert bad.stderr.startswith("error: data.sources[0].weight:")
     assert not (tmp_path / "cache2").exists()
+
+
+def test_a_pretokenized_and_a_text_source_train_together(tmp_path):
+    import numpy as np
+
+    from support.megatron_writer import write_megatron
+    from ulysses_train.config.schema import SourceConfig
+
+    text = mixture_cfg(tmp_path, seq_len=SEQ)
+    first = build(dataclasses.replace(text, sources=[text.sources[0]]), batch=BATCH)
+    rng = np.random.default_rng(0)
+    docs = [[np.append(rng.integers(2, 300, size=rng.integers(5, 90)), first.eos_id).tolist()]
+            for _ in range(80)]
+    write_megatron(tmp_path / "books", docs)
+    data_cfg = dataclasses.replace(text, tokenizer_path=str(first.cache_path / "tokenizer.model"),
+                                   sources=[text.sources[0], SourceConfig(
+                                       name="books", kind="megatron",
+                                       paths=[str(tmp_path / "books")], weight=0.6)])
+    run_dir = str(tmp_path / "run")
+    Trainer(_config(data_cfg, {}, steps=3), run_dir, cpu_dims()).fit()
+    rows = metrics_rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["tokens/books"] > 0
+    assert all(np.isfinite(r["loss"]) for r in rows)
