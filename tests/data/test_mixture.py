@@ -128,3 +128,30 @@ def test_a_weight_too_small_for_a_block_is_refused_before_building(tmp_path):
         build(cfg)
     assert err.value.key == "data.sources[1].weight"
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_a_missing_input_of_any_entry_is_refused_before_anything_is_built(tmp_path):
+    short, long = write_corpora(tmp_path)
+    (tmp_path / "books.bin").write_bytes(b"\0" * 8)  # its .idx is missing
+    for bad, key, what in (
+            (SourceConfig(kind="megatron", paths=[str(tmp_path / "books")]),
+             "data.sources[1].paths", "books.idx"),
+            (SourceConfig(kind="files", paths=[str(tmp_path / "gone.jsonl")]),
+             "data.sources[1].paths", "gone.jsonl"),
+            (SourceConfig(kind="tokens", paths=[str(tmp_path / "gone.npy")]),
+             "data.sources[1].paths", "gone.npy")):
+        cfg = DataConfig(cache_dir=str(tmp_path / "cache"), tokenizer_path="",
+                         sources=[SourceConfig(name="a", kind="files", paths=[short]), bad])
+        with pytest.raises(ConfigError) as err:
+            build(cfg)
+        assert err.value.key == key and what in err.value.message
+        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_a_text_entry_s_errors_name_the_entry(tmp_path):
+    short, _ = write_corpora(tmp_path)
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), sources=[
+        SourceConfig(name="a", kind="files", paths=[short], text_field="body")])
+    with pytest.raises(ConfigError) as err:
+        build(cfg)
+    assert err.value.key == "data.sources[0].text_field", err.value

@@ -14,8 +14,6 @@ import copy
 from pathlib import Path
 from typing import Protocol, Sequence
 
-import numpy as np
-
 from ..config.errors import ConfigError
 from .batch import Batch
 from .build import SPLITS
@@ -52,10 +50,9 @@ class DataSource:
         self.cache_path = cache_path  # None for synthetic data
         self.tokenizer_files = list(tokenizer_files)  # the tokenizer's files in cache_path
         self._summary = summary
-        # A mixture's sources (data/mixed.py): name -> {split: that source's own stream}, and
-        # the document lengths of each source's train stream (shaped, in stream order).
+        # A mixture's sources (data/mixed.py): name -> {split: that source's own stream}.
         self.sources: dict[str, dict[str, TokenStream]] = {}
-        self.train_lengths: dict[str, np.ndarray] = {}
+        self.tokenizer = None  # the given tokenizer when no cache holds a copy of it
 
     def describe(self) -> str:
         return self._summary
@@ -63,6 +60,8 @@ class DataSource:
     def save_tokenizer(self, out: str) -> bool:
         """Copy the tokenizer these tokens were made with into the folder `out` (one rank
         only; tokenizer_files.py); False if it already holds it or the data is synthetic."""
+        if self.tokenizer is not None:  # a mixture of pre-tokenized sources only
+            return save_run_tokenizer(self.tokenizer, out)
         if self.cache_path is None:
             return False
         model = next(n for n in self.tokenizer_files if n in MODEL_FILES)
@@ -90,7 +89,7 @@ class DataSource:
         alone = copy.copy(self)
         alone.streams = self.sources[name]
         alone.splits = tuple(alone.streams)
-        alone.sources, alone.train_lengths = {}, {}
+        alone.sources = {}
         return alone
 
     def source_samples(self, steps: int, split: str = "train") -> dict[str, int]:

@@ -27,6 +27,8 @@ from .cache import tokenizer_files
 from .datasource import DataSource
 from .mixture import BLOCK, MixtureStream, block_counts
 from .packing import PackedTokens
+from .paths import resolve_paths
+from .pretokenized import check_paths, open_token_documents
 from .shaping import copies, keep_by_length, occurrences, unit_hash
 from .spans import DocumentSpans
 from .text_source import (
@@ -72,10 +74,17 @@ def _text_config(cfg: DataConfig, src: SourceConfig) -> DataConfig:
                                max_docs=src.max_docs, sources=[])
 
 
-def _text_splits(cfg: DataConfig, src: SourceConfig, tok: Tokenizer | None, limit: int,
-                 log, is_main: bool) -> tuple[SourceSplits, Path, dict]:
+def _text_splits(cfg: DataConfig, index: int, src: SourceConfig, tok: Tokenizer | None,
+                 limit: int, log, is_main: bool) -> tuple[SourceSplits, Path, dict]:
     one = _text_config(cfg, src)
-    path, meta = text_cache(one, tok, limit, log=log, is_main=is_main)
+    try:
+        path, meta = text_cache(one, tok, limit, log=log, is_main=is_main)
+    except ConfigError as e:  # the one-corpus keys it names are this entry's own
+        field_name = e.key.removeprefix("data.")
+        field_name = "kind" if field_name == "name" else field_name
+        if e.key.startswith("data.") and hasattr(src, field_name):
+            raise ConfigError(f"data.sources[{index}].{field_name}", e.message) from None
+        raise
     out = SourceSplits(label=meta["label"], cache=path.name)  # label: e.g. "files"
     for split, ids, offsets in load_text_splits(path, meta, one):
         out.parts[split] = [ids]
@@ -86,8 +95,6 @@ def _text_splits(cfg: DataConfig, src: SourceConfig, tok: Tokenizer | None, limi
 
 def _token_splits(cfg: DataConfig, i: int, src: SourceConfig, name: str, eos: int | None,
                   limit: int, log, is_main: bool) -> SourceSplits:
-    from .pretokenized import open_token_documents
-
     docs = open_token_documents(src, where=f"data.sources[{i}]", vocab_limit=limit,
                                 eos_id=eos, cache_root=cache_root(cfg), log=log, is_main=is_main)
     sizes = np.array([len(t) for t, _ in docs.parts], dtype=np.int64)
@@ -147,13 +154,22 @@ def _tokenizer(cfg: DataConfig, given: Tokenizer | None, limit: int, log,
                           "data.tokenizer_path to it")
     if given is not None or first_text is None:
         return given, {}
-    _, path, meta = _text_splits(cfg, cfg.sources[first_text], None, limit, log, is_main)
+    _, path, meta = _text_splits(cfg, first_text, cfg.sources[first_text], None, limit, log,
+                                  is_main)
     model = next(n for n in tokenizer_files(meta) if n in MODEL_FILES)
     return open_tokenizer(str(path / model)), {"trained_for": first_text}
 
 
-def _check_weights(sources) -> None:
-    """ConfigError for a weight too small to get a sample in a mixture block (mixture.py)."""
+def check_sources(cfg: DataConfig) -> None:
+    """What can be checked of `cfg.sources` before anything is read or built: every input file
+    exists (text files of a known type too), and every weight gets samples (mixture.py).
+    Raises ConfigError naming the entry's key. The entry points' pre-check runs it too."""
+    for i, src in enumerate(cfg.sources):
+        if src.kind == "files":
+            resolve_paths(list(src.paths), key=f"data.sources[{i}].paths")
+        elif src.kind in ("megatron", "tokens"):
+            check_paths(src, f"data.sources[{i}]")
+    sources = cfg.sources
     counts = block_counts([s.weight for s in sources])
     for i, n in enumerate(counts):
         if n == 0:
@@ -167,7 +183,7 @@ def build_mixture(cfg: DataConfig, *, seed: int, global_batch_size: int,
     """The DataSource of `cfg.sources` (see the module docstring). `given`: the tokenizer of
     data.tokenizer_path / model.init_from, or None; `limit`: ids must be below it. Raises
     ConfigError (exit 2) for bad input, before anything is built where it can tell."""
-    _check_weights(cfg.sources)
+    check_sources(cfg)
     tok, trained = _tokenizer(cfg, given, limit, log, is_main)
     names = [source_name(s, i) for i, s in enumerate(cfg.sources)]
     per_split: dict[str, list] = {s: [] for s in SPLITS}
@@ -176,7 +192,7 @@ def build_mixture(cfg: DataConfig, *, seed: int, global_batch_size: int,
     for i, (src, name) in enumerate(zip(cfg.sources, names)):
         if src.kind in TEXT_KINDS:
             use = None if trained.get("trained_for") == i else tok
-            splits, path, meta = _text_splits(cfg, src, use, limit, log, is_main)
+            splits, path, meta = _text_splits(cfg, i, src, use, limit, log, is_main)
             first_meta = first_meta or (path, meta)
         else:
             eos = src.eos_id if src.eos_id >= 0 else (tok.eos_id if tok else None)
@@ -210,5 +226,6 @@ def build_mixture(cfg: DataConfig, *, seed: int, global_batch_size: int,
                         tokenizer_files=tokenizer_files(first_meta[1]) if first_meta else ())
     source.sources = {name: {split: per_split[split][i] for split in per_split
                              if len(per_split[split]) > i} for i, name in enumerate(names)}
-    source.train_lengths = lengths
+    if first_meta is None:
+        source.tokenizer = tok
     return source

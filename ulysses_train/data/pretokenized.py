@@ -90,6 +90,23 @@ def _megatron_prefixes(src: SourceConfig, key: str) -> list[str]:
     return prefixes
 
 
+def check_paths(src: SourceConfig, where: str) -> None:
+    """Every input of pre-tokenized source `src` exists (both files of a Megatron dataset);
+    nothing is read. The entry points' pre-check and `build_mixture` run it before any build.
+    Raises ConfigError naming `{where}.paths` and the file."""
+    key = f"{where}.paths"
+    if src.kind == "megatron":
+        for prefix in _megatron_prefixes(src, key):
+            for suffix in (".idx", ".bin"):
+                if not os.path.isfile(prefix + suffix):
+                    raise ConfigError(key, f"{prefix}{suffix} not found: a Megatron dataset is "
+                                      "PREFIX.bin + PREFIX.idx; check the prefix")
+    elif src.paths:
+        for path in _expand(src, key):
+            if not os.path.exists(path):
+                raise ConfigError(key, f"file not found: {path}; check the path")
+
+
 def _flat_file(path: str, src: SourceConfig, where: str) -> np.ndarray:
     """A memory-mapped `.npy` or raw `.bin` token file (1-D, integer, read-only)."""
     key = f"{where}.paths"
