@@ -16,6 +16,14 @@ from ..data.lengths import length_profile
 from ..utils.atomic import atomic_write
 
 
+def announce(data, steps: int, run_dir: str, say, is_main: bool) -> None:
+    """At the start of a run: `epoch_warnings`, and (main rank) `write_length_report`."""
+    for line in epoch_warnings(data, steps):
+        say(line)
+    if is_main and write_length_report(data, steps, run_dir):
+        say(f"data: input tokens by document length per source: {run_dir}/tokens_by_length.png")
+
+
 def token_fields(data, steps: int, seq_len: int) -> dict:
     """{"tokens/<name>": tokens of source `name` in the first `steps` global batches}."""
     return {f"tokens/{name}": n * seq_len for name, n in data.source_samples(steps).items()}

@@ -263,11 +263,8 @@ class Trainer:
         self._say(f"model: {self.cfg.model.name}, {n / 1e6:.2f}M parameters | device: "
                   f"{self.device} | precision: {str(self.dtype).replace('torch.', '')}{layout}")
         self._say(f"data: {self.data.describe()}")
-        for line in mixture_report.epoch_warnings(self.data, self.cfg.train.steps):
-            self._say(line)
-        if self.dims.is_main and mixture_report.write_length_report(
-                self.data, self.cfg.train.steps, self.run_dir):
-            self._say("data: tokens by document length per source: tokens_by_length.png")
+        mixture_report.announce(self.data, self.cfg.train.steps, self.run_dir, self._say,
+                                self.dims.is_main)  # epochs per source, tokens_by_length.png
         if self.resumed_from:
             self._say(f"resumed from {self.resumed_from} at step {self.step}")
 
