@@ -146,6 +146,8 @@ def check_resume(meta: dict, current: dict, path: str, mode: str,
     now = current.get("data", {})
     for key in STREAM_KEYS:
         if key in saved and key in now and saved[key] != now[key]:
+            if key == "data.mixture":
+                raise _mixture_error(saved[key], now[key], path, mode)
             raise ConfigError(key, _stream_message(key, saved[key], now[key], path, mode))
     changed_sources = [k for k in SOURCE_KEYS if k in saved and k in now and saved[k] != now[k]]
     for key in CONTENT_KEYS:
@@ -168,6 +170,27 @@ def _stream_message(key: str, old, new, path: str, mode: str) -> str:
         msg += (" (to train these weights at another length, start a new run from them: "
                 "model.init_from=<this run dir> with a new hydra.run.dir)")
     return msg
+
+
+def _mixture_error(old: list, new: list, path: str, mode: str) -> ConfigError:
+    """The error for a mixture whose sources, weights or shaping differ from the checkpoint's,
+    naming the first entry and key that differ (weights as normalised shares)."""
+    tail = (f"; resuming needs the same data stream: restore it to resume (only the weights' "
+            f"ratios matter), or {_new_run_advice(mode)}")
+    names = ([e["name"] for e in old], [e["name"] for e in new])
+    if names[0] != names[1]:
+        return ConfigError("data.sources", f"the sources are {', '.join(names[1])} here, but "
+                           f"{path} was trained on {', '.join(names[0])}" + tail)
+    for i, (a, b) in enumerate(zip(old, new)):
+        for field in a:
+            if a[field] != b.get(field):
+                what = "share of the tokens" if field == "weight" else "value"
+                now_v, then_v = (f"{b[field]:.4g}", f"{a[field]:.4g}") if field == "weight" \
+                    else (repr(b.get(field)), repr(a[field]))
+                return ConfigError(f"data.sources[{i}].{field}", f"gives source {a['name']!r} "
+                                   f"the {what} {now_v} here, but {path} was trained with "
+                                   f"{then_v}" + tail)
+    return ConfigError("data.sources", f"differs from what {path} was trained on" + tail)
 
 
 def _content_message(key: str, saved: dict, now: dict, changed: list, path: str,

@@ -144,8 +144,9 @@ def _stream(splits: SourceSplits, split: str, src: SourceConfig, name: str, wher
 
 def _tokenizer(cfg: DataConfig, given: Tokenizer | None, limit: int, log,
                is_main: bool) -> tuple[Tokenizer | None, dict]:
-    """The mixture's shared tokenizer and its identity record: the given one, else the one
-    trained for the first text source's cache (None when every source is pre-tokenized)."""
+    """The mixture's shared tokenizer: the given one, else the one trained for the first text
+    source's cache (None when every source is pre-tokenized); and {index: that source's
+    `_text_splits`} when one was trained, so it is not opened twice."""
     kinds = [s.kind for s in cfg.sources]
     first_text = next((i for i, k in enumerate(kinds) if k in TEXT_KINDS), None)
     if given is None and first_text is not None and len(set(kinds) - set(TEXT_KINDS)):
@@ -154,10 +155,9 @@ def _tokenizer(cfg: DataConfig, given: Tokenizer | None, limit: int, log,
                           "data.tokenizer_path to it")
     if given is not None or first_text is None:
         return given, {}
-    _, path, meta = _text_splits(cfg, first_text, cfg.sources[first_text], None, limit, log,
-                                  is_main)
-    model = next(n for n in tokenizer_files(meta) if n in MODEL_FILES)
-    return open_tokenizer(str(path / model)), {"trained_for": first_text}
+    built = _text_splits(cfg, first_text, cfg.sources[first_text], None, limit, log, is_main)
+    model = next(n for n in tokenizer_files(built[2]) if n in MODEL_FILES)
+    return open_tokenizer(str(built[1] / model)), {first_text: built}
 
 
 def check_sources(cfg: DataConfig) -> None:
@@ -191,8 +191,8 @@ def build_mixture(cfg: DataConfig, *, seed: int, global_batch_size: int,
     first_meta = None
     for i, (src, name) in enumerate(zip(cfg.sources, names)):
         if src.kind in TEXT_KINDS:
-            use = None if trained.get("trained_for") == i else tok
-            splits, path, meta = _text_splits(cfg, i, src, use, limit, log, is_main)
+            splits, path, meta = trained.get(i) or _text_splits(cfg, i, src, tok, limit, log,
+                                                                 is_main)
             first_meta = first_meta or (path, meta)
         else:
             eos = src.eos_id if src.eos_id >= 0 else (tok.eos_id if tok else None)
