@@ -68,6 +68,12 @@ def sections(config, comments: dict) -> list[tuple[str, list[tuple[str, str, str
             if dataclasses.is_dataclass(value):
                 walk(value, f"{prefix}{f.name}.", rows)
                 continue
+            item = typing.get_args(hints[f.name])
+            if item and dataclasses.is_dataclass(item[0]):  # a list of entries (data.sources)
+                rows.append((prefix + f.name, f"list of {item[0].__name__}", _value(value),
+                             comments.get((type(obj).__name__, f.name), "")))
+                walk(item[0](), f"{prefix}{f.name}[].", rows)
+                continue
             kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
             kind = str(hints[f.name]).replace("typing.", "") if kind in ("List", "Optional") \
                 else kind
