@@ -58,6 +58,18 @@ def test_yaml_presets_match_python_presets(name):
     # the example is the key's own (it was data.paths' a.jsonl for every list key)
     (["model.layer_types=sliding_attention"], "model.layer_types",
      "expects a list; write model.layer_types=[sliding_attention,full_attention]"),
+    # issue 23: a mixture entry's own key, with its index, not OmegaConf's bare field name
+    (["data.sources=[{kind:files,paths:[a]},{name:b,kind:files,paths:[b],wieght:2}]"],
+     "data.sources[1].wieght", "unknown key"),
+    (["data.sources=[{kind:files,paths:[a],weight:abc}]"], "data.sources[0].weight",
+     "'abc' is not a valid float"),
+    (["data.sources={kind:files}"], "data.sources", "expects a list; write data.sources=[{"),
+    (["data.sources=[{kind:files,paths:[a],weight:0}]"], "data.sources[0].weight",
+     "must be a positive number"),
+    (["data.sources=[{kind:tokens,paths:[a.bin]}]"], "data.sources[0].paths",
+     "file not found"),
+    (["data.sources=[{kind:megatron,paths:[/no/where/books]}]"], "data.sources[0].paths",
+     "/no/where/books.idx not found"),
 ])
 def test_hydra_errors_become_one_line(overrides, key, fragment):
     with pytest.raises(ConfigError) as info:

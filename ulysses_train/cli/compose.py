@@ -108,7 +108,28 @@ _LIST_EXAMPLES = {
     "eval.buckets": "0,1024,4096",
     "eval.passkey_lengths": "1024,4096",
     "eval.passkey_depths": "0.0,0.5,1.0",
+    "data.sources": "{name:web,kind:files,paths:[web.jsonl],weight:0.7},"
+                    "{name:code,kind:megatron,paths:[code_text_document],weight:0.3}",
 }
+
+
+def _entry_key(text: str, key: str | None) -> str | None:
+    """`data.sources[i].key` for a key OmegaConf reports without its list entry (it names
+    `key` alone when an entry of `data.sources=[{...},{...}]` is wrong); `key` otherwise."""
+    if not key or "reference_type=SourceConfig" not in text:
+        return key
+    listed = re.search(r"data\.sources=\[(.*)\]", text)
+    entries, depth, start = [], 0, 0
+    body = listed.group(1) if listed else ""
+    for i, c in enumerate(body):  # the top-level {...} entries of the list
+        depth += (c == "{") - (c == "}")
+        if c == "{" and depth == 1:
+            start = i
+        elif c == "}" and depth == 0:
+            entries.append(body[start:i + 1])
+    index = next((i for i, e in enumerate(entries) if re.search(rf"[{{,]\s*{key}\s*:", e)),
+                 None)
+    return f"data.sources[{'?' if index is None else index}].{key}"
 
 def translate(exc: BaseException) -> ConfigError:
     """Turn a Hydra/OmegaConf composition failure into one `ConfigError` line."""
@@ -122,7 +143,7 @@ def translate(exc: BaseException) -> ConfigError:
         options = GROUP_OPTIONS.get(group)
         hint = f"choose one of {', '.join(options)}" if options else f"see configs/{group}/"
         return ConfigError(group, f"unknown preset {name!r}; {hint}")
-    key = _full_key(text)
+    key = _entry_key(text, _full_key(text))
     not_in = re.search(r"Key '([^']+)' not in '(\w+)'", text)
     if not_in:
         override = re.search(r"Could not override '([^']+)'", text)
@@ -135,7 +156,8 @@ def translate(exc: BaseException) -> ConfigError:
     if convert:
         value, kind = convert.groups()
         return ConfigError(key or "config", f"{value!r} is not a valid {kind.lower()}")
-    if "is not a ListConfig, list or tuple" in text:  # e.g. data.paths=a.jsonl
+    if ("is not a ListConfig, list or tuple" in text  # e.g. data.paths=a.jsonl
+            or "Cannot merge DictConfig with ListConfig" in text):  # data.sources={...}
         k = key or "config"
         items = _LIST_EXAMPLES.get(k, "a,b")
         return ConfigError(k, f"expects a list; write {k}=[{items}] (quoted in the "
