@@ -53,6 +53,8 @@ ATOMIC_SITES = {
     "train/faults.py": 1,  # debug pause marker: test_torn_pause_marker_is_never_seen
     "train/metrics.py": 1,  # truncate_after: test_metrics_truncation_survives_a_torn_write
     "data/cache.py": 2,  # marker + directory publish: test_torn_cache_marker_publishes_nothing
+    "data/shards.py": 2,  # build plan + a shard's done marker: tests/data/test_cache_build.py
+    #                       test_a_helper_killed_mid_shard_leaves_an_identical_cache
     "data/tokenizer_files.py": 2,  # <run_dir>/tokenizer/ moved aside, then the new one in place:
     #                                test_run_tokenizer_folder_is_whole_or_absent
     "evaluate/run.py": 2,  # eval.json and eval.png: test_torn_eval_result_keeps_the_previous_one

@@ -9,6 +9,15 @@ among processes that start together (ranks, runs) exactly one builds; the others
 lock and then read. Leftovers of a crashed build (temporary directories, a directory without a
 marker) are only ever removed by the lock holder, so they are never read and never race.
 
+Shared builds: the waiters need not idle. While it builds, the lock holder keeps a work
+directory beside its temporary one (`work_dir`) and holds that directory's `alive.lock`; a
+build may publish a plan of independent work there (data/shards.py: document shards to
+tokenize). A waiter passed `help` calls it on every live work directory it finds (one whose
+`alive.lock` is held: a crashed builder's leftovers are skipped), then waits again; `help`
+claims pieces of work under locks of their own, which the OS releases if the helper dies, so
+the holder finishes whatever a helper left. The work directory is removed before publishing;
+only the holder publishes, so exactly one result appears, whoever did the work.
+
 Checksums: `meta.json` records the size and content hash of every other file of the directory,
 and a hash of its own content. Opening a cache verifies all of them; a cache that fails (a
 truncated token file, one changed offset, a damaged tokenizer model or marker, an older format)
@@ -48,6 +57,9 @@ _TMP_INFIX = ".tmp-"
 FULL_HASH_BYTES = 1 << 30  # files up to this size are hashed whole when a cache is opened
 SAMPLE_BLOCKS = 256  # blocks hashed in larger files
 _BLOCK = 1 << 20
+WORK_SUFFIX = "-work"  # a build's work directory: the temporary directory's name + this
+ALIVE = "alive.lock"  # held by the builder for as long as its work directory is live
+POLL_SECONDS = 0.5  # how often a waiter looks for work to help with
 
 
 def cache_key(parts: dict) -> str:
@@ -163,14 +175,62 @@ def _write_marker(directory: Path, meta: dict) -> None:
     atomic_write(str(directory / MARKER), json.dumps(meta, indent=1, sort_keys=True), durable=True)
 
 
+def work_dir(tmp: Path) -> Path:
+    """The work directory of the build filling `tmp` (see the module docstring)."""
+    return tmp.with_name(tmp.name + WORK_SUFFIX)
+
+
+def _live_work_dirs(root: Path, name: str) -> list[Path]:
+    """Work directories of `name` whose builder is alive (holds their ALIVE lock)."""
+    from filelock import FileLock, Timeout
+
+    live = []
+    for work in sorted(root.glob(f".{name}{_TMP_INFIX}*{WORK_SUFFIX}")):
+        probe = FileLock(str(work / ALIVE))
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            live.append(work)
+        except OSError:  # removed meanwhile: published or cleaned up
+            continue
+        else:  # nobody holds it: a crashed build's leftover
+            probe.release()
+    return live
+
+
+def _wait_helping(lock, root: Path, name: str, help: Callable[[Path], None] | None) -> None:
+    """Acquire `lock`; until then, run `help` once on each live work directory of `name`.
+    A work directory that vanishes or turns unreadable under `help` (the build finished or
+    crashed) ends that help; the lock holder does whatever is left."""
+    from filelock import Timeout
+
+    helped: set[Path] = set()
+    while True:
+        for work in _live_work_dirs(root, name) if help is not None else ():
+            if work not in helped:
+                helped.add(work)
+                try:
+                    help(work)
+                except (OSError, ConfigError):
+                    pass
+        try:
+            lock.acquire(timeout=POLL_SECONDS)
+            return
+        except Timeout:
+            continue
+
+
 def open_or_build(root: Path, name: str, build: Callable[[Path], dict], *,
-                  log: Callable[[str], None], is_main: bool) -> tuple[Path, dict, bool]:
+                  log: Callable[[str], None], is_main: bool,
+                  help: Callable[[Path], None] | None = None) -> tuple[Path, dict, bool]:
     """Return (directory, meta, built_now) of cache `name`, building it with `build(tmp_dir)`
     if no complete, intact copy exists (a damaged one is replaced, with a warning).
 
     `build` fills an empty directory and returns the meta to record; this function adds the
     format, a build id, the time taken and the checksums, then publishes the directory
-    atomically. Raises ConfigError (data.cache_dir) if a damaged cache cannot be removed.
+    atomically. `build` may share its work through `work_dir(tmp_dir)`; a process that waits
+    for another's build runs `help(work directory)` on it (module docstring). Raises
+    ConfigError (data.cache_dir) if a damaged cache cannot be removed.
     """
     from filelock import FileLock, Timeout
 
@@ -185,7 +245,7 @@ def open_or_build(root: Path, name: str, build: Callable[[Path], dict], *,
     except Timeout:
         if is_main:
             log(f"data: waiting for another process to finish building {final} ...")
-        lock.acquire()
+        _wait_helping(lock, root, name, help)
     try:
         meta, problem = check_cache(final)  # someone may have finished while we waited
         if meta is not None:
@@ -204,9 +264,16 @@ def open_or_build(root: Path, name: str, build: Callable[[Path], dict], *,
 
 
 def _build_and_publish(root: Path, name: str, build: Callable[[Path], dict]) -> dict:
-    """Build into a temporary directory, checksum it, and rename it to `root/name`."""
+    """Build into a temporary directory, checksum it, and rename it to `root/name`; the
+    build's work directory lives (ALIVE held) until then."""
+    from filelock import FileLock
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}{_TMP_INFIX}", dir=root))
+    work = work_dir(tmp)
+    alive = FileLock(str(work / ALIVE))
     try:
+        work.mkdir()
+        alive.acquire(timeout=0)
         start = time.perf_counter()
         meta = build(tmp)
         meta.update(format=FORMAT_VERSION, build_id=uuid.uuid4().hex,
@@ -217,6 +284,9 @@ def _build_and_publish(root: Path, name: str, build: Callable[[Path], dict]) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        alive.release()
+        shutil.rmtree(work, ignore_errors=True)
     return meta
 
 

@@ -169,18 +169,21 @@ def parquet_rows(path: str, text_field: str) -> Iterator[Text]:
 
 
 def input_notes(inputs: tuple[str, ...], text_field: str, source: np.ndarray, issue: np.ndarray,
-                has_text: np.ndarray, empty: str = "empty file") -> list[tuple[str, str]]:
+                has_text: np.ndarray, empty: str = "empty file",
+                counts: np.ndarray | None = None) -> list[tuple[str, str]]:
     """(input, what was skipped) for each input that lost rows or gave no text; per row,
     `source` is the index of its input, `issue` its Text.issue, `has_text` text is non-empty;
-    an input without rows is noted as `empty`."""
+    an input without rows is noted as `empty`. `counts`: how many rows each entry stands for
+    (default one each: the build passes one entry per distinct (source, issue, has_text))."""
+    counts = np.ones(len(source), np.int64) if counts is None else counts
     notes = []
     for i, name in enumerate(inputs):
         mine = (source == i) & (issue != EMPTY)
-        rows = int(mine.sum())
+        rows = int(counts[mine].sum())
         if rows == 0:
             notes.append((name, empty))
             continue
-        kinds = [(int((mine & (issue == kind)).sum()), label) for kind, label in
+        kinds = [(int(counts[mine & (issue == kind)].sum()), label) for kind, label in
                  ((MISSING, f"without {text_field!r}"), (NULL, f"with {text_field!r} null"))]
         kinds = [(n, label) for n, label in kinds if n]
         if len(kinds) == 1:  # e.g. "3 of 40 rows without 'text'"

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config.errors import ConfigError
 from ..config.schema import DataConfig
-from .build import SPLITS, build_corpus
+from .build import SPLITS, build_corpus, help_build
 from .cache import cache_key, load_split, open_or_build, tokenizer_files
 from .corpus import corpus_for
 from .datasource import DataSource
@@ -94,7 +94,7 @@ def text_cache(cfg: DataConfig, given: Tokenizer | None, limit: int, *, log,
                             val_fraction=cfg.val_fraction, log=log)
 
     path, meta, built = open_or_build(root, f"{corpus.kind}-{key}", build, log=log,
-                                      is_main=is_main)
+                                      is_main=is_main, help=help_build)
     log(f"data: built {path} in {meta['build_seconds']}s" if built else f"data: cached {path}")
     for note in meta["warnings"]:  # inputs skipped in part, e.g. rows without the text field
         log(f"warning: data: {note}")

@@ -42,7 +42,7 @@ KEY = "data.tokenizer_path"
 # tokenizer: caches from when special-token strings in text became control ids rebuild once.
 TEXT_ENCODING = "special-token strings as text"
 
-_loaded: dict[str, "Tokenizer"] = {}  # per process: the datasets.map batches reuse one tokenizer
+_loaded: dict[str, "Tokenizer"] = {}  # per process: a build's shards reuse one tokenizer
 
 
 class Tokenizer:
@@ -171,7 +171,9 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts, num_threads=1):
         # tokenizers parallelises batches itself (RAYON_NUM_THREADS); num_threads is for spm.
-        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets: same ids.
+        encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def _specials_as_text(self, names):
         from tokenizers import AddedToken
@@ -296,12 +298,6 @@ def open_tokenizer(path: str) -> Tokenizer:
 def load_tokenizer(path: str):
     """The raw SentencePieceProcessor of a sentencepiece model file (tests decode with it)."""
     return open_tokenizer(path).sp
-
-
-def encode_batch(batch: dict, model_path: str, num_threads: int) -> dict:
-    """datasets.map function: token ids of each text (BOS/EOS are added when the stream is
-    written)."""
-    return {"ids": open_tokenizer(model_path).encode_batch(batch["text"], num_threads)}
 
 
 def _json(path: str) -> dict:
