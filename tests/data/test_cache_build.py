@@ -35,6 +35,7 @@ def _cfg(tmp_path, corpus, tokenizer, cache):
 
 def _child(role, tmp_path, corpus, tokenizer, cache, barrier, queue, claimed):
     """A rank of the node: `slow` tokenizes each shard slowly (so that the others get some),
+    `waits` also holds its first shard until the killer has claimed one,
     `killer` dies in the middle of the first shard it claims, after the builder passed it by
     (so the builder must wait for that shard's lock and then do the shard itself)."""
     try:
@@ -47,13 +48,19 @@ def _child(role, tmp_path, corpus, tokenizer, cache, barrier, queue, claimed):
             time.sleep(0.15)
             original(work, k, tok, dtype)
 
+        def waits(work, k, tok, dtype):  # holds its first shard until the killer has one
+            deadline = time.monotonic() + 60
+            while not Path(claimed).exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            slow(work, k, tok, dtype)
+
         def killer(work, k, tok, dtype):
             (work / f"shard-{k:06d}.bin").write_bytes(b"\x01\x02\x03")  # a torn shard file
             Path(claimed).write_text(str(k))
             time.sleep(1.0)  # long enough for the builder to pass this shard by
             os.kill(os.getpid(), signal.SIGKILL)
 
-        shards._tokenize_shard = slow if role == "slow" else killer
+        shards._tokenize_shard = {"slow": slow, "waits": waits, "killer": killer}[role]
         if barrier is not None:
             barrier.wait()
         log = []
@@ -110,7 +117,7 @@ def test_a_helper_killed_mid_shard_leaves_an_identical_cache(tmp_path, spm_token
     ctx = mp.get_context("spawn")
     queue, cache, claimed = ctx.Queue(), tmp_path / "shared", tmp_path / "claimed"
     args = (str(tmp_path), corpus, tokenizer, cache, None, queue, str(claimed))
-    builder = ctx.Process(target=_child, args=("slow", *args))
+    builder = ctx.Process(target=_child, args=("waits", *args))
     builder.start()
     deadline = time.monotonic() + 60
     while not list(cache.glob(".*-work/plan.json")):  # the build's shards are open to help

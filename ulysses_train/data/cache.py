@@ -5,8 +5,8 @@ Layout: `<cache_dir>/<name>/` holds the tokenizer's files (`tokenizer.model` or
 per split, and `meta.json`. A cache directory only ever appears by `os.replace` of a finished
 temporary directory, and `meta.json` (the completion marker) is the last file written into it,
 so a reader that finds the marker finds everything. Builds happen under a `FileLock` per name:
-among processes that start together (ranks, runs) exactly one builds; the others wait on the
-lock and then read. Leftovers of a crashed build (temporary directories, a directory without a
+among processes that start together (ranks, runs) exactly one builds and publishes; the others
+wait on the lock (helping with the build's work meanwhile, see below) and then read. Leftovers of a crashed build (temporary directories, a directory without a
 marker) are only ever removed by the lock holder, so they are never read and never race.
 
 Shared builds: the waiters need not idle. While it builds, the lock holder keeps a work
