@@ -58,6 +58,8 @@ ATOMIC_SITES = {
     "data/tokenizer_files.py": 2,  # <run_dir>/tokenizer/ moved aside, then the new one in place:
     #                                test_run_tokenizer_folder_is_whole_or_absent
     "evaluate/run.py": 2,  # eval.json and eval.png: test_torn_eval_result_keeps_the_previous_one
+    "train/mixture_report.py": 2,  # tokens_by_length.json/.png: test_torn_length_report_keeps_
+    #                                the_previous_one
     "cli/job.py": 1,  # .hydra/config.yaml: test_torn_effective_config_keeps_hydras
 }
 
@@ -300,6 +302,27 @@ def test_torn_eval_result_keeps_the_previous_one(tmp_path):
     with pytest.raises(SimulatedCrash), torn_writes(lambda p: p.endswith("eval.json.tmp")):
         write_results(second, str(tmp_path))
     assert {p: Path(p).read_bytes() for p in (json_path, png_path)} == before
+
+
+def test_torn_length_report_keeps_the_previous_one(tmp_path):
+    """A resumed mixture run redraws tokens_by_length.json/.png: a crash mid-write leaves the
+    previous files whole."""
+    from support.data import build
+    from support.mixture import mixture_cfg
+    from ulysses_train.train.mixture_report import write_length_report
+
+    data = build(mixture_cfg(tmp_path), batch=8)
+    png = write_length_report(data, 10, str(tmp_path))
+    paths = (png, png[:-4] + ".json")
+    before = {p: Path(p).read_bytes() for p in paths}
+    with pytest.raises(SimulatedCrash), torn_writes(lambda p: p.endswith(".png.tmp")):
+        write_length_report(data, 20, str(tmp_path))  # the json is replaced, then the png tears
+    assert Path(png).read_bytes() == before[png]
+    assert Path(paths[1]).read_bytes() != before[paths[1]]
+    write_length_report(data, 10, str(tmp_path))
+    with pytest.raises(SimulatedCrash), torn_writes(lambda p: p.endswith(".json.tmp")):
+        write_length_report(data, 20, str(tmp_path))
+    assert {p: Path(p).read_bytes() for p in paths} == before
 
 
 def test_torn_effective_config_keeps_hydras(tmp_path):
