@@ -28,10 +28,12 @@ import time
 from pathlib import Path
 
 VOCAB = 8192
+DOC_WORDS = 244.7  # median words per document (e^5.5): ~2.6 KB documents
 
 
-def make_corpus(path: Path, mb: float, seed: int = 0) -> None:
-    """Write ~`mb` MB of JSONL documents, the same for the same (mb, seed)."""
+def make_corpus(path: Path, mb: float, seed: int = 0, doc_words: float = DOC_WORDS) -> None:
+    """Write ~`mb` MB of JSONL documents, the same for the same (mb, seed, doc_words); a
+    document's word count is log-normal with median `doc_words`."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -43,7 +45,7 @@ def make_corpus(path: Path, mb: float, seed: int = 0) -> None:
     target, written = mb * 1e6, 0
     with open(path, "w") as f:
         while written < target:
-            n = int(min(40000, max(5, rng.lognormal(5.5, 1.0))))  # words in the document
+            n = int(min(40000, max(5, rng.lognormal(np.log(doc_words), 1.0))))  # its words
             ids = rng.choice(len(words), n, p=p)
             breaks = rng.random(n)
             parts = []
@@ -154,13 +156,13 @@ def measure(args) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for mb in args.mb:
-        corpus = root / f"corpus-{mb:g}mb.jsonl"
+        words = "" if args.doc_words == DOC_WORDS else f"-{args.doc_words:g}w"
+        corpus = root / f"corpus-{mb:g}mb{words}.jsonl"
         if not corpus.exists():
-            make_corpus(corpus, mb)
+            make_corpus(corpus, mb, doc_words=args.doc_words)
         tok_dir = root / f"tokenizer-{args.kind}"
         model = next(iter(tok_dir.glob("tokenizer.*")), None) if tok_dir.exists() else None
-        model = model or train_tokenizer(root / f"corpus-{args.mb[0]:g}mb.jsonl", args.kind,
-                                         tok_dir)
+        model = model or train_tokenizer(corpus, args.kind, tok_dir)
         raw, raw_peak = run_child(["--child", "raw", str(corpus), str(model)], None)
         with tempfile.TemporaryDirectory(dir=root) as cache:
             built, peak = run_child(["--child", "build", str(corpus), str(model), cache],
@@ -192,6 +194,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, nargs="+", default=[30, 100], help="corpus sizes")
     ap.add_argument("--kind", choices=["spm", "hf"], default="spm")
+    ap.add_argument("--doc-words", type=float, default=DOC_WORDS,
+                    help="median words per document (small: many documents per MB, which "
+                         "is what the per-document memory check needs)")
     ap.add_argument("--dir", default="/tmp/bench_cache_build", help="corpora and tokenizers")
     ap.add_argument("--code", default=None, help="checkout to build with (default: this one)")
     ap.add_argument("--json", action="store_true")

@@ -70,6 +70,19 @@ def test_yaml_presets_match_python_presets(name):
      "file not found"),
     (["data.sources=[{kind:megatron,paths:[/no/where/books]}]"], "data.sources[0].paths",
      "/no/where/books.idx not found"),
+    (["data.sources=[{kind:files,paths:[a]},{kind:files,paths:[b]}]", "data.sources.1.wieght=2"],
+     "data.sources[1].wieght", "unknown key"),  # was data.sources[?].data.sources[1].wieght
+    (["data.sources=[{kind:files,paths:[a]}]", "+data.sources.0.foo=1"], "data.sources[0].foo",
+     "unknown key"),  # was accepted silently
+    (["data.sources=[{kind:files,paths:[a]}]", "data.sources.3.weight=2"], "data.sources[3]",
+     "there is no such entry"),
+    (["data.sources=[a,b]"], "data.sources[0]", "an entry is a mapping such as {name:"),
+    (["data.sources=[{kind:files,paths:[a]}]", "~data.sources.0"], "overrides",
+     "cannot be removed by its index"),
+    (["data.sources=[{kind:megatron,paths:[a],dtype:int8}]"], "data.sources[0].dtype",
+     "is not used by a megatron source"),
+    (["data.sources=[{kind:files,paths:[a],length_upsample:1e6}]"],
+     "data.sources[0].length_upsample", "must be between 1 (off) and 100"),
 ])
 def test_hydra_errors_become_one_line(overrides, key, fragment):
     with pytest.raises(ConfigError) as info:
@@ -77,6 +90,20 @@ def test_hydra_errors_become_one_line(overrides, key, fragment):
     assert info.value.key == key
     assert fragment in info.value.message
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text, key, fragment", [
+    ("name: files\nsources:\n  - {kind: files, paths: [a]}\n  - {kind: files, wieght: 1}\n",
+     "data.sources[].wieght", "unknown key"),
+    ("name: files\nsources:\n  a: {kind: files}\n", "data/mix.yaml", "holds a mapping here"),
+    ("name: files\nseq_len: 4\nseq_len: 5\n", "mix.yaml", "'seq_len' appears twice"),
+])
+def test_a_data_group_file_s_mistakes_are_one_line(tmp_path, text, key, fragment):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mix.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        cli.precheck([f"hydra.searchpath=[file://{tmp_path}]", "data=mix"])
+    assert info.value.key.endswith(key) and fragment in info.value.message
 
 
 def test_run_hash_is_stable_and_distinguishes():

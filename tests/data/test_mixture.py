@@ -50,19 +50,22 @@ def test_every_source_is_read_in_its_own_order_without_gaps():
     assert mix.samples_before(BLOCK).tolist() == block_counts([0.2, 0.3, 0.5]).tolist()
 
 
-def test_shares_over_200_steps_are_within_the_binomial_tolerance(tmp_path):
+def test_shares_over_200_steps_are_those_of_the_weights_to_a_sample(tmp_path):
+    """The issue asks for the binomial tolerance; the greedy interleave does better: after any
+    number of samples every source is within one sample of its share."""
     data = build(mixture_cfg(tmp_path), batch=8)
-    samples = data.source_samples(200)
     n = 200 * 8
+    samples = data.source_samples(200)
     assert sum(samples.values()) == n
     sigma = math.sqrt(n * 0.25 * 0.75)
-    assert abs(samples["short"] - 0.25 * n) <= 3 * sigma
-    # and the rows really come from those sources: tokens/short counts the short rows
-    got = data.streams["train"].batch(range(n))
-    short_rows = sum(int(data.streams["train"].locate(g)[0] == 0) for g in range(n))
-    assert short_rows == samples["short"] and got.input_ids.shape == (n, 64)
-    print(f"short: {samples['short']} of {n} samples ({samples['short'] / n:.4f}, 3 sigma "
-          f"{3 * sigma / n:.4f})")
+    assert abs(samples["short"] - 0.25 * n) <= 1 < 3 * sigma
+    mix = data.streams["train"]
+    served = np.zeros(2)
+    for g in range(n):  # every prefix, from the rows' own sources
+        served[mix.locate(g)[0]] += 1
+        assert np.abs(served - np.array([0.25, 0.75]) * (g + 1)).max() <= 1
+    print(f"short: {samples['short']} of {n} samples (3 sigma of a binomial draw: "
+          f"{3 * sigma:.0f})")
 
 
 def test_a_one_source_mixture_is_that_corpus(tmp_path):

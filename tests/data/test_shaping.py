@@ -39,9 +39,9 @@ def test_length_upsample_repeats_long_documents_as_documented(tmp_path):
     data = build(mixture_cfg(tmp_path, length_upsample=factor, long_tokens=long_tokens), batch=4)
     docs = _cache_docs(data, "long")
     lengths = np.array([len(d) for d in docs])
-    from ulysses_train.data.mixed import salt_of
+    from ulysses_train.data.mixed import UPSAMPLE_SALT
 
-    counts = copies(lengths, factor, long_tokens, salt_of("long") ^ 0)
+    counts = copies(lengths, factor, long_tokens, UPSAMPLE_SALT ^ 0)  # seed 0
     is_long = lengths >= long_tokens
     assert set(counts[~is_long]) == {1} and set(counts[is_long]) <= {2, 3}
     assert abs(counts[is_long].mean() - factor) < 0.2  # E[c] = F per long document

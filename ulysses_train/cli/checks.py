@@ -13,8 +13,8 @@ from ..checkpoint.safe_read import check_pickles
 from ..checkpoint.store import check_resume_path, resume_source
 from ..config.errors import require
 from ..config.schema import Config
-from ..data.mixed import check_sources
 from ..data.paths import resolve_paths
+from ..data.source_checks import check_sources
 from ..hf.init_from import OURS, check_initial_weights
 
 
@@ -22,8 +22,8 @@ def check_inputs(cfg: Config, run_dir: str | None = None) -> None:
     """Raise ConfigError for the first input file that is missing or unusable. A run in
     `run_dir` that will resume does not read model.init_from (resume wins): its source may be
     gone, so it is not checked then."""
-    if cfg.data.sources:  # a mixture: each entry's files, and weights that get samples
-        check_sources(cfg.data)
+    if cfg.data.sources:  # a mixture: each entry's files, weights that get samples, tokenizer
+        check_sources(cfg.data, bool(cfg.data.tokenizer_path or cfg.model.init_from))
     elif cfg.data.name == "files":  # missing files, directories, unknown types
         resolve_paths(list(cfg.data.paths))
     if cfg.model.init_from and not (run_dir and resume_source(run_dir, cfg.checkpoint.resume)):

@@ -59,7 +59,7 @@ def rank_overrides(rank: int) -> list[str]:
 
 
 def _full_key(text: str) -> str | None:
-    match = re.search(r"full_key:\s*(\S+)", text)
+    match = re.search(r"full_key:[ \t]*(\S+)", text)  # an empty one is None, not the next line
     return match.group(1) if match else None
 
 
@@ -116,7 +116,7 @@ _LIST_EXAMPLES = {
 def _entry_key(text: str, key: str | None) -> str | None:
     """`data.sources[i].key` for a key OmegaConf reports without its list entry (it names
     `key` alone when an entry of `data.sources=[{...},{...}]` is wrong); `key` otherwise."""
-    if not key or "reference_type=SourceConfig" not in text:
+    if not key or "reference_type=SourceConfig" not in text or key.startswith("data.sources"):
         return key
     listed = re.search(r"data\.sources=\[(.*)\]", text)
     entries, depth, start = [], 0, 0
@@ -129,7 +129,35 @@ def _entry_key(text: str, key: str | None) -> str | None:
             entries.append(body[start:i + 1])
     index = next((i for i, e in enumerate(entries) if re.search(rf"[{{,]\s*{key}\s*:", e)),
                  None)
-    return f"data.sources[{'?' if index is None else index}].{key}"
+    return f"data.sources[{'' if index is None else index}].{key}"  # []: a YAML group's entry
+
+def _structural(text: str, key: str | None) -> ConfigError | None:
+    """Errors about a list's or a YAML file's shape rather than one value: a data.sources entry
+    that is not a mapping or past the list's end, a list entry deleted by index, a duplicate
+    key in a YAML file. None for anything else."""
+    example = "{name:web,kind:files,paths:[web.jsonl],weight:0.7}"
+    past = re.search(r"override data\.sources\.(\d+)\.", text)
+    if past and "is not a subclass of SourceConfig" in text:
+        return ConfigError(f"data.sources[{past.group(1)}]", "there is no such entry (they count "
+                           "from 0); to add one, give the whole list: data.sources=[...]")
+    wrong = re.search(r"Invalid type assigned: (\w+) is not a subclass of SourceConfig", text)
+    if wrong:
+        return ConfigError(key or "data.sources", f"an entry is a mapping such as {example}, "
+                           f"not a {wrong.group(1)}")
+    if "list indices must be integers or slices, not str" in text:
+        return ConfigError("overrides", "a list entry cannot be removed by its index "
+                           "(~key.N); give the whole list without it")
+    duplicate = re.search(r'found duplicate key (\S+)\s+in "([^"]+)", line (\d+)', text)
+    group = re.search(r"In '(\w+)/([\w.-]+)'", text)
+    if group and key is None and "Cannot merge DictConfig with ListConfig" in text:
+        return ConfigError(f"{group.group(1)}/{group.group(2)}.yaml", "a key that takes a list "
+                           "(sources, paths, ...) holds a mapping here; write its entries as a "
+                           "YAML list, one '- {...}' per line")
+    if duplicate:
+        name, path, line = duplicate.groups()
+        return ConfigError(path, f"key {name!r} appears twice (again at line {line}); keep one")
+    return None
+
 
 def translate(exc: BaseException) -> ConfigError:
     """Turn a Hydra/OmegaConf composition failure into one `ConfigError` line."""
@@ -144,6 +172,9 @@ def translate(exc: BaseException) -> ConfigError:
         hint = f"choose one of {', '.join(options)}" if options else f"see configs/{group}/"
         return ConfigError(group, f"unknown preset {name!r}; {hint}")
     key = _entry_key(text, _full_key(text))
+    structural = _structural(text, key)
+    if structural is not None:
+        return structural
     not_in = re.search(r"Key '([^']+)' not in '(\w+)'", text)
     if not_in:
         override = re.search(r"Could not override '([^']+)'", text)
@@ -179,8 +210,14 @@ def _unknown_key(tree: dict, schema, prefix: str = "") -> str | None:
         if name not in declared:
             return prefix + name
         sub = hints[name]
-        if isinstance(value, dict) and dataclasses.is_dataclass(sub):
-            found = _unknown_key(value, sub, f"{prefix}{name}.")
+        item = typing.get_args(sub)
+        if isinstance(value, list) and item and dataclasses.is_dataclass(item[0]):
+            entries = [(f"{prefix}{name}[{i}].", v, item[0]) for i, v in enumerate(value)]
+        else:  # a nested section, or a plain value
+            entries = [(f"{prefix}{name}.", value, sub)]
+        for at, v, kind in entries:
+            found = (_unknown_key(v, kind, at)
+                     if isinstance(v, dict) and dataclasses.is_dataclass(kind) else None)
             if found:
                 return found
     return None

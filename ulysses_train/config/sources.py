@@ -12,7 +12,16 @@ from .errors import require
 from .schema import SOURCE_KINDS, TOKEN_DTYPES, DataConfig, SourceConfig
 
 NAME = re.compile(r"[A-Za-z0-9_.-]+")  # names become metric keys: tokens/<name>
-
+MAX_UPSAMPLE = 100.0  # length_upsample above this is a mistake (and a huge occurrence index)
+_SHARED = {"name", "kind", "weight", "max_docs", "min_tokens", "max_tokens", "length_upsample",
+           "long_tokens"}
+USED_BY = {  # the keys each kind reads, besides _SHARED; any other key set is refused
+    "stdlib": set(),
+    "files": {"paths", "text_field"},
+    "hf": {"hf_name", "hf_config", "hf_split", "text_field"},
+    "megatron": {"paths"},  # the .idx holds the dtype and the documents
+    "tokens": {"paths", "ids_field", "hf_name", "hf_config", "hf_split", "dtype", "eos_id"},
+}
 
 def _entry(i: int, s: SourceConfig) -> None:
     key = f"data.sources[{i}]"
@@ -30,15 +39,28 @@ def _entry(i: int, s: SourceConfig) -> None:
             "an hf source needs a dataset name, e.g. hf_name: wikitext")
     for field in ("max_docs", "min_tokens", "max_tokens", "long_tokens"):
         value = getattr(s, field)
-        require(value >= 0, f"{key}.{field}", f"must be >= 0 (0 = off), got {value}")
+        off = "data.seq_len" if field == "long_tokens" else "off"
+        require(value >= 0, f"{key}.{field}", f"must be >= 0 (0 = {off}), got {value}")
     require(not (s.min_tokens and s.max_tokens) or s.max_tokens >= s.min_tokens,
             f"{key}.max_tokens", f"{s.max_tokens} is below min_tokens={s.min_tokens}: no "
             "document could be kept")
-    require(math.isfinite(s.length_upsample) and s.length_upsample >= 1, f"{key}.length_upsample",
-            f"must be >= 1 (1 = off; 2 = long documents twice as often), got {s.length_upsample}")
+    require(math.isfinite(s.length_upsample) and 1 <= s.length_upsample <= MAX_UPSAMPLE,
+            f"{key}.length_upsample", f"must be between 1 (off) and {MAX_UPSAMPLE:g} (2 = long "
+            f"documents twice as often), got {s.length_upsample}")
     require(not s.dtype or s.dtype in TOKEN_DTYPES, f"{key}.dtype",
             f"{s.dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
     require(s.eos_id >= -1, f"{key}.eos_id", f"must be a token id or -1, got {s.eos_id}")
+    _unused(key, s)
+
+
+def _unused(key: str, s: SourceConfig) -> None:
+    """Refuse a key this kind does not read (a megatron dtype, a files eos_id): set, it would
+    be silently ignored, and the user believes it took effect."""
+    default = SourceConfig()
+    for field in sorted(set(vars(default)) - _SHARED - USED_BY[s.kind]):
+        require(getattr(s, field) == getattr(default, field), f"{key}.{field}",
+                f"is not used by a {s.kind} source (it reads "
+                f"{', '.join(sorted(USED_BY[s.kind])) or 'no file keys'}); remove it")
 
 
 def _example(kind: str) -> str:

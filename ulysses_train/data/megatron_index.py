@@ -36,7 +36,7 @@ DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
 HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D: 34 bytes
 
 
-def _header(idx: Path, key: str) -> tuple[np.dtype, int, int, int]:
+def read_header(idx: Path, key: str) -> tuple[np.dtype, int, int, int]:
     """(dtype, S, D, file size) from the header of `idx`; ConfigError naming it if bad."""
     try:
         size = idx.stat().st_size
@@ -80,7 +80,7 @@ def read_index(prefix: str, key: str) -> tuple[np.ndarray, np.ndarray]:
         if not path.is_file():
             raise ConfigError(key, f"{path} not found: a Megatron dataset is a PREFIX.bin + "
                               "PREFIX.idx pair; give the prefix of an existing pair")
-    dtype, n_seq, n_idx, size = _header(idx, key)
+    dtype, n_seq, n_idx, size = read_header(idx, key)
     arrays = HEADER.size + 12 * n_seq + 8 * n_idx
     if size not in (arrays, arrays + n_seq):  # + n_seq: a multimodal index's modes
         raise ConfigError(key, f"{idx} has {size} bytes, but its header ({n_seq} sequences, "

@@ -14,7 +14,6 @@ source; pre-tokenized ids must come from the tokenizer the text sources use.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +24,11 @@ from ..config.schema import DataConfig, SourceConfig
 from .build import SPLITS, assign_val
 from .cache import tokenizer_files
 from .datasource import DataSource
-from .mixture import BLOCK, MixtureStream, block_counts
+from .mixture import MixtureStream
 from .packing import PackedTokens
-from .paths import resolve_paths
-from .pretokenized import check_paths, open_token_documents
+from .pretokenized import open_token_documents
 from .shaping import copies, keep_by_length, occurrences, unit_hash
+from .source_checks import TEXT_KINDS, check_sources, ignored_keys
 from .spans import DocumentSpans
 from .text_source import (
     cache_root,
@@ -40,8 +39,6 @@ from .text_source import (
     text_cache,
 )
 from .tokenizer import MODEL_FILES, Tokenizer, open_tokenizer
-
-TEXT_KINDS = ("stdlib", "files", "hf")
 
 
 @dataclass
@@ -61,9 +58,10 @@ def source_name(src: SourceConfig, index: int) -> str:
     return src.name or f"{src.kind}{index}"
 
 
-def salt_of(name: str) -> int:
-    """A stable 64-bit number for a source name (the hashes of shaping.py fold it in)."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+# The salts of shaping.unit_hash: constants, so a source's split and repetitions depend on its
+# documents and the seed, never on its name (the same files in two entries split alike).
+VAL_SALT = 0x5EED_0F_5A11
+UPSAMPLE_SALT = 0x5EED_0F_0C5
 
 
 def _text_config(cfg: DataConfig, src: SourceConfig) -> DataConfig:
@@ -83,7 +81,8 @@ def _text_splits(cfg: DataConfig, index: int, src: SourceConfig, tok: Tokenizer 
         field_name = e.key.removeprefix("data.")
         field_name = "kind" if field_name == "name" else field_name
         if e.key.startswith("data.") and hasattr(src, field_name):
-            raise ConfigError(f"data.sources[{index}].{field_name}", e.message) from None
+            key = f"data.sources[{index}].{field_name}"
+            raise ConfigError(key, e.message.replace(e.key, key)) from None
         raise
     out = SourceSplits(label=meta["label"], cache=path.name)  # label: e.g. "files"
     for split, ids, offsets in load_text_splits(path, meta, one):
@@ -101,7 +100,7 @@ def _token_splits(cfg: DataConfig, i: int, src: SourceConfig, name: str, eos: in
     base = np.concatenate([[0], np.cumsum(sizes)])[:-1]  # where each part starts in the whole
     starts = np.concatenate([b + o[:-1] for b, (_, o) in zip(base, docs.parts)]).astype(np.int64)
     lengths = np.concatenate([np.diff(o) for _, o in docs.parts]).astype(np.int64)
-    is_val = assign_val(unit_hash(np.arange(len(starts)), salt_of(name)), lengths > 0,
+    is_val = assign_val(unit_hash(np.arange(len(starts)), VAL_SALT), lengths > 0,
                         cfg.val_fraction)
     out = SourceSplits(label=docs.label)
     for split, mask in (("train", ~is_val & (lengths > 0)), ("val", is_val)):
@@ -120,15 +119,11 @@ def _stream(splits: SourceSplits, split: str, src: SourceConfig, name: str, wher
     counts = np.ones(int(keep.sum()), dtype=np.int64)
     if split == "train":
         long_tokens = src.long_tokens or cfg.seq_len
-        counts = copies(lengths[keep], src.length_upsample, long_tokens, salt_of(name) ^ seed)
+        counts = copies(lengths[keep], src.length_upsample, long_tokens, UPSAMPLE_SALT ^ seed,
+                        index=np.flatnonzero(keep))
     order = occurrences(np.flatnonzero(keep), counts)
     if len(order) == 0 or lengths[order].sum() <= cfg.seq_len:
-        raise ConfigError(f"{where}.min_tokens" if src.min_tokens or src.max_tokens
-                          else f"{where}.paths",
-                          f"source {name!r} leaves {int(lengths[order].sum())} {split} tokens "
-                          f"in {len(order)} documents, fewer than one window of data.seq_len="
-                          f"{cfg.seq_len}; loosen its min_tokens/max_tokens, add documents"
-                          + (" or lower data.val_fraction" if split == "val" else ""))
+        raise _too_little(src, name, where, split, order, lengths, cfg)
     whole = len(splits.parts[split]) == 1 and len(order) == len(starts) and \
         bool(np.all(order == np.arange(len(starts)))) and \
         int(starts[0]) == 0 and int(lengths.sum()) == len(splits.parts[split][0])
@@ -142,40 +137,46 @@ def _stream(splits: SourceSplits, split: str, src: SourceConfig, name: str, wher
     return PackedTokens(tokens, offsets, cfg.seq_len, seed=seed, split=split), lengths[order]
 
 
+def _prefixed(log, name: str):
+    """`log` with the source's name after "data: " (warnings keep their "warning: " first)."""
+    def say(line: str) -> None:
+        for head in ("warning: data: ", "data: "):
+            if line.startswith(head):
+                line = f"{head}{name}: {line[len(head):]}"
+                break
+        log(line)
+    return say
+
+
+def _too_little(src: SourceConfig, name: str, where: str, split: str, order: np.ndarray,
+                lengths: np.ndarray, cfg: DataConfig) -> ConfigError:
+    """The error for a split with less than one window of tokens, naming what to change."""
+    have = f"source {name!r} leaves {int(lengths[order].sum())} {split} tokens in {len(order)} " \
+           f"documents, fewer than one window of data.seq_len={cfg.seq_len}"
+    if split == "val":
+        return ConfigError("data.val_fraction", f"{have}; raise data.val_fraction (it is "
+                           f"{cfg.val_fraction:g}) or set it to 0 (no validation)")
+    key = "max_tokens" if src.max_tokens and not src.min_tokens else \
+        "min_tokens" if src.min_tokens else "paths"
+    return ConfigError(f"{where}.{key}", f"{have}; "
+                       + ("loosen its min_tokens/max_tokens" if key != "paths"
+                          else "give it more documents"))
+
+
 def _tokenizer(cfg: DataConfig, given: Tokenizer | None, limit: int, log,
                is_main: bool) -> tuple[Tokenizer | None, dict]:
     """The mixture's shared tokenizer: the given one, else the one trained for the first text
     source's cache (None when every source is pre-tokenized); and {index: that source's
     `_text_splits`} when one was trained, so it is not opened twice."""
-    kinds = [s.kind for s in cfg.sources]
+    kinds = [s.kind for s in cfg.sources]  # (check_sources refused text + ids without one)
     first_text = next((i for i, k in enumerate(kinds) if k in TEXT_KINDS), None)
-    if given is None and first_text is not None and len(set(kinds) - set(TEXT_KINDS)):
-        raise ConfigError("data.tokenizer_path", "a mixture of text and pre-tokenized sources "
-                          "needs the tokenizer the pre-tokenized ids were made with; set "
-                          "data.tokenizer_path to it")
     if given is not None or first_text is None:
         return given, {}
-    built = _text_splits(cfg, first_text, cfg.sources[first_text], None, limit, log, is_main)
+    src = cfg.sources[first_text]
+    built = _text_splits(cfg, first_text, src, None, limit,
+                         _prefixed(log, source_name(src, first_text)), is_main)
     model = next(n for n in tokenizer_files(built[2]) if n in MODEL_FILES)
     return open_tokenizer(str(built[1] / model)), {first_text: built}
-
-
-def check_sources(cfg: DataConfig) -> None:
-    """What can be checked of `cfg.sources` before anything is read or built: every input file
-    exists (text files of a known type too), and every weight gets samples (mixture.py).
-    Raises ConfigError naming the entry's key. The entry points' pre-check runs it too."""
-    for i, src in enumerate(cfg.sources):
-        if src.kind == "files":
-            resolve_paths(list(src.paths), key=f"data.sources[{i}].paths")
-        elif src.kind in ("megatron", "tokens"):
-            check_paths(src, f"data.sources[{i}]")
-    sources = cfg.sources
-    counts = block_counts([s.weight for s in sources])
-    for i, n in enumerate(counts):
-        if n == 0:
-            raise ConfigError(f"data.sources[{i}].weight", f"{sources[i].weight:g} is below "
-                              f"1/{BLOCK} of the total weight, so the source would get no "
-                              "sample; raise it or drop the source")
 
 
 def build_mixture(cfg: DataConfig, *, seed: int, global_batch_size: int,
@@ -183,20 +184,23 @@ def build_mixture(cfg: DataConfig, *, seed: int, global_batch_size: int,
     """The DataSource of `cfg.sources` (see the module docstring). `given`: the tokenizer of
     data.tokenizer_path / model.init_from, or None; `limit`: ids must be below it. Raises
     ConfigError (exit 2) for bad input, before anything is built where it can tell."""
-    check_sources(cfg)
+    check_sources(cfg, has_tokenizer=given is not None)
+    for note in ignored_keys(cfg):
+        log(f"warning: data: {note}")
     tok, trained = _tokenizer(cfg, given, limit, log, is_main)
     names = [source_name(s, i) for i, s in enumerate(cfg.sources)]
     per_split: dict[str, list] = {s: [] for s in SPLITS}
     lengths, identity_tokens, caches, labels = {}, {}, [], []
     first_meta = None
     for i, (src, name) in enumerate(zip(cfg.sources, names)):
+        log_i = _prefixed(log, name)  # "data: books: cached ..." says which source
         if src.kind in TEXT_KINDS:
-            splits, path, meta = trained.get(i) or _text_splits(cfg, i, src, tok, limit, log,
+            splits, path, meta = trained.get(i) or _text_splits(cfg, i, src, tok, limit, log_i,
                                                                  is_main)
             first_meta = first_meta or (path, meta)
         else:
             eos = src.eos_id if src.eos_id >= 0 else (tok.eos_id if tok else None)
-            splits = _token_splits(cfg, i, src, name, eos, limit, log, is_main)
+            splits = _token_splits(cfg, i, src, name, eos, limit, log_i, is_main)
         caches.append(splits.cache)
         for split in splits.parts:
             stream, order_lengths = _stream(splits, split, src, name, f"data.sources[{i}]",
@@ -206,6 +210,11 @@ def build_mixture(cfg: DataConfig, *, seed: int, global_batch_size: int,
                                                   offsets_digest(stream.doc_offsets)]
             if split == "train":
                 lengths[name] = order_lengths
+                kept = keep_by_length(splits.lengths["train"], src.min_tokens, src.max_tokens)
+                if src.length_upsample > 1 and len(order_lengths) == int(kept.sum()):
+                    log_i(f"warning: data: length_upsample={src.length_upsample:g} repeats no "
+                          f"document: none has long_tokens={src.long_tokens or cfg.seq_len} "
+                          "tokens or more")
         docs = lengths[name]
         labels.append(f"{name} (weight {src.weight:g}, {splits.label}): {count_str(docs.sum())} "
                       f"train tokens in {len(docs)} documents")

@@ -2,18 +2,19 @@
 
 Global sample g (row r of step t is g = t * global_batch_size + r: data/source.py) is assigned
 by blocks of `BLOCK` consecutive samples. Every block holds exactly n_i samples of source i,
-n = the largest-remainder rounding of BLOCK * w (weights normalised to sum 1), in an order
-shuffled by (seed, block, split). So
+n = the largest-remainder rounding of BLOCK * w (weights normalised to sum 1), in the same
+order: slot p goes to the source furthest behind its quota, argmax_i (p + 1) n_i / BLOCK -
+(slots of i before p), ties to the earlier source (the greedy rule of Megatron-LM's blended
+datasets, here over one block and then repeated). So
 
-- source i's share of samples, hence of tokens (every row is seq_len tokens), is n_i / BLOCK
-  in every block: within 1 / BLOCK of w_i (BLOCK = 16384: 6e-5), with no drift over a run;
-- the k-th sample of source i in block b is that source's sample b * n_i + k, so each source is
-  read in its own order (`PackedTokens`: epochs of shuffled windows) and a source that runs out
-  starts its next epoch (the rule when a weight asks for more tokens than a source has);
-- everything is O(1) per sample given the block's permutation (two blocks are kept), never
-  depends on the layout, and resuming at any step needs no state.
-The weights of Megatron's BlendedDataset are met the same way to within a sample; its order is
-built sequentially and stored, where this one is recomputed per block.
+- after any n samples, source i has served n n_i / BLOCK of them to within one sample: a run
+  of any length gets its shares, and every global batch the same mix up to one row;
+- n_i / BLOCK is w_i to within 1 / BLOCK (BLOCK = 16384: 6e-5);
+- the k-th sample of source i is that source's sample k, so each source is read in its own
+  order (`PackedTokens`: epochs of shuffled windows), and a source that runs out starts its
+  next epoch (the rule when a weight asks for more tokens than a source has);
+- everything is O(1) per sample, never depends on the layout, and resuming at any step needs
+  no state. Randomness is in each source's window order, not in the interleaving.
 """
 from __future__ import annotations
 
@@ -23,10 +24,8 @@ import numpy as np
 import torch
 
 from .batch import Batch
-from .packing import SPLIT_CODES, as_seed
 
 BLOCK = 1 << 14  # samples per block: shares are exact to 1 / BLOCK
-_MIXTURE_CODE = 7  # folded into the block seed, apart from the windows' (seed, epoch, split)
 
 
 def block_counts(weights: Sequence[float]) -> np.ndarray:
@@ -45,51 +44,47 @@ def block_counts(weights: Sequence[float]) -> np.ndarray:
     return counts
 
 
+def interleave(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(source of each slot, its rank among that source's slots), int64 `(BLOCK,)` each: the
+    greedy order of the module docstring, for per-block counts `counts` (summing to BLOCK)."""
+    quota = counts.astype(np.float64) / BLOCK
+    served = np.zeros(len(counts), dtype=np.int64)
+    source = np.empty(BLOCK, dtype=np.int64)
+    rank = np.empty(BLOCK, dtype=np.int64)
+    for p in range(BLOCK):
+        i = int(np.argmax((p + 1) * quota - served))  # the furthest behind; first on ties
+        source[p], rank[p] = i, served[i]
+        served[i] += 1
+    return source, rank
+
+
 class MixtureStream:
     """One split of a mixture: `batch(sample_indices)` like any token stream (data/source.py).
 
     `streams`: each source's stream of this split (anything with `batch(indices) -> Batch`);
-    `weights`: their shares (positive; normalised here). Raises ValueError for a weight so
-    small that it gets no sample in a block.
+    `weights`: their shares (positive; normalised here). `seed` and `split` are accepted for
+    symmetry with the streams; the interleaving itself is a function of the weights alone.
+    Raises ValueError for a weight so small that it gets no sample in a block.
     """
 
-    def __init__(self, streams: Sequence, weights: Sequence[float], *, seed: int, split: str):
+    def __init__(self, streams: Sequence, weights: Sequence[float], *, seed: int = 0,
+                 split: str = "train"):
         self.streams = list(streams)
         self.counts = block_counts(weights)
         if np.any(self.counts == 0):
             raise ValueError(f"a weight below 1/{BLOCK} of the total gets no sample")
-        self.seed = as_seed(seed)
-        self.split_code = SPLIT_CODES.get(split, 2)
-        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source of each slot, its rank among that source's slots), both int64 `(BLOCK,)`."""
-        found = self._blocks.get(b)
-        if found is None:
-            rng = np.random.default_rng([self.seed, _MIXTURE_CODE, b, self.split_code])
-            source = rng.permutation(np.repeat(np.arange(len(self.counts)), self.counts))
-            rank = np.empty(BLOCK, dtype=np.int64)
-            for i in range(len(self.counts)):
-                at = np.flatnonzero(source == i)
-                rank[at] = np.arange(len(at))
-            self._blocks = {k: v for k, v in self._blocks.items() if k == b - 1}
-            found = self._blocks[b] = (source, rank)
-        return found
+        self.source, self.rank = interleave(self.counts)
 
     def locate(self, g: int) -> tuple[int, int]:
         """(source, that source's own sample index) of global sample g."""
         b, p = divmod(int(g), BLOCK)
-        source, rank = self._block(b)
-        i = int(source[p])
-        return i, b * int(self.counts[i]) + int(rank[p])
+        i = int(self.source[p])
+        return i, b * int(self.counts[i]) + int(self.rank[p])
 
     def samples_before(self, n: int) -> np.ndarray:
         """int64 `(n_sources,)`: how many of the global samples [0, n) each source served."""
         b, p = divmod(int(n), BLOCK)
-        out = b * self.counts
-        if p:
-            out = out + np.bincount(self._block(b)[0][:p], minlength=len(self.counts))
-        return out
+        return b * self.counts + np.bincount(self.source[:p], minlength=len(self.counts))
 
     def batch(self, sample_indices: Sequence[int]) -> Batch:
         """The Batch whose row r is global sample `sample_indices[r]`, from its source."""

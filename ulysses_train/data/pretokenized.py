@@ -31,7 +31,7 @@ import numpy as np
 from ..config.errors import ConfigError
 from ..config.schema import TOKEN_DTYPES, SourceConfig
 from .cache import cache_key, open_or_build
-from .megatron_index import read_index
+from .megatron_index import read_header, read_index
 from .token_columns import COLUMN_SUFFIXES, FLAT_SUFFIXES, is_dataset_dir, open_columns
 
 SCAN_TOKENS = 1 << 24  # tokens per chunk of a scan (64 MiB of int32): bounded memory
@@ -82,8 +82,12 @@ def _expand(src: SourceConfig, key: str) -> list[str]:
 
 def _megatron_prefixes(src: SourceConfig, key: str) -> list[str]:
     """Dataset prefixes: a path given as PREFIX.bin or PREFIX.idx counts as PREFIX."""
-    prefixes = []
+    prefixes, seen = [], set()
     for path in _expand(src, key):
+        if path in seen:  # Megatron's --data-path repeats a prefix to upweight it; not here
+            raise ConfigError(key, f"{path} is listed twice; an entry reads each dataset once: "
+                              "to upweight it, give it its own entry with a larger weight")
+        seen.add(path)
         stem = path[:-4] if path.endswith((".bin", ".idx")) else path
         if stem not in prefixes:
             prefixes.append(stem)
@@ -91,9 +95,10 @@ def _megatron_prefixes(src: SourceConfig, key: str) -> list[str]:
 
 
 def check_paths(src: SourceConfig, where: str) -> None:
-    """Every input of pre-tokenized source `src` exists (both files of a Megatron dataset);
-    nothing is read. The entry points' pre-check and `build_mixture` run it before any build.
-    Raises ConfigError naming `{where}.paths` and the file."""
+    """Every input of pre-tokenized source `src` exists (both files of a Megatron dataset,
+    whose index header is checked); no token is read. The entry points' pre-check and
+    `build_mixture` run it before any build. Raises ConfigError naming `{where}.paths` and
+    the file."""
     key = f"{where}.paths"
     if src.kind == "megatron":
         for prefix in _megatron_prefixes(src, key):
@@ -101,10 +106,16 @@ def check_paths(src: SourceConfig, where: str) -> None:
                 if not os.path.isfile(prefix + suffix):
                     raise ConfigError(key, f"{prefix}{suffix} not found: a Megatron dataset is "
                                       "PREFIX.bin + PREFIX.idx; check the prefix")
+            read_header(Path(prefix + ".idx"), key)  # magic, version, dtype: 34 bytes read
     elif src.paths:
-        for path in _expand(src, key):
+        paths = _expand(src, key)
+        for path in paths:
             if not os.path.exists(path):
                 raise ConfigError(key, f"file not found: {path}; check the path")
+        if src.dtype and not any(p.endswith(".bin") for p in paths):
+            raise ConfigError(f"{where}.dtype", "is for raw .bin token files, and this entry "
+                              "has none (.npy, Arrow and parquet files carry their own); "
+                              "remove it")
 
 
 def _flat_file(path: str, src: SourceConfig, where: str) -> np.ndarray:

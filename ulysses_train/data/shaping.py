@@ -10,7 +10,8 @@ domain and keep the domain mix). Per source (`data.sources[i]`, docs/data.md):
   Applied to both splits, so validation measures the shaped distribution.
 - `length_upsample = F` (>= 1), `long_tokens = T` (0: data.seq_len): a train document with
   L >= T appears c(d) = floor(F) + [u(d) < F - floor(F)] times, u(d) in [0, 1) a hash of the
-  document's index and the seed; so E[c] = F exactly, per document, with no state. The stream
+  document's index in its split and the seed (not the source's name); so E[c] = F exactly, per
+  document, with no state. The stream
   is pass 0 (every kept document, in order), then pass r = 1, 2, ... (the documents with
   c(d) > r, in order): a repeated document is packed with other neighbours each time, and the
   window order is shuffled anyway (`PackedTokens`). The long documents' share of the source's
@@ -48,13 +49,17 @@ def keep_by_length(lengths: np.ndarray, min_tokens: int, max_tokens: int) -> np.
     return keep
 
 
-def copies(lengths: np.ndarray, factor: float, long_tokens: int, salt: int) -> np.ndarray:
-    """int64 `(n,)`: how often each document appears (the module docstring's c(d))."""
+def copies(lengths: np.ndarray, factor: float, long_tokens: int, salt: int,
+           index: np.ndarray | None = None) -> np.ndarray:
+    """int64 `(n,)`: how often each document appears (the module docstring's c(d)); `index`:
+    each document's index in its split (default 0..n-1), which u(d) hashes, so a document's
+    count does not change when a length filter drops others."""
     out = np.ones(len(lengths), dtype=np.int64)
     if factor == 1.0:
         return out
     whole, frac = int(np.floor(factor)), factor - np.floor(factor)
-    extra = unit_hash(np.arange(len(lengths)), salt) < frac
+    index = np.arange(len(lengths)) if index is None else index
+    extra = unit_hash(index, salt) < frac
     long = lengths >= long_tokens
     out[long] = whole + extra[long]
     return out

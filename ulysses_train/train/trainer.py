@@ -346,6 +346,6 @@ class Trainer:
                           f"checkpoint ({path}); rerun the same command to resume")
             return True
         if early:
-            reporter.info(f"stopping after {limit} steps (train.exit_after_steps); rerun the "
-                          "same command to resume")
+            reporter.info(f"stopping after {limit} step{'s' * (limit != 1)} "
+                          "(train.exit_after_steps); rerun the same command to resume")
         return early
