@@ -5,6 +5,10 @@ boundaries of a real training run must *equal the policy's*, for zero=0 (one pro
 with sp=2 and tp=2 (two ranks) — agreeing with each other would not be enough, an all-fp32 run
 agrees too. Bug caught: FSDP2's default `cast_forward_inputs=True` turned the fp32 RoPE cos/sin
 into bf16 under ZeRO only, and zero=0 kept a fp32 residual stream while ZeRO's was bf16.
+
+Weight casts: without FSDP2 (one rank, DDP, tp at zero=0) each weight is cast to bf16 once per
+step (model/precision.py WeightCasts), not at every use (autocast recast every weight per
+micro-batch and again in every recompute), with the same arithmetic bit for bit.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from support.casts import CastCounter, count_casts
 from support.common import cpu_dims, metrics_rows, small_config
 from support.spawn import run_distributed
 from ulysses_train.parallel import ParallelDims
@@ -26,12 +31,15 @@ BF16, FP32 = torch.bfloat16, torch.float32
 POLICY = {"block input": {BF16}, "block output": {BF16}, "cos": {FP32}, "sin": {FP32},
           "q": {BF16}, "k": {BF16}, "v": {BF16}, "loss": {FP32},
           "parameters": {FP32}, "gradients": {FP32}, "optimizer state": {FP32}}
-LAYOUTS = {"sp2-zero3": {"sp": 2, "zero": 3}, "tp2": {"tp": 2}}  # 2 ranks each
+# 2 ranks each: parallel keys, and train keys (DDP: 2 checkpointed micro-batches per rank)
+LAYOUTS = {"sp2-zero3": ({"sp": 2, "zero": 3}, {}), "tp2": ({"tp": 2}, {}),
+           "dp2-ddp": ({"dp": 2}, {"activation_checkpointing": "full", "micro_batch_size": 1})}
+COUNTED_STEPS = (2, 3)  # the steps whose weight casts are counted (any would do)
 
 
-def _config(parallel: dict):
+def _config(parallel: dict, train: dict | None = None):
     return small_config(parallel=parallel, data={"seq_len": 64}, checkpoint={"every": 0},
-                        train={"steps": STEPS, "precision": "bf16"})
+                        train={"steps": STEPS, "precision": "bf16", **(train or {})})
 
 
 class _Recorder:
@@ -86,8 +94,9 @@ class _Recorder:
 def _train(cfg, dims, run_dir):
     trainer = Trainer(cfg, run_dir, dims)
     recorder = _Recorder(trainer.model)
+    counts = count_casts(trainer, COUNTED_STEPS)
     trainer.fit()
-    return recorder.state(trainer), metrics_rows(run_dir) if dims.is_main else None
+    return recorder.state(trainer), metrics_rows(run_dir) if dims.is_main else None, counts
 
 
 class _ReduceDtypes:
@@ -120,13 +129,13 @@ class _ReduceDtypes:
 
 def _layouts_rank(rank, world, run_dir):
     out = {}
-    for name, parallel in LAYOUTS.items():
-        cfg = _config(parallel)
+    for name, (parallel, train) in LAYOUTS.items():
+        cfg = _config(parallel, train)
         dims = ParallelDims.from_config(cfg.parallel, world, rank)
         dims.build_mesh()
         with _ReduceDtypes() as reduced:
-            seen, rows = _train(cfg, dims, os.path.join(run_dir, name))
-        out[name] = (seen, rows, reduced.dtypes)
+            seen, rows, counts = _train(cfg, dims, os.path.join(run_dir, name))
+        out[name] = (seen, rows, reduced.dtypes, counts)
     return out
 
 
@@ -135,8 +144,10 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("precision")
     results = run_distributed(_layouts_rank, 2, str(root), timeout=180)
     zero0 = _train(_config({}), cpu_dims(), str(root / "zero0"))
-    return {"zero0": zero0, **{name: results[0][name][:2] for name in LAYOUTS},
-            "reduced": {name: [r[name][2] for r in results] for name in LAYOUTS}}
+    return {"zero0": zero0[:2], **{name: results[0][name][:2] for name in LAYOUTS},
+            "reduced": {name: [r[name][2] for r in results] for name in LAYOUTS},
+            "casts": {"zero0": [zero0[2]], **{name: [r[name][3] for r in results]
+                                              for name in LAYOUTS}}}
 
 
 @pytest.mark.parametrize("layout", ["zero0", *LAYOUTS])
@@ -234,3 +245,72 @@ def test_bf16_rmsnorm_is_torchs_fp32_norm_rounded_once_and_keeps_no_fp32_copy():
     ref.backward(g.to(BF16).float())
     for got, want in ((x.grad, xf.grad), (norm.weight.grad, w16.grad)):
         assert (got.float() - want).abs().max() <= 2.0 ** -8 * want.abs().max()
+
+
+def _cast_once_names(cfg=None, table: bool = False) -> set[str]:
+    """The parameters of `cfg`'s model (default: the layouts') that autocast casts: every
+    weight but the embedding table, which is looked up in fp32 unless `table` (a tied head
+    reads it, or FSDP2 gathers it)."""
+    from ulysses_train.parallel.parallelize import build_model
+
+    cfg = cfg or _config({})
+    names = {name for name, _ in build_model(cfg, cpu_dims()).named_parameters()}
+    return names if table or cfg.model.tie_embeddings else names - {"tok_embeddings.weight"}
+
+
+@pytest.mark.parametrize("layout", ["zero0", "tp2", "dp2-ddp"])
+def test_each_weight_is_cast_once_per_step(runs, layout):
+    """Without FSDP2 every weight is cast to bf16 once per step: not per micro-batch (dp2-ddp
+    has 2 per rank), not again in activation checkpointing's recompute (dp2-ddp). Bug caught:
+    autocast's cast at every use — 2 casts per weight per step here, 4 with checkpointing."""
+    want = _cast_once_names()
+    for rank_counts in runs["casts"][layout]:
+        assert len(rank_counts) == len(COUNTED_STEPS)
+        for per_param, ops in rank_counts:
+            assert set(per_param) == want and ops == {"aten._to_copy.default"}, layout
+            assert max(per_param.values()) == 1, (layout, per_param.most_common(3))
+
+
+def test_zero3_casts_only_in_fsdp2_gathers(runs):
+    """ZeRO-3: FSDP2 casts each fp32 shard into its bf16 all-gather buffer, once per gather
+    (forward and backward re-gather: at most 2 per micro-batch), and autocast casts nothing on
+    top (no `_to_copy` of a parameter). What ZeRO-3 trades for memory: re-gathering, and with
+    it re-casting 1/N of each weight."""
+    t = _config(*LAYOUTS["sp2-zero3"]).train
+    n_micro = t.global_batch_size // t.micro_batch_size  # dp = 1: sp ranks share the rows
+    for rank_counts in runs["casts"]["sp2-zero3"]:
+        for per_param, ops in rank_counts:
+            assert ops and ops <= set(CastCounter.COPIES), ops
+            assert set(per_param) == _cast_once_names(table=True)  # FSDP2 gathers it too
+            assert max(per_param.values()) <= 2 * n_micro, per_param.most_common(3)
+
+
+def _fit(cfg, run_dir, per_use: bool):
+    trainer = Trainer(cfg, run_dir, cpu_dims())
+    if per_use:  # today's path before WeightCasts: autocast casts at every use
+        trainer.model.weight_casts.remove()
+    counts = count_casts(trainer, steps=(2,))
+    trainer.fit()
+    weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    return metrics_rows(run_dir), weights, counts[0][0]
+
+
+@pytest.mark.parametrize("train, model", [
+    ({"activation_checkpointing": "full", "mlp_chunk": 8, "loss_chunk": 8}, {}),
+    ({"loss_chunk": 8}, {"tie_embeddings": True})], ids=["checkpointed-tiled", "tied-head"])
+def test_cached_casts_keep_autocasts_arithmetic(tmp_path, train, model):
+    """One process, 2 micro-batches a step: with WeightCasts the bf16 loss curve and the final
+    weights equal, bit for bit, those of autocast casting at every use (same rounding, same
+    autograd graph: a forward's uses of a weight share one upcast, the tiled MLP's recomputed
+    chunks and the tiled loss's chunks as before), while each weight is cast once per step
+    instead of once per micro-batch and recompute."""
+    cfg = small_config(checkpoint={"every": 0}, train={"steps": 3, "precision": "bf16", **train})
+    for key, value in model.items():
+        setattr(cfg.model, key, value)
+    rows, weights, casts = _fit(cfg, str(tmp_path / "cached"), per_use=False)
+    ref_rows, ref_weights, ref_casts = _fit(cfg, str(tmp_path / "per_use"), per_use=True)
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+    assert [r["grad_norm"] for r in rows] == [r["grad_norm"] for r in ref_rows]
+    assert all(torch.equal(weights[name], ref_weights[name]) for name in ref_weights)
+    assert set(casts) == set(ref_casts) == _cast_once_names(cfg)
+    assert max(casts.values()) == 1 and min(ref_casts.values()) >= 2, (casts, ref_casts)

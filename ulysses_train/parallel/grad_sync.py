@@ -123,6 +123,8 @@ class GradSync:
     parameters, state dict and checkpoints are never the wrapper's.
     """
 
+    weight_casts = None  # the model's WeightCasts (model/precision.py), set by parallelize
+
     def __init__(self, module: nn.Module):
         self.module = module
 
@@ -131,7 +133,10 @@ class GradSync:
         return contextlib.nullcontext()
 
     def finish(self) -> None:
-        """After the last backward of the step."""
+        """After the last backward of the step: frees the step's low-precision weight copies
+        (stale once the optimizer steps; subclasses reduce gradients first)."""
+        if self.weight_casts is not None:
+            self.weight_casts.release()
 
 
 class Plain(GradSync):
@@ -144,6 +149,7 @@ class Plain(GradSync):
 
     def finish(self) -> None:
         reduce_gradients_(self.module.parameters(), self.group)
+        super().finish()
 
 
 class DDP(GradSync):

@@ -11,7 +11,9 @@ Every way a layout changes the model is applied here, in this order (torchtitan'
    model's `loss_fn`, and the QK-norms' `weight_fn` that sums their gradient over tp), first,
    because its plan names the unwrapped modules;
 4. activation checkpointing and compile, per block (names unchanged);
-5. FSDP2 (zero 2/3, HSDP), which wraps whatever layout TP left;
+5. FSDP2 (zero 2/3, HSDP), which wraps whatever layout TP left — it gathers the weights in the
+   compute dtype; without it (one rank, DDP, tp at zero=0) under bf16, `WeightCasts`: one bf16
+   copy of each weight per step instead of autocast's cast at every use;
 6. `to_empty` and `init_weights(seed)`: parameters are materialised and initialised by name,
    shard by shard, so every layout starts from the same weights;
 7. the gradient reduction (`GradSync`: plain, DDP or FSDP2), which the training step drives
@@ -25,7 +27,7 @@ import torch
 from ..config.architecture import layer_windows
 from ..config.schema import Config
 from ..model import GPT, select_attention
-from ..model.precision import resolve_dtype
+from ..model.precision import WeightCasts, resolve_dtype
 from .activations import apply_activation_checkpointing, apply_compile
 from .grad_sync import DDP, FSDP, GradSync, Plain, replicate
 from .mesh import ParallelDims
@@ -68,8 +70,14 @@ def build_model(cfg: Config, dims: ParallelDims) -> GPT:
     if t.compile:
         apply_compile(model)
     param_dtype = resolve_dtype(cfg.train.precision, dims.device)
-    apply_sharding(model, dims, cfg.parallel.zero,
-                   param_dtype=None if param_dtype == torch.float32 else param_dtype)
+    sharded = apply_sharding(model, dims, cfg.parallel.zero,
+                             param_dtype=None if param_dtype == torch.float32 else param_dtype)
+    if param_dtype != torch.float32 and not sharded and not t.compile:
+        # FSDP2 casts once per gather; elsewhere one cached copy per weight per step replaces
+        # autocast's cast at every use (model/precision.py WeightCasts; docs/parallelism.md).
+        model.weight_casts = casts = WeightCasts(model, param_dtype)
+        if model.output is None:  # the tied head reads the table outside the embedding's call
+            model._logits = casts.around(model._logits, model.tok_embeddings)
     model.to_empty(device=dims.device)
     model.init_weights(cfg.train.seed)
     return model
@@ -81,10 +89,14 @@ def build_grad_sync(model: GPT, cfg: Config, dims: ParallelDims) -> GradSync:
     one rank) one coalesced all-reduce after backward, a no-op alone."""
     group = dims.group("dp_sp")  # None alone
     if cfg.parallel.zero > 0 and dims.dp_sp > 1:
-        return FSDP(model, cfg.parallel.zero)
-    if group is not None and dims.tp == 1:
-        return DDP(replicate(model, group, dims.device))
-    return Plain(model, group)
+        sync = FSDP(model, cfg.parallel.zero)
+    elif group is not None and dims.tp == 1:
+        sync = DDP(replicate(model, group, dims.device))
+    else:
+        sync = Plain(model, group)
+    # the step's bf16 weight copies are stale once the optimizer steps: freed after the backward
+    sync.weight_casts = getattr(model, "weight_casts", None)
+    return sync
 
 
 def parallelize(cfg: Config, dims: ParallelDims) -> tuple[GPT, GradSync]:
