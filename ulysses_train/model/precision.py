@@ -1,9 +1,11 @@
-"""The mixed-precision policy, and the two helpers that let every code path follow it.
+"""The mixed-precision policy, the helpers that let every code path follow it, and
+`WeightCasts`: one compute-dtype copy of each weight per step where FSDP2 does not gather them.
 
 Policy (the same for every layout: zero 0/2/3, tp, sp; docs/parallelism.md, "Mixed precision"):
 - master weights, gradients as stored and optimizer state: fp32;
-- matmuls and attention: the compute dtype (bf16 under `train.precision=bf16`, by autocast, or
-  by FSDP2's `param_dtype` gathering the weights in bf16 — both round each weight once to bf16);
+- matmuls and attention: the compute dtype (bf16 under `train.precision=bf16`, by autocast, by
+  `WeightCasts`' per-step copies, or by FSDP2's `param_dtype` gathering the weights in bf16 —
+  all round each weight once to bf16);
 - the residual stream between blocks: the compute dtype (the embedding output is cast to it);
 - RoPE cos/sin: computed and kept fp32; the rotation runs in fp32 and returns q/k's dtype;
 - RMSNorm statistics: fp32, output in the compute dtype, the weight rounded to the compute
