@@ -58,8 +58,11 @@ def param_bytes(sh: Shapes) -> int:
 def gathered_bytes(sh: Shapes, blocks: int) -> int:
     """Extra parameter bytes alive during forward/backward besides the master weights.
 
-    zero 0 under bf16 autocast: the bf16 casts of the block matrices that the linears keep for
-    backward (all blocks without checkpointing, one recomputed block with it). zero 2: FSDP2's
+    zero 0 under bf16: the step's bf16 copy of every weight that is cast (model/precision.py
+    WeightCasts: all but the untied embedding table, which is read in fp32), alive from the
+    first forward to the last backward; under train.compile (no cache) autocast's casts of the
+    block matrices that the linears keep for backward (all blocks without checkpointing, one
+    recomputed block with it). zero 2: FSDP2's
     unsharded parameters in the compute dtype, all of them (no reshard after forward). zero 3:
     the root group's (embedding, head: FSDP2 does not reshard the root after forward) plus
     `blocks` blocks (the one running and the one prefetched).
@@ -68,6 +71,8 @@ def gathered_bytes(sh: Shapes, blocks: int) -> int:
     if not sh.fsdp:
         if sh.act_bytes == FP32:
             return 0
+        if not sh.compile:
+            return pbytes * (sh.params() - (0 if sh.tied else sh.V * sh.d // sh.tp))
         kept = sh.L if sh.ac == "none" else 1
         return pbytes * sh.block_matrix_params() * kept
     if sh.zero == 2:

@@ -52,6 +52,7 @@ class Shapes:
     sandwich: bool = False  # model.sandwich_norm: norms after attention and the MLP (Gemma 3)
     local_rope: bool = False  # sliding layers have their own RoPE tables (model.rope_local_theta)
     chunks: int = 1  # parallel.ulysses_chunks: G pipelined head groups of the Ulysses exchange
+    compile: bool = False  # train.compile: bf16 weights are cast per use (no WeightCasts cache)
 
     @property
     def S_pad(self) -> int:
@@ -157,4 +158,4 @@ def shapes_of(cfg: Config, world_size: int, device: str = "cuda") -> Shapes:
                   windows=windows, documents=cfg.data.document_mask, qk_norm=m.qk_norm,
                   sandwich=m.sandwich_norm,
                   local_rope=bool(m.rope_local_theta) and any(windows),
-                  chunks=getattr(p, "ulysses_chunks", 1))
+                  chunks=getattr(p, "ulysses_chunks", 1), compile=t.compile)
