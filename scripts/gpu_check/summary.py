@@ -28,7 +28,15 @@ def load(out_dir: str, name: str) -> dict:
 
 
 def detail(rec: dict) -> str:
-    """One line of what a stage found."""
+    """One line of what a stage found; a record a time box cut short may lack any part, and the
+    summary must still be written."""
+    try:
+        return _detail(rec)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return f"(record incomplete: {type(exc).__name__} {exc})"
+
+
+def _detail(rec: dict) -> str:
     name = rec["stage"]
     if name == "install":
         env = rec.get("environment", {})
@@ -47,8 +55,9 @@ def detail(rec: dict) -> str:
             if "error" in r:
                 parts.append(f"{case}: ERROR")
                 continue
-            worst = max((c["loss"]["max_rel_dev"] for c in r["curves"].values()), default=None)
-            parts.append(f"{case}: {'ok' if r['ok'] else 'DIFFERS'} (loss {worst:.2g})")
+            worst = max((c["loss"]["max_rel_dev"] for c in r.get("curves", {}).values()),
+                        default=float("nan"))
+            parts.append(f"{case}: {'ok' if r.get('ok') else 'DIFFERS'} (loss {worst:.2g})")
         return "; ".join(parts)
     if name == "speed":
         return "; ".join(f"{t['seq_len']}: {t['ratio']}x" if "ratio" in t else f"{t['seq_len']}: -"
@@ -98,7 +107,10 @@ def summarise(out_dir: str) -> tuple[dict, list[str]]:
         why = f" [{s['reason']}]" if s["reason"] else ""
         lines.append(f"{name:<11} {s['status']:<8} {secs:>6}  {s['detail']}{why}")
     if speed.get("table"):
-        lines += ["", *speed_lines(speed)]
+        try:
+            lines += ["", *speed_lines(speed)]
+        except (KeyError, TypeError, ValueError) as exc:
+            lines += ["", f"(speed table incomplete: {type(exc).__name__} {exc})"]
     return summary, lines
 
 
