@@ -52,8 +52,8 @@ rm -f "$OUT"/install.json "$OUT"/gpu_tests.json "$OUT"/bf16_curve.json "$OUT"/pa
 # Time boxes in seconds: install, gpu_tests, bf16_curve, parity; speed gets what is left of TOTAL
 # (GPU_CHECK_TOTAL_S) less 10 s for the summary. Full: 470 s in all, inside an 8-minute call.
 case $MODE in
-  dry) BOX=(30 45 40 80); TOTAL=${GPU_CHECK_TOTAL_S:-240} ;;
-  *)   BOX=(60 100 80 130); TOTAL=${GPU_CHECK_TOTAL_S:-470} ;;
+  dry) BOX=(60 90 90 150); TOTAL=${GPU_CHECK_TOTAL_S:-450} ;;
+  *)   BOX=(45 120 75 150); TOTAL=${GPU_CHECK_TOTAL_S:-470} ;;
 esac
 START=$(date +%s)
 echo "gpu_check: mode $MODE, out $OUT, wheels ${WHEELS:-none}, total ${TOTAL}s" | tee -a "$LOG"

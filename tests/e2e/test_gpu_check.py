@@ -47,7 +47,7 @@ def _probe_wheel(folder) -> str:
     return path
 
 
-def _run(args, tmp_path, timeout=240):
+def _run(args, tmp_path, timeout=480):
     env = {**os.environ, "GPU_CHECK_SITE": str(tmp_path / "site"), "OMP_NUM_THREADS": "1"}
     return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
