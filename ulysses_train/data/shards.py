@@ -22,10 +22,14 @@ and tokenizers release the GIL) while this thread converts and writes batch k.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import json
+import mmap
 import os
 import time
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,7 +40,7 @@ from .tokenizer import open_tokenizer
 
 SHARD_BYTES = 16 << 20  # text per shard: the unit of work a process claims
 SHARD_DOCS = 1 << 16  # documents per shard at most (bounds the per-shard index in memory)
-BATCH_BYTES = 1 << 20  # text per encode call: bounds the ids held as Python lists
+BATCH_BYTES = 1 << 18  # text per encode call: bounds the ids held as Python lists
 BATCH_DOCS = 4096
 PLAN = "plan.json"
 
@@ -61,8 +65,7 @@ class ShardWriter:
         self.work, self.shard_bytes, self.shard_docs = work, shard_bytes, shard_docs
         self.n_shards = 0
         self._file = None
-        self._hashes: list[float] = []
-        self._ends: list[int] = []
+        self._hashes, self._ends = array("d"), array("q")  # 16 bytes per document
 
     def add(self, data: bytes, doc_hash: float) -> None:
         """Append one document's UTF-8 text `data` (non-empty) and its split hash."""
@@ -79,9 +82,9 @@ class ShardWriter:
             return
         self._file.close()
         with open(self.work / _name(self.n_shards, ".idx.npy"), "wb") as f:
-            np.save(f, np.array(self._hashes, np.float64))
-            np.save(f, np.array(self._ends, np.int64))
-        self._file, self._hashes, self._ends = None, [], []
+            np.save(f, np.frombuffer(self._hashes, np.float64))
+            np.save(f, np.frombuffer(self._ends, np.int64))
+        self._file, self._hashes, self._ends = None, array("d"), array("q")
         self.n_shards += 1
 
     def close(self) -> int:
@@ -95,13 +98,22 @@ def shard_index(work: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
         return np.load(f), np.load(f)
 
 
+@contextlib.contextmanager
+def _mapped(work: Path, k: int):
+    """Shard k's text, memory-mapped: read from the page cache, slices copied out one by one,
+    so the shard never sits in anonymous memory (a shard has text: it is made by `add`)."""
+    with open(work / _name(k, ".txt"), "rb") as f, \
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        yield data
+
+
 def shard_texts(work: Path, k: int, which: np.ndarray | None = None) -> list[str]:
     """Texts of shard k's documents (those at positions `which`, in that order: default all)."""
     hashes, ends = shard_index(work, k)
     starts = np.concatenate([[0], ends[:-1]])
-    data = (work / _name(k, ".txt")).read_bytes()
     which = range(len(ends)) if which is None else which
-    return [data[starts[i]:ends[i]].decode("utf-8") for i in which]
+    with _mapped(work, k) as data:
+        return [data[starts[i]:ends[i]].decode("utf-8") for i in which]
 
 
 def shard_tokens(work: Path, k: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -167,14 +179,17 @@ def _done_by(work: Path, k: int) -> int | None:
         return None
 
 
-def _batches(ends: np.ndarray) -> list[tuple[int, int]]:
-    """(first, stop) document ranges of about BATCH_BYTES text / at most BATCH_DOCS documents."""
-    out, first, start = [], 0, 0
-    for i, end in enumerate(ends.tolist()):
-        if end - start >= BATCH_BYTES or i + 1 - first >= BATCH_DOCS or i + 1 == len(ends):
-            out.append((first, i + 1))
-            first, start = i + 1, end
-    return out
+def ranges(sizes: np.ndarray, limit: int, max_count: int = 0) -> list[tuple[int, int]]:
+    """(first, stop) ranges of consecutive items, in order, covering all `sizes`: the items of a
+    range start within the same `limit` units (so a range holds at most `limit` + its last
+    item's size) and, with `max_count`, number at most that."""
+    starts = np.cumsum(sizes) - sizes
+    group = starts // limit
+    cuts = np.diff(group) != 0
+    if max_count:
+        cuts |= np.diff(np.arange(len(sizes)) // max_count) != 0
+    bounds = [0, *(np.flatnonzero(cuts) + 1).tolist(), len(sizes)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def _to_numpy(ids: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -183,16 +198,26 @@ def _to_numpy(ids: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np.nda
     return lengths, flat
 
 
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
+    Between shards: otherwise the free memory the encoder threads' and numpy's transient
+    allocations leave in glibc's arenas stays resident and creeps up, shard after shard."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _tokenize_shard(work: Path, k: int, tok, dtype: np.dtype) -> None:
     """Encode shard k's documents, batch k+1 encoding while batch k is converted and written;
     its marker last. Call only while holding the shard's lock."""
     _, ends = shard_index(work, k)
-    data = (work / _name(k, ".txt")).read_bytes()
     lengths = []
     n = threads()
-    with open(work / _name(k, ".bin"), "wb") as out, ThreadPoolExecutor(1) as encoder:
+    with _mapped(work, k) as data, open(work / _name(k, ".bin"), "wb") as out, \
+            ThreadPoolExecutor(1) as encoder:
         pending = None
-        for first, stop in _batches(ends):
+        for first, stop in ranges(np.diff(ends, prepend=0), BATCH_BYTES, BATCH_DOCS):
             start = int(ends[first - 1]) if first else 0
             bounds = [start, *ends[first:stop].tolist()]
             texts = [data[a:b].decode("utf-8") for a, b in zip(bounds, bounds[1:])]
@@ -202,6 +227,7 @@ def _tokenize_shard(work: Path, k: int, tok, dtype: np.dtype) -> None:
             pending = submitted
         if pending is not None:
             lengths.append(_write(pending.result(), dtype, out))
+    release_free_memory()
     np.save(work / _name(k, ".len.npy"), np.concatenate(lengths) if lengths else np.zeros(0, np.int64))
     atomic_write(str(work / _name(k, ".done")),
                  json.dumps({"pid": os.getpid(), "time": time.time()}))

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from .cache import split_files
-from .shards import shard_index, shard_tokens
+from .shards import ranges, release_free_memory, shard_index, shard_tokens
+
+BLOCK_TOKENS = 1 << 18  # tokens per assembled block: bounds its arrays (a few MB)
 
 
 @dataclass
@@ -102,7 +104,8 @@ class _Offsets:
 
 def _stream(tokens: np.ndarray, lengths: np.ndarray, chosen: np.ndarray, bos: int | None,
             eos: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """The chosen documents as [BOS] + ids + EOS back to back, and each one's length."""
+    """The chosen documents as [BOS] + ids + EOS back to back, and each one's length.
+    Memory: about 1 + 2 x the dtype's bytes per token of `tokens`."""
     ids = tokens[np.repeat(chosen, lengths)]
     kept = lengths[chosen].astype(np.int64)
     ends = np.cumsum(kept)  # EOS goes before each document's end index
@@ -111,7 +114,7 @@ def _stream(tokens: np.ndarray, lengths: np.ndarray, chosen: np.ndarray, bos: in
         # indices: (start_i, BOS), (end_i, EOS), (start_i+1 = end_i, BOS), ...
         where = np.stack([ends - kept, ends], axis=1).ravel()
         what = np.tile([bos, eos], len(ends))
-    return np.insert(ids, where, what).astype(dtype), kept + 1 + (bos is not None)
+    return np.insert(ids, where, what).astype(dtype, copy=False), kept + 1 + (bos is not None)
 
 
 def assemble(work: Path, n_shards: int, rule: SplitRule, out: Path, *, bos: int | None,
@@ -127,11 +130,15 @@ def assemble(work: Path, n_shards: int, rule: SplitRule, out: Path, *, bos: int 
             hashes, _ = shard_index(work, k)
             lengths, tokens = shard_tokens(work, k, dtype)
             is_val = rule.is_val(hashes, first)
-            for split, chosen in (("train", ~is_val), ("val", is_val)):
-                stream, doc_lengths = _stream(tokens, lengths, chosen, bos, eos, dtype)
-                stream.tofile(files[split])
-                offsets[split].add(doc_lengths)
+            ends = np.cumsum(lengths)
+            for a, b in ranges(lengths, BLOCK_TOKENS):  # bounded arrays, not the shard's
+                block = tokens[ends[a] - lengths[a]:ends[b - 1]]
+                for split, chosen in (("train", ~is_val[a:b]), ("val", is_val[a:b])):
+                    stream, doc_lengths = _stream(block, lengths[a:b], chosen, bos, eos, dtype)
+                    stream.tofile(files[split])
+                    offsets[split].add(doc_lengths)
             first += len(hashes)
+            release_free_memory()
     finally:
         for f in files.values():
             f.close()
