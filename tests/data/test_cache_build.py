@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from support.data import build, files_cfg
 from ulysses_train.data.splits import SplitRule, assign_val
@@ -161,3 +162,76 @@ def test_the_split_rule_learned_in_pieces_is_the_whole_arrays_rule():
         expected = _whole_array_rule(hashes, fraction)
         assert got.tolist() == expected.tolist() and rule.n_val == expected.sum()
         assert assign_val(hashes, np.ones(len(hashes), bool), fraction).tolist() == got.tolist()
+
+
+@pytest.mark.parametrize("kind", ["spm", "hf"])  # hf: a BOS before every document
+def test_small_encode_batches_and_assemble_blocks_build_the_same_cache(tmp_path, monkeypatch,
+                                                                       kind, request):
+    """The build bounds its memory by encoding in batches and assembling in blocks of a shard;
+    where those cut must not show in the cache."""
+    from ulysses_train.data import shards, splits
+
+    corpus = _corpus(tmp_path)
+    tokenizer = str(request.getfixturevalue(f"{kind}_tokenizer"))
+    whole = build(_cfg(tmp_path, corpus, tokenizer, tmp_path / "whole"))  # one block per shard
+    monkeypatch.setattr(shards, "BATCH_BYTES", 50)
+    monkeypatch.setattr(shards, "BATCH_DOCS", 3)
+    monkeypatch.setattr(splits, "BLOCK_TOKENS", 7)
+    monkeypatch.setattr(shards, "SHARD_BYTES", SHARD_BYTES)
+    cut = build(_cfg(tmp_path, corpus, tokenizer, tmp_path / "cut"))
+    assert (whole.bos_id is None) == (kind == "spm")
+    assert _contents(cut.cache_path) == _contents(whole.cache_path)
+
+
+def test_ranges_cover_the_items_in_order_within_their_bounds():
+    from ulysses_train.data.shards import ranges
+
+    rng = np.random.default_rng(2)
+    for limit, max_count in ((10, 0), (10, 3), (1000, 4), (1, 0)):
+        sizes = rng.integers(0, 25, 200)
+        got = ranges(sizes, limit, max_count)
+        assert [a for a, _ in got] == [0, *(b for _, b in got[:-1])] and got[-1][1] == len(sizes)
+        for a, b in got:
+            assert b > a and (not max_count or b - a <= max_count)
+            assert sizes[a:b].sum() <= limit + sizes[b - 1]  # starts within one window
+        if not max_count and limit > 1:  # and a range ends only where a window does
+            starts = np.cumsum(sizes) - sizes
+            assert all(starts[b] // limit != starts[b - 1] // limit for _, b in got[:-1])
+
+
+def _peak_python_bytes(tmp_path, n_docs: int, tokenizer: str, run: str) -> int:
+    """tracemalloc's peak (Python objects and numpy arrays) of one build of `n_docs` documents
+    in shards of 20 kB (so the shard count grows with the corpus, not the shard size; ~500
+    documents each, so the few kB of cyclic garbage np.load leaves per shard until the next
+    collection stay far below the bound)."""
+    import tracemalloc
+
+    from ulysses_train.data.build import build_corpus
+    from ulysses_train.data.corpus import corpus_for
+
+    path = tmp_path / f"docs-{n_docs}.jsonl"
+    rng = np.random.default_rng(0)
+    words = ["cats", "dogs", "seven", "numbers", "talk", "about", "the", "river", "light"]
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 6))}) + "\n"
+                            for _ in range(n_docs)))
+    out = tmp_path / f"out-{run}"
+    out.mkdir()
+    corpus = corpus_for(_cfg(tmp_path, path, tokenizer, tmp_path / "cache"))
+    tracemalloc.start()
+    try:
+        build_corpus(out, corpus, key="k", vocab_size=0, tokenizer_path=tokenizer,
+                     sample_bytes=0, val_fraction=0.1, log=lambda _: None,
+                     shard_bytes=20000)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_build_memory_does_not_grow_with_the_corpus(tmp_path, spm_tokenizer):
+    """Issue 23: beyond the per-document index (<= 16 bytes per document), the build's memory
+    is per shard or constant. Python-level (tracemalloc), which is where per-document data
+    would be kept; the process's RssAnon at 100 / 300 MB is scripts/bench_cache_build.py's."""
+    peaks = [_peak_python_bytes(tmp_path, n, str(spm_tokenizer), run)
+             for run, n in (("warm-up", 300), ("small", 1000), ("large", 4000))]
+    small, large = peaks[1:]  # the warm-up's peak has the first calls' one-time allocations
+    assert large - small <= 16 * 3000, (small, large)

@@ -11,7 +11,9 @@ are deleted; the caller publishes the directory (see cache.py).
 
 Memory does not grow with the corpus: per-document data (hash, size, token count) lives in the
 shard files and is read back one shard at a time; what stays in memory is per input (skip
-counts) or bounded by a setting (the tokenizer sample, data.tokenizer_sample_bytes).
+counts) or bounded by a setting (the tokenizer sample, data.tokenizer_sample_bytes); the
+transient memory of tokenizing and assembling is per batch / block (shards.py, splits.py).
+Measured: docs/benchmarks.md "Token cache builds (issue 23)".
 """
 from __future__ import annotations
 

@@ -19,11 +19,19 @@ assembles the split files from the shards in order.
 
 Encoding overlaps the conversion of ids to numpy: the tokenizer encodes batch k+1 (sentencepiece
 and tokenizers release the GIL) while this thread converts and writes batch k.
+
+Memory (issue 23): nothing here grows with the corpus. A shard's text is memory-mapped (page
+cache, not anonymous memory) and copied out one encode batch at a time; a batch (BATCH_BYTES of
+text) bounds the ids held as Python lists (~36 bytes per token: two batches in flight);
+the spill index is 16 bytes per document of the open shard; and after each shard glibc's free
+heap pages are given back (`release_free_memory`): without that, the encoder threads' arenas and
+the dynamic mmap threshold left a few MB more resident with every shard or two.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
 import json
 import mmap
@@ -41,6 +49,7 @@ from .tokenizer import open_tokenizer
 SHARD_BYTES = 16 << 20  # text per shard: the unit of work a process claims
 SHARD_DOCS = 1 << 16  # documents per shard at most (bounds the per-shard index in memory)
 BATCH_BYTES = 1 << 18  # text per encode call: bounds the ids held as Python lists
+# (1 MB batches held ~14 MB of them; 256 kB keeps the rate: docs/benchmarks.md)
 BATCH_DOCS = 4096
 PLAN = "plan.json"
 
@@ -202,10 +211,18 @@ def release_free_memory() -> None:
     """Give the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
     Between shards: otherwise the free memory the encoder threads' and numpy's transient
     allocations leave in glibc's arenas stays resident and creeps up, shard after shard."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (a CDLL per call leaves ctypes types as garbage)."""
     try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def _tokenize_shard(work: Path, k: int, tok, dtype: np.dtype) -> None:

@@ -7,7 +7,8 @@ and it is learned in one streaming pass: the build keeps no per-document array f
 (and preceded by BOS when the tokenizer's config says add_bos_token; these are the stream's
 only BOS/EOS), as one flat array (`<split>.bin`) plus document start offsets
 (`<split>_offsets.npy`, int64, ending with the stream length), reading the tokenized shards
-(shards.py) in corpus order, one shard at a time.
+(shards.py) in corpus order, one shard at a time and, within it, in blocks of about
+BLOCK_TOKENS tokens (so the arrays of a block, not of a shard, are what the assembly holds).
 """
 from __future__ import annotations
 
