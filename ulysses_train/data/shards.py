@@ -24,8 +24,8 @@ Memory (issue 23): nothing here grows with the corpus. A shard's text is memory-
 cache, not anonymous memory) and copied out one encode batch at a time; a batch (BATCH_BYTES of
 text) bounds the ids held as Python lists (~36 bytes per token: two batches in flight);
 the spill index is 16 bytes per document of the open shard; and after each shard glibc's free
-heap pages are given back (`release_free_memory`): without that, the encoder threads' arenas and
-the dynamic mmap threshold left a few MB more resident with every shard or two.
+heap pages are given back (`release_free_memory`): without that, they stayed resident and the
+peak crept up shard after shard (docs/benchmarks.md, "Token cache builds").
 """
 from __future__ import annotations
 
@@ -209,8 +209,8 @@ def _to_numpy(ids: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np.nda
 
 def release_free_memory() -> None:
     """Give the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
-    Between shards: otherwise the free memory the encoder threads' and numpy's transient
-    allocations leave in glibc's arenas stays resident and creeps up, shard after shard."""
+    Between shards: otherwise the free memory that the encoder threads' and numpy's transient
+    allocations leave in glibc's arenas stays resident, more of it shard after shard."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
