@@ -46,6 +46,15 @@ def _child(role, tmp_path, corpus, tokenizer, cache, barrier, queue, claimed):
         original = shards._tokenize_shard
 
         def slow(work, k, tok, dtype):
+            # The first shard a process takes waits (<= 60 s) until another process has taken
+            # one too: so that the others help even when they start late (under load).
+            entered = Path(tmp_path) / "entered"
+            entered.mkdir(exist_ok=True)
+            (entered / str(os.getpid())).touch()
+            deadline = time.monotonic() + 60
+            while (role == "slow" and len(list(entered.iterdir())) < 2
+                   and time.monotonic() < deadline):
+                time.sleep(0.02)
             time.sleep(0.15)
             original(work, k, tok, dtype)
 
