@@ -252,16 +252,18 @@ def select_attention(device: torch.device | str, document_mask: bool, sliding: b
 
 
 def document_mask_for(document_ids: torch.Tensor, attention_fn,
-                      windows: tuple[int, ...] = (0,)) -> DocumentMask:
+                      windows: tuple[int, ...] = (0,),
+                      host_ids: torch.Tensor | None = None) -> DocumentMask:
     """A micro-batch's DocumentMask with what `attention_fn` reads already built.
 
-    `document_ids`: the global `(B, S)` ids of the micro-batch's rows, on the compute device.
+    `document_ids`: the global `(B, S)` ids of the micro-batch's rows, on the compute device;
+    `host_ids`: their CPU copy if the caller has one (`DocumentMask`: no device sync then).
     `windows`: the distinct windows of the model's layers (0 = full attention): one form is
     built per window. Building eagerly here keeps the one-off work (the BlockMask, the
     cu_seqlens host sync) out of the forward, where a compiled block would otherwise have to
     trace it. A UlyssesAttention wrapper is looked through to its local kernel.
     """
-    mask = DocumentMask(document_ids)
+    mask = DocumentMask(document_ids, host_ids)
     kernel = getattr(attention_fn, "local_attention", attention_fn)
     for window in windows:
         if kernel is flex_attention_kernel:

@@ -86,10 +86,13 @@ class GPT(nn.Module):
         # plan replaces it with a vocab-parallel loss for its vocab-sharded logits.
         self.loss_fn = token_loss_sum
 
-    def document_mask(self, document_ids: torch.Tensor) -> DocumentMask:
+    def document_mask(self, document_ids: torch.Tensor,
+                      host_ids: torch.Tensor | None = None) -> DocumentMask:
         """The `attn_mask` for global document ids `(B, S)` (the whole padded rows, on the
-        compute device), with what this model's attention kernel reads already built."""
-        return document_mask_for(document_ids, self.attention_fn, tuple(sorted(set(self.windows))))
+        compute device; `host_ids` their CPU copy, if any), with what this model's attention
+        kernel reads already built."""
+        return document_mask_for(document_ids, self.attention_fn,
+                                 tuple(sorted(set(self.windows))), host_ids)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 labels: torch.Tensor | None = None, attn_mask=None):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import numpy as np
 import torch
 
 
@@ -100,13 +101,6 @@ def _compiled_create_block_mask() -> Callable:
     return torch.compile(create_block_mask)
 
 
-def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
-    """(B, S) bool: True where a token opens a document (column 0 and each change of id)."""
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    return starts
-
-
 class DocumentMask:
     """Causal-within-document attention mask of a batch of packed rows.
 
@@ -114,16 +108,28 @@ class DocumentMask:
         document_ids: `(B, S)` integer tensor of the *global* rows (not a sequence-parallel
             slice), on the device the attention runs on. Tokens of one document must be
             contiguous in their row (they are, in packed data).
+        host_ids: the same ids on the CPU (the batch the micro-batch was built from,
+            parallel/batching.py), or None: then `document_ids` itself when it is on the CPU,
+            else a copy made here (a device->host sync, once per mask). What depends on the
+            ids' *values* on the host (`varlen`'s cu_seqlens and max_seqlen, the ring's block
+            skipping) reads them as numpy (`host`), so a training step never waits on the
+            device for them.
 
     Owns nothing but caches; build a new one per micro-batch (rows and ids change). Kernels call
     `check(q)` to refuse a mask built for another batch or for a local slice.
     """
 
-    def __init__(self, document_ids: torch.Tensor):
+    def __init__(self, document_ids: torch.Tensor, host_ids: torch.Tensor | None = None):
         if document_ids.dim() != 2 or document_ids.dtype.is_floating_point:
             raise ValueError(f"document_ids must be an integer (B, S) tensor; got "
                              f"{document_ids.dtype} {tuple(document_ids.shape)}")
         self.document_ids = document_ids.contiguous()
+        if host_ids is None:
+            host_ids = document_ids if document_ids.device.type == "cpu" else document_ids.cpu()
+        if host_ids.device.type != "cpu" or tuple(host_ids.shape) != tuple(document_ids.shape):
+            raise ValueError(f"host_ids must be the document ids' CPU copy {tuple(document_ids.shape)}; "
+                             f"got {host_ids.device} {tuple(host_ids.shape)}")
+        self.host_ids = host_ids.contiguous()
         self._block_masks: dict[int, object] = {}  # by window (0 = none)
         self._varlen: tuple[torch.Tensor, int] | None = None
         self._dense: dict[int, torch.Tensor] = {}  # by window (0 = none)
@@ -160,19 +166,27 @@ class DocumentMask:
                                                                     device=device)
         return self._block_masks[window]
 
+    @property
+    def host(self) -> np.ndarray:
+        """The ids as a (B, S) numpy array on the host: read without a device sync."""
+        return self.host_ids.numpy()
+
     def varlen(self) -> tuple[torch.Tensor, int]:
         """(cu_seqlens int32 (n_docs + 1,), max_seqlen) of the flattened (B*S) token stream.
 
         Each row is cut at its own start too, so rows never see each other once flattened.
-        One host sync (max_seqlen must be a Python int for flash-attn), once per batch.
+        Computed from the host ids (max_seqlen must be a Python int for flash-attn), so no
+        device sync; cu_seqlens is copied to the device without waiting.
         """
         if self._varlen is None:
-            b, s = self.shape
-            starts = document_starts(self.document_ids).reshape(-1)  # (B, S) -> (B*S,)
-            first = starts.nonzero().squeeze(1)  # (n_docs,): flat index of each document start
-            end = torch.tensor([b * s], device=first.device, dtype=first.dtype)
-            cu_seqlens = torch.cat([first, end]).to(torch.int32)  # (n_docs + 1,)
-            self._varlen = cu_seqlens, int(cu_seqlens.diff().max())
+            ids = self.host.reshape(-1)  # (B, S) -> (B*S,)
+            starts = np.ones(ids.shape, dtype=bool)
+            starts[1:] = ids[1:] != ids[:-1]
+            starts[::self.shape[1]] = True  # each row starts a document
+            first = np.flatnonzero(starts)  # (n_docs,): flat index of each document start
+            cu = np.append(first, ids.size).astype(np.int32)  # (n_docs + 1,)
+            cu_seqlens = torch.from_numpy(cu).to(self.document_ids.device, non_blocking=True)
+            self._varlen = cu_seqlens, int(np.diff(cu).max())
         return self._varlen
 
     def dense(self, window: int = 0) -> torch.Tensor:

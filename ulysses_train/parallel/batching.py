@@ -69,7 +69,10 @@ def step_micro_batches(data, step: int, split: str, dims: ParallelDims, layout: 
     evaluation holds out: one function, so they cannot shard differently."""
     device = next(model.parameters()).device
     batch = data.global_batch(step, split, rows=dp_rows(dims, global_batch_size))  # (G/dp, S)
-    for mb in shard_batch(batch, dims, layout, micro_batch_size):
-        mb = mb.to(device)
-        mask = model.document_mask(mb.document_ids) if document_mask else None
+    for host in shard_batch(batch, dims, layout, micro_batch_size):
+        mb = host.to(device)
+        # the CPU ids go with the mask: what it decides on the host (the ring's block skipping,
+        # varlen's cu_seqlens) then never waits on the device
+        mask = (model.document_mask(mb.document_ids, host.document_ids) if document_mask
+                else None)
         yield mb.input_ids, mb.position_ids, mb.labels, mask

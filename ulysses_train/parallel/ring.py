@@ -72,13 +72,17 @@ def _bias(document_ids, blk, c, dtype):
 
 
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None,
-                 causal: bool, group: ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
+                 causal: bool, group: ProcessGroup, host_ids: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring forward: q (B, L, Hq, D), k/v (B, L, Hkv, D) -> out (B, L, Hq, D), LSE (B, Hq, L) fp32.
 
-    L = S'/R tokens in the zig-zag order; `document_ids` the global (B, S') ids or None.
+    L = S'/R tokens in the zig-zag order; `document_ids` the global (B, S') ids or None, and
+    `host_ids` the same on the CPU (`DocumentMask.host_ids`: the plan is decided on the host;
+    None: copied here, a device sync).
     """
     ring, rank = group.size(), group.rank()
-    plans = kernels.step_plans(rank, ring, q.shape[1], causal, document_ids)
+    plans = kernels.step_plans(rank, ring, q.shape[1], causal,
+                               kernels.host_copy(document_ids, host_ids))
     c = q.shape[1] // len(kernels.rank_chunks(rank, ring))
     qt = q.transpose(1, 2)  # (B, L, Hq, D) -> (B, Hq, L, D), a view
     kv = torch.stack((k, v))  # (2, B, L, Hkv, D): one contiguous buffer to send
@@ -102,24 +106,26 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids
 
 @torch.library.custom_op("ulysses_train::ring_attention", mutates_args=())
 def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      document_ids: torch.Tensor | None, causal: bool, group_name: str
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      document_ids: torch.Tensor | None, host_ids: torch.Tensor | None,
+                      causal: bool, group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`ring_forward` as an op (the group by name: ops take no ProcessGroup objects)."""
-    return ring_forward(q, k, v, document_ids, causal, kernels.group_by_name(group_name))
+    return ring_forward(q, k, v, document_ids, causal, kernels.group_by_name(group_name), host_ids)
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, document_ids, causal, group_name):
+def _(q, k, v, document_ids, host_ids, causal, group_name):
     return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
 
 
 def ring_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor, document_ids: torch.Tensor | None,
-                  causal: bool, group: ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
+                  causal: bool, group: ProcessGroup, host_ids: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring backward from the saved out and LSE: dq like q, and dk/dv stacked (2, B, L, Hkv, D)
     in fp32 (one buffer, so one return; split outside the op, which may not return aliases)."""
     ring, rank = group.size(), group.rank()
-    plans = kernels.step_plans(rank, ring, q.shape[1], causal, document_ids)
+    plans = kernels.step_plans(rank, ring, q.shape[1], causal,
+                               kernels.host_copy(document_ids, host_ids))
     c = q.shape[1] // len(kernels.rank_chunks(rank, ring))
     # (B, L, H, D) -> (B, H, L, D) views
     qt, dot, ot = q.transpose(1, 2), grad_out.to(q.dtype).transpose(1, 2), out.transpose(1, 2)
@@ -152,31 +158,32 @@ def ring_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 @torch.library.custom_op("ulysses_train::ring_attention_backward", mutates_args=())
 def ring_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                               document_ids: torch.Tensor | None, causal: bool, group_name: str
+                               document_ids: torch.Tensor | None, host_ids: torch.Tensor | None,
+                               causal: bool, group_name: str
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """`ring_backward` as an op."""
     return ring_backward(grad_out, q, k, v, out, lse, document_ids, causal,
-                         kernels.group_by_name(group_name))
+                         kernels.group_by_name(group_name), host_ids)
 
 
 @ring_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, document_ids, causal, group_name):
+def _(grad_out, q, k, v, out, lse, document_ids, host_ids, causal, group_name):
     return torch.empty_like(q), k.new_empty((2, *k.shape), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, document_ids, causal, group_name = inputs
+    q, k, v, document_ids, host_ids, causal, group_name = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, document_ids)
+    ctx.save_for_backward(q, k, v, out, lse, document_ids, host_ids)
     ctx.causal, ctx.group_name = causal, group_name
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, document_ids = ctx.saved_tensors
+    q, k, v, out, lse, document_ids, host_ids = ctx.saved_tensors
     dq, dkv = ring_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, document_ids,
-                                         ctx.causal, ctx.group_name)
-    return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+                                         host_ids, ctx.causal, ctx.group_name)
+    return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -232,10 +239,10 @@ class RingAttention(nn.Module):
         shorter than the true sequence runs the halo exchange (parallel/ring_window.py); W >= S
         sees every real token's whole past, so it is the full causal ring."""
         self._check(q, k, v, causal, mask, window)
-        ids = None if mask is None else mask.document_ids
+        ids, host = (None, None) if mask is None else (mask.document_ids, mask.host_ids)
         if window and window < self.layout.seq_len:
-            return ring_window_attention_op(q, k, v, ids, window, self.group.group_name)
-        return ring_attention_op(q, k, v, ids, causal, self.group.group_name)
+            return ring_window_attention_op(q, k, v, ids, host, window, self.group.group_name)
+        return ring_attention_op(q, k, v, ids, host, causal, self.group.group_name)
 
     def split(self, q, causal: bool = True, mask: DocumentMask | None = None, window: int = 0):
         """This layer as a forward/backward pair for the head-group pipeline
@@ -273,6 +280,7 @@ class _RingPair:
     def __init__(self, ring: RingAttention, causal: bool, mask: DocumentMask | None, window: int):
         self.ring, self.causal, self.mask, self.window = ring, causal, mask, window
         self.ids = None if mask is None else mask.document_ids
+        self.host_ids = None if mask is None else mask.host_ids
         self.halo = bool(window) and window < ring.layout.seq_len  # forward_with_lse's rule
 
     def forward(self, q, k, v):
@@ -286,10 +294,11 @@ class _RingPair:
         name = self.ring.group.group_name
         if self.halo:
             dq, dkv = ring_window_attention_backward_op(dout.contiguous(), q, k, v, out, lse,
-                                                        self.ids, self.window, name)
+                                                        self.ids, self.host_ids, self.window,
+                                                        name)
         else:
             dq, dkv = ring_attention_backward_op(dout.contiguous(), q, k, v, out, lse, self.ids,
-                                                 self.causal, name)
+                                                 self.host_ids, self.causal, name)
         return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 

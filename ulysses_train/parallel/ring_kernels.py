@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.distributed import ProcessGroup
 from torch.distributed.distributed_c10d import _resolve_process_group
@@ -52,12 +53,12 @@ def rank_chunks(ring_rank: int, ring: int) -> list[int]:
 
 
 def step_plans(ring_rank: int, ring: int, local_len: int, causal: bool,
-               document_ids: torch.Tensor | None) -> list[list[SubBlock]]:
+               host_ids: torch.Tensor | None) -> list[list[SubBlock]]:
     """The sub-blocks ring rank i computes at each step t = 0 .. R-1 (K/V of rank (i-t) mod R).
 
-    `document_ids`: the GLOBAL padded rows (B, S') in natural position order, or None.
-    One host sync in total when document ids are given (the skip/kind flags of every candidate
-    are read at once); none otherwise.
+    `host_ids`: the GLOBAL padded rows (B, S') in natural position order, ON THE CPU
+    (`DocumentMask.host_ids`), or None. Which sub-blocks the documents empty or leave plain is
+    decided from them in numpy: no device sync (the kernels' biases use the device ids).
     """
     n_chunks = len(rank_chunks(0, ring))
     c = local_len // n_chunks
@@ -72,15 +73,25 @@ def step_plans(ring_rank: int, ring: int, local_len: int, causal: bool,
                 kind = CAUSAL if causal and kb == qa else FULL
                 candidates.append((t, SubBlock(slice(a * c, (a + 1) * c), slice(b * c, (b + 1) * c),
                                                kind, qa, kb)))
-    if document_ids is not None and candidates:
-        flags = torch.stack([_document_flags(document_ids, blk, c) for _, blk in candidates])
-        for (_, blk), (any_visible, plain) in zip(candidates, flags.tolist()):  # the one sync
+    if host_ids is not None:
+        ids = host_ids.numpy()  # host memory: raises (rather than syncs) if handed device ids
+        for _, blk in candidates:
+            any_visible, plain = _document_flags(ids, blk, c)
             blk.kind = None if not any_visible else blk.kind if plain else MASKED
     plans: list[list[SubBlock]] = [[] for _ in range(ring)]
     for t, blk in candidates:
         if blk.kind is not None:
             plans[t].append(blk)
     return plans
+
+
+def host_copy(document_ids: torch.Tensor | None, host_ids: torch.Tensor | None
+              ) -> torch.Tensor | None:
+    """`host_ids`, or for a caller without one (direct use, tests) the ids copied to the CPU:
+    a device sync there, none when the ids are already on the CPU."""
+    if host_ids is not None or document_ids is None:
+        return host_ids
+    return document_ids.cpu()
 
 
 def visible(document_ids: torch.Tensor, blk: SubBlock, c: int) -> torch.Tensor:
@@ -96,14 +107,17 @@ def visible(document_ids: torch.Tensor, blk: SubBlock, c: int) -> torch.Tensor:
     return vis
 
 
-def _document_flags(document_ids: torch.Tensor, blk: SubBlock, c: int) -> torch.Tensor:
-    """(2,) bool: [any key visible, every positionally allowed key visible] for one sub-block."""
-    vis = visible(document_ids, blk, c)
+def _document_flags(ids: np.ndarray, blk: SubBlock, c: int) -> tuple[bool, bool]:
+    """(any key visible, every positionally allowed key visible) of one sub-block, from the
+    (B, S') host ids (numpy: decided on the host, `step_plans`)."""
+    qd = ids[:, blk.q_chunk * c:(blk.q_chunk + 1) * c, None]  # (B, c, 1)
+    kd = ids[:, None, blk.k_chunk * c:(blk.k_chunk + 1) * c]  # (B, 1, c)
+    vis = qd == kd  # (B, c, c)
     if blk.q_chunk == blk.k_chunk:
-        plain = vis.sum() == vis.shape[0] * c * (c + 1) // 2  # the whole lower triangle
-    else:
-        plain = vis.all()
-    return torch.stack([vis.any(), plain])
+        allowed = np.tri(c, dtype=bool)  # the diagonal keeps its lower triangle
+        vis &= allowed
+        return bool(vis.any()), bool((vis == allowed).all())
+    return bool(vis.any()), bool(vis.all())
 
 
 def document_bias(document_ids: torch.Tensor, blk: SubBlock, c: int, dtype: torch.dtype

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
@@ -117,9 +118,22 @@ def window_visible(blk: WindowBlock, cq: int, ck: int, window: int,
     return vis
 
 
+def _host_flags(blk: WindowBlock, c: int, window: int, ids: np.ndarray) -> tuple[bool, bool]:
+    """(any key visible, every positionally visible key visible) of one block, from the
+    (B, S') host ids in numpy (`window_visible`'s rule)."""
+    ck = blk.k_rows.stop - blk.k_rows.start
+    qp = np.arange(blk.q0, blk.q0 + c)[:, None]  # (cq, 1) global positions
+    kp = np.arange(blk.k0, blk.k0 + ck)[None, :]  # (1, ck)
+    pos = (kp <= qp) & (kp > qp - window)  # (cq, ck)
+    same = ids[:, blk.q0:blk.q0 + c, None] == ids[:, None, blk.k0:blk.k0 + ck]  # (B, cq, ck)
+    vis = pos & same
+    return bool(vis.any()), bool((vis == pos).all())
+
+
 def window_blocks(ring_rank: int, ring: int, c: int, window: int,
-                  document_ids: torch.Tensor | None) -> list[WindowBlock]:
+                  host_ids: torch.Tensor | None) -> list[WindowBlock]:
     """Every sub-block ring rank i computes (LOCAL sources first), fully masked ones dropped.
+    `host_ids`: the global (B, S') document ids on the CPU (`DocumentMask.host_ids`) or None.
 
     Received buffers hold, per peer, its chunks' trailing slices in chunk order
     (`halo_needs`); a query chunk reading fewer tokens of a chunk takes the buffer's tail."""
@@ -144,14 +158,10 @@ def window_blocks(ring_rank: int, ring: int, c: int, window: int,
                 blocks.append(WindowBlock(q_rows, a * c, owner(b, ring), slice(stop - n, stop), k0, None))
     for blk in blocks:
         blk.kind = _positional_kind(blk.q0, c, blk.k0, blk.k_rows.stop - blk.k_rows.start, window)
-    if document_ids is not None:  # one host sync: skip blocks the documents empty, unmask plain ones
-        flags = []
+    if host_ids is not None:  # on the host, no sync: skip blocks the documents empty, unmask plain ones
+        ids = host_ids.numpy()  # host memory: raises (rather than syncs) if handed device ids
         for blk in blocks:
-            ck = blk.k_rows.stop - blk.k_rows.start
-            vis = window_visible(blk, c, ck, window, document_ids, document_ids.device)
-            pos = window_visible(blk, c, ck, window, None, document_ids.device)
-            flags.append(torch.stack([vis.any(), (vis == pos).all()]))
-        for blk, (any_visible, plain) in zip(blocks, torch.stack(flags).tolist()):
+            any_visible, plain = _host_flags(blk, c, window, ids)
             blk.kind = None if not any_visible else blk.kind if plain else kernels.MASKED
     blocks = [blk for blk in blocks if blk.kind is not None]
     return sorted(blocks, key=lambda blk: blk.source != LOCAL)  # stable: local blocks first
@@ -211,13 +221,14 @@ def _bias(blk: WindowBlock, c: int, window: int, ids, q: torch.Tensor):
     return bias.unsqueeze(1), ~vis.any(dim=-1)  # (B, cq, ck) -> (B, 1, cq, ck): every head
 
 
-def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids, window: int,
-                   group: ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
+def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids,
+                   host_ids, window: int, group: ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window ring forward: q (B, L, Hq, D), k/v (B, L, Hkv, D) in the zig-zag order
-    (L = S'/R) -> out (B, L, Hq, D), LSE (B, Hq, L) fp32. `document_ids`: global (B, S') or None."""
+    (L = S'/R) -> out (B, L, Hq, D), LSE (B, Hq, L) fp32. `document_ids`: global (B, S') or
+    None; `host_ids` the same on the CPU (the block plan is decided from them)."""
     ring, rank = group.size(), group.rank()
     c = q.shape[1] // len(kernels.rank_chunks(rank, ring))
-    blocks = window_blocks(rank, ring, c, window, document_ids)
+    blocks = window_blocks(rank, ring, c, window, kernels.host_copy(document_ids, host_ids))
     kv = torch.stack((k, v))  # (2, B, L, Hkv, D)
     exchange = _exchange_kv(kv, *_routes(rank, ring, c, window), group)  # in flight over local work
     qt = q.transpose(1, 2)  # (B, L, Hq, D) -> (B, Hq, L, D), a view
@@ -241,13 +252,13 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_i
 
 
 def window_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    out: torch.Tensor, lse: torch.Tensor, document_ids, window: int,
+                    out: torch.Tensor, lse: torch.Tensor, document_ids, host_ids, window: int,
                     group: ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of `window_forward` from its saved out and LSE: dq like q, dk/dv stacked
     (2, B, L, Hkv, D) fp32. K/V halo exchanged again; received slices' dK/dV sent home."""
     ring, rank = group.size(), group.rank()
     c = q.shape[1] // len(kernels.rank_chunks(rank, ring))
-    blocks = window_blocks(rank, ring, c, window, document_ids)
+    blocks = window_blocks(rank, ring, c, window, kernels.host_copy(document_ids, host_ids))
     send, recv = _routes(rank, ring, c, window)
     kv = torch.stack((k, v))  # (2, B, L, Hkv, D)
     exchange = _exchange_kv(kv, send, recv, group)
@@ -289,44 +300,47 @@ def window_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
 @torch.library.custom_op("ulysses_train::ring_window_attention", mutates_args=())
 def ring_window_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             document_ids: torch.Tensor | None, window: int, group_name: str
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+                             document_ids: torch.Tensor | None, host_ids: torch.Tensor | None,
+                             window: int, group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`window_forward` as an op (the group by name, as parallel/ring.py's ops)."""
-    return window_forward(q, k, v, document_ids, window, kernels.group_by_name(group_name))
+    return window_forward(q, k, v, document_ids, host_ids, window,
+                          kernels.group_by_name(group_name))
 
 
 @ring_window_attention_op.register_fake
-def _(q, k, v, document_ids, window, group_name):
+def _(q, k, v, document_ids, host_ids, window, group_name):
     return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("ulysses_train::ring_window_attention_backward", mutates_args=())
 def ring_window_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                       v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                                      document_ids: torch.Tensor | None, window: int,
+                                      document_ids: torch.Tensor | None,
+                                      host_ids: torch.Tensor | None, window: int,
                                       group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`window_backward` as an op."""
-    return window_backward(grad_out, q, k, v, out, lse, document_ids, window,
+    return window_backward(grad_out, q, k, v, out, lse, document_ids, host_ids, window,
                            kernels.group_by_name(group_name))
 
 
 @ring_window_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, document_ids, window, group_name):
+def _(grad_out, q, k, v, out, lse, document_ids, host_ids, window, group_name):
     return torch.empty_like(q), k.new_empty((2, *k.shape), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, document_ids, window, group_name = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], document_ids)
+    q, k, v, document_ids, host_ids, window, group_name = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], document_ids, host_ids)
     ctx.window, ctx.group_name = window, group_name
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, document_ids = ctx.saved_tensors
+    q, k, v, out, lse, document_ids, host_ids = ctx.saved_tensors
     dq, dkv = ring_window_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse,
-                                                document_ids, ctx.window, ctx.group_name)
-    return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+                                                document_ids, host_ids, ctx.window,
+                                                ctx.group_name)
+    return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 ring_window_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -130,6 +130,7 @@ class Reporter:
         self.bar = None
         self.wandb = None
         self.warned: set[str] = set()
+        self._bar_loss = "-"  # the last loss read (`tick`)
         if not enabled:
             return
         # Rows past the step we start from are a killed run's (at 0: a run killed before its
@@ -178,12 +179,16 @@ class Reporter:
         except Exception:  # noqa: BLE001 - stderr itself failing: nowhere left to say it
             pass
 
-    def tick(self, loss: float, tokens_per_s: float) -> None:
+    def tick(self, loss: float | None, tokens_per_s: float) -> None:
+        """Advance the bar one step; `loss` None on a step that does not log (the loss stays on
+        the device there, trainer.py), and the bar keeps the last one read."""
         if self.bar is not None:
+            if loss is not None:
+                self._bar_loss = f"{loss:.4f}"
             self._safely("progress bar", lambda: (
                 self.bar.update(1),
-                self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
-                                     refresh=False)))
+                self.bar.set_postfix(loss=self._bar_loss,
+                                     tok_s=f"{tokens_per_s:,.0f}", refresh=False)))
 
     def log(self, row: dict, total: int | None = None) -> None:
         """Append `row` to metrics.jsonl and wandb and, given `total`, print its log line."""

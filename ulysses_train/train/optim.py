@@ -1,6 +1,10 @@
 """Optimizer and learning-rate schedule.
 
-AdamW with decoupled weight decay on matrices only (norm gains stay undecayed), fused on CUDA.
+AdamW with decoupled weight decay on matrices only (norm gains stay undecayed): fused on CUDA
+(one kernel launch for all parameters, step counts on the device), for-each on the CPU (the same
+arithmetic as torch's per-parameter loop, bit for bit; torch's CPU fused kernel orders the
+weight decay differently, ~1 ulp apart). A step the non-finite guard rejects is skipped on the
+device, without a host sync (`step_unless`).
 The schedule is a pure function of the step and `train.steps`, so a run stopped early by
 `train.exit_after_steps` resumes on exactly the curve of an uninterrupted run.
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ..config.schema import OptimConfig
 
@@ -42,7 +47,42 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
               {"params": no_decay, "weight_decay": 0.0}]
     on_cuda = all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=on_cuda or None)
+                             fused=True if on_cuda else None, foreach=None if on_cuda else True)
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """`optimizer.step()`, a no-op where the device bool scalar `skip` is True: weights, moments
+    and step counts stay bit-for-bit as they were (the non-finite guard, guards.py). No host sync.
+
+    Fused AdamW takes `found_inf` as torch.amp.GradScaler sets it: its kernel leaves every tensor
+    untouched and takes back the step count it added. The for-each (CPU) path has no such input:
+    the step runs and each tensor it changed is put back where `skip` holds, from a copy taken
+    before (weights and moments: 3x the parameters' bytes for the length of the step, CPU only).
+    """
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip.to(torch.float32)
+        optimizer.step()
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    with torch.no_grad():
+        before = {id(p): [_local(t).clone() for t in _step_tensors(optimizer, p)] for p in params}
+        optimizer.step()
+        for p in params:
+            old = before[id(p)]
+            for i, t in enumerate(_step_tensors(optimizer, p)):
+                t = _local(t)  # the shard of a DTensor, a view: written in place
+                # a parameter without state before (the first step): its new state goes to zero
+                t.copy_(torch.where(skip.to(t.device), old[i] if i < len(old) else 0, t))
+
+
+def _step_tensors(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> list[torch.Tensor]:
+    """The parameter and the state tensors a step changes (moments, step count), in a fixed order."""
+    state = optimizer.state.get(p, {})
+    return [p] + [state[k] for k in sorted(state) if isinstance(state[k], torch.Tensor)]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,

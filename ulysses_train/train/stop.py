@@ -5,9 +5,11 @@ collective or a save — and every rank must stop after the *same* step. So the 
 records the request, and the loop asks `agree()` once per step. Ranks see a signal at different
 moments (torchrun forwards it to its workers one after the other; a scheduler may signal only
 some nodes), so `agree` takes the max of the request over the world group: if any rank was
-asked, every rank stops after this step. That is one all-reduce of one integer per step (tens of
-microseconds; nothing at all in a single process). The request carries the signal number, so
-every rank can name the signal, even one that did not receive it.
+asked, every rank stops. That is one all-reduce of one integer per step, posted without waiting
+and read at the next step's `agree` (`step_stats.LaggedRead`): no rank waits for it, nor the
+host for the device, so on several ranks a stop takes effect one step after the step in which
+it was requested (one process needs no agreement: the step itself). The request carries the
+signal number, so every rank can name the signal, even one that did not receive it.
 
 A second SIGINT aborts at once (KeyboardInterrupt: Ctrl-C, Ctrl-C); a repeated SIGTERM/SIGUSR1 is
 ignored, so a launcher that insists cannot cut the save short. Handlers can only be installed
@@ -22,6 +24,8 @@ import threading
 
 import torch
 
+from .step_stats import LaggedRead
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -32,6 +36,7 @@ class StopSignals:
         self.signals = tuple(signals)
         self.requested = 0  # signal number of the first stop request on this rank; 0 = none
         self._previous: dict[int, object] = {}
+        self._agreement = LaggedRead()  # the all-reduce posted by the last `agree`
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -40,6 +45,8 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
+        if exc[0] is None:  # complete the last posted all-reduce (every rank posted it)
+            self._agreement.take()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -51,11 +58,17 @@ class StopSignals:
             raise KeyboardInterrupt  # the second Ctrl-C: abort now, without a save
 
     def agree(self, distributed: bool, device: torch.device) -> str | None:
-        """The name of the signal that stops the run after this step, or None. A collective
-        over the world group when `distributed`: every rank must call it once per step."""
+        """The name of the signal that stops the run after this step, or None.
+
+        When `distributed`: a collective over the world group (every rank must call it once per
+        step) that posts this step's request and returns the one agreed at the previous call,
+        so a stop comes one step after its request. Alone: this step's request."""
         signum = self.requested
         if distributed:
-            flag = torch.tensor([signum], dtype=torch.int32, device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            signum = int(flag.item())
+            agreed = self._agreement.take()
+            flag = torch.tensor([signum], dtype=torch.int32).to(device, non_blocking=True)
+            work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
+                                                async_op=True)
+            self._agreement.post(flag, work)
+            signum = 0 if agreed is None else int(agreed[0])
         return signal.Signals(signum).name if signum else None

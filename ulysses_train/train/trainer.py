@@ -8,6 +8,8 @@ data → model → optimizer → checkpoints, restore, then `fit`. Invariants th
   `train.steps`; together with DCP's exact model/optimizer state this makes resume bit-exact.
 - A step whose loss or gradient norm is not finite changes no weight (guards.py); a stop signal
   ends the run after the step every rank agrees on, with a checkpoint (stop.py).
+- A step that does not log never waits for the device (step_stats.py): counts, loss, norm and
+  the skip stay tensors; its numbers reach the host a step later, a logging step reads them.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ import torch
 from ..checkpoint.identity import check_before_start, config_identity, lower_lr_fragment
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.store import read_meta, resume_source
-from ..config.architecture import layer_windows
 from ..config.schema import Config
 from ..config.validate import validate
 from ..data import build_data
@@ -32,18 +33,18 @@ from ..hf.init_from import load_initial_weights
 from ..hf.source import KEY as SOURCE_KEY
 from ..hf.source import source_record
 from ..model import num_params
-from ..model.flops import model_flops, span_count
 from ..model.precision import autocast_to, resolve_dtype
 from ..parallel import ParallelDims
 from ..parallel.batching import step_micro_batches
 from ..parallel.grad_norm import clip_grad_norm_
 from ..parallel.grad_sync import all_reduce_
 from ..parallel.parallelize import parallelize
-from . import mixture_report, optim
+from . import mixture_report, optim, step_stats
 from .faults import Faults
 from .guards import NonFiniteGuard, set_deterministic
-from .metrics import Reporter, Throughput, peak_flops, span_sq_sum
-from .optim import build_optimizer, build_scheduler
+from .metrics import Reporter, Throughput, peak_flops
+from .optim import build_optimizer, build_scheduler, step_unless
+from .step_stats import LaggedRead, StepResult
 from .stop import StopSignals
 from .wandb_run import with_wandb_fallback
 
@@ -180,36 +181,15 @@ class Trainer:
                                   t.global_batch_size, t.micro_batch_size, self.model,
                                   self.cfg.data.document_mask)
 
-    def _global_counts(self, micro) -> tuple[int, dict[int, int]]:
-        """(valid labels, span counts by window) of the whole global batch, in one all-reduce
-        over dp x sp. The span count of a window (0 = full; one per distinct layer window) is
-        what model.flops.attention_flops prices: the squared span lengths (documents under
-        data.document_mask, else rows) for full layers, fewer pairs for sliding ones
-        (metrics.span_sq_sum). sp peers hold the same rows, so only sp rank 0 adds its spans
-        (tp peers are outside dp x sp). Padding (the columns past seq_len) is neither a label
-        nor a span: both count real tokens."""
-        windows = sorted(set(layer_windows(self.cfg.model)))
-        labels_local = sum((labels != -100).sum() for _, _, labels, _ in micro)
-        spans_local = torch.zeros(len(windows), dtype=torch.int64, device=self.device)
-        if self.dims.local_rank("sp") == 0:
-            seq = self.cfg.data.seq_len
-            for _, _, labels, mask in micro:
-                for i, w in enumerate(windows):
-                    spans_local[i] += (labels.shape[0] * span_count(seq, w) if mask is None
-                                       else span_sq_sum(mask.document_ids[:, :seq], w))
-        labels_t = torch.as_tensor(labels_local, device=self.device).to(torch.int64).reshape(1)
-        counts = torch.cat([labels_t, spans_local])  # (1 + windows,)
-        count, *spans = all_reduce_(counts, self.dp_sp).tolist()
-        return int(count), {w: int(n) for w, n in zip(windows, spans)}
-
-    def train_step(self) -> dict:
+    def train_step(self) -> StepResult:
         """One optimizer step over the global batch of `self.step`, with accumulation; skipped
-        (weights and optimizer state untouched) if the loss or gradient norm is not finite."""
+        on the device (weights and optimizer state untouched) if the loss or gradient norm is
+        not finite. No host sync: the result's device values are read when first accessed."""
         micro = list(self._micro_batches(self.step, "train"))
         poison = self.faults.poison_loss(self.step + 1)  # fault injection (tests only)
         # Divide by the valid-token count of the whole global batch, exactly once.
-        n_valid, spans = self._global_counts(micro)
-        n_valid = max(n_valid, 1)
+        counts = step_stats.global_counts(micro, self.cfg, self.dims, self.dp_sp)
+        n_valid = counts[0].clamp(min=1)  # a device tensor: no host round trip
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for i, (input_ids, position_ids, labels, mask) in enumerate(micro):
@@ -226,18 +206,17 @@ class Trainer:
         # Gradients are now the global ones (replicated, or tp/FSDP shards): the norm sums each
         # shard once over the dimensions it is split on, so norm and clipping are global.
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = float(clip_grad_norm_(self.model.parameters(), clip))
-        loss = float(all_reduce_(loss_sum, self.dp_sp)) / n_valid
+        grad_norm = clip_grad_norm_(self.model.parameters(), clip)
+        loss = all_reduce_(loss_sum, self.dp_sp).double() / n_valid  # float64, as float() was
         lr = self.scheduler.get_last_lr()[0]
-        skipped = self.guard.check(loss, grad_norm)  # global values: every rank agrees
-        if not skipped:
-            self.optimizer.step()
+        skipped = self.guard.is_bad(loss, grad_norm)  # global values: every rank agrees
+        step_unless(self.optimizer, skipped)
         self.scheduler.step()  # a skipped step still advances the data and the schedule
         self.step += 1
         n_tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len  # each token once
         self.tokens += n_tokens
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "n_tokens": n_tokens,
-                "flops": model_flops(self.cfg.model, n_tokens, spans), "skipped": skipped}
+        return StepResult(self.cfg, self.step, self.tokens, lr, n_tokens, loss, grad_norm,
+                          skipped, counts[1:])
 
     @torch.no_grad()
     def evaluate(self, data=None) -> float:
@@ -289,36 +268,53 @@ class Trainer:
         return 0
 
     def _loop(self, reporter: Reporter, stop: StopSignals, start: int, total: int) -> None:
-        meter = Throughput()
+        """Steps until `total`. A step that does not log reads nothing from the device: its
+        numbers are posted to the host and observed at the next step (step_stats.py)."""
+        self._meter, self._lag, self._posted = Throughput(), LaggedRead(), None
         while self.step < total:
             t0 = time.perf_counter()
             out = self.train_step()
-            meter.add(out["n_tokens"], out["flops"])
-            reporter.tick(out["loss"], out["n_tokens"] / (time.perf_counter() - t0))
-            self._report(reporter, out, meter, total)
+            self._settle(reporter, total)  # the previous step's numbers, if posted
+            if step_stats.due(self.cfg, self.has_val, out.step, total)[0]:  # this step logs: one read of its numbers
+                self._observe(reporter, out, total)
+            else:
+                self._lag.post(out.stats)
+                self._posted = out
+            reporter.tick(out.host.get("loss"), out.host["n_tokens"] / (time.perf_counter() - t0))
             self.faults.after_step(self.step)
             signal_name = stop.agree(self.dims.distributed, self.device)  # collective
             if self._end_of_step(reporter, signal_name, start, total):
                 return
 
-    def _report(self, reporter: Reporter, out: dict, meter: Throughput, total: int) -> None:
-        """Log this step's row when due (always for the last step and a skipped one)."""
-        cfg, last = self.cfg, self.step == total
-        val_due = (self.has_val and cfg.train.val_every > 0
-                   and (self.step % cfg.train.val_every == 0 or last))
+    def _settle(self, reporter: Reporter, total: int) -> None:
+        """Observe the step posted without a read, if any (waits for it: a step behind)."""
+        if self._posted is not None:
+            self._posted.fill(self._lag.take())
+            self._observe(reporter, self._posted, total)
+            self._posted = None
+
+    def _observe(self, reporter: Reporter, out: StepResult, total: int) -> None:
+        """Count step `out` (guard, throughput) once its numbers are on the host; log it."""
+        self._meter.add(out["n_tokens"], out["flops"])
+        self.guard.observe(out.step, out["skipped"])
+        self._report(reporter, out, total)
+
+    def _report(self, reporter: Reporter, out: StepResult, total: int) -> None:
+        """Log step `out`'s row when due (always for the last step and a skipped one)."""
+        cfg, step = self.cfg, out.step
+        logs, val_due, eval_due = step_stats.due(cfg, self.has_val, step, total)
         if out["skipped"]:
-            reporter.info(f"warning: step {self.step}: loss {out['loss']}, grad_norm "
+            reporter.info(f"warning: step {step}: loss {out['loss']}, grad_norm "
                           f"{out['grad_norm']}; optimizer step skipped ({self.guard.in_a_row} in "
                           f"a row, at most train.max_skipped_steps={self.guard.max_in_a_row})")
-        eval_due = self.has_val and eval_in_training.due(cfg.eval, self.step, last)
-        if not (self.step % cfg.logging.every == 0 or last or val_due or eval_due
-                or out["skipped"]):
+        if not (logs or out["skipped"]):
             return
         peak = cfg.debug.peak_flops or peak_flops(self.device)
-        row = {"step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
-               "lr": out["lr"], "tokens": self.tokens, "skipped": out["skipped"],
-               "skipped_steps": self.guard.total, **meter.fields(self.device, self.dims, peak)}
-        row.update(mixture_report.token_fields(self.data, self.step, cfg.data.seq_len))
+        row = {"step": step, "loss": out["loss"], "grad_norm": out["grad_norm"],
+               "lr": out["lr"], "tokens": out.tokens, "skipped": out["skipped"],
+               "skipped_steps": self.guard.total,
+               **self._meter.fields(self.device, self.dims, peak)}
+        row.update(mixture_report.token_fields(self.data, step, cfg.data.seq_len))
         if val_due:
             row["val_loss"] = self.evaluate()
             for name in self.data.sources:  # a mixture: each source's own validation loss
@@ -337,6 +333,7 @@ class Trainer:
         periodic = every > 0 and self.step % every == 0
         if not (periodic or self.step == total or early or signal_name or self.guard.exhausted):
             return False
+        self._settle(reporter, total)  # the checkpoint's skip count includes this step
         path = self.save()
         if self.guard.exhausted:  # the weights are the last good ones: skipped steps kept them
             self.ckpt.wait()
