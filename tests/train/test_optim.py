@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ulysses_train.config.schema import OptimConfig
-from ulysses_train.train.optim import build_optimizer, build_scheduler, lr_factor
+from ulysses_train.train.optim import build_optimizer, build_scheduler, lr_factor, step_unless
 
 
 def test_warmup_is_linear_and_reaches_peak():
@@ -48,3 +48,60 @@ def test_scheduler_follows_lr_factor_and_norms_skip_decay():
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     assert id(model[0].weight) in decayed and id(model[1].weight) not in decayed
     assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def _adamw_run(make, steps=6, skip_at=()):
+    """Weights and optimizer state after `steps` steps of seeded gradients on a tiny model (a
+    matrix decayed, a gain not), stepping through `step_unless` with the skip flag set at
+    `skip_at` (their gradients are NaN there, as a bad batch's)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.LayerNorm(8))
+    opt = make(model)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        bad = step in skip_at
+        for p in model.parameters():
+            p.grad = torch.full_like(p, math.nan) if bad else torch.randn(p.shape, generator=gen)
+        step_unless(opt, torch.tensor(bad))
+    state = {(i, k): v.clone() for i, s in enumerate(opt.state.values()) for k, v in s.items()}
+    return [p.detach().clone() for p in model.parameters()], state
+
+
+def _per_parameter(model):
+    """Today's CPU optimizer before the for-each switch: torch's per-parameter loop."""
+    opt = build_optimizer(model, OptimConfig(lr=3e-3, weight_decay=0.1))
+    for group in opt.param_groups:
+        group["foreach"] = False
+    return opt
+
+
+def _fused(model):
+    opt = build_optimizer(model, OptimConfig(lr=3e-3, weight_decay=0.1))
+    for group in opt.param_groups:
+        group["foreach"], group["fused"] = False, True
+    opt.defaults["fused"] = True
+    return opt
+
+
+def _assert_same(a, b):
+    assert len(a[0]) == len(b[0]) and a[1].keys() == b[1].keys()
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def test_cpu_optimizer_is_foreach_and_bit_equal_to_the_per_parameter_loop():
+    model = torch.nn.Linear(2, 2)
+    assert build_optimizer(model, OptimConfig()).defaults["foreach"] is True
+    foreach = _adamw_run(lambda m: build_optimizer(m, OptimConfig(lr=3e-3, weight_decay=0.1)))
+    _assert_same(foreach, _adamw_run(_per_parameter))
+
+
+@pytest.mark.parametrize("make", [_per_parameter, _fused], ids=["foreach", "fused"])
+def test_a_skipped_step_is_a_no_op_on_the_device(make):
+    """step_unless(skip=True) leaves weights, moments and step counts as if the step had not
+    been taken at all (also on the first step, before any state exists): a run with skipped
+    steps equals one without those steps, bit for bit."""
+    if make is _per_parameter:  # the path build_optimizer takes on the CPU
+        make = lambda m: build_optimizer(m, OptimConfig(lr=3e-3, weight_decay=0.1))  # noqa: E731
+    clean = _adamw_run(make, steps=4)
+    _assert_same(_adamw_run(make, steps=6, skip_at=(0, 3)), clean)
