@@ -32,6 +32,7 @@ from support.curves import (
 from support.spawn import run_distributed
 from ulysses_train.parallel import ParallelDims
 from ulysses_train.parallel.layout import SequenceLayout
+from ulysses_train.train.step_stats import global_counts
 from ulysses_train.train.trainer import Trainer
 
 # The ring merges partial softmaxes through their log-sum-exp: other rounding than one kernel
@@ -53,7 +54,7 @@ def train_run(cfg, dims, run_dir):
     trainer.data = UnevenLabels(trainer.data)
     micro = list(trainer._micro_batches(0, "train"))
     valid = sum(int((labels != -100).sum()) for _, _, labels, _ in micro)
-    counts = trainer._global_counts(micro)  # collective over dp x sp
+    counts = global_counts(micro, trainer).tolist()  # collective over dp x sp
     trainer.fit()
     return (metrics_rows(run_dir) if dims.is_main else None), valid, counts
 

@@ -23,9 +23,10 @@ from ..parallel.grad_sync import all_reduce_
 from .metrics import span_sq_sum
 
 
-def global_counts(micro, cfg, dims, group) -> torch.Tensor:
+def global_counts(micro, trainer) -> torch.Tensor:
     """(1 + windows,) int64 on the device: the whole global batch's valid labels, then its span
-    count per distinct layer window (sorted; 0 = full), in one all-reduce over dp x sp `group`.
+    count per distinct layer window (sorted; 0 = full), in one all-reduce over dp x sp (the
+    `trainer`'s cfg, dims and dp_sp group; `micro`: its micro-batches of the step).
 
     The span count of a window is what model.flops.attention_flops prices: the squared span
     lengths (documents under data.document_mask, else rows) for full layers, fewer pairs for
@@ -33,6 +34,7 @@ def global_counts(micro, cfg, dims, group) -> torch.Tensor:
     its spans (tp peers are outside dp x sp). Padding (the columns past seq_len) is neither a
     label nor a span: both count real tokens. No host sync (the all-reduce is a collective).
     """
+    cfg, dims = trainer.cfg, trainer.dims
     windows = sorted(set(layer_windows(cfg.model)))
     device = micro[0][0].device
     counts = torch.zeros(1 + len(windows), dtype=torch.int64, device=device)
@@ -46,7 +48,7 @@ def global_counts(micro, cfg, dims, group) -> torch.Tensor:
                     counts[i] += labels.shape[0] * span_count(seq, w)
                 else:
                     counts[i] += span_sq_sum(mask.document_ids[:, :seq], w)
-    return all_reduce_(counts, group)
+    return all_reduce_(counts, trainer.dp_sp)
 
 
 def due(cfg, has_val: bool, step: int, total: int) -> tuple[bool, bool, bool]:

@@ -188,7 +188,7 @@ class Trainer:
         micro = list(self._micro_batches(self.step, "train"))
         poison = self.faults.poison_loss(self.step + 1)  # fault injection (tests only)
         # Divide by the valid-token count of the whole global batch, exactly once.
-        counts = step_stats.global_counts(micro, self.cfg, self.dims, self.dp_sp)
+        counts = step_stats.global_counts(micro, self)
         n_valid = counts[0].clamp(min=1)  # a device tensor: no host round trip
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
