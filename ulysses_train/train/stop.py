@@ -1,4 +1,5 @@
-"""Polite stop: SIGTERM, SIGINT and SIGUSR1 end a run after the current step, with a checkpoint.
+"""Polite stop: SIGTERM, SIGINT and SIGUSR1 end a run after the current step (on several ranks
+the next one), with a checkpoint.
 
 Why a flag and not an exception: a signal lands at an arbitrary point — inside a backward, a
 collective or a save — and every rank must stop after the *same* step. So the handler only
