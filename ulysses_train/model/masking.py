@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-import numpy as np
 import torch
 
 
@@ -167,8 +166,8 @@ class DocumentMask:
         return self._block_masks[window]
 
     @property
-    def host(self) -> np.ndarray:
-        """The ids as a (B, S) numpy array on the host: read without a device sync."""
+    def host(self):
+        """The ids as a (B, S) numpy array over the CPU copy's memory: read without a sync."""
         return self.host_ids.numpy()
 
     def varlen(self) -> tuple[torch.Tensor, int]:
@@ -179,14 +178,14 @@ class DocumentMask:
         device sync; cu_seqlens is copied to the device without waiting.
         """
         if self._varlen is None:
+            b, s = self.shape
             ids = self.host.reshape(-1)  # (B, S) -> (B*S,)
-            starts = np.ones(ids.shape, dtype=bool)
-            starts[1:] = ids[1:] != ids[:-1]
-            starts[::self.shape[1]] = True  # each row starts a document
-            first = np.flatnonzero(starts)  # (n_docs,): flat index of each document start
-            cu = np.append(first, ids.size).astype(np.int32)  # (n_docs + 1,)
-            cu_seqlens = torch.from_numpy(cu).to(self.document_ids.device, non_blocking=True)
-            self._varlen = cu_seqlens, int(np.diff(cu).max())
+            opens = ids[1:] != ids[:-1]  # (B*S - 1,): token i + 1 opens a document
+            opens[s - 1::s] = True  # and so does each row's first token
+            cu = [0, *(opens.nonzero()[0] + 1).tolist(), b * s]  # (n_docs + 1,) Python ints
+            cu_seqlens = torch.tensor(cu, dtype=torch.int32).to(self.document_ids.device,
+                                                                 non_blocking=True)
+            self._varlen = cu_seqlens, max(hi - lo for lo, hi in zip(cu, cu[1:]))
         return self._varlen
 
     def dense(self, window: int = 0) -> torch.Tensor:
