@@ -56,23 +56,34 @@ def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
 
     Fused AdamW takes `found_inf` as torch.amp.GradScaler sets it: its kernel leaves every tensor
     untouched and takes back the step count it added. The for-each (CPU) path has no such input:
-    the step runs and each tensor it changed is put back where `skip` holds, from a copy taken
-    before (weights and moments: 3x the parameters' bytes for the length of the step, CPU only).
+    it steps one parameter at a time (the same elementwise arithmetic, so the same bits) and puts
+    back, where `skip` holds, the tensors copied before — at most 3 copies of one parameter alive
+    (copying all at once would add 3x the model to the step's peak memory).
     """
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = skip.to(torch.float32)
         optimizer.step()
         return
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    with torch.no_grad():
-        before = {id(p): [_local(t).clone() for t in _step_tensors(optimizer, p)] for p in params}
-        optimizer.step()
-        for p in params:
-            old = before[id(p)]
-            for i, t in enumerate(_step_tensors(optimizer, p)):
-                t = _local(t)  # the shard of a DTensor, a view: written in place
-                # a parameter without state before (the first step): its new state goes to zero
-                t.copy_(torch.where(skip.to(t.device), old[i] if i < len(old) else 0, t))
+    groups = optimizer.param_groups
+    every = [group["params"] for group in groups]
+    try:
+        with torch.no_grad():
+            for group, params in zip(groups, every):
+                for p in params:
+                    if p.grad is None:
+                        continue
+                    for other in groups:
+                        other["params"] = []
+                    group["params"] = [p]  # this parameter alone, with its group's settings
+                    old = [_local(t).clone() for t in _step_tensors(optimizer, p)]
+                    optimizer.step()
+                    for i, t in enumerate(_step_tensors(optimizer, p)):
+                        t = _local(t)  # the shard of a DTensor, a view: written in place
+                        # without state before (the first step) its new state goes back to zero
+                        t.copy_(torch.where(skip.to(t.device), old[i] if i < len(old) else 0, t))
+    finally:
+        for group, params in zip(groups, every):
+            group["params"] = params
 
 
 def _step_tensors(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> list[torch.Tensor]:
