@@ -86,3 +86,16 @@ def test_run_stopped_is_one_line_with_exit_code_3(capsys):
         job.fail(RunStopped("train.max_skipped_steps", "2 steps in a row\nhad NaN"), rank=0)
     assert info.value.code == 3
     assert capsys.readouterr().err == "error: train.max_skipped_steps: 2 steps in a row had NaN\n"
+
+
+def test_skips_read_a_step_late_still_stop_the_run(tmp_path):
+    """Without logging steps, a step's skip is read one step later (train/step_stats.py): two
+    bad steps followed by a good one must still stop (a good step observed after the limit
+    reset the count and the run trained on with exit 0: seen with debug.nan_steps=2,
+    train.max_skipped_steps=2, logging.every=10)."""
+    bad = _trainer(tmp_path / "bad", nan_at_step=1, nan_steps=2)
+    bad.cfg.logging.every = 100
+    with pytest.raises(RunStopped) as info:
+        bad.fit()
+    assert "2 steps in a row (1-2)" in info.value.message
+    assert bad.guard.total == 2

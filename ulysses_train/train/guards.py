@@ -53,8 +53,12 @@ class NonFiniteGuard:
         return ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
 
     def observe(self, step: int, bad: bool) -> None:
-        """Count step `step` once its outcome is on the host (steps observed in order)."""
+        """Count step `step` once its outcome is on the host (steps observed in order). Once
+        exhausted it stays so: a step read one step late (train/step_stats.py) may be observed
+        good after the limit was reached, and must not undo the stop."""
         self.total += bad
+        if self.exhausted:
+            return
         self.in_a_row = self.in_a_row + 1 if bad else 0
         if bad:
             self.last_bad = step
