@@ -15,7 +15,15 @@ from __future__ import annotations
 import os
 import tempfile
 
-from gpu_check.common import compare_curves, curve_rows, device, dry, one_rank, run_stage
+from gpu_check.common import (
+    compare_curves,
+    curve_rows,
+    device,
+    dry,
+    finish_cases,
+    one_rank,
+    run_stage,
+)
 
 STEPS = 8
 # Config per size on top of tests/support/common.small_config (2 layers, d 64, 4/2 heads,
@@ -80,9 +88,7 @@ def body(stage) -> None:
             results[curve]["loss_bf16"] = [round(r["loss"], 5) for r in got]
             results[curve]["loss_fp32"] = [round(r["loss"], 5) for r in want]
             stage.set(curves=results)
-    bad = [c for c, r in results.items() if not r["ok"]]
-    stage.finish("failed" if bad else "passed",
-                 f"outside the bf16 tolerance: {', '.join(bad)}" if bad else None)
+    finish_cases(stage, results, "outside the bf16 tolerance")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,13 @@ def run_stage(name: str, body) -> int:
     return 0 if stage.data["status"] in ("passed", "skipped") else 1
 
 
+def finish_cases(stage, cases: dict, what: str) -> None:
+    """Finish `stage` passed, or failed naming the cases whose record is not ok (`what`: how
+    a failed case failed, e.g. "not equal to one rank")."""
+    bad = [name for name, c in cases.items() if not c["ok"]]
+    stage.finish("failed" if bad else "passed", f"{what}: {', '.join(bad)}" if bad else None)
+
+
 def rel_dev(got: float, want: float) -> float:
     """|got - want| / |want| (inf where want is 0 and got is not)."""
     if got == want:

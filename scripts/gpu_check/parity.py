@@ -17,7 +17,16 @@ import os
 import tempfile
 import time
 
-from gpu_check.common import compare_curves, curve_rows, device, dry, mode, one_rank, run_stage
+from gpu_check.common import (
+    compare_curves,
+    curve_rows,
+    device,
+    dry,
+    finish_cases,
+    mode,
+    one_rank,
+    run_stage,
+)
 
 MODEL = {"d_model": 128, "n_heads": 8, "n_kv_heads": 4, "ffn_hidden": 256}
 # id: (parallel, curves), in the order they run: plain Ulysses first (is 4 ranks on one GPU over
@@ -154,9 +163,7 @@ def body(stage) -> None:
         for names in spawns():
             cases.update(run_spawn(names, tmp, refs))
             stage.set(cases=cases)
-    bad = [name for name, c in cases.items() if not c["ok"]]
-    stage.finish("failed" if bad else "passed",
-                 f"not equal to one rank: {', '.join(bad)}" if bad else None)
+    finish_cases(stage, cases, "not equal to one rank")
 
 
 if __name__ == "__main__":
