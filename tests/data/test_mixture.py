@@ -39,7 +39,7 @@ def test_block_counts_round_by_largest_remainder():
 
 
 def test_every_source_is_read_in_its_own_order_without_gaps():
-    mix = MixtureStream([_Ids(0), _Ids(1), _Ids(2)], [0.2, 0.3, 0.5], seed=3, split="train")
+    mix = MixtureStream([_Ids(0), _Ids(1), _Ids(2)], [0.2, 0.3, 0.5])
     n = BLOCK + 5000  # across a block boundary
     rows = mix.batch(range(n)).input_ids
     for s in range(3):

@@ -219,7 +219,7 @@ def build_mixture(cfg: DataConfig, *, seed: int, global_batch_size: int,
         labels.append(f"{name} (weight {src.weight:g}, {splits.label}): {count_str(docs.sum())} "
                       f"train tokens in {len(docs)} documents")
     weights = [s.weight for s in cfg.sources]
-    streams = {split: MixtureStream(got, weights, seed=seed, split=split)
+    streams = {split: MixtureStream(got, weights)
                for split, got in per_split.items() if got}
     identity = {"data.tokens": identity_tokens, "data.cache": caches}
     if tok is not None:

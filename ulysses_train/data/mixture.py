@@ -62,13 +62,12 @@ class MixtureStream:
     """One split of a mixture: `batch(sample_indices)` like any token stream (data/source.py).
 
     `streams`: each source's stream of this split (anything with `batch(indices) -> Batch`);
-    `weights`: their shares (positive; normalised here). `seed` and `split` are accepted for
-    symmetry with the streams; the interleaving itself is a function of the weights alone.
-    Raises ValueError for a weight so small that it gets no sample in a block.
+    `weights`: their shares (positive; normalised here). The interleaving is a function of
+    the weights alone (randomness is in each stream's window order). Raises ValueError for a
+    weight so small that it gets no sample in a block.
     """
 
-    def __init__(self, streams: Sequence, weights: Sequence[float], *, seed: int = 0,
-                 split: str = "train"):
+    def __init__(self, streams: Sequence, weights: Sequence[float]):
         self.streams = list(streams)
         self.counts = block_counts(weights)
         if np.any(self.counts == 0):
