@@ -6,7 +6,7 @@ processes or on micro-batching, resuming at step t needs no state but t, and a d
 rank materializes only its own rows (`rows=`), which equal the same rows of the full batch.
 With `data.document_mask` positions restart at each document, computed here on whole rows.
 A mixture (data/mixed.py) also serves each source alone (`for_source`) and says how many
-tokens each source gave (`source_tokens`).
+samples (hence tokens) each source gave (`source_samples`).
 """
 from __future__ import annotations
 
@@ -80,8 +80,6 @@ class DataSource:
         first = step * self.global_batch_size
         batch = self.streams[split].batch([first + r for r in wanted])
         return batch.with_document_positions() if self.document_positions else batch
-
-
 
     def for_source(self, name: str) -> DataSource:
         """This mixture's source `name` alone: its own streams (global sample g = that
